@@ -1,0 +1,33 @@
+"""corelens: TransformerLens for multimodal LLMs.
+
+Load an MLLM with every TransformerLens hook (``HookedMLLM``), prepare grounded inputs with the
+position of every vision token (``MultimodalBatch``, ``VisionLayout``), and run it through an
+attention backend that stays memory-efficient unless you hook the attention pattern.
+"""
+
+from corelens.attention import AttentionBackend, AttentionInputs
+from corelens.batch import MultimodalBatch
+from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
+from corelens.families import FAMILIES, family_for_config, get_family
+from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout
+from corelens.model import HookedMLLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionInputs",
+    "CorelensError",
+    "FAMILIES",
+    "HookedMLLM",
+    "ImageLayout",
+    "InputError",
+    "LayoutError",
+    "MultimodalBatch",
+    "TokenInfo",
+    "UnknownFamilyError",
+    "ViewGeometry",
+    "VisionLayout",
+    "family_for_config",
+    "get_family",
+]

@@ -1,0 +1,266 @@
+"""The decoder attention forward that corelens owns.
+
+TransformerLens's bridge computes attention eagerly (every [heads, T, T] pattern is built) or,
+for Qwen-VL, delegates to HF and fires ``hook_pattern`` after the fact, so edits to it change
+nothing. corelens replaces the forward of every decoder attention bridge with one function:
+
+- memory-efficient attention (``scaled_dot_product_attention``) by default;
+- the eager path, with ``hook_attn_scores`` (pre-softmax) and ``hook_pattern`` (post-softmax)
+  inside the computation so edits propagate, only while a hook on either is live (or
+  ``mode="eager"``);
+- a per-head interface shared by everything above it: ``key_mask`` (which keys each head may
+  see, combined with the model's own causal / padding / window mask) and ``tap`` (a callback
+  that receives the rotated q, k, v and the mask of a layer, and can compute exact attention
+  rows for chosen queries without the full pattern, see ``AttentionInputs.pattern_rows``).
+
+Every family's specifics come from the HF module itself (``scaling``, ``q_norm``/``k_norm``, the
+4-D mask HF builds with its windows and bidirectional blocks, GQA) and from the family's
+``rotary`` (M-RoPE). Configurations this forward does not reproduce fall back to the bridge's
+own forward, which is always eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from transformer_lens.hook_points import HookPoint
+
+Mode = Literal["auto", "sdpa", "eager"]
+
+
+@dataclass
+class AttentionInputs:
+    """What one decoder attention layer attends with, after RoPE and the KV cache."""
+
+    layer: int
+    q: Float[Tensor, "batch head q_pos d_head"]
+    k: Float[Tensor, "batch kv_head k_pos d_head"]
+    v: Float[Tensor, "batch kv_head k_pos d_head"]
+    mask: Float[Tensor, "batch one_or_head q_pos k_pos"] | None  # additive; None = causal
+    scaling: float
+
+    @property
+    def n_rep(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    def scores_rows(self, rows: Int[Tensor, "batch r"]) -> Float[Tensor, "batch head r k_pos"]:
+        """Pre-softmax scores of query rows ``rows[b]`` (indexes into this call's queries)."""
+        b, h, tq, d = self.q.shape
+        tk = self.k.shape[2]
+        idx = rows.to(self.q.device)
+        q = torch.gather(self.q, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+        k = self.k.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else self.k
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if self.mask is not None:
+            m = self.mask
+            m = torch.gather(m, 2, idx[:, None, :, None].expand(b, m.shape[1], idx.shape[1], tk)
+                             if m.shape[0] == b else
+                             idx[:1, None, :, None].expand(1, m.shape[1], idx.shape[1], tk))
+            scores = scores + m
+        else:
+            q_abs = idx + (tk - tq)
+            causal = torch.arange(tk, device=idx.device)[None, None, :] > q_abs[:, :, None]
+            scores = scores.masked_fill(causal[:, None], torch.finfo(scores.dtype).min)
+        return scores
+
+    def pattern_rows(self, rows: Int[Tensor, "batch r"]) -> Float[Tensor, "batch head r k_pos"]:
+        """Exact softmax attention of query rows ``rows[b]``: O(r * T) memory, not O(T^2)."""
+        return torch.softmax(self.scores_rows(rows).float(), dim=-1).to(self.q.dtype)
+
+
+Tap = Callable[[AttentionInputs], None]
+
+
+def _has_hooks(hp: HookPoint) -> bool:
+    return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
+                or getattr(hp, "_backward_pre_hooks", None))
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> Tensor | None:
+    """HF's 4-D mask (bool or additive) as an additive float mask cut to [.., tq, tk]."""
+    if mask is None:
+        return None
+    if mask.ndim != 4:
+        raise ValueError(f"corelens attention expects HF's 4-D attention mask, got {mask.ndim}-D")
+    mask = mask[..., -tq:, :tk]
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+class AttentionBackend:
+    """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks)."""
+
+    def __init__(self, bridge: Any, rotary: Callable[..., tuple[Tensor, Tensor]]) -> None:
+        self.mode: Mode = "auto"
+        self.rotary = rotary
+        self._key_masks: dict[int, list[Tensor]] = {}
+        self._taps: dict[int, list[Tap]] = {}
+        self.layers: list[Any] = []
+        added = False
+        for layer, block in enumerate(bridge.blocks):
+            attn = block.attn
+            for name in ("hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern"):
+                if not isinstance(getattr(attn, name, None), HookPoint):
+                    setattr(attn, name, HookPoint())
+                    added = True
+            attn._corelens_layer = layer
+            attn._corelens_backend = self
+            attn._corelens_original_forward = attn.forward
+            attn.forward = types.MethodType(_forward, attn)
+            self.layers.append(attn)
+        if added:  # let the bridge's hook registry see the hook points it lacked
+            bridge.clear_hook_registry()
+            if hasattr(bridge, "_initialize_hook_registry"):
+                bridge._initialize_hook_registry()
+
+    # --- the per-head interface --------------------------------------------------------------
+    @contextlib.contextmanager
+    def key_mask(
+        self, layer: int, allowed: Bool[Tensor, "batch_or_1 head_or_1 q_or_1 k_pos"]
+    ) -> Iterator[None]:
+        """Within the block, head h of ``layer`` attends only to keys where ``allowed`` is True
+        (on top of the model's own mask). Broadcast over batch / heads / queries."""
+        if allowed.dtype != torch.bool or allowed.ndim != 4:
+            raise ValueError("key_mask wants a 4-D bool tensor [batch|1, head|1, q|1, k]")
+        self._key_masks.setdefault(layer, []).append(allowed)
+        try:
+            yield
+        finally:
+            self._key_masks[layer] = [m for m in self._key_masks[layer] if m is not allowed]
+
+    @contextlib.contextmanager
+    def tap(self, layer: int, fn: Tap) -> Iterator[None]:
+        """Within the block, call ``fn(AttentionInputs)`` every time ``layer`` attends."""
+        self._taps.setdefault(layer, []).append(fn)
+        try:
+            yield
+        finally:
+            self._taps[layer] = [t for t in self._taps[layer] if t is not fn]
+
+    @contextlib.contextmanager
+    def use(self, mode: Mode) -> Iterator[None]:
+        old, self.mode = self.mode, mode
+        try:
+            yield
+        finally:
+            self.mode = old
+
+    def _eager(self, attn: Any) -> bool:
+        if self.mode == "eager":
+            return True
+        if self.mode == "sdpa":
+            return False
+        return _has_hooks(attn.hook_pattern) or _has_hooks(attn.hook_attn_scores)
+
+    def _mask(self, layer: int, base: Tensor | None, dtype: torch.dtype, tq: int, tk: int,
+              device: torch.device) -> Tensor | None:
+        extra = self._key_masks.get(layer)
+        if not extra:
+            return base
+        if base is None:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
+            base = torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+        neg = torch.finfo(dtype).min
+        for allowed in extra:
+            base = base + torch.where(allowed.to(device)[..., -tq:, :tk] if allowed.shape[-2] > 1
+                                      else allowed.to(device)[..., :tk], 0.0, neg).to(dtype)
+        return base.clamp(min=neg)
+
+
+def _unsupported(attn: Any, hf_attn: Any) -> str | None:
+    cfg = attn.config
+    if attn.training and getattr(hf_attn, "attention_dropout", 0.0):
+        return "attention dropout in training mode"
+    for flag in ("use_split_qkv_input", "use_attn_in", "use_attn_result", "gated_q_proj"):
+        if getattr(cfg, flag, False):
+            return flag
+    for attr in ("attn_logit_softcapping", "sinks", "key_multiplier"):
+        if getattr(hf_attn, attr, None) is not None:
+            return attr
+    if getattr(getattr(hf_attn, "config", None), "clip_qkv", None) is not None:
+        return "clip_qkv"
+    if getattr(attn, "compatibility_mode", False):
+        return "compatibility mode"
+    qn = getattr(hf_attn, "q_norm", None)
+    w = getattr(qn, "weight", None)
+    if isinstance(w, Tensor) and w.numel() != hf_attn.head_dim:
+        return "q_norm over all heads"
+    return None
+
+
+def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
+    backend: AttentionBackend = attn._corelens_backend
+    hf_attn = attn.original_component
+    if _unsupported(attn, hf_attn) is not None:
+        return attn._corelens_original_forward(*args, **kwargs)
+    if "hidden_states" in kwargs:
+        hidden = kwargs.pop("hidden_states")
+    else:
+        hidden, args = args[0], args[1:]
+    position_embeddings = kwargs.pop("position_embeddings", None)
+    mask = kwargs.pop("attention_mask", None)
+    layer = attn._corelens_layer
+
+    hidden = attn.hook_in(hidden)
+    b, t = hidden.shape[:2]
+    d = hf_attn.head_dim
+    q = attn.q(hidden).view(b, t, -1, d)
+    k = attn.k(hidden).view(b, t, -1, d)
+    v = attn.v(hidden).view(b, t, -1, d)
+    if getattr(hf_attn, "q_norm", None) is not None:  # per-head q/k norm (Qwen3, Gemma3)
+        q = hf_attn.q_norm(q)
+        k = hf_attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    if position_embeddings is not None:
+        if hasattr(attn, "_apply_position_embedding_hooks"):
+            position_embeddings = attn._apply_position_embedding_hooks(position_embeddings)
+        cos, sin = position_embeddings
+        q, k = backend.rotary(q, k, cos, sin, hf_attn)
+    q = attn.hook_rot_q(q)
+    k = attn.hook_rot_k(k)
+    k, v = attn._update_kv_cache(k, v, **kwargs)
+
+    tq, tk = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    scaling = float(getattr(hf_attn, "scaling", d ** -0.5))
+    add_mask = backend._mask(layer, _additive(mask, q.dtype, tq, tk), q.dtype, tq, tk, q.device)
+
+    for tap in backend._taps.get(layer, ()):
+        tap(AttentionInputs(layer, q, k, v, add_mask, scaling))
+
+    pattern = None
+    if backend._eager(attn):
+        kx = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+        vx = v.repeat_interleave(n_rep, dim=1) if n_rep > 1 else v
+        scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
+        if add_mask is not None:
+            scores = scores + add_mask
+        else:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        scores = attn.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern = attn.hook_pattern(pattern)
+        z = torch.matmul(pattern, vx)
+    else:
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=add_mask, scale=scaling, enable_gqa=n_rep > 1,
+            is_causal=add_mask is None and tq == tk and tq > 1,
+        )
+    z = z.transpose(1, 2).reshape(b, t, -1)
+    o_weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
+    if isinstance(o_weight, Tensor) and o_weight.is_floating_point() and z.dtype != o_weight.dtype:
+        z = z.to(o_weight.dtype)
+    out = attn.hook_out(attn.o(z))
+    return out, pattern

@@ -1,0 +1,73 @@
+"""``MultimodalBatch``: model inputs, where the vision tokens are, and which positions to read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from corelens.layout import VisionLayout
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class MultimodalBatch:
+    """A padded batch ready for a forward pass.
+
+    ``inputs`` holds every tensor the model's forward takes (``input_ids``, ``attention_mask``,
+    ``pixel_values``, the family's extras such as ``image_grid_thw`` / ``image_sizes``, and the
+    decoder's ``position_ids``). ``query_positions[e]`` are the positions whose next token is an
+    answer token of example e (teacher forcing), or the last prompt position when no answer was
+    given; ``answer_tokens[e]`` are those answer token ids, aligned with them.
+    """
+
+    inputs: dict[str, Tensor]
+    layout: VisionLayout
+    query_positions: list[Int[Tensor, " q"]]
+    answer_tokens: list[Int[Tensor, " q"]]
+    prompts: list[str]
+    images: list[list[Any]] = field(default_factory=list)
+    boxes: list[list[tuple[int, Box]]] = field(default_factory=list)  # (image, box) per example
+    prompt_lengths: list[int] = field(default_factory=list)  # real prompt tokens per example
+
+    def __len__(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def input_ids(self) -> Int[Tensor, "batch seq"]:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> Int[Tensor, "batch seq"]:
+        return self.inputs["attention_mask"]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def last_prompt_positions(self) -> Int[Tensor, " batch"]:
+        """The position that predicts the first answer token (or the next token)."""
+        return torch.stack([q[0] for q in self.query_positions])
+
+    def evidence_positions(self, example: int, tau: float = 0.5) -> Int[Tensor, " r"]:
+        """R_e: vision tokens covering the example's evidence boxes (union over boxes)."""
+        if not self.boxes or not self.boxes[example]:
+            from corelens.errors import InputError
+
+            raise InputError(f"example {example} has no evidence box; pass boxes= to prepare")
+        parts = [self.layout.positions_in_box(example, box, image=i, tau=tau)
+                 for i, box in self.boxes[example]]
+        return torch.unique(torch.cat(parts))
+
+    def to(self, device: torch.device | str) -> "MultimodalBatch":
+        return replace(self, inputs={k: v.to(device) if isinstance(v, Tensor) else v
+                                     for k, v in self.inputs.items()})
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        """Everything but ``input_ids``, as keyword arguments to the forward."""
+        return {k: v for k, v in self.inputs.items() if k != "input_ids"}

@@ -1,0 +1,41 @@
+"""The registry of supported MLLM families: adding one touches its module and this list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corelens.errors import UnknownFamilyError
+from corelens.families.base import Family
+from corelens.families.llava import Llava
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Llava(),)}
+
+
+def family_for_config(hf_config: Any) -> Family:
+    """The family of an HF config, by ``architectures`` then ``model_type``."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for fam in FAMILIES.values():
+        if any(a in fam.hf_architectures for a in archs):
+            return fam
+    mtype = getattr(hf_config, "model_type", None)
+    for fam in FAMILIES.values():
+        if mtype in fam.model_types:
+            return fam
+    supported = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
+    raise UnknownFamilyError(
+        f"corelens does not support this model family (architectures={archs or None}, "
+        f"model_type={mtype!r}). Supported HF classes: {', '.join(supported)}. "
+        "Add a module under corelens/families/ and register it in corelens/families/__init__.py."
+    )
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownFamilyError(
+            f"unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+__all__ = ["FAMILIES", "Family", "family_for_config", "get_family"]

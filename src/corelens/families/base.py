@@ -1,0 +1,122 @@
+"""What a model family must tell corelens. One subclass per family, in its own module.
+
+Everything family-specific lives in the subclass: which HF class and TransformerLens adapter,
+how the processor lays out an image's tokens (``feature_rows``), how the decoder applies rotary
+position embeddings, which position ids the decoder sees, and how to build a tiny random model
+for tests. Nothing outside ``corelens.families`` branches on the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from corelens.layout import FeatureRows
+
+PLACEHOLDER = "<image>"  # how corelens prompts mark an image, whatever the family's own token
+
+
+class Family(ABC):
+    """A family of MLLMs that share a layout of vision tokens and a decoder attention."""
+
+    name: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]  # HF ``config.architectures`` names
+    model_types: ClassVar[tuple[str, ...]] = ()  # HF ``config.model_type`` values
+
+    # --- loading ---------------------------------------------------------------------------
+    def bridge_architecture(self, hf_config: Any) -> str:
+        """The TransformerLens adapter name (defaults to the HF class name)."""
+        return self.hf_class_name(hf_config)
+
+    def hf_class_name(self, hf_config: Any) -> str:
+        archs = list(getattr(hf_config, "architectures", None) or [])
+        for a in archs:
+            if a in self.hf_architectures:
+                return a
+        return self.hf_architectures[0]
+
+    def hf_class(self, hf_config: Any) -> type:
+        import transformers
+
+        return getattr(transformers, self.hf_class_name(hf_config))
+
+    def prepare_hf_model(self, hf_model: torch.nn.Module) -> None:
+        """Family fixes applied to the HF model before the bridge wraps it."""
+
+    # --- prompts and images ----------------------------------------------------------------
+    def image_token_id(self, hf_config: Any, processor: Any) -> int:
+        tid = getattr(hf_config, "image_token_id", None)
+        if tid is None:
+            tid = getattr(hf_config, "image_token_index", None)
+        if tid is None:
+            raise ValueError(f"{self.name}: config has no image_token_id")
+        return int(tid)
+
+    def image_token_string(self, processor: Any) -> str:
+        return str(getattr(processor, "image_token", PLACEHOLDER))
+
+    def build_prompt(self, processor: Any, question: str, n_images: int) -> str:
+        """The chat-formatted user turn with ``n_images`` images, ending where the answer starts.
+
+        ``question`` may mark where images go with ``<image>``; otherwise the images come first.
+        """
+        parts = question.split(PLACEHOLDER)
+        if len(parts) == 1:
+            content = [{"type": "image"} for _ in range(n_images)] + [
+                {"type": "text", "text": question}
+            ]
+        else:
+            content = []
+            for i, text in enumerate(parts):
+                if text:
+                    content.append({"type": "text", "text": text})
+                if i < len(parts) - 1:
+                    content.append({"type": "image"})
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def feature_rows(
+        self, hf_config: Any, processor: Any, inputs: dict[str, Tensor], image: int,
+        size: tuple[int, int],
+    ) -> FeatureRows:
+        """The rows merged into the placeholder tokens of the ``image``-th image of the batch
+        (global index over the batch, in processor order), original size ``size = (w, h)``."""
+
+    # --- decoder ---------------------------------------------------------------------------
+    def position_ids(
+        self, hf_model: Any, inputs: dict[str, Tensor]
+    ) -> Int[Tensor, "..."]:
+        """Position ids the decoder sees. Default: count only real tokens (left padding)."""
+        mask = inputs["attention_mask"]
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def rotary(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        """``(q, k, cos, sin, hf_attn) -> (q, k)`` as the family's decoder applies RoPE."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        def apply(q: Float[Tensor, "b h t d"], k: Float[Tensor, "b g t d"], cos: Tensor,
+                  sin: Tensor, hf_attn: Any) -> tuple[Tensor, Tensor]:
+            return apply_rotary_pos_emb(q, k, cos, sin)
+
+        return apply
+
+    # --- tiny models for tests and the random-model demo ------------------------------------
+    @abstractmethod
+    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
+        """Save a tiny random model of this family and an offline-built processor to ``folder``.
+
+        ``patch_local=True``: the vision tower does not mix patches (each LM vision token depends
+        only on its own pixels), which the layout tests need."""
+
+    def tiny_image_sizes(self) -> list[tuple[int, int]]:
+        """Image sizes (w, h) that exercise this family's geometry in tests."""
+        return [(80, 50), (40, 70)]

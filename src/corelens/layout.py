@@ -1,0 +1,322 @@
+"""Where every vision token sits: in the sequence, in its view's token grid, and in the image.
+
+A family (``corelens.families``) describes each image as an ordered list of *feature rows*: the
+rows the model scatters into the image-token positions of ``input_ids``, in order. Most rows are
+vision tokens (a cell of some view's token grid, with a box in ORIGINAL image pixels); some are
+structural (LLaVA-OneVision's newline after each grid row) and are not part of the visual set V_e.
+``VisionLayout`` pairs those rows with the sequence positions they fill.
+
+Boxes are ``(x0, y0, x1, y1)`` in original-image pixels, x1/y1 exclusive, float (resizing makes
+token edges fractional). A token whose cell lies wholly in padding has an empty box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from corelens.errors import LayoutError
+
+KIND_VISION = 0
+KIND_NEWLINE = 1
+
+
+@dataclass
+class ViewGeometry:
+    """One view of an image (the whole image, an anyres tile set, a base thumbnail, a frame).
+
+    ``rows x cols`` is the view's token grid; ``boxes[r, c]`` the box of that token in the
+    original image.
+    """
+
+    name: str
+    rows: int
+    cols: int
+    boxes: Float[Tensor, "rows cols 4"]
+
+    @classmethod
+    def from_affine(
+        cls,
+        name: str,
+        rows: int,
+        cols: int,
+        cell: tuple[float, float],
+        scale: tuple[float, float],
+        offset: tuple[float, float],
+        image_size: tuple[int, int],
+        row_range: tuple[int, int] | None = None,
+        col_range: tuple[int, int] | None = None,
+    ) -> "ViewGeometry":
+        """A grid of ``cell = (cell_w, cell_h)`` processed pixels per token, where processed pixel
+        ``p`` maps to original pixel ``p * scale + offset`` (per axis, x then y); boxes clipped
+        to the image. ``row_range``/``col_range`` select a sub-grid (e.g. after unpadding)."""
+        r0, r1 = row_range or (0, rows)
+        c0, c1 = col_range or (0, cols)
+        cw, ch = cell
+        xs = torch.arange(c0, c1 + 1, dtype=torch.float64) * cw * scale[0] + offset[0]
+        ys = torch.arange(r0, r1 + 1, dtype=torch.float64) * ch * scale[1] + offset[1]
+        w, h = image_size
+        xs, ys = xs.clamp(0, w), ys.clamp(0, h)
+        nr, nc = r1 - r0, c1 - c0
+        boxes = torch.empty(nr, nc, 4, dtype=torch.float64)
+        boxes[..., 0] = xs[:-1].view(1, nc)
+        boxes[..., 2] = xs[1:].view(1, nc)
+        boxes[..., 1] = ys[:-1].view(nr, 1)
+        boxes[..., 3] = ys[1:].view(nr, 1)
+        return cls(name=name, rows=nr, cols=nc, boxes=boxes.float())
+
+
+@dataclass
+class FeatureRows:
+    """The rows a family's model merges into one image's placeholder tokens, in order."""
+
+    kind: Int[Tensor, " n"]  # KIND_VISION or KIND_NEWLINE
+    view: Int[Tensor, " n"]  # index into ``views`` (-1 for structural rows)
+    row: Int[Tensor, " n"]
+    col: Int[Tensor, " n"]
+    views: list[ViewGeometry]
+
+    def __len__(self) -> int:
+        return int(self.kind.numel())
+
+    @classmethod
+    def concat(cls, parts: Sequence["FeatureRows"]) -> "FeatureRows":
+        views: list[ViewGeometry] = []
+        kind, view, row, col = [], [], [], []
+        for p in parts:
+            kind.append(p.kind)
+            view.append(torch.where(p.view >= 0, p.view + len(views), p.view))
+            row.append(p.row)
+            col.append(p.col)
+            views.extend(p.views)
+        return cls(torch.cat(kind), torch.cat(view), torch.cat(row), torch.cat(col), views)
+
+    @classmethod
+    def grid(cls, view: ViewGeometry, newline_after_row: bool = False) -> "FeatureRows":
+        """Row-major tokens of one view, optionally with a newline row after each grid row."""
+        r = torch.arange(view.rows).repeat_interleave(view.cols)
+        c = torch.arange(view.cols).repeat(view.rows)
+        kind = torch.zeros(view.rows * view.cols, dtype=torch.long)
+        if newline_after_row:
+            per_row = view.cols + 1
+            r = torch.arange(view.rows).repeat_interleave(per_row)
+            c = torch.arange(per_row).repeat(view.rows)
+            kind = (c == view.cols).long()
+            c = torch.where(kind == 1, -1, c)
+        vidx = torch.where(kind == KIND_VISION, 0, -1)
+        return cls(kind, vidx, r, c, [view])
+
+    def boxes(self) -> Float[Tensor, "n 4"]:
+        out = torch.zeros(len(self), 4)
+        for v, geom in enumerate(self.views):
+            sel = self.view == v
+            out[sel] = geom.boxes[self.row[sel], self.col[sel]]
+        return out
+
+
+@dataclass
+class ImageLayout:
+    """One image of one example: its original size and where its tokens went."""
+
+    image_index: int  # index of the image within its example
+    size: tuple[int, int]  # original (width, height)
+    positions: Int[Tensor, " n"]  # sequence positions of all its feature rows (incl. newlines)
+    rows: FeatureRows
+
+    @property
+    def vision_mask(self) -> Bool[Tensor, " n"]:
+        return self.rows.kind == KIND_VISION
+
+    @property
+    def vision_positions(self) -> Int[Tensor, " v"]:
+        """Positions of the image-feature tokens (V_e for this image), delimiters excluded."""
+        return self.positions[self.vision_mask]
+
+    @property
+    def boxes(self) -> Float[Tensor, "v 4"]:
+        """Box of each vision token in ``vision_positions`` order, original pixels."""
+        return self.rows.boxes()[self.vision_mask]
+
+    @property
+    def views(self) -> list[ViewGeometry]:
+        return self.rows.views
+
+
+@dataclass
+class TokenInfo:
+    example: int
+    position: int
+    image: int
+    view: str
+    row: int
+    col: int
+    box: tuple[float, float, float, float]
+
+    def label(self) -> str:
+        return f"<img {self.image}:r{self.row},c{self.col}>"
+
+
+def box_overlap_fraction(
+    token_boxes: Float[Tensor, "n 4"], region: Float[Tensor, "4"]
+) -> Float[Tensor, " n"]:
+    """Fraction of each token's area that lies inside ``region`` (0 for an empty token box)."""
+    x0 = torch.maximum(token_boxes[:, 0], region[0])
+    y0 = torch.maximum(token_boxes[:, 1], region[1])
+    x1 = torch.minimum(token_boxes[:, 2], region[2])
+    y1 = torch.minimum(token_boxes[:, 3], region[3])
+    inter = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    area = (token_boxes[:, 2] - token_boxes[:, 0]) * (token_boxes[:, 3] - token_boxes[:, 1])
+    return torch.where(area > 0, inter / area.clamp(min=1e-12), torch.zeros_like(area))
+
+
+def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> Tensor:
+    """Validate an ``(x0, y0, x1, y1)`` box against an image of ``size = (w, h)``."""
+    if len(box) != 4:
+        raise LayoutError(f"{where}box {tuple(box)} must have 4 numbers (x0, y0, x1, y1)")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = size
+    if not (x0 < x1 and y0 < y1):
+        raise LayoutError(f"{where}box {tuple(box)} is empty: need x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        raise LayoutError(
+            f"{where}box {tuple(box)} lies outside the image of size {w}x{h} (width x height); "
+            "boxes are (x0, y0, x1, y1) in original-image pixels, x1/y1 exclusive"
+        )
+    return torch.tensor([x0, y0, x1, y1])
+
+
+@dataclass
+class VisionLayout:
+    """Per example, per image: vision-token positions, grids and boxes in original pixels."""
+
+    images: list[list[ImageLayout]]  # [example][image]
+    seq_len: int
+    _by_position: list[dict[int, tuple[int, int]]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_position = []
+        for ex in self.images:
+            table: dict[int, tuple[int, int]] = {}
+            for i, img in enumerate(ex):
+                for j, p in enumerate(img.positions.tolist()):
+                    table[p] = (i, j)
+            self._by_position.append(table)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[list[ImageLayout]]:
+        return iter(self.images)
+
+    def vision_positions(self, example: int, image: int | None = None) -> Int[Tensor, " v"]:
+        """V_e: positions of image-feature tokens (every view), structural rows excluded."""
+        imgs = self.images[example] if image is None else [self.images[example][image]]
+        if not imgs:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([img.vision_positions for img in imgs])
+
+    def vision_mask(self) -> Bool[Tensor, "batch seq"]:
+        mask = torch.zeros(self.n_examples, self.seq_len, dtype=torch.bool)
+        for e in range(self.n_examples):
+            mask[e, self.vision_positions(e)] = True
+        return mask
+
+    def boxes(self, example: int, image: int | None = None) -> Float[Tensor, "v 4"]:
+        imgs = self.images[example] if image is None else [self.images[example][image]]
+        if not imgs:
+            return torch.zeros(0, 4)
+        return torch.cat([img.boxes for img in imgs])
+
+    def positions_in_box(
+        self,
+        example: int,
+        box: Sequence[float],
+        image: int = 0,
+        tau: float = 0.5,
+        fallback_to_max: bool = True,
+    ) -> Int[Tensor, " r"]:
+        """R_e: vision tokens (every view) whose box overlaps ``box`` by >= ``tau`` of its area.
+
+        If none reaches tau, the tokens with the largest overlap; if the region overlaps no
+        token at all (it lies in a cropped-away part), a ``LayoutError`` naming the example.
+        """
+        img = self._image(example, image)
+        region = check_box(box, img.size, where=f"example {example}, image {image}: ")
+        frac = box_overlap_fraction(img.boxes, region)
+        keep = frac >= tau
+        if not keep.any():
+            if not fallback_to_max or frac.max() <= 0:
+                raise LayoutError(
+                    f"example {example}, image {image}: region {tuple(region.tolist())} overlaps "
+                    "no vision token (it lies in a part of the image the processor cropped away "
+                    "or padded); pick a box inside the visible image"
+                )
+            keep = frac == frac.max()
+        return img.vision_positions[keep]
+
+    def positions_in_mask(
+        self, example: int, mask: Bool[Tensor, "h w"], image: int = 0, tau: float = 0.5
+    ) -> Int[Tensor, " r"]:
+        """Vision tokens covering a pixel mask of the original image by >= ``tau`` of area."""
+        img = self._image(example, image)
+        w, h = img.size
+        if tuple(mask.shape) != (h, w):
+            raise LayoutError(
+                f"example {example}, image {image}: mask shape {tuple(mask.shape)} != image "
+                f"(height, width) = {(h, w)}"
+            )
+        integral = torch.zeros(h + 1, w + 1, dtype=torch.float64)
+        integral[1:, 1:] = mask.double().cumsum(0).cumsum(1)
+        boxes = img.boxes.double()
+        fracs = []
+        for x0, y0, x1, y1 in boxes.tolist():
+            # tokens edges are fractional: count whole pixels whose centres fall inside
+            xi0, yi0 = int(round(x0)), int(round(y0))
+            xi1, yi1 = max(int(round(x1)), xi0), max(int(round(y1)), yi0)
+            area = (xi1 - xi0) * (yi1 - yi0)
+            inside = (integral[yi1, xi1] - integral[yi0, xi1] - integral[yi1, xi0]
+                      + integral[yi0, xi0])
+            fracs.append(float(inside) / area if area > 0 else 0.0)
+        frac = torch.tensor(fracs)
+        if frac.max() <= 0:
+            raise LayoutError(f"example {example}, image {image}: the mask covers no vision token")
+        keep = frac >= tau if (frac >= tau).any() else frac == frac.max()
+        return img.vision_positions[keep]
+
+    def token_info(self, example: int, position: int) -> TokenInfo | None:
+        """What sits at ``position``: (image, view, row, col, box), or None for a text token."""
+        hit = self._by_position[example].get(int(position))
+        if hit is None:
+            return None
+        i, j = hit
+        img = self.images[example][i]
+        rows = img.rows
+        if rows.kind[j] != KIND_VISION:
+            return TokenInfo(example, int(position), img.image_index, "newline", int(rows.row[j]),
+                             -1, (0.0, 0.0, 0.0, 0.0))
+        v = int(rows.view[j])
+        geom = rows.views[v]
+        r, c = int(rows.row[j]), int(rows.col[j])
+        box = tuple(float(x) for x in geom.boxes[r, c].tolist())
+        return TokenInfo(example, int(position), img.image_index, geom.name, r, c, box)  # type: ignore[arg-type]
+
+    def _image(self, example: int, image: int) -> ImageLayout:
+        if not 0 <= example < self.n_examples:
+            raise LayoutError(f"example {example} out of range (batch has {self.n_examples})")
+        imgs = self.images[example]
+        if not 0 <= image < len(imgs):
+            raise LayoutError(f"example {example} has {len(imgs)} image(s); no image {image}")
+        return imgs[image]
+
+    def shifted(self, offsets: Sequence[int], seq_len: int) -> "VisionLayout":
+        """The same layout with example e's positions moved by ``offsets[e]`` (re-padding)."""
+        imgs = [
+            [ImageLayout(im.image_index, im.size, im.positions + off, im.rows) for im in ex]
+            for ex, off in zip(self.images, offsets)
+        ]
+        return VisionLayout(imgs, seq_len)

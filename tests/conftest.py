@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models of every family, saved to folders and loaded back."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)  # tiny models on 2 cores run 10-30x faster single-threaded
+
+from corelens.families import FAMILIES  # noqa: E402
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """``tiny_folder(name, patch_local=False)`` -> folder with a saved tiny model + processor."""
+    cache: dict[tuple[str, bool], str] = {}
+
+    def make(name: str, patch_local: bool = False) -> str:
+        key = (name, patch_local)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{name}-{int(patch_local)}")
+            FAMILIES[name].build_tiny(folder, seed=0, patch_local=patch_local)
+            cache[key] = str(folder)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    from corelens import HookedMLLM
+
+    cache: dict[tuple[str, bool], HookedMLLM] = {}
+
+    def make(name: str, patch_local: bool = False) -> HookedMLLM:
+        key = (name, patch_local)
+        if key not in cache:
+            cache[key] = HookedMLLM.from_pretrained(tiny_folder(name, patch_local))
+        return cache[key]
+
+    return make
+
+
+def noise_image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def flat_image(w: int, h: int, color=(128, 128, 128)) -> Image.Image:
+    return Image.new("RGB", (w, h), color)
