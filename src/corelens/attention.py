@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion import (
+    BaseTensorConversion,
+)
 from transformer_lens.hook_points import HookPoint
 
 Mode = Literal["auto", "sdpa", "eager"]
@@ -79,6 +82,16 @@ class AttentionInputs:
 Tap = Callable[[AttentionInputs], None]
 
 
+class _HeadsToPosition(BaseTensorConversion):
+    """Hooks on ``hook_rot_q/k`` see TransformerLens's [batch, pos, head, d_head]."""
+
+    def handle_conversion(self, x: Tensor, *context: Any) -> Tensor:
+        return x.transpose(1, 2) if x.ndim == 4 else x
+
+    def revert(self, x: Tensor, *context: Any) -> Tensor:
+        return x.transpose(1, 2) if x.ndim == 4 else x
+
+
 def _has_hooks(hp: HookPoint) -> bool:
     return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
                 or getattr(hp, "_backward_pre_hooks", None))
@@ -112,11 +125,14 @@ class AttentionBackend:
             for name in ("hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern"):
                 if not isinstance(getattr(attn, name, None), HookPoint):
                     setattr(attn, name, HookPoint())
+                    if name.startswith("hook_rot"):
+                        getattr(attn, name).hook_conversion = _HeadsToPosition()
                     added = True
             attn._corelens_layer = layer
             attn._corelens_backend = self
             attn._corelens_original_forward = attn.forward
-            attn.forward = types.MethodType(_forward, attn)
+            # object.__setattr__: the bridge forwards a plain ``forward =`` to the HF module
+            object.__setattr__(attn, "forward", types.MethodType(_forward, attn))
             self.layers.append(attn)
         if added:  # let the bridge's hook registry see the hook points it lacked
             bridge.clear_hook_registry()

@@ -174,7 +174,8 @@ class HookedMLLM(torch.nn.Module):
         return logits, cache
 
     def _names(self, names_filter: Any) -> list[str]:
-        names = list(self.hook_dict)
+        gated = getattr(self.bridge, "_gated_hook_reason", lambda n: None)
+        names = [n for n, hp in self.hook_dict.items() if gated(hp.name or n) is None]
         if names_filter is None:
             return names
         if isinstance(names_filter, str):
@@ -273,9 +274,6 @@ def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"]) -> Te
     if name.endswith(("hook_pattern", "hook_attn_scores")) and act.ndim == 4:
         b, h, _, k = act.shape
         return torch.gather(act, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], k))
-    if name.endswith(("hook_rot_q", "hook_rot_k")) and act.ndim == 4:  # [b, head, pos, d]
-        b, h, _, d = act.shape
-        return torch.gather(act, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
     if act.ndim >= 2 and act.shape[0] == idx.shape[0] and act.shape[1] >= int(idx.max()) + 1:
         shape = (idx.shape[0], idx.shape[1]) + tuple(act.shape[2:])
         return torch.gather(act, 1, idx.view(*idx.shape, *([1] * (act.ndim - 2))).expand(shape))
