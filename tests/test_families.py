@@ -21,18 +21,18 @@ def _batch(model, name, blank=False):
     return model.prepare(imgs, PROMPTS, answers=ANSWERS)
 
 
-def _reference(folder):
+def _reference(name, folder):
+    """The plain HF model, loaded from the same folder."""
     from transformers import AutoConfig
 
-    fam = FAMILIES[[n for n in FAMILY_NAMES if n in folder.split("tiny-")[1]][0]]
     cfg = AutoConfig.from_pretrained(folder)
-    return fam.hf_class(cfg).from_pretrained(folder).eval()
+    return FAMILIES[name].hf_class(cfg).from_pretrained(folder).eval()
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_parity_with_hf_batched_padded(name, tiny_folder, tiny_model):
     model = tiny_model(name)
-    ref = _reference(tiny_folder(name))
+    ref = _reference(name, tiny_folder(name))
     batch = _batch(model, name)
     assert batch.attention_mask.min() == 0, "the batch must be padded to test padding"
     real = batch.attention_mask.bool()

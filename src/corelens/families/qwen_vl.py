@@ -1,0 +1,256 @@
+"""Qwen2.5-VL and Qwen3-VL: HF ``Qwen2_5_VL``- and ``Qwen3VLForConditionalGeneration``.
+
+Geometry (both): the processor resizes each image with ``smart_resize`` to multiples of
+``patch_size * merge_size`` (within ``min_pixels``/``max_pixels``, aspect kept as closely as
+possible), cuts ``patch_size`` patches and the vision tower's merger folds each
+``merge_size x merge_size`` block of patches into one LM token. ``image_grid_thw[i] = (1, h, w)`` in
+patches; the LM token grid is ``(h / merge, w / merge)``, row-major: the processor orders patches
+by merge block (row-major over blocks), Qwen2.5-VL's window reordering is undone right after the
+merger (``merger(...)[argsort(window_index)]``), Qwen3-VL has none. A token's box is its
+``merge * patch`` square of the resized image, scaled back to original pixels per axis.
+
+Positions: M-RoPE. ``position_ids`` are ``[3, batch, seq]`` (temporal, height, width) from the
+model's own ``get_rope_index`` with the batch's ``attention_mask`` -- exactly what the HF forward
+computes when it is given none (a 3-row tensor takes the same path in the text model; padding
+positions are 0). In transformers 5.23 both families mix the three rows into one ``cos``/``sin``
+of shape ``[batch, seq, head_dim]`` inside the text rotary embedding (Qwen2.5-VL: contiguous
+``mrope_section`` chunks; Qwen3-VL: interleaved T/H/W channels), and the attention applies the
+standard ``apply_rotary_pos_emb`` -- which ``rotary()`` calls, from the family's own HF module.
+``blocks.{l}.attn.hook_rot_q``/``hook_rot_k`` therefore see M-RoPE-rotated queries/keys.
+Qwen3-VL's per-head ``q_norm``/``k_norm`` (RMSNorm over ``head_dim`` on ``[b, t, heads, d]``,
+before RoPE) is applied by corelens's attention as HF does.
+
+DeepStack (Qwen3-VL only): vision blocks listed in ``deepstack_visual_indexes`` feed extra patch
+mergers; the HF text model ADDS their outputs to the hidden states at the image-token positions
+right after decoder layers ``0 .. k-1`` -- a tensor add in HF's layer loop, between two block
+calls, not a module. What the TransformerLens hooks see (checked in ``tests/test_qwen_vl.py``):
+
+- ``vision_encoder.deepstack_mergers.{i}.hook_out``: exactly the features injected after decoder
+  layer i, ``[n_vision_tokens_in_batch, d_model]``: one row per image-token position, in
+  ``layout.vision_mask()`` order (examples in order, positions ascending). Editing it edits the
+  injection (zeroing it removes DeepStack level i); this is the hook to patch the injection.
+- ``blocks.{i}.hook_resid_post`` (= ``blocks.{i}.hook_out``): the block output WITHOUT it.
+- ``blocks.{i+1}.hook_resid_pre`` (= ``blocks.{i+1}.hook_in``): WITH it. So for ``i < k``
+  ``resid_pre[i+1] - resid_post[i]`` is zero at text positions and the level-i features at vision
+  positions (if ``k`` equals the number of layers, the last level reaches ``ln_final.hook_in``).
+- ``blocks.0.hook_resid_pre``: the merged main features only (the vision projector's output).
+
+Patching caveat: the TransformerLens identity ``resid_post[i] == resid_pre[i+1]`` fails at vision
+positions for ``i < k``. Patching ``blocks.{i}.hook_resid_post`` leaves the receiving run's own
+injection on top; patch ``blocks.{i+1}.hook_resid_pre`` (and/or the merger hook) to carry it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from corelens.families.base import Family
+from corelens.families.geometry import Affine, size_dict
+from corelens.layout import FeatureRows, ViewGeometry
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# tiny test models: 8-px patches, 2x2 merge -> one LM token per 16x16 resized pixels
+TINY_PATCH, TINY_MERGE = 8, 2
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 16 * 16 * 4, 64 * 64
+
+
+def resized_size(ip: Any, size: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) the Qwen-VL image processor resizes an image of original ``size = (w, h)`` to."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    w, h = size
+    if not getattr(ip, "do_resize", True):
+        return w, h
+    s = size_dict(getattr(ip, "size", None))
+    lo = s.get("shortest_edge", getattr(ip, "min_pixels", None))
+    hi = s.get("longest_edge", getattr(ip, "max_pixels", None))
+    rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=lo,
+                          max_pixels=hi)
+    return rw, rh
+
+
+class QwenVL(Family):
+    """What Qwen2.5-VL and Qwen3-VL share: geometry, M-RoPE position ids, tiny-model recipe."""
+
+    modeling: ClassVar[str]  # the HF modeling module (its ``apply_rotary_pos_emb``)
+
+    # --- layout ------------------------------------------------------------------------------
+    def feature_rows(self, hf_config, processor, inputs, image, size):
+        ip = processor.image_processor
+        patch, merge = int(ip.patch_size), int(ip.merge_size)
+        vc = hf_config.vision_config
+        if (patch, merge) != (vc.patch_size, vc.spatial_merge_size):
+            raise ValueError(
+                f"{self.name}: the image processor cuts {patch}-px patches merged {merge}x{merge} "
+                f"but the model expects {vc.patch_size}-px patches merged "
+                f"{vc.spatial_merge_size}x{vc.spatial_merge_size}"
+            )
+        rw, rh = resized_size(ip, size)
+        t, gh, gw = (int(v) for v in inputs["image_grid_thw"][image].tolist())
+        if (t, gh, gw) != (1, rh // patch, rw // patch):
+            raise ValueError(
+                f"{self.name}: image {image} (original {size[0]}x{size[1]}) has image_grid_thw "
+                f"{(t, gh, gw)} but the processor settings predict a {rw}x{rh} resize, i.e. "
+                f"{(1, rh // patch, rw // patch)}; corelens does not understand this processor"
+            )
+        scale, offset = Affine.identity(size).resize((rw, rh)).inverse()
+        cell = patch * merge
+        view = ViewGeometry.from_affine("image", gh // merge, gw // merge, (cell, cell), scale,
+                                        offset, size)
+        return FeatureRows.grid(view)
+
+    # --- decoder -----------------------------------------------------------------------------
+    def position_ids(self, hf_model, inputs):
+        """``[3, batch, seq]`` M-RoPE ids from the model's own ``get_rope_index``."""
+        cfg = hf_model.config
+        ids = inputs["input_ids"]
+        types = inputs.get("mm_token_type_ids")
+        if types is None:  # what the processor returns: 0 text, 1 image, 2 video
+            types = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
+        pos, _ = hf_model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            attention_mask=inputs.get("attention_mask"),
+        )
+        return pos
+
+    def rotary(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        apply_rope = importlib.import_module(self.modeling).apply_rotary_pos_emb
+
+        def apply(q: Float[Tensor, "b h t d"], k: Float[Tensor, "b g t d"], cos: Tensor,
+                  sin: Tensor, hf_attn: Any) -> tuple[Tensor, Tensor]:
+            return apply_rope(q, k, cos, sin)  # cos/sin: [b, t, d], M-RoPE already mixed in
+
+        return apply
+
+    # --- tiny models -------------------------------------------------------------------------
+    def tiny_image_sizes(self) -> list[tuple[int, int]]:
+        # resized (w x h) and LM tokens (rows x cols) with the tiny processor: 80x50 -> 80x48
+        # (3x5); 40x90 -> 32x96 (6x2); 100x60 hits max_pixels -> 80x48 (3x5); 30x20 hits
+        # min_pixels -> 48x32 (2x3)
+        return [(80, 50), (40, 90), (100, 60), (30, 20)]
+
+    def _tiny_config(self, tok: Any) -> Any:
+        raise NotImplementedError
+
+    def _tiny_processor(self, tok: Any) -> Any:
+        raise NotImplementedError
+
+    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
+        """``patch_local``: every vision block's attention output projection is zeroed, so each
+        patch (and, after the merger, each LM token, DeepStack features included) depends only on
+        its own pixels and its position."""
+        from corelens.zoo.tokenizer import build_tokenizer
+
+        tok = build_tokenizer(folder, add_bos=False)
+        cfg = self._tiny_config(tok)
+        torch.manual_seed(seed)
+        model = self.hf_class(cfg)(cfg).eval()
+        if patch_local:
+            with torch.no_grad():
+                for blk in model.model.visual.blocks:
+                    blk.attn.proj.weight.zero_()
+                    blk.attn.proj.bias.zero_()
+        model.save_pretrained(folder)
+        self._tiny_processor(tok).save_pretrained(folder)
+
+    @staticmethod
+    def _token_ids(tok: Any) -> dict[str, int]:
+        return {k: tok.convert_tokens_to_ids(t) for k, t in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"))}
+
+    @staticmethod
+    def _text_ids(tok: Any) -> dict[str, Any]:
+        return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
+                    eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+
+    @staticmethod
+    def _image_processor() -> Any:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        return Qwen2VLImageProcessorPil(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
+                                        temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
+                                        max_pixels=TINY_MAX_PIXELS)
+
+
+class Qwen2_5_VL(QwenVL):
+    name = "qwen2_5_vl"
+    hf_architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    model_types = ("qwen2_5_vl",)
+    modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+
+    def _tiny_config(self, tok):
+        from transformers import Qwen2_5_VLConfig
+
+        # window_size 32 px = 2x2 LM tokens per window: the tiny images need window reordering
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
+                      out_hidden_size=64, window_size=32, fullatt_block_indexes=[1])
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
+                    **self._text_ids(tok))
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
+
+    def _tiny_processor(self, tok):
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
+                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
+                                   max_pixels=TINY_MAX_PIXELS)
+        return Qwen2_5_VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
+                                   video_processor=vp, chat_template=CHAT_TEMPLATE)
+
+
+class Qwen3_VL(QwenVL):
+    name = "qwen3_vl"
+    hf_architectures = ("Qwen3VLForConditionalGeneration",)
+    model_types = ("qwen3_vl",)
+    modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+    def _tiny_config(self, tok):
+        from transformers import Qwen3VLConfig
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
+                      out_hidden_size=64, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0])  # injected after decoder layer 0
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+                    **self._text_ids(tok))
+        return Qwen3VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
+
+    def _tiny_processor(self, tok):
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        vp = Qwen3VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
+                                   temporal_patch_size=2,
+                                   size={"shortest_edge": TINY_MIN_PIXELS,
+                                         "longest_edge": TINY_MAX_PIXELS})
+        return Qwen3VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
+                                video_processor=vp, chat_template=CHAT_TEMPLATE)
