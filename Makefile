@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 OUT ?= corelens-demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/corelens demo --out $(OUT)
 
-# full tier: what CI runs
-test: $(STAMP)
+# full tier: what CI runs (lint, then every test including those marked slow)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
 
 # fast tier: the edit loop
 test-fast: $(STAMP)

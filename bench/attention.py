@@ -24,7 +24,12 @@ VARIANTS = ("hf_sdpa", "bridge_eager", "corelens_sdpa", "corelens_eager")
 
 def build(folder: str) -> None:
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from corelens.families.llava import Llava
     from corelens.zoo.tokenizer import build_tokenizer
@@ -52,19 +57,21 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(int(__import__("os").environ.get("BENCH_THREADS", "2")))
+    torch.manual_seed(0)
     ids = torch.randint(20, 60, (1, tokens))
     mask = torch.ones_like(ids)
     pos = torch.arange(tokens)[None]
     if variant == "hf_sdpa":
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, attn_implementation="sdpa").eval()
 
         def fwd():
             return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     elif variant == "bridge_eager":
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
         proc = AutoProcessor.from_pretrained(folder)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import flat_image, noise_image
 
 NAME = "llava"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILY_NAMES, flat_image, noise_image
-from corelens import HookedMLLM
+
 from corelens.families import FAMILIES
 from corelens.layout import box_overlap_fraction
 
@@ -86,8 +85,8 @@ def test_painted_region_changes_exactly_its_tokens(name, tiny_model):
         t = int(dist.argmin())
         x0, y0, x1, y1 = boxes[t].tolist()
         tw, th = x1 - x0, y1 - y0
-        region = torch.tensor([round(x0), round(y0), round(min(x1 + tw, w)), round(min(y1 + th, h))],
-                              dtype=torch.float)
+        corners = [round(x0), round(y0), round(min(x1 + tw, w)), round(min(y1 + th, h))]
+        region = torch.tensor(corners, dtype=torch.float)
         painted = base.copy()
         painted.paste((250, 20, 20), tuple(int(v) for v in region.tolist()))
         _, after = _lm_vision_inputs(model, painted)
@@ -144,3 +143,25 @@ def test_pattern_edit_propagates(name, tiny_model):
         edited = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.attn.hook_pattern", uniform)])
     real = batch.attention_mask.bool()
     assert (edited - clean)[real].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_multi_image_example_parity_and_layout(name, tiny_folder, tiny_model):
+    """One example with two images, one with one: a layout per image, logits equal to HF's."""
+    model = tiny_model(name)
+    ref = _reference(name, tiny_folder(name))
+    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w1, h1, 2)]]
+    batch = model.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],
+                          answers=["red", "blue"], boxes=[{1: (0, 0, w1 // 2, h1 // 2)}, None])
+    assert [len(ex) for ex in batch.layout.images] == [2, 1]
+    first, second = batch.layout.images[0]
+    assert first.size == (w0, h0) and second.size == (w1, h1)
+    assert first.positions.max() < second.positions.min()  # in prompt order
+    evidence = batch.evidence_positions(0)
+    assert set(evidence.tolist()) <= set(second.vision_positions.tolist())
+    with torch.no_grad():
+        expected = ref(**batch.inputs).logits
+        got = model(batch)
+    real = batch.attention_mask.bool()
+    assert (got - expected)[real].abs().max() < 1e-4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import noise_image
 
 
@@ -29,7 +28,10 @@ def test_hooks_fire_during_generation(tiny_model):
     model = tiny_model("llava")
     batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
     seen = []
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_q", lambda q, hook: seen.append(q.shape))]):
+    def record(q, hook):
+        seen.append(q.shape)
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_q", record)]):
         model.generate(batch, max_new_tokens=3)
     assert len(seen) == 3
     assert seen[0][1] == batch.seq_len and seen[1][1] == 1  # prefill, then one cached step

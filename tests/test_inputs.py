@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-
 from conftest import noise_image
+
 from corelens import HookedMLLM, InputError, LayoutError, UnknownFamilyError
 
 

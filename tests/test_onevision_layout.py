@@ -39,7 +39,9 @@ def ramp_image(w: int, h: int) -> Image.Image:
 def hf_packed(cfg, proc, inputs, image: int) -> torch.Tensor:
     """HF's packed rows for ``image``: per row the mean raw (r, g, b) of its pixels."""
     from transformers.models.llava_onevision.modeling_llava_onevision import (
-        LlavaOnevisionModel, image_size_to_num_patches)
+        LlavaOnevisionModel,
+        image_size_to_num_patches,
+    )
 
     ip = proc.image_processor
     vc = cfg.vision_config
@@ -120,7 +122,8 @@ def test_tiny_rows_match_hf_packing(tiny, size, backend):
     cfg, proc = tiny
     if backend == "pil":
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil)
+            LlavaOnevisionImageProcessorPil,
+        )
         proc = type(proc)(image_processor=LlavaOnevisionImageProcessorPil(
             **proc.image_processor.to_dict()), tokenizer=proc.tokenizer,
             video_processor=proc.video_processor, num_image_tokens=proc.num_image_tokens,
@@ -178,9 +181,11 @@ def real_geometry(tmp_path_factory):
     pinpoints, anyres_max_9): config and processor only, no weights."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_llava_onevision import (
-        LlavaOnevisionImageProcessor)
+        LlavaOnevisionImageProcessor,
+    )
     from transformers.models.llava_onevision.video_processing_llava_onevision import (
-        LlavaOnevisionVideoProcessor)
+        LlavaOnevisionVideoProcessor,
+    )
 
     from corelens.zoo.tokenizer import build_tokenizer
 
@@ -213,7 +218,9 @@ def test_real_geometry_rows_match_hf_packing(real_geometry, size):
 def _unpadded_tokens(cfg, size: tuple[int, int]) -> int:
     """Tokens of the joined tile grid after HF's ``unpad_image`` (before any shrinking)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import (
-        get_anyres_image_grid_shape, unpad_image)
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
 
     w, h = size
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size

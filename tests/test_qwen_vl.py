@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import noise_image
+
 from corelens.families import FAMILIES
 
 QWEN = [n for n in ("qwen2_5_vl", "qwen3_vl") if n in FAMILIES]

@@ -197,7 +197,8 @@ class HookedMLLM(torch.nn.Module):
             elif positions == "vision":
                 lists = [inp.layout.vision_positions(e) for e in range(len(inp))]
             else:
-                raise InputError(f"positions must be 'query', 'vision' or tensors, not {positions!r}")
+                raise InputError(
+                    f"positions must be 'query', 'vision' or tensors, not {positions!r}")
         elif isinstance(positions, Tensor) and positions.ndim == 1:
             lists = [positions] * batch
         else:

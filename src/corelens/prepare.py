@@ -128,10 +128,11 @@ def prepare(
             text = text + sep + str(ans)
         texts.append(text)
 
-    flat_images = [im for ims in image_lists for im in ims]
     kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
-    if flat_images:
-        kw["images"] = flat_images
+    if any(image_lists):
+        # nested per example: processors that treat multi-image examples differently
+        # (LLaVA-OneVision does not tile them) need to know which images go together
+        kw["images"] = image_lists
     kw.update(family.processor_kwargs())
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

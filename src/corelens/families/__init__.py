@@ -7,8 +7,8 @@ from typing import Any
 from corelens.errors import UnknownFamilyError
 from corelens.families.base import Family
 from corelens.families.llava import Llava
-from corelens.families.qwen_vl import Qwen2_5_VL, Qwen3_VL
 from corelens.families.onevision import LlavaOnevision
+from corelens.families.qwen_vl import Qwen2_5_VL, Qwen3_VL
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (Llava(), Qwen2_5_VL(), Qwen3_VL(), LlavaOnevision())

@@ -92,3 +92,15 @@ def pad_to_square_offsets(w: int, h: int) -> tuple[int, int, int]:
     """(left, top, side) of LLaVA's ``pad_to_square`` (image centred on a square canvas)."""
     m = max(w, h)
     return (m - w) // 2, (m - h) // 2, m
+
+
+def resize_and_crop(ip: Any, a: Affine) -> Affine:
+    """Follow ``a`` with an HF image processor's resize (to ``ip.size``) and centre crop."""
+    if getattr(ip, "do_resize", True):
+        a = a.resize(resize_output_size(*a.size, ip.size))
+    if getattr(ip, "do_center_crop", False):
+        crop = size_dict(ip.crop_size)
+        cw, ch = crop["width"], crop["height"]
+        pl, pt, cl, ct = center_crop_offsets(*a.size, cw, ch)
+        a = a.pad(pl, pt, (max(a.size[0], cw), max(a.size[1], ch))).crop(cl, ct, (cw, ch))
+    return a

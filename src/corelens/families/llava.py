@@ -10,16 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from corelens.families.base import Family
-from corelens.families.geometry import (
-    Affine,
-    center_crop_offsets,
-    pad_to_square_offsets,
-    resize_output_size,
-    size_dict,
-)
+from corelens.families.geometry import Affine, pad_to_square_offsets, resize_and_crop
 from corelens.layout import KIND_NEWLINE, FeatureRows, ViewGeometry
 
 SIMPLE_CHAT_TEMPLATE = (
@@ -37,14 +30,7 @@ def processed_affine(ip: Any, size: tuple[int, int]) -> Affine:
     if getattr(ip, "do_pad", False):
         left, top, m = pad_to_square_offsets(*a.size)
         a = a.pad(left, top, (m, m))
-    if getattr(ip, "do_resize", True):
-        a = a.resize(resize_output_size(*a.size, ip.size))
-    if getattr(ip, "do_center_crop", False):
-        crop = size_dict(ip.crop_size)
-        cw, ch = crop["width"], crop["height"]
-        pl, pt, cl, ct = center_crop_offsets(*a.size, cw, ch)
-        a = a.pad(pl, pt, (max(a.size[0], cw), max(a.size[1], ch))).crop(cl, ct, (cw, ch))
-    return a
+    return resize_and_crop(ip, a)
 
 
 def grid_view(name: str, a: Affine, patch: int, size: tuple[int, int]) -> ViewGeometry:
@@ -77,8 +63,13 @@ class Llava(Family):
 
     def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
         # A 1-layer tower read at vision_feature_layer=-2 is already patch-local.
-        from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                                  LlavaForConditionalGeneration, LlavaProcessor)
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
         from corelens.zoo.tokenizer import build_tokenizer

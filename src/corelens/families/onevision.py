@@ -34,13 +34,7 @@ import torch
 from torch import Tensor
 
 from corelens.families.base import Family
-from corelens.families.geometry import (
-    Affine,
-    center_crop_offsets,
-    pad_to_square_offsets,
-    resize_output_size,
-    size_dict,
-)
+from corelens.families.geometry import Affine, pad_to_square_offsets, resize_and_crop, size_dict
 from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
 from corelens.layout import KIND_NEWLINE, FeatureRows, ViewGeometry
 
@@ -112,18 +106,6 @@ class LlavaOnevision(Family):
         return size_tuple, int(tile)
 
     @staticmethod
-    def _finish(ip: Any, a: Affine) -> Affine:
-        """The per-patch resize (to ``size``) and centre crop every base/tile goes through."""
-        if getattr(ip, "do_resize", True):
-            a = a.resize(resize_output_size(*a.size, ip.size))
-        if getattr(ip, "do_center_crop", False):
-            crop = size_dict(ip.crop_size)
-            cw, ch = crop["width"], crop["height"]
-            pl, pt, cl, ct = center_crop_offsets(*a.size, cw, ch)
-            a = a.pad(pl, pt, (max(a.size[0], cw), max(a.size[1], ch))).crop(cl, ct, (cw, ch))
-        return a
-
-    @staticmethod
     def _needs_patching(inputs: dict[str, Tensor], image: int) -> bool:
         """As HF: an image is tiled only when it is the sole image of its sample."""
         counts = inputs.get("batch_num_images")
@@ -135,11 +117,16 @@ class LlavaOnevision(Family):
 
     # --- the layout ----------------------------------------------------------------------------
     def feature_rows(self, hf_config, processor, inputs, image, size):
-        from transformers.image_processing_utils import (get_patch_output_size,
-                                                         select_best_resolution)
+        from transformers.image_processing_utils import (
+            get_patch_output_size,
+            select_best_resolution,
+        )
         from transformers.image_utils import ChannelDimension
         from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image)
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
 
         where = f"llava_onevision: image {image} (size {size[0]}x{size[1]})"
         ip = processor.image_processor
@@ -166,7 +153,7 @@ class LlavaOnevision(Family):
 
         if not self._needs_patching(inputs, image):
             left, top, m = pad_to_square_offsets(w, h)
-            a = self._finish(ip, Affine.identity(size).pad(left, top, (m, m)))
+            a = resize_and_crop(ip, Affine.identity(size).pad(left, top, (m, m)))
             self._check_tile(a, vc, where)
             rows = FeatureRows.grid(_view("image", side, side, (patch, patch), a, size))
             if n_cls:
@@ -183,7 +170,7 @@ class LlavaOnevision(Family):
                              f"features per tile, not {side * side}; HF cannot tile this either")
 
         # base: the whole image squashed to size_tuple, then the per-patch resize / crop
-        base = self._finish(ip, Affine.identity(size).resize((size_tuple[1], size_tuple[0])))
+        base = resize_and_crop(ip, Affine.identity(size).resize((size_tuple[1], size_tuple[0])))
         self._check_tile(base, vc, where)
         base_rows = FeatureRows.grid(_view("base", side, side, (patch, patch), base, size))
 
@@ -201,7 +188,7 @@ class LlavaOnevision(Family):
                                              input_data_format=ChannelDimension.FIRST)
         paste_x, paste_y = (bw - new_w) // 2, (bh - new_h) // 2  # _get_padding_size
         canvas = Affine.identity(size).resize((new_w, new_h)).pad(paste_x, paste_y, (bw, bh))
-        tile_after = self._finish(ip, Affine.identity((tile, tile)))
+        tile_after = resize_and_crop(ip, Affine.identity((tile, tile)))
         if tile_after.offset != (0.0, 0.0) or tile_after.size != (vc.image_size, vc.image_size):
             raise ValueError(f"{where}: each {tile} px tile is cropped or resized to "
                              f"{tile_after.size}; corelens supports tiles that reach the tower "
@@ -267,12 +254,19 @@ class LlavaOnevision(Family):
     def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
         # patch_local: a 1-layer tower read at vision_feature_layer=-2 (the patch + position
         # embeddings); otherwise 2 layers read at -1, so patches mix as in the real model.
-        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                                  LlavaOnevisionProcessor, Qwen2Config, SiglipVisionConfig)
+        from transformers import (
+            LlavaOnevisionConfig,
+            LlavaOnevisionForConditionalGeneration,
+            LlavaOnevisionProcessor,
+            Qwen2Config,
+            SiglipVisionConfig,
+        )
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil)
+            LlavaOnevisionImageProcessorPil,
+        )
         from transformers.models.llava_onevision.video_processing_llava_onevision import (
-            LlavaOnevisionVideoProcessor)
+            LlavaOnevisionVideoProcessor,
+        )
 
         from corelens.zoo.tokenizer import build_tokenizer
 

@@ -49,7 +49,8 @@ def build_tokenizer(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=[t for t in special if t not in ("<s>", "</s>", "<unk>", "<pad>")],
+        additional_special_tokens=[t for t in special
+                                   if t not in ("<s>", "</s>", "<unk>", "<pad>")],
     )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
