@@ -74,3 +74,21 @@ def test_text_only_run(tiny_model):
     logits, cache = model.run_with_cache("what is the color ?")
     assert logits.shape[:2] == (1, len(model.to_str_tokens("what is the color ?")))
     assert "blocks.0.attn.hook_pattern" in cache.keys()
+
+
+def test_prepare_examples_keeps_evidence_and_distractors(tiny_model):
+    from corelens import GroundedExample
+
+    model = tiny_model("llava")
+    ex = GroundedExample(images=[noise_image(64, 64, 0)], question="what is the color ?",
+                         answer="red", boxes=[(0, 0, 16, 16)], distractors=[(32, 32, 48, 48)],
+                         id="ex-7")
+    batch = model.prepare_examples([ex])
+    assert batch.ids == ["ex-7"]
+    ev = batch.evidence_positions(0)
+    (dis,) = batch.distractor_positions(0)
+    assert len(ev) == 4 and len(dis) == 4 and not set(ev.tolist()) & set(dis.tolist())
+    bad = GroundedExample(images=[noise_image(64, 64, 0)], question="q ?", answer="red",
+                          boxes=[(0, 0, 16, 16)], distractors=[(60, 60, 70, 70)], id="ex-8")
+    with pytest.raises(InputError, match="example 'ex-8': distractor box.*outside image 0"):
+        model.prepare_examples([bad])

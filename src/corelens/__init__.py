@@ -8,6 +8,7 @@ attention backend that stays memory-efficient unless you hook the attention patt
 from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
+from corelens.examples import GroundedExample
 from corelens.families import FAMILIES, family_for_config, get_family
 from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout
 from corelens.model import HookedMLLM
@@ -19,6 +20,7 @@ __all__ = [
     "AttentionInputs",
     "CorelensError",
     "FAMILIES",
+    "GroundedExample",
     "HookedMLLM",
     "ImageLayout",
     "InputError",

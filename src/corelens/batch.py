@@ -32,6 +32,8 @@ class MultimodalBatch:
     prompts: list[str]
     images: list[list[Any]] = field(default_factory=list)
     boxes: list[list[tuple[int, Box]]] = field(default_factory=list)  # (image, box) per example
+    distractors: list[list[tuple[int, Box]]] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)  # real prompt tokens per example
 
     def __len__(self) -> int:
@@ -63,6 +65,13 @@ class MultimodalBatch:
         parts = [self.layout.positions_in_box(example, box, image=i, tau=tau)
                  for i, box in self.boxes[example]]
         return torch.unique(torch.cat(parts))
+
+    def distractor_positions(self, example: int, tau: float = 0.5) -> list[Int[Tensor, " r"]]:
+        """The vision tokens of each distractor region of the example (one tensor each)."""
+        if not self.distractors:
+            return []
+        return [self.layout.positions_in_box(example, box, image=i, tau=tau)
+                for i, box in self.distractors[example]]
 
     def to(self, device: torch.device | str) -> "MultimodalBatch":
         return replace(self, inputs={k: v.to(device) if isinstance(v, Tensor) else v

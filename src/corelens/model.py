@@ -104,6 +104,14 @@ class HookedMLLM(torch.nn.Module):
         return _prepare(self.family, self.hf_model, self.processor, images, prompts, answers,
                         boxes, **kw)
 
+    def prepare_examples(self, examples: Sequence[Any], **kw: Any) -> MultimodalBatch:
+        """``GroundedExample``s -> ``MultimodalBatch`` (evidence and distractor boxes kept)."""
+        examples = [ex.validate() for ex in examples]
+        return self.prepare([ex.images for ex in examples], [ex.question for ex in examples],
+                            [ex.answer for ex in examples], [ex.boxes for ex in examples],
+                            distractors=[ex.distractors for ex in examples],
+                            ids=[ex.id for ex in examples], **kw)
+
     def _inputs(self, inp: ModelInput) -> tuple[Tensor, dict[str, Any]]:
         if isinstance(inp, MultimodalBatch):
             return inp.input_ids.to(self.device), {

@@ -78,6 +78,8 @@ def prepare(
     answers: str | Sequence[str] | None = None,
     boxes: Any = None,
     *,
+    distractors: Any = None,
+    ids: Sequence[str | None] | None = None,
     chat_template: bool = True,
     device: torch.device | str | None = None,
 ) -> MultimodalBatch:
@@ -97,6 +99,8 @@ def prepare(
         raise InputError(f"got {len(answers)} answers for {n} prompts")
     image_lists = _as_image_lists(images, n)
     box_lists = _as_boxes(boxes, image_lists)
+    distractor_lists = _as_boxes(distractors, image_lists)
+    example_ids = list(ids) if ids is not None else [None] * n
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)
 
@@ -168,7 +172,9 @@ def prepare(
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
     batch = MultimodalBatch(inputs=inputs, layout=layout, query_positions=query_positions,
                             answer_tokens=answer_tokens, prompts=texts, images=image_lists,
-                            boxes=box_lists, prompt_lengths=prompt_lengths)
+                            boxes=box_lists, distractors=distractor_lists,
+                            ids=example_ids,
+                            prompt_lengths=prompt_lengths)
     return batch.to(device) if device is not None else batch
 
 
