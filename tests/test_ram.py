@@ -1,0 +1,127 @@
+"""RAM: a hand-checked case, the fast path against hook_pattern, aggregation and resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, noise_image
+
+from corelens import GroundedExample
+from corelens.families import FAMILIES
+from corelens.head_scores import HeadScores
+from corelens.ram import ExampleRegions, RamMetric, RamParams, aggregate, masses, score_all
+
+
+def test_masses_by_hand():
+    # one head, one query row over 6 keys: text 0, vision 1..4, text 5
+    rows = torch.tensor([[[0.10, 0.05, 0.40, 0.15, 0.20, 0.10]]])
+    reg = ExampleRegions(queries=torch.tensor([5]), evidence=torch.tensor([2]),
+                         vision=torch.tensor([1, 2, 3, 4]),
+                         distractors=[torch.tensor([3]), torch.tensor([4])], sink=0)
+    m = masses(rows, reg)
+    assert m["ram"].item() == pytest.approx(0.40)
+    assert m["visual_mass"].item() == pytest.approx(0.80)
+    assert m["distractor_mass"].item() == pytest.approx((0.15 + 0.20) / 2)
+    assert m["sink_mass"].item() == pytest.approx(0.10)
+    assert m["retrieval"].item() == 1.0  # top-1 key (2) is in the evidence
+    p = torch.tensor([0.05, 0.40, 0.15, 0.20]) / 0.80
+    assert m["spatial_entropy"].item() == pytest.approx(float(-(p * p.log()).sum()))
+    # value weighting: key 2 writes nothing -> no value-weighted RAM
+    w = masses(rows, reg, key_weight=torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]]))
+    assert w["value_weighted_ram"].item() == pytest.approx(0.0)
+    # excluding the sink renormalises the rest
+    x = masses(rows, reg, exclude_sink=True)
+    assert x["ram"].item() == pytest.approx(0.40 / 0.90)
+
+
+def test_aggregate_by_hand():
+    # two examples, one layer, one head
+    per = {"ram": torch.tensor([[[0.4]], [[0.1]]]),
+           "visual_mass": torch.tensor([[[0.8]], [[0.2]]]),
+           "distractor_mass": torch.tensor([[[0.2]], [[0.3]]])}
+    for k in ("sink_mass", "retrieval", "spatial_entropy"):
+        per[k] = torch.zeros(2, 1, 1)
+    out = aggregate(per, torch.tensor([1.0, 2.0]), torch.tensor([4.0, 4.0]), RamParams())
+    assert out["ram"][(0, 0)] == pytest.approx(0.25)
+    assert out["relative_ram"][(0, 0)] == pytest.approx(0.5 / 1.0)
+    # lift = sum RAM / sum (VM * |R|/|V|) = 0.5 / (0.8 * 0.25 + 0.2 * 0.5)
+    assert out["lift"][(0, 0)] == pytest.approx(0.5 / 0.3)
+    assert out["selectivity"][(0, 0)] == pytest.approx(0.5 / (0.5 + 0.5))
+    # under the mass floor, no ratio score
+    low = aggregate(per, torch.tensor([1.0, 2.0]), torch.tensor([4.0, 4.0]),
+                    RamParams(mass_floor=0.6))
+    assert math.isnan(low["relative_ram"][(0, 0)]) and not math.isnan(low["ram"][(0, 0)])
+
+
+def _examples(name, n=3):
+    sizes = FAMILIES[name].tiny_image_sizes()
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        out.append(GroundedExample(
+            images=[noise_image(w, h, i)], question="what is the color of the square ?" + " ?" * i,
+            answer="red blue" if i % 2 else "green", boxes=[(0, 0, w // 2, h // 2)],
+            distractors=[(w // 2, h // 2, w, h)], id=f"e{i}"))
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_fast_ram_equals_hook_pattern_ram(name, tiny_model):
+    model = tiny_model(name)
+    batch = model.prepare_examples(_examples(name))
+    assert batch.attention_mask.min() == 0  # padded
+    metric = RamMetric(model, RamParams(value_weighted=True))
+    with metric.attach(batch):
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith("hook_pattern"))
+    for e, reg in enumerate(metric.regions):
+        for layer in range(model.cfg.n_layers):
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][e][:, reg.queries]
+            ref = masses(pattern, reg)
+            for k in ("ram", "visual_mass", "distractor_mass", "sink_mass", "spatial_entropy"):
+                got = metric.token_level[e][k][layer]
+                assert torch.allclose(got, ref[k].cpu(), atol=1e-5), (k, layer)
+    # and the fast path did not need the pattern: the same values under plain SDPA
+    fast = RamMetric(model)
+    with fast.attach(batch), torch.no_grad():
+        model(batch)
+    for e in range(len(batch)):
+        assert torch.allclose(fast.token_level[e]["ram"], metric.token_level[e]["ram"], atol=1e-5)
+
+
+def test_score_all_resumes_to_the_same_result(tiny_model, tmp_path):
+    model = tiny_model("llava")
+    examples = _examples("llava", n=5)
+    full = score_all(model, examples, batch_size=2, progress=False)
+    part = tmp_path / "partial.jsonl"
+    score_all(model, examples[:2], batch_size=2, partial=part, progress=False)  # "crashed"
+    assert len(part.read_text().splitlines()) == 1
+    resumed = score_all(model, examples, batch_size=2, partial=part, progress=False)
+    assert len(part.read_text().splitlines()) == 3  # only the missing batches ran
+    for k, hs in full.items():
+        assert torch.allclose(hs.scores, resumed[k].scores, equal_nan=True, atol=1e-7), k
+    ram = full["ram"]
+    assert ram.per_example.shape == (5, model.cfg.n_layers, model.cfg.n_heads)
+    assert ram.params["tau"] == 0.5 and ram.n_examples == 5
+    lo, hi = ram.bootstrap(n=200)
+    assert (lo <= ram.scores + 1e-6).all() and (ram.scores <= hi + 1e-6).all()
+
+
+def test_head_scores_rank_top_save_compare(tmp_path):
+    s = torch.tensor([[0.1, 0.9, math.nan], [0.5, 0.2, 0.7]])
+    hs = HeadScores(s, "ram", model="m", params={"tau": 0.5}, per_example=s[None])
+    assert hs.rank() == [(0, 1), (1, 2), (1, 0), (1, 1), (0, 0)]
+    assert hs.top(k=2) == [(0, 1), (1, 2)]
+    assert hs.top(frac=0.05) == [(0, 1)]  # ceil(0.05 * 6) = 1
+    hs.save(tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["top_5pct"] == ["L0H1"]
+    back = HeadScores.load(tmp_path / "s.json")
+    assert torch.allclose(back.scores, hs.scores, equal_nan=True) and back.params == hs.params
+    other = HeadScores(s.flip(1), "ram")
+    cmp = hs.compare(hs)
+    assert cmp["spearman"] == pytest.approx(1.0) and cmp["top_k_overlap"] == 1.0
+    assert hs.compare(other, k=2)["top_k_overlap"] < 1.0
+    ax = hs.plot()
+    assert ax.get_title().startswith("ram")
