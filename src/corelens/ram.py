@@ -146,8 +146,9 @@ class RamMetric:
         n_layers = self.model.cfg.n_layers
         per_layer: list[list[dict[str, Tensor]] | None] = [None] * n_layers
         width = max(len(r.queries) for r in self.regions)
-        rows_idx = torch.stack([torch.cat([r.queries, r.queries[-1:].repeat(width - len(r.queries))])
-                                for r in self.regions])
+        rows_idx = torch.stack([
+            torch.cat([r.queries, r.queries[-1:].repeat(width - len(r.queries))])
+            for r in self.regions])
 
         def tap(inputs: AttentionInputs) -> None:
             if inputs.q.shape[2] != batch.seq_len:
@@ -168,7 +169,8 @@ class RamMetric:
             raise RuntimeError("RamMetric: the forward inside attach() did not run every layer "
                                "on this batch")
         self.token_level = [
-            {name: torch.stack([per_layer[l][e][name] for l in range(n_layers)]).cpu()  # type: ignore[index]
+            {name: torch.stack([per_layer[l][e][name]  # type: ignore[index]
+                                for l in range(n_layers)]).cpu()
              for name in per_layer[0][e]}  # type: ignore[index]
             for e in range(len(self.regions))]
 
