@@ -12,51 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
+import os
 import sys
 import tempfile
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_llava, run_isolated, threads, timed  # noqa: E402
 
 VARIANTS = ("hf_sdpa", "bridge_eager", "corelens_sdpa", "corelens_eager")
-
-
-def build(folder: str) -> None:
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from corelens.families.llava import Llava
-    from corelens.zoo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(folder)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, image_size=32, patch_size=8)
-    tc = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                     num_attention_heads=8, num_key_value_heads=8, vocab_size=len(tok),
-                     max_position_embeddings=16384)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc,
-                      image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
-    # the processor is saved by the family helper's conventions
-    from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    LlavaProcessor(image_processor=LlavaImageProcessorPil(), tokenizer=tok, patch_size=8,
-                   chat_template=None).save_pretrained(folder)
-    assert Llava  # the folder loads as the llava family
 
 
 def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     import torch
 
-    torch.set_num_threads(int(__import__("os").environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(threads())
     torch.manual_seed(0)
     ids = torch.randint(20, 60, (1, tokens))
     mask = torch.ones_like(ids)
@@ -89,17 +58,15 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
         def fwd():
             return model.bridge(ids, attention_mask=mask, position_ids=pos)
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    with torch.no_grad():
-        fwd()  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fwd()
-            times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "seconds": statistics.median(times),
-            "peak_rss_delta_mb": (peak - base_rss) / 1024, "logits_sum": float(out.float().sum())}
+    out = {}
+
+    def run():
+        with torch.no_grad():
+            out["logits"] = fwd()
+
+    result = timed(run, repeats)
+    result["logits_sum"] = float(out["logits"].float().sum())
+    return result
 
 
 def main() -> None:
@@ -114,15 +81,13 @@ def main() -> None:
         print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats)))
         return
     folder = tempfile.mkdtemp(prefix="corelens-bench-")
-    build(folder)
+    build_llava(folder)
     results = []
     for tokens in args.tokens:
         rows = {}
         for v in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--_variant", v, "--_folder", folder,
-                                  "--tokens", str(tokens), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
-            rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[v] = run_isolated(__file__, "--_variant", v, "--_folder", folder,
+                                   "--tokens", str(tokens), "--repeats", str(args.repeats))
         base = rows["hf_sdpa"]
         entry = {"tokens": tokens}
         for v, r in rows.items():

@@ -1,0 +1,107 @@
+"""Shared by the benchmarks: a pinned LLaVA-shaped model, isolated runs, peak-memory reading.
+
+Each variant runs in its own subprocess so that its peak RSS is its own; ratios between
+variants are measured side by side in one run (absolute times on a shared machine mean little).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def build_llava(folder: str, *, d_model: int = 512, layers: int = 8, heads: int = 8,
+                kv_heads: int = 8, image_size: int = 32, patch: int = 8) -> None:
+    """A random LLaVA: tiny 1-layer CLIP tower (``(image_size/patch)^2`` vision tokens per image),
+    Llama decoder of the given shape; saved with an offline processor."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
+    from corelens.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(folder)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, image_size=image_size, patch_size=patch)
+    tc = LlamaConfig(hidden_size=d_model, intermediate_size=int(d_model * 2.6875),
+                     num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, vocab_size=len(tok),
+                     max_position_embeddings=32768)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc,
+                      image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    ip = LlavaImageProcessorPil(size={"height": image_size, "width": image_size},
+                                crop_size={"height": image_size, "width": image_size},
+                                do_center_crop=False)
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=SIMPLE_CHAT_TEMPLATE).save_pretrained(folder)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM (Linux >= 4.0) so the peak measures only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Callable[[], object], repeats: int) -> dict:
+    """Peak RSS above the RSS before the first call (MB; measured on that call, before the
+    allocator holds on to anything), then the median seconds of ``repeats`` more calls."""
+    import gc
+
+    gc.collect()
+    if _reset_peak():
+        base = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    else:  # no reset: the process's all-time peak (an overestimate of the base)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "peak_rss_delta_mb": (peak - base) / 1024}
+
+
+def run_isolated(script: str, *args: str) -> dict:
+    """Run ``script --_variant ...`` in a fresh interpreter; its last stdout line is JSON."""
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def threads() -> int:
+    return int(os.environ.get("BENCH_THREADS", "2"))

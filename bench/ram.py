@@ -1,0 +1,151 @@
+"""RAM scoring cost vs the plain HF forward, and vs the TransformerLens way.
+
+Pinned config: a random LLaVA-shaped model (Llama decoder d_model 512, 8 layers, 8 heads; a
+1-layer CLIP tower with 16-px patches) at 576, 2,304 and 8,192 vision tokens (8,192 = two
+64x64-token images). One grounded example with a 3-token answer. Variants, each in its own
+process:
+
+- ``hf_forward``: the plain HF model's forward (SDPA attention, no hooks) — the baseline;
+- ``corelens_ram``: a HookedMLLM forward with ``RamMetric`` attached (rows for the 3 query
+  positions only; SDPA everywhere);
+- ``tl_cache``: the TransformerLens way — a bridge built by TransformerLens,
+  ``run_with_cache`` of every ``hook_pattern``, then the same reduction.
+
+    python bench/ram.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_llava, run_isolated, threads, timed  # noqa: E402
+
+TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
+PATCH = 16
+
+
+def _batch_inputs(folder: str, tokens: int):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from corelens.families import get_family
+    from corelens.prepare import prepare
+
+    side, n_img = TOKENS[tokens]
+    px = side * PATCH
+    proc = AutoProcessor.from_pretrained(folder)
+
+    class _Cfg:  # prepare reads only the config
+        pass
+
+    from transformers import AutoConfig
+
+    hf = _Cfg()
+    hf.config = AutoConfig.from_pretrained(folder)
+    imgs = [Image.new("RGB", (px, px), (100 + 50 * i, 90, 90)) for i in range(n_img)]
+    return prepare(get_family("llava"), hf, proc, [imgs], ["what is the color ?"],
+                   answers=["red blue green"], boxes=[[(0, (0, 0, px // 4, px // 4))]])
+
+
+def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads())
+    batch = _batch_inputs(folder, tokens)
+    ids, kw = batch.input_ids, batch.model_kwargs()
+    ev = batch.evidence_positions(0)
+    q = batch.query_positions[0]
+    result = {}
+    if variant == "hf_forward":
+        from transformers import AutoModelForImageTextToText
+
+        hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+
+        def fn():
+            with torch.no_grad():
+                return hf(input_ids=ids, **kw).logits
+    elif variant == "corelens_ram":
+        from corelens import HookedMLLM
+        from corelens.ram import RamMetric
+
+        model = HookedMLLM.from_pretrained(folder)
+        metric = RamMetric(model)
+
+        def fn():
+            with torch.no_grad(), metric.attach(batch):
+                model(batch)
+            result["ram"] = metric.example_level()["ram"][0]
+    elif variant == "tl_cache":
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
+        bridge = build_bridge_from_module(hf, "LlavaForConditionalGeneration", hf_config=hf.config,
+                                          tokenizer=AutoProcessor.from_pretrained(folder).tokenizer)
+
+        def fn():
+            with torch.no_grad():
+                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith(
+                    "hook_pattern") and n.startswith("blocks."), **kw)
+                result["ram"] = torch.stack([
+                    cache[f"blocks.{l}.attn.hook_pattern"][0][:, q][..., ev].sum(-1).mean(-1)
+                    for l in range(hf.config.text_config.num_hidden_layers)])
+    else:
+        raise ValueError(variant)
+    out = timed(fn, repeats)
+    out["seq_len"] = batch.seq_len
+    if "ram" in result:
+        out["ram"] = result["ram"].tolist()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[576, 2304, 8192])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--_variant")
+    ap.add_argument("--_folder")
+    args = ap.parse_args()
+    if args._variant:
+        print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats)))
+        return
+    report = {"tokens": [], "throughput_ratio_vs_forward": [], "peak_mem_ratio_vs_forward": [],
+              "peak_mem_ratio_cache_baseline_vs_ram": [], "max_abs_ram_diff_vs_tl": [],
+              "rows": []}
+    for tokens in args.tokens:
+        side, _ = TOKENS[tokens]
+        folder = tempfile.mkdtemp(prefix=f"corelens-bench-ram-{tokens}-")
+        build_llava(folder, image_size=side * PATCH, patch=PATCH)  # the same decoder weights
+        rows = {}
+        for v in ("hf_forward", "corelens_ram", "tl_cache"):
+            rows[v] = run_isolated(__file__, "--_variant", v, "--_folder", folder,
+                                   "--tokens", str(tokens), "--repeats", str(args.repeats))
+        base, ram, tl = rows["hf_forward"], rows["corelens_ram"], rows["tl_cache"]
+        report["tokens"].append(tokens)
+        report["throughput_ratio_vs_forward"].append(round(base["seconds"] / ram["seconds"], 3))
+        report["peak_mem_ratio_vs_forward"].append(
+            round(ram["peak_rss_delta_mb"] / max(base["peak_rss_delta_mb"], 1e-9), 3))
+        report["peak_mem_ratio_cache_baseline_vs_ram"].append(
+            round(tl["peak_rss_delta_mb"] / max(ram["peak_rss_delta_mb"], 1e-9), 3))
+        import torch
+
+        report["max_abs_ram_diff_vs_tl"].append(
+            float((torch.tensor(ram["ram"]) - torch.tensor(tl["ram"])).abs().max()))
+        report["rows"].append({"tokens": tokens, **{k: {kk: vv for kk, vv in r.items()
+                                                         if kk != "ram"}
+                                                     for k, r in rows.items()}})
+        if not args.json:
+            print(f"tokens={tokens} seq={base['seq_len']}: " + "  ".join(
+                f"{k} {r['seconds']:.3f}s +{r['peak_rss_delta_mb']:.0f}MB"
+                for k, r in rows.items()))
+    print(json.dumps(report, indent=1 if args.json else None))
+
+
+if __name__ == "__main__":
+    main()
