@@ -11,6 +11,7 @@ from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamil
 from corelens.examples import GroundedExample
 from corelens.families import FAMILIES, family_for_config, get_family
 from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout
+from corelens.loaders import load_jsonl, load_refcoco, save_jsonl
 from corelens.model import HookedMLLM
 
 __version__ = "0.1.0"
@@ -32,4 +33,7 @@ __all__ = [
     "VisionLayout",
     "family_for_config",
     "get_family",
+    "load_jsonl",
+    "load_refcoco",
+    "save_jsonl",
 ]

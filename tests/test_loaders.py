@@ -1,0 +1,302 @@
+"""JSONL and RefCOCO loaders, on fixtures built here (tiny PNGs, a RefCOCO-layout folder)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from corelens import GroundedExample, InputError, load_jsonl, load_refcoco, save_jsonl
+
+
+def _png(path, size=(16, 12), colour=(200, 30, 30), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else 128).save(path)
+    return path
+
+
+def _write(path, records):
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _good(i, image="img/a.png"):
+    return {"id": f"q{i}", "image": image, "question": f"what is {i}?", "answer": "red",
+            "boxes": [[0, 0, 4, 4]]}
+
+
+@pytest.fixture
+def data(tmp_path):
+    _png(tmp_path / "img" / "a.png", (16, 12))
+    _png(tmp_path / "img" / "b.png", (10, 20), (0, 0, 255))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------ JSONL
+
+
+def test_relative_paths_and_forms(data, tmp_path):
+    f = _write(data / "data.jsonl", [
+        {"id": "q1", "images": ["img/a.png"], "question": "Q?", "answer": "A",
+         "boxes": [[1, 2, 5, 6]], "distractors": [[8, 0, 16, 12]], "metadata": {"k": 1}},
+        {"id": "q2", "image": str(data / "img" / "b.png"), "question": "Q2?", "answer": "B",
+         "boxes": [{"image": 0, "box": [0, 0, 10, 20]}]},
+    ])
+    _png(tmp_path / "elsewhere" / "dummy.png")  # loading must not depend on the cwd
+    exs = load_jsonl(f)
+    assert [e.id for e in exs] == ["q1", "q2"]
+    e1, e2 = exs
+    assert e1.images[0].size == (16, 12) and e1.images[0].mode == "RGB"
+    assert e1.boxes == [(0, (1.0, 2.0, 5.0, 6.0))]
+    assert e1.distractors == [(0, (8.0, 0.0, 16.0, 12.0))]
+    assert e1.metadata == {"k": 1} and e2.metadata == {}
+    assert e2.images[0].size == (10, 20) and e2.boxes == [(0, (0.0, 0.0, 10.0, 20.0))]
+
+
+def test_multi_image_per_image_boxes(data):
+    f = _write(data / "multi.jsonl", [
+        {"id": "m", "images": ["img/a.png", "img/b.png"], "question": "which?", "answer": "b",
+         "boxes": [{"image": 1, "box": [0, 10, 10, 20]}, [0, 0, 16, 12]],
+         "distractors": [{"image": 1, "box": [0, 0, 10, 10]}]},
+    ])
+    (ex,) = load_jsonl(f)
+    assert [im.size for im in ex.images] == [(16, 12), (10, 20)]
+    assert ex.boxes == [(1, (0.0, 10.0, 10.0, 20.0)), (0, (0.0, 0.0, 16.0, 12.0))]
+    assert ex.distractors == [(1, (0.0, 0.0, 10.0, 10.0))]
+    # a box that fits image 1 (10x20) but not image 0 (16x12) must be checked against image 1
+    bad = _write(data / "bad.jsonl", [
+        {"id": "m2", "images": ["img/a.png", "img/b.png"], "question": "q", "answer": "a",
+         "boxes": [{"image": 0, "box": [0, 0, 10, 20]}]}])
+    with pytest.raises(InputError, match=r"line 1 \(id 'm2'\).*outside image 0"):
+        load_jsonl(bad)
+
+
+def test_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 255, (20, 10, 3), dtype=np.uint8))
+    exs = [
+        GroundedExample([a], "q1?", "x", [(0, (1, 2, 3.5, 4))], [(0, (5, 5, 9, 9))], id="one",
+                        metadata={"src": "t", "n": [1, 2]}),
+        GroundedExample([a, b], "q2?", "y", [(1, (0, 0, 10, 20))], id="two"),
+        GroundedExample([b], "q3?", "z", [(0, (0, 0, 2, 2))]),  # no id
+    ]
+    out = tmp_path / "sub" / "set.jsonl"
+    save_jsonl(exs, out)
+    pngs = sorted(p.name for p in (tmp_path / "sub" / "set_images").iterdir())
+    assert len(pngs) == 2  # each distinct image written once
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(not p.startswith("/") for r in records for p in r["images"])  # relative paths
+    back = load_jsonl(out)
+    assert len(back) == 3
+    for e, r in zip(exs, back):
+        assert (r.id, r.question, r.answer, r.boxes, r.distractors, r.metadata) == (
+            e.id, e.question, e.answer, e.boxes, e.distractors, e.metadata)
+        for im_e, im_r in zip(e.images, r.images):
+            assert np.array_equal(np.asarray(im_e), np.asarray(im_r))
+    # custom image_dir elsewhere still loads (paths are relative to the JSONL's folder)
+    save_jsonl(exs, tmp_path / "x.jsonl", image_dir=tmp_path / "pics" / "deep")
+    assert [e.id for e in load_jsonl(tmp_path / "x.jsonl")] == ["one", "two", None]
+
+
+def test_save_rejects_invalid(tmp_path):
+    ex = GroundedExample([Image.new("RGB", (4, 4))], "q", "a", [(0, (0, 0, 8, 8))], id="big")
+    with pytest.raises(InputError, match="example 0 \\(id 'big'\\).*outside"):
+        save_jsonl([ex], tmp_path / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+BAD_LINES = {
+    "missing image": ({**_good(0), "image": "img/missing.png"},
+                      r"image 'img/missing.png' not found"),
+    "box outside": ({**_good(0), "boxes": [[0, 0, 17, 4]]}, r"outside image 0 of size 16x12"),
+    "empty answer": ({**_good(0), "answer": "  "}, r"answer is empty"),
+    "no answer": ({k: v for k, v in _good(0).items() if k != "answer"}, r"missing field 'answer'"),
+    "no boxes": ({k: v for k, v in _good(0).items() if k != "boxes"}, r"missing field 'boxes'"),
+    "no image": ({k: v for k, v in _good(0).items() if k != "image"}, r"missing field 'images'"),
+    "empty box": ({**_good(0), "boxes": [[3, 3, 3, 5]]}, r"is empty"),
+    "bad box": ({**_good(0), "boxes": [[1, 2, 3]]}, r"must be \[x0, y0, x1, y1\]"),
+    "bad image index": ({**_good(0), "boxes": [{"image": 2, "box": [0, 0, 1, 1]}]},
+                        r"refers to image 2"),
+    "distractor outside": ({**_good(0), "distractors": [[0, 0, 4, 40]]}, r"distractor box"),
+    "unknown field": ({**_good(0), "box": [[0, 0, 1, 1]]}, r"unknown field\(s\) \['box'\]"),
+    "bad json": ('{"id": "q0", "image": "img/a.png", "question": ', r"not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_each_error_names_line_and_id(data, case):
+    record, pattern = BAD_LINES[case]
+    f = _write(data / "data.jsonl", [_good(1), _good(2), record])
+    with pytest.raises(InputError, match=r"data\.jsonl line 3 \(id 'q0'\): .*" + pattern):
+        load_jsonl(f)
+
+
+def test_not_an_image_and_duplicate_id(data):
+    (data / "img" / "fake.png").write_text("not a png")
+    f = _write(data / "data.jsonl", [_good(1, "img/fake.png")])
+    with pytest.raises(InputError, match=r"line 1 \(id 'q1'\): image 'img/fake.png' could not"):
+        load_jsonl(f)
+    f = _write(data / "data.jsonl", [_good(1), "", _good(1)])  # blank lines still count
+    with pytest.raises(InputError, match=r"line 3 \(id 'q1'\): duplicate id"):
+        load_jsonl(f)
+
+
+def test_skip_invalid_keeps_every_valid_line(data):
+    f = _write(data / "data.jsonl", [
+        _good(1), {**_good(2), "image": "img/missing.png"}, _good(3),
+        '{"id": "q4", "broken', _good(5, "img/b.png"),
+    ])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exs = load_jsonl(f, skip_invalid=True)
+    assert [e.id for e in exs] == ["q1", "q3", "q5"]
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 2
+    assert "line 2 (id 'q2')" in msgs[0] and "line 4 (id 'q4')" in msgs[1]
+    # valid lines that name the same file share one image
+    assert exs[0].images[0] is exs[1].images[0]
+
+
+def test_lazy_images_still_validate(data):
+    f = _write(data / "data.jsonl", [_good(1, "img/b.png")])
+    (ex,) = load_jsonl(f, load_images=False)
+    assert ex.images[0].size == (10, 20)
+    assert np.asarray(ex.images[0].convert("RGB"))[0, 0].tolist() == [0, 0, 255]
+    bad = _write(data / "bad.jsonl", [{**_good(1, "img/b.png"), "boxes": [[0, 0, 11, 4]]}])
+    with pytest.raises(InputError, match="outside"):
+        load_jsonl(bad, load_images=False)
+
+
+def test_grey_images_come_back_rgb(data):
+    _png(data / "img" / "g.png", mode="L")
+    (ex,) = load_jsonl(_write(data / "data.jsonl", [_good(1, "img/g.png")]))
+    assert ex.images[0].mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------- RefCOCO
+
+
+def _refcoco(root, *, with_missing=False):
+    """A tiny RefCOCOg-layout folder: refcocog/refs(umd).p, refcocog/instances.json, images/."""
+    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 40,
+               "height": 30},
+              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 20,
+               "height": 20}]
+    if with_missing:
+        images.append({"id": 3, "file_name": "COCO_train2014_000000000003.jpg", "width": 8,
+                       "height": 8})
+    for im in images[:2]:
+        root.joinpath("images").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (im["width"], im["height"]), (9, 9, 9)).save(root / "images" /
+                                                                      im["file_name"])
+    anns = [  # image 1: dog (10), cat (11), dog (12), person (13), dog (14)
+        {"id": 10, "image_id": 1, "bbox": [1, 2, 10, 5], "category_id": 18},
+        {"id": 11, "image_id": 1, "bbox": [20, 0, 5, 5], "category_id": 17},
+        {"id": 12, "image_id": 1, "bbox": [0, 10, 4, 4.5], "category_id": 18},
+        {"id": 13, "image_id": 1, "bbox": [30, 20, 10, 10], "category_id": 1},
+        {"id": 14, "image_id": 1, "bbox": [12, 12, 3, 3], "category_id": 18},
+        {"id": 20, "image_id": 2, "bbox": [0, 0, 20, 20], "category_id": 1},
+        {"id": 30, "image_id": 3, "bbox": [0, 0, 2, 2], "category_id": 1},
+    ]
+    cats = [{"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 17, "name": "cat", "supercategory": "animal"},
+            {"id": 18, "name": "dog", "supercategory": "animal"}]
+
+    def ref(ref_id, ann_id, image_id, split, sents, cat):
+        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
+                "category_id": cat, "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                "sentences": [{"sent": s, "raw": s, "sent_id": 100 * ref_id + i,
+                               "tokens": s.split()} for i, s in enumerate(sents)]}
+
+    refs = [ref(0, 10, 1, "val", ["the big dog on the left.", "brown dog"], 18),
+            ref(1, 20, 2, "train", ["a person"], 1),
+            ref(2, 13, 1, "val", ["person at the bottom right", "man", "someone"], 1)]
+    if with_missing:
+        refs.insert(1, ref(3, 30, 3, "val", ["tiny person", "small man"], 1))
+    folder = root / "refcocog"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "refs(umd).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    (folder / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def test_refcoco_examples(tmp_path):
+    root = _refcoco(tmp_path)
+    exs = load_refcoco(root)  # refcocog, umd, val
+    assert [e.id for e in exs] == ["0:0", "0:1", "2:0", "2:1", "2:2"]  # one per sentence
+    e = exs[0]
+    assert e.boxes == [(0, (1.0, 2.0, 11.0, 7.0))]  # [x, y, w, h] -> (x0, y0, x1, y1)
+    assert e.answer == "dog"
+    assert '"the big dog on the left"' in e.question
+    assert e.images[0].size == (40, 30) and e.images[0] is exs[2].images[0]
+    # distractors: same category (dog 12, dog 14) first, then the rest (cat 11, person 13)
+    assert e.metadata["distractor_ann_ids"] == [12, 14, 11, 13]
+    assert e.distractors == [(0, (0.0, 10.0, 4.0, 14.5)), (0, (12.0, 12.0, 15.0, 15.0)),
+                             (0, (20.0, 0.0, 25.0, 5.0)), (0, (30.0, 20.0, 40.0, 30.0))]
+    assert exs[2].metadata["distractor_ann_ids"] == [10, 11, 12, 14]
+    assert exs[2].boxes == [(0, (30.0, 20.0, 40.0, 30.0))]
+    assert e.metadata["ref_id"] == 0 and [x.metadata["sent_id"] for x in exs[:2]] == [0, 1]
+
+
+def test_refcoco_split_limit_and_options(tmp_path):
+    root = _refcoco(tmp_path)
+    train = load_refcoco(root, split="train")
+    assert [e.id for e in train] == ["1:0"] and train[0].distractors == []
+    assert len(load_refcoco(root, split=None)) == 6
+    assert [e.id for e in load_refcoco(root, limit=3)] == ["0:0", "0:1", "2:0"]
+    exs = load_refcoco(root, max_distractors=1, template="Find: {sentence}",
+                       answer_fn=lambda ctx: f"{ctx['supercategory']}/{ctx['category']}")
+    assert exs[0].question == "Find: the big dog on the left"
+    assert exs[0].answer == "animal/dog" and len(exs[0].distractors) == 1
+    with pytest.raises(InputError, match="no refs in split 'testA'.*'train', 'val'"):
+        load_refcoco(root, split="testA")
+    with pytest.raises(InputError, match=r"refs\(google\)\.p not found.*refs\(umd\)\.p"):
+        load_refcoco(root, split_by="google")
+    with pytest.raises(InputError, match="unknown field"):
+        load_refcoco(root, template="{nope}")
+
+
+def test_refcoco_missing_image_and_skip(tmp_path):
+    root = _refcoco(tmp_path, with_missing=True)
+    with pytest.raises(InputError, match=r"ref 3 \(ids 3:0\.\.1\): image "
+                                         r"'COCO_train2014_000000000003.jpg' not found"):
+        load_refcoco(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exs = load_refcoco(root, skip_invalid=True)
+    assert [e.id for e in exs] == ["0:0", "0:1", "2:0", "2:1", "2:2"]
+    assert len(caught) == 1 and "ref 3" in str(caught[0].message)
+
+
+def test_refcoco_box_outside_and_images_dir(tmp_path):
+    root = _refcoco(tmp_path)
+    inst = json.loads((root / "refcocog" / "instances.json").read_text())
+    inst["annotations"][3]["bbox"] = [30, 20, 10.5, 10]  # overshoots by < 1 px: clipped
+    (root / "refcocog" / "instances.json").write_text(json.dumps(inst))
+    assert load_refcoco(root)[2].boxes == [(0, (30.0, 20.0, 40.0, 30.0))]
+    inst["annotations"][0]["bbox"] = [35, 2, 10, 5]  # x1 = 45 > 40
+    (root / "refcocog" / "instances.json").write_text(json.dumps(inst))
+    with pytest.raises(InputError, match=r"ref 0 \(ids 0:0\.\.1\): annotation 10: .*outside"):
+        load_refcoco(root)
+    # images from root/train2014 when root/images does not exist
+    (root / "images").rename(root / "train2014")
+    assert len(load_refcoco(root, split="train")) == 1
+    with pytest.raises(InputError, match="images folder"):
+        load_refcoco(root, images_dir=root / "nowhere")
+
+
+def test_refcoco_python2_pickle(tmp_path):
+    """The public refs files are Python 2 pickles: their byte strings are UTF-8 text."""
+    from corelens.loaders import _load_refs
+
+    p = tmp_path / "refs(umd).p"  # [{'sent': 'café'}] as Python 2 pickles it (SHORT_BINSTRING)
+    p.write_bytes(b"\x80\x02]q\x00}q\x01U\x04sentq\x02U\x05caf\xc3\xa9q\x03sa.")
+    assert _load_refs(p) == [{"sent": "café"}]
