@@ -112,7 +112,8 @@ def _additive(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> Tens
 class AttentionBackend:
     """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks)."""
 
-    def __init__(self, bridge: Any, rotary: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, bridge: Any, rotary: Callable[..., tuple[Tensor, Tensor]],
+                 hf_config: Any = None) -> None:
         self.mode: Mode = "auto"
         self.rotary = rotary
         self._key_masks: dict[int, list[Tensor]] = {}
@@ -133,6 +134,14 @@ class AttentionBackend:
             # object.__setattr__: the bridge forwards a plain ``forward =`` to the HF module
             object.__setattr__(attn, "forward", types.MethodType(_forward, attn))
             self.layers.append(attn)
+        if hf_config is not None:
+            # The bridge forced eager attention, so HF builds a float [b, 1, T, T] mask for the
+            # decoder even when it is plain causal. With "sdpa" HF passes None (causal, no
+            # padding) or a bool mask: the decoder attention is ours either way, and the
+            # O(T^2) mask is gone. Vision towers keep eager (their pattern hooks need it).
+            text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
+            if text is not None and text is not hf_config:
+                text._attn_implementation = "sdpa"
         if added:  # let the bridge's hook registry see the hook points it lacked
             bridge.clear_hook_registry()
             if hasattr(bridge, "_initialize_hook_registry"):

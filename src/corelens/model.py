@@ -47,7 +47,7 @@ class HookedMLLM(torch.nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.bridge = _build_bridge(hf_model, processor, self.family)
         self.hf_model = hf_model  # the same modules the bridge wraps
-        self.attention = AttentionBackend(self.bridge, self.family.rotary())
+        self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
