@@ -196,8 +196,14 @@ class AttentionBackend:
             base = torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
         neg = torch.finfo(dtype).min
         for allowed in extra:
-            base = base + torch.where(allowed.to(device)[..., -tq:, :tk] if allowed.shape[-2] > 1
-                                      else allowed.to(device)[..., :tk], 0.0, neg).to(dtype)
+            allowed = allowed.to(device)
+            if allowed.shape[-2] > 1:  # per query row: the live queries are the last rows
+                allowed = allowed[..., -tq:, :]
+            if allowed.shape[-1] < tk:  # keys added since (decoding): not restricted
+                pad = torch.ones(*allowed.shape[:-1], tk - allowed.shape[-1], dtype=torch.bool,
+                                 device=device)
+                allowed = torch.cat([allowed, pad], dim=-1)
+            base = base + torch.where(allowed[..., :tk], 0.0, neg).to(dtype)
         return base.clamp(min=neg)
 
 

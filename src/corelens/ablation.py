@@ -1,0 +1,189 @@
+"""Head ablation that carries the image through every forward: zero, mean, resample, knockout.
+
+``ablate(model, heads, method=...)`` is a context manager; every forward inside it (``model(b)``,
+``evaluate``, ``run_with_cache``, RAM scoring) runs with the heads ablated.
+
+- ``zero``: the head's output z (``hook_z``, before W_O) is set to 0 at every position.
+- ``mean``: z is replaced by its mean over a reference batch, position by position, where
+  positions are aligned by token role: a vision token by (image, view, row, col), a text token
+  by its offset from the first answer-predicting position. A role the reference never has is an
+  error naming the position (the two layouts do not line up).
+- ``resample``: z comes from another example of the reference batch (example e takes reference
+  example ``(e + 1) % n`` when the reference is the batch itself), aligned by role the same way.
+- ``knockout``: the head's attention may not reach the evidence tokens (``keys="evidence"``) or
+  any vision token (``keys="vision"``); its output is otherwise computed normally. Built on the
+  attention backend's per-head key mask, so it works under SDPA.
+
+``text_to_image_knockout(model, batch, layers)``: in every head of ``layers``, text positions
+may not attend to vision tokens (the information-flow test of the MLLM literature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from corelens.batch import MultimodalBatch
+from corelens.errors import LayoutError
+
+Head = tuple[int, int]
+Method = Literal["zero", "mean", "resample", "knockout"]
+Role = tuple
+
+
+def token_roles(batch: MultimodalBatch, example: int) -> list[Role | None]:
+    """The role of each position of an example (None for padding)."""
+    mask = batch.attention_mask[example].bool().tolist()
+    anchor = int(batch.query_positions[example][0])
+    roles: list[Role | None] = [("text", p - anchor) if m else None for p, m in enumerate(mask)]
+    for img in batch.layout.images[example]:
+        rows = img.rows
+        for j, p in enumerate(img.positions.tolist()):
+            v = int(rows.view[j])
+            view = rows.views[v].name if v >= 0 else "structural"
+            roles[p] = ("image", img.image_index, view, int(rows.row[j]), int(rows.col[j]))
+    return roles
+
+
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        out.setdefault(int(layer), []).append(int(head))
+    return out
+
+
+def _reference_z(model: Any, reference: MultimodalBatch,
+                 layers: Sequence[int]) -> dict[int, Float[Tensor, "batch pos head d"]]:
+    names = [f"blocks.{l}.attn.hook_z" for l in layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference, names_filter=names)
+    return {l: cache[n].detach() for l, n in zip(layers, names)}
+
+
+def _aligned(target_roles: list[Role | None], ref_roles: list[list[Role | None]],
+             ref_z: Tensor, example: int, pick: list[int] | None) -> Tensor:
+    """z for each target position: the mean over ``pick`` (or all) reference examples of the z at
+    the position with the same role. ``ref_z``: [n_ref, pos, head, d] (selected heads)."""
+    index: dict[Role, list[tuple[int, int]]] = {}
+    for r, roles in enumerate(ref_roles):
+        if pick is not None and r not in pick:
+            continue
+        for p, role in enumerate(roles):
+            if role is not None:
+                index.setdefault(role, []).append((r, p))
+    out = torch.zeros((len(target_roles),) + tuple(ref_z.shape[2:]), dtype=ref_z.dtype,
+                      device=ref_z.device)
+    for p, role in enumerate(target_roles):
+        if role is None:
+            continue
+        hits = index.get(role)
+        if not hits:
+            raise LayoutError(
+                f"example {example}, position {p} ({role}) has no counterpart in the reference "
+                "batch: the layouts do not line up (different image sizes or prompt lengths); "
+                "use references with the same layout, or zero ablation"
+            )
+        rr = torch.tensor([h[0] for h in hits], device=ref_z.device)
+        pp = torch.tensor([h[1] for h in hits], device=ref_z.device)
+        out[p] = ref_z[rr, pp].mean(0)
+    return out
+
+
+@contextlib.contextmanager
+def ablate(
+    model: Any,
+    heads: Sequence[Head],
+    method: Method = "zero",
+    *,
+    batch: MultimodalBatch | None = None,
+    reference: MultimodalBatch | None = None,
+    keys: Literal["evidence", "vision"] = "vision",
+) -> Iterator[None]:
+    """Ablate ``heads`` (a list of (layer, head)) for every forward inside the block.
+
+    ``mean``, ``resample`` and ``knockout`` need the ``batch`` that will be run (positions differ
+    per batch); ``mean`` and ``resample`` also a ``reference`` batch (default: ``batch`` itself).
+    """
+    per_layer = _by_layer(heads)
+    if not per_layer:
+        yield
+        return
+    n_heads = model.cfg.n_heads
+    for layer, hs in per_layer.items():
+        if not 0 <= layer < model.cfg.n_layers or any(not 0 <= h < n_heads for h in hs):
+            raise ValueError(f"no head {[(layer, h) for h in hs]} in a model of "
+                             f"{model.cfg.n_layers} layers x {n_heads} heads")
+    if method != "zero" and batch is None:
+        raise ValueError(f"method={method!r} needs batch= (the batch that will be run)")
+
+    with contextlib.ExitStack() as stack:
+        if method == "knockout":
+            assert batch is not None
+            for layer, hs in per_layer.items():
+                allowed = torch.ones(len(batch), n_heads, 1, batch.seq_len, dtype=torch.bool,
+                                     device=model.device)
+                for e in range(len(batch)):
+                    blocked = (batch.evidence_positions(e) if keys == "evidence"
+                               else batch.layout.vision_positions(e)).to(model.device)
+                    for h in hs:
+                        allowed[e, h, 0, blocked] = False
+                stack.enter_context(model.attention.key_mask(layer, allowed))
+            yield
+            return
+
+        fills: dict[int, Tensor] = {}
+        if method in ("mean", "resample"):
+            assert batch is not None
+            ref = reference if reference is not None else batch
+            ref_z = _reference_z(model, ref, list(per_layer))
+            ref_roles = [token_roles(ref, r) for r in range(len(ref))]
+            for layer, hs in per_layer.items():
+                z = ref_z[layer][:, :, hs]
+                rows = []
+                for e in range(len(batch)):
+                    pick = None
+                    if method == "resample":
+                        pick = [(e + 1) % len(ref)] if ref is batch else [e % len(ref)]
+                    rows.append(_aligned(token_roles(batch, e), ref_roles, z, e, pick))
+                fills[layer] = torch.stack(rows)  # [batch, pos, len(hs), d]
+        elif method != "zero":
+            raise ValueError(f"unknown ablation method {method!r}: zero, mean, resample, knockout")
+
+        def hook_for(layer: int, hs: list[int]):
+            def hook(z: Tensor, hook: Any) -> Tensor:
+                z = z.clone()
+                if method == "zero":
+                    z[:, :, hs] = 0
+                else:
+                    fill = fills[layer]
+                    if fill.shape[:2] != z.shape[:2]:
+                        raise LayoutError(
+                            f"ablate(method={method!r}) was set up for a batch of shape "
+                            f"{tuple(fill.shape[:2])} but ran on {tuple(z.shape[:2])}: enter "
+                            "ablate() with the batch you run")
+                    z[:, :, hs] = fill.to(z.dtype)
+                return z
+            return hook
+
+        stack.enter_context(model.hooks(fwd_hooks=[
+            (f"blocks.{layer}.attn.hook_z", hook_for(layer, hs))
+            for layer, hs in per_layer.items()]))
+        yield
+
+
+@contextlib.contextmanager
+def text_to_image_knockout(model: Any, batch: MultimodalBatch,
+                           layers: Sequence[int]) -> Iterator[None]:
+    """In every head of ``layers``, text positions may not attend to any vision token."""
+    vision = batch.layout.vision_mask().to(model.device)  # [b, T]
+    text_rows = ~vision & batch.attention_mask.bool().to(model.device)
+    allowed = ~(text_rows[:, :, None] & vision[:, None, :])  # [b, Tq, Tk]
+    allowed = allowed[:, None]
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(model.attention.key_mask(layer, allowed))
+        yield
