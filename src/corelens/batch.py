@@ -48,6 +48,11 @@ class MultimodalBatch:
         return self.inputs["attention_mask"]
 
     @property
+    def shape(self) -> torch.Size:
+        """``input_ids.shape``: lets ``transformer_lens.patching`` size its sweeps."""
+        return self.input_ids.shape
+
+    @property
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
@@ -80,3 +85,25 @@ class MultimodalBatch:
     def model_kwargs(self) -> dict[str, Tensor]:
         """Everything but ``input_ids``, as keyword arguments to the forward."""
         return {k: v for k, v in self.inputs.items() if k != "input_ids"}
+
+
+def repeat_batch(batch: MultimodalBatch, k: int) -> MultimodalBatch:
+    """The batch stacked ``k`` times (copy i = examples ``i*B .. (i+1)*B - 1``), images and
+    family extras included: one forward then runs k differently patched copies."""
+    if k == 1:
+        return batch
+    inputs = {}
+    for name, t in batch.inputs.items():
+        if name == "position_ids" and t.ndim == 3:  # M-RoPE: [3, batch, seq]
+            inputs[name] = t.repeat(1, k, 1)
+        else:  # per example or per image (images follow example order)
+            inputs[name] = t.repeat(k, *([1] * (t.ndim - 1)))
+    from corelens.layout import VisionLayout
+
+    layout = VisionLayout(batch.layout.images * k, batch.layout.seq_len)
+    return replace(batch, inputs=inputs, layout=layout,
+                   query_positions=batch.query_positions * k,
+                   answer_tokens=batch.answer_tokens * k, prompts=batch.prompts * k,
+                   images=batch.images * k, boxes=batch.boxes * k,
+                   distractors=batch.distractors * k, ids=batch.ids * k,
+                   prompt_lengths=batch.prompt_lengths * k)

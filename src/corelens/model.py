@@ -48,6 +48,7 @@ class HookedMLLM(torch.nn.Module):
         self.bridge = _build_bridge(hf_model, processor, self.family)
         self.hf_model = hf_model  # the same modules the bridge wraps
         self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
+        self.eval()
 
     # --- construction ----------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,364 @@
+"""Activation patching, path patching and attribution patching, with the images carried along.
+
+Every run here is a forward of a ``MultimodalBatch``: pixel values, position ids and the
+family's extras go through every forward (``transformer_lens.patching``'s generic functions,
+handed a bare token tensor, silently run MLLMs without their image; handed a HookedMLLM and a
+batch they work too). Patching moves activations between two batches, so their positions must
+line up: ``check_aligned`` fails with a clear error when the two layouts differ.
+
+Conventions (as in TransformerLens): the *target* run is patched with activations from the
+*source* run; ``metric(logits, batch) -> [batch]`` is averaged over examples. Denoising =
+target corrupted, source clean; noising = the reverse.
+
+- ``patch_heads``: each head's output z (all positions) -> ``[layer, head]``; computed as a
+  batched sweep (``heads_per_forward`` patched copies of the batch per forward), equal to the
+  one-head-per-forward loop.
+- ``patch_heads_by_group``: each head at each position group (vision tokens grouped per
+  region: evidence / each distractor / other vision tokens; text tokens one by one).
+- ``patch_residual``: ``blocks.L.hook_resid_pre`` by layer x position group.
+- ``patch_vision_tokens``: the projector output (the LM's vision inputs) one vision token at a
+  time -> one value per vision token of example 0's layout.
+- ``path_patch``: sender heads -> receiver heads' q / k / v inputs, or -> logits (Wang et al.
+  2022; Goldowsky-Dill et al. 2023); ``freeze_mlps`` chooses whether MLPs recompute. Under GQA a
+  receiver's k/v input is shared by its KV group: k/v receivers are named by KV head.
+- ``attribute_heads``: attribution patching (gradient x activation difference) for all heads
+  in one backward pass (Nanda 2023; AtP of Kramar et al. 2024 without the QK fix / GradDrop).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from corelens.batch import MultimodalBatch, repeat_batch
+from corelens.errors import LayoutError
+
+Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
+Head = tuple[int, int]
+
+
+# --- metrics -------------------------------------------------------------------------------
+def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " batch"]:
+    """Sum over answer tokens of their log-probability (teacher forcing)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
+        out.append(lp[e, q.to(lp.device)].gather(-1, a.to(lp.device)[:, None]).sum())
+    return torch.stack(out)
+
+
+def logit_diff(answer_ids: Tensor, wrong_ids: Tensor) -> Metric:
+    """Logit of ``answer_ids[e]`` minus ``wrong_ids[e]`` at the first query position."""
+
+    def metric(logits: Tensor, batch: MultimodalBatch) -> Tensor:
+        q = batch.last_prompt_positions.to(logits.device)
+        rows = logits[torch.arange(len(q), device=logits.device), q].float()
+        idx = torch.arange(len(q), device=logits.device)
+        return rows[idx, answer_ids.to(logits.device)] - rows[idx, wrong_ids.to(logits.device)]
+
+    return metric
+
+
+def normalised_effect(patched: Tensor, clean: float, corrupted: float) -> Tensor:
+    """(patched - corrupted) / (clean - corrupted): 1 = fully restored, 0 = no effect."""
+    return (patched - corrupted) / (clean - corrupted)
+
+
+# --- alignment -----------------------------------------------------------------------------
+def check_aligned(a: MultimodalBatch, b: MultimodalBatch) -> None:
+    """Both batches must put the same kind of token at every position."""
+    if a.input_ids.shape != b.input_ids.shape:
+        raise LayoutError(f"cannot patch between batches of shapes {tuple(a.input_ids.shape)} "
+                          f"and {tuple(b.input_ids.shape)}: build pairs with the same prompt "
+                          "length and image sizes")
+    if not torch.equal(a.attention_mask.cpu(), b.attention_mask.cpu()):
+        raise LayoutError("cannot patch: the two batches are padded differently")
+    for e in range(len(a)):
+        va, vb = a.layout.vision_positions(e), b.layout.vision_positions(e)
+        if not torch.equal(va, vb):
+            raise LayoutError(f"cannot patch: example {e}'s vision tokens sit at different "
+                              "positions in the two batches (different image sizes?)")
+        if not torch.equal(a.query_positions[e].cpu(), b.query_positions[e].cpu()):
+            raise LayoutError(f"cannot patch: example {e}'s answer positions differ")
+
+
+def position_groups(batch: MultimodalBatch) -> list[tuple[str, list[Tensor]]]:
+    """(label, positions of each example): vision tokens per region (evidence, each distractor,
+    other vision tokens), then each text token by its offset from the first answer-predicting
+    position (so prompts of different lengths line up), in sequence order."""
+    from corelens.ablation import token_roles
+
+    groups: list[tuple[str, list[Tensor]]] = []
+    region_sets: list[dict[str, Tensor]] = []
+    for e in range(len(batch)):
+        vision = batch.layout.vision_positions(e).cpu()
+        taken = torch.zeros(batch.seq_len, dtype=torch.bool)
+        sets: dict[str, Tensor] = {}
+        if batch.boxes and batch.boxes[e]:
+            sets["evidence"] = batch.evidence_positions(e).cpu()
+            taken[sets["evidence"]] = True
+        for i, d in enumerate(batch.distractor_positions(e)):
+            d = d.cpu()[~taken[d.cpu()]]
+            sets[f"distractor {i}"] = d
+            taken[d] = True
+        sets["other vision"] = vision[~taken[vision]]
+        region_sets.append(sets)
+    labels = list(dict.fromkeys(k for sets in region_sets for k in sets))
+    for label in labels:
+        per = [sets.get(label, torch.zeros(0, dtype=torch.long)) for sets in region_sets]
+        if any(len(p) for p in per):
+            groups.append((label, per))
+    text: dict[int, list[Tensor]] = {}
+    for e in range(len(batch)):
+        for p, role in enumerate(token_roles(batch, e)):
+            if role is not None and role[0] == "text":
+                text.setdefault(role[1], [torch.zeros(0, dtype=torch.long)] * len(batch))
+                text[role[1]] = [t if i != e else torch.tensor([p])
+                                 for i, t in enumerate(text[role[1]])]
+    for offset in sorted(text):
+        groups.append((f"text {offset:+d}", text[offset]))
+    return groups
+
+
+def _index(per_example: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(example index, position) pairs for advanced indexing."""
+    ex = torch.cat([torch.full((len(p),), e, dtype=torch.long) for e, p in enumerate(per_example)])
+    return ex, torch.cat(per_example).long()
+
+
+# --- activation patching --------------------------------------------------------------------
+def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Tensor]:
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=names)
+    return {n: cache[n].detach() for n in names}
+
+
+def patch_heads(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+    *, heads_per_forward: int = 8, progress: bool = False,
+) -> Float[Tensor, "layer head"]:
+    """Metric of the target run with one head's z (all positions) taken from the source."""
+    check_aligned(source, target)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    src = _cache(model, source, names)
+    heads = [(l, h) for l in range(L) for h in range(H)]
+    out = torch.zeros(L, H)
+    B = len(target)
+    for start in tqdm(range(0, len(heads), heads_per_forward), disable=not progress,
+                      desc="patching heads"):
+        chunk = heads[start:start + heads_per_forward]
+        k = len(chunk)
+        big = repeat_batch(target, k)
+
+        def hook_for(layer: int):
+            def hook(z: Tensor, hook: Any) -> Tensor:
+                z = z.clone()
+                for i, (l, h) in enumerate(chunk):
+                    if l == layer:
+                        z[i * B:(i + 1) * B, :, h] = src[names[layer]][:, :, h]
+                return z
+            return hook
+
+        layers = sorted({l for l, _ in chunk})
+        with torch.no_grad():
+            logits = model.run_with_hooks(big, fwd_hooks=[(names[l], hook_for(l))
+                                                          for l in layers])
+        values = metric(logits, big).view(k, B).mean(1)
+        for i, (l, h) in enumerate(chunk):
+            out[l, h] = values[i]
+    return out
+
+
+def patch_heads_by_group(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+    *, progress: bool = False,
+) -> tuple[Float[Tensor, "layer head group"], list[str]]:
+    """Metric with one head's z at one position group (``position_groups``) taken from the
+    source."""
+    check_aligned(source, target)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    groups = position_groups(target)
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    src = _cache(model, source, names)
+    out = torch.zeros(L, H, len(groups))
+    with tqdm(total=L * H * len(groups), disable=not progress, desc="patching") as bar:
+        for l in range(L):
+            for h in range(H):
+                for g, (_, per) in enumerate(groups):
+                    ex, pos = _index(per)
+
+                    def hook(z: Tensor, hook: Any, h=h, ex=ex, pos=pos, l=l) -> Tensor:
+                        z = z.clone()
+                        z[ex, pos, h] = src[names[l]][ex, pos, h]
+                        return z
+                    with torch.no_grad():
+                        logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
+                    out[l, h, g] = metric(logits, target).mean()
+                    bar.update()
+    return out, [label for label, _ in groups]
+
+
+def patch_residual(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+    *, progress: bool = False,
+) -> tuple[Float[Tensor, "layer group"], list[str]]:
+    """Metric with ``blocks.L.hook_resid_pre`` at one position group taken from the source."""
+    check_aligned(source, target)
+    L = model.cfg.n_layers
+    groups = position_groups(target)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    src = _cache(model, source, names)
+    out = torch.zeros(L, len(groups))
+    for l in tqdm(range(L), disable=not progress, desc="patching residual"):
+        for g, (_, per) in enumerate(groups):
+            ex, pos = _index(per)
+
+            def hook(x: Tensor, hook: Any, ex=ex, pos=pos, l=l) -> Tensor:
+                x = x.clone()
+                x[ex, pos] = src[names[l]][ex, pos]
+                return x
+            with torch.no_grad():
+                logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
+            out[l, g] = metric(logits, target).mean()
+    return out, [label for label, _ in groups]
+
+
+def patch_vision_tokens(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+    *, example: int = 0, progress: bool = False,
+) -> Float[Tensor, " vision"]:
+    """Metric with the LM input of one vision token (the projector's output, as it enters the
+    decoder at ``blocks.0.hook_resid_pre``) taken from the source; ``example``'s vision tokens
+    in layout order (``layout.boxes(example)`` gives their boxes)."""
+    check_aligned(source, target)
+    name = "blocks.0.hook_resid_pre"
+    src = _cache(model, source, [name])[name]
+    vis = target.layout.vision_positions(example)
+    out = torch.zeros(len(vis))
+    for i, p in enumerate(tqdm(vis.tolist(), disable=not progress, desc="patching tokens")):
+        def hook(x: Tensor, hook: Any, p=p) -> Tensor:
+            x = x.clone()
+            x[example, p] = src[example, p]
+            return x
+        with torch.no_grad():
+            logits = model.run_with_hooks(target, fwd_hooks=[(name, hook)])
+        out[i] = metric(logits, target)[example]
+    return out
+
+
+# --- path patching --------------------------------------------------------------------------
+Receiver = tuple[int, int, Literal["q", "k", "v"]]
+
+
+def path_patch(
+    model: Any,
+    source: MultimodalBatch,
+    target: MultimodalBatch,
+    metric: Metric,
+    senders: Sequence[Head],
+    receivers: Sequence[Receiver] | Literal["logits"] = "logits",
+    *,
+    freeze_mlps: bool = True,
+) -> float:
+    """The effect of the paths sender heads -> receivers, with the senders' z from the source.
+
+    Step 1: run the target with the senders' z patched from the source and every other head's z
+    frozen to its target value (MLPs frozen too when ``freeze_mlps``, else recomputed, as in
+    Wang et al. 2022 vs Goldowsky-Dill et al. 2023); record the receivers' inputs
+    (``hook_q`` for a query receiver (layer, head); ``hook_k`` / ``hook_v`` for a KV receiver
+    (layer, kv_head) under GQA). Step 2: run the target with only those receiver inputs patched.
+    With ``receivers="logits"`` step 1 is the measurement (the direct paths and, with
+    recomputed MLPs, the paths through MLPs).
+    """
+    check_aligned(source, target)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    src_z = _cache(model, source, z_names)
+    tgt = _cache(model, target, z_names + mlp_names)
+    send = {(int(l), int(h)) for l, h in senders}
+
+    def z_hook(layer: int):
+        def hook(z: Tensor, hook: Any) -> Tensor:
+            out = tgt[z_names[layer]].clone()
+            for h in range(H):
+                if (layer, h) in send:
+                    out[:, :, h] = src_z[z_names[layer]][:, :, h]
+            return out
+        return hook
+
+    def freeze(name: str):
+        return lambda x, hook: tgt[name]
+
+    hooks: list[tuple[str, Any]] = [(z_names[l], z_hook(l)) for l in range(L)]
+    if freeze_mlps:
+        hooks += [(n, freeze(n)) for n in mlp_names]
+    if receivers == "logits":
+        with torch.no_grad():
+            logits = model.run_with_hooks(target, fwd_hooks=hooks)
+        return float(metric(logits, target).mean())
+
+    rec_names = sorted({f"blocks.{l}.attn.hook_{kind}" for l, _, kind in receivers})
+    recorded: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(x: Tensor, hook: Any) -> None:
+            recorded[name] = x.detach().clone()
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(target, fwd_hooks=hooks + [(n, record(n)) for n in rec_names])
+
+    def patch_receivers(name: str, picks: list[int]):
+        def hook(x: Tensor, hook: Any) -> Tensor:
+            x = x.clone()
+            for h in picks:
+                x[:, :, h] = recorded[name][:, :, h]
+            return x
+        return hook
+
+    by_name: dict[str, list[int]] = {}
+    for l, h, kind in receivers:
+        by_name.setdefault(f"blocks.{l}.attn.hook_{kind}", []).append(int(h))
+    with torch.no_grad():
+        logits = model.run_with_hooks(target, fwd_hooks=[(n, patch_receivers(n, hs))
+                                                         for n, hs in by_name.items()])
+    return float(metric(logits, target).mean())
+
+
+# --- attribution patching -------------------------------------------------------------------
+def attribute_heads(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+) -> Float[Tensor, "layer head"]:
+    """Attribution patching: for every head at once, grad(metric at target) . (z_source -
+    z_target), summed over positions and d_head, averaged over examples — the first-order
+    estimate of ``patch_heads`` (exact where the metric is linear in the head's output)."""
+    check_aligned(source, target)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    src = _cache(model, source, names)
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(z: Tensor, hook: Any) -> Tensor:
+            if not z.requires_grad:  # frozen weights: make the earliest z a leaf
+                z = z.detach().requires_grad_(True)
+            acts[name] = z  # later z stay in the graph: gradients are total derivatives
+            return z
+        return hook
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(target, fwd_hooks=[(n, keep(n)) for n in names])
+        value = metric(logits, target).mean()
+        grads = torch.autograd.grad(value, [acts[n] for n in names])
+    out = torch.zeros(L, H)
+    for l, (n, g) in enumerate(zip(names, grads)):
+        diff = (src[n] - acts[n].detach()).float()
+        # the gradient of the batch mean already carries 1/B: sum over examples
+        out[l] = (g.float() * diff).sum(dim=(0, 1, 3)).cpu()
+    return out
