@@ -132,3 +132,33 @@ def test_ablation_applies_inside_ram_scoring(tiny_model):
         model(batch)
     ram = metric.example_level()["ram"][0]
     assert ram[0, 2] == 0 and ram[0, 1] > 0
+
+
+def test_ablation_curve_structure_and_consistency(tiny_model, tmp_path):
+    from corelens.ablation import AblationCurve, ablation_curve
+    from corelens.head_scores import HeadScores
+
+    model = tiny_model(NAME)
+    examples = [GroundedExample([noise_image(80, 50, i)], "what is the color ?", "red",
+                                [(0, 0, 40, 25)], id=str(i)) for i in range(4)]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    scores = HeadScores(torch.arange(L * H, dtype=torch.float).view(L, H), "ram")
+    curve = ablation_curve(model, examples, scores, fracs=(0.125, 0.5), seeds=(0, 1, 2),
+                           batch_size=3, progress=False)
+    d = curve.to_dict("logprob")
+    assert curve.ks == [1, 4]
+    assert len(d["random_seeds"][0]) == 3 and len(d["top"]) == 2
+    # top-1 head = L1H3 (highest score): equals a direct zero ablation of that head
+    from corelens.patching import answer_logprob
+
+    batch = model.prepare_examples(examples)
+    with ablate(model, [(1, 3)]), torch.no_grad():
+        direct = float(answer_logprob(model(batch), batch).mean())
+    assert d["top"][0] == pytest.approx(direct, abs=1e-4)
+    with torch.no_grad():
+        assert d["none"] == pytest.approx(float(answer_logprob(model(batch), batch).mean()),
+                                          abs=1e-4)
+    assert d["random_lo"][1] <= d["random_mean"][1] <= d["random_hi"][1]
+    curve.save(tmp_path / "curve.json")
+    back = AblationCurve.load(tmp_path / "curve.json")
+    assert back.to_dict("accuracy") == curve.to_dict("accuracy")

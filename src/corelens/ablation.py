@@ -21,6 +21,9 @@ may not attend to vision tokens (the information-flow test of the MLLM literatur
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
@@ -187,3 +190,116 @@ def text_to_image_knockout(model: Any, batch: MultimodalBatch,
         for layer in layers:
             stack.enter_context(model.attention.key_mask(layer, allowed))
         yield
+
+
+# --- ablation curves ------------------------------------------------------------------------
+@dataclass
+class AblationCurve:
+    """Accuracy and mean answer log-prob when ablating the top-k heads by a score, k random
+    heads (several seeds) and the bottom-k, at several fractions of all heads.
+
+    ``to_dict()`` is what ``views`` plots and ``save`` writes (JSON): per metric ("accuracy",
+    "logprob") the lists ``top``, ``bottom``, ``random_mean``, ``random_lo``, ``random_hi``
+    (the 2.5/97.5 percentiles over seeds) and ``random_seeds`` (one list per fraction), aligned
+    with ``fracs`` / ``ks``; ``none`` is the unablated value.
+    """
+
+    fracs: list[float]
+    ks: list[int]
+    method: str
+    score_metric: str
+    n_examples: int
+    values: dict[str, dict[str, Any]]  # metric -> {"none", "top", "bottom", "random_seeds"}
+
+    def to_dict(self, metric: str = "accuracy") -> dict[str, Any]:
+        v = self.values[metric]
+        seeds = torch.tensor(v["random_seeds"], dtype=torch.float64)  # [frac, seed]
+        out = {"fracs": self.fracs, "ks": self.ks, "metric": metric, "method": self.method,
+               "score_metric": self.score_metric, "n_examples": self.n_examples,
+               "none": v["none"], "top": v["top"], "bottom": v["bottom"],
+               "random_mean": seeds.mean(1).tolist(),
+               "random_lo": torch.quantile(seeds, 0.025, dim=1).tolist(),
+               "random_hi": torch.quantile(seeds, 0.975, dim=1).tolist(),
+               "random_seeds": v["random_seeds"]}
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({m: self.to_dict(m) for m in self.values}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AblationCurve":
+        d = json.loads(Path(path).read_text())
+        first = next(iter(d.values()))
+        values = {m: {k: x[k] for k in ("none", "top", "bottom", "random_seeds")}
+                  for m, x in d.items()}
+        return cls(first["fracs"], first["ks"], first["method"], first["score_metric"],
+                   first["n_examples"], values)
+
+
+def _score_batches(model: Any, batches: list[MultimodalBatch], heads: Sequence[Head],
+                   method: Method, reference: MultimodalBatch | None) -> tuple[float, float]:
+    from corelens.patching import answer_logprob
+
+    correct, logprob, n = 0.0, 0.0, 0
+    for b in batches:
+        with ablate(model, heads, method, batch=b if method != "zero" else None,
+                    reference=reference), torch.no_grad():
+            logits = model(b)
+        lp = answer_logprob(logits, b)
+        for e, (q, a) in enumerate(zip(b.query_positions, b.answer_tokens)):
+            pred = logits[e, q.to(logits.device)].argmax(-1).cpu()
+            correct += float(torch.equal(pred, a.cpu()))
+        logprob += float(lp.sum())
+        n += len(b)
+    return correct / n, logprob / n
+
+
+def ablation_curve(
+    model: Any,
+    examples: Sequence[Any],
+    scores: Any,
+    fracs: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+    baselines: Sequence[str] = ("random", "bottom"),
+    seeds: Sequence[int] = tuple(range(8)),
+    *,
+    method: Method = "zero",
+    batch_size: int = 16,
+    reference: MultimodalBatch | None = None,
+    progress: bool = True,
+) -> AblationCurve:
+    """Ablate the top-k heads of ``scores`` (a ``HeadScores``) vs k random heads (one draw per
+    seed) vs the bottom-k, for k = ceil(frac * n_heads_total) at each fraction."""
+    import math
+    import random
+
+    from tqdm.auto import tqdm
+
+    batches = [model.prepare_examples(examples[i:i + batch_size])
+               for i in range(0, len(examples), batch_size)]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    all_heads = [(l, h) for l in range(L) for h in range(H)]
+    ranked = scores.rank()
+    ks = [max(1, math.ceil(f * L * H)) for f in fracs]
+    jobs: list[tuple[str, int, list[Head]]] = [("none", -1, [])]
+    for i, k in enumerate(ks):
+        jobs.append(("top", i, ranked[:k]))
+        if "bottom" in baselines:
+            jobs.append(("bottom", i, ranked[-k:]))
+        if "random" in baselines:
+            for s in seeds:
+                jobs.append((f"random:{s}", i, random.Random(s * 1000 + k).sample(all_heads, k)))
+    acc: dict[str, Any] = {"top": [None] * len(ks), "bottom": [None] * len(ks),
+                           "random_seeds": [[] for _ in ks]}
+    lps: dict[str, Any] = {"top": [None] * len(ks), "bottom": [None] * len(ks),
+                           "random_seeds": [[] for _ in ks]}
+    for kind, i, heads in tqdm(jobs, desc="ablation curve", disable=not progress):
+        a, lp = _score_batches(model, batches, heads, method, reference)
+        if kind == "none":
+            acc["none"], lps["none"] = a, lp
+        elif kind.startswith("random"):
+            acc["random_seeds"][i].append(a)
+            lps["random_seeds"][i].append(lp)
+        else:
+            acc[kind][i], lps[kind][i] = a, lp
+    return AblationCurve(list(fracs), ks, method, getattr(scores, "metric", ""), len(examples),
+                         {"accuracy": acc, "logprob": lps})
