@@ -5,11 +5,14 @@ position of every vision token (``MultimodalBatch``, ``VisionLayout``), and run 
 attention backend that stays memory-efficient unless you hook the attention pattern.
 """
 
+from corelens import patching, ram
+from corelens.ablation import AblationCurve, ablate, ablation_curve, text_to_image_knockout
 from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
 from corelens.examples import GroundedExample
 from corelens.families import FAMILIES, family_for_config, get_family
+from corelens.head_scores import HeadScores
 from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout
 from corelens.loaders import load_jsonl, load_refcoco, save_jsonl
 from corelens.model import HookedMLLM
@@ -17,6 +20,13 @@ from corelens.model import HookedMLLM
 __version__ = "0.1.0"
 
 __all__ = [
+    "AblationCurve",
+    "HeadScores",
+    "ablate",
+    "ablation_curve",
+    "patching",
+    "ram",
+    "text_to_image_knockout",
     "AttentionBackend",
     "AttentionInputs",
     "CorelensError",
