@@ -125,3 +125,39 @@ def test_head_scores_rank_top_save_compare(tmp_path):
     assert hs.compare(other, k=2)["top_k_overlap"] < 1.0
     ax = hs.plot()
     assert ax.get_title().startswith("ram")
+
+
+def test_generation_token_level_ram_equals_teacher_forced(tiny_model):
+    """RAM of each generated token's query == RAM at that position of a full forward."""
+    from corelens.attention import AttentionInputs
+
+    model = tiny_model("llava")
+    ex = _examples("llava", n=1)[0]
+    batch = model.prepare([ex.images], [ex.question], boxes=[ex.boxes])
+    metric = RamMetric(model)
+    n = 3
+    metric.generate(batch, max_new_tokens=n)
+    gen = metric.token_level[0]["ram"]  # [layer, head, step]
+    assert gen.shape[-1] == n
+    # rebuild the generated sequence and read rows at the positions that produced each token
+    with torch.no_grad():
+        ids = batch.input_ids
+        for _ in range(n):
+            mask = torch.ones_like(ids)
+            logits = model.bridge(ids, attention_mask=mask, position_ids=mask.cumsum(-1) - 1,
+                                  pixel_values=batch.inputs["pixel_values"])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    rows_at = torch.arange(batch.seq_len - 1, batch.seq_len - 1 + n)[None]
+    reg = metric.regions[0]
+    got = {}
+
+    def tap(inputs: AttentionInputs):
+        got[inputs.layer] = inputs.pattern_rows(rows_at)[0]
+
+    with torch.no_grad(), model.attention.tap(0, tap), model.attention.tap(1, tap):
+        mask = torch.ones_like(ids)
+        model.bridge(ids, attention_mask=mask, position_ids=mask.cumsum(-1) - 1,
+                     pixel_values=batch.inputs["pixel_values"])
+    for layer in (0, 1):
+        ref = masses(got[layer], reg)["ram"]
+        assert torch.allclose(gen[layer], ref, atol=1e-5)

@@ -174,6 +174,42 @@ class RamMetric:
              for name in per_layer[0][e]}  # type: ignore[index]
             for e in range(len(self.regions))]
 
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int = 10,
+                 **kw: Any) -> list[str]:
+        """Generate from ``batch`` and record, for each generated token (each decoding step's
+        query), every metric against the batch's regions: ``token_level[e][name]`` is
+        [layer, head, step] (step 0 = the token predicted by the last prompt position)."""
+        self.regions = example_regions(batch, self.params)
+        n_layers = self.model.cfg.n_layers
+        steps: list[list[list[dict[str, Tensor]]]] = [[] for _ in range(n_layers)]
+        last = torch.tensor([int(r.queries[0]) for r in self.regions])[:, None]
+
+        def tap(inputs: AttentionInputs) -> None:
+            tq = inputs.q.shape[2]
+            with torch.no_grad():
+                if tq == batch.seq_len:  # prefill: the last prompt position's row
+                    rows = inputs.pattern_rows(
+                        torch.full_like(last, batch.seq_len - 1).to(inputs.q.device))
+                elif tq == 1:
+                    rows = inputs.pattern_rows(torch.zeros_like(last).to(inputs.q.device))
+                else:
+                    return
+                steps[inputs.layer].append([
+                    masses(rows[e], reg, None, self.params.exclude_sink)
+                    for e, reg in enumerate(self.regions)])
+
+        with contextlib.ExitStack() as stack:
+            for layer in range(n_layers):
+                stack.enter_context(self.model.attention.tap(layer, tap))
+            texts = self.model.generate(batch, max_new_tokens=max_new_tokens, **kw)
+        n_steps = min(len(s) for s in steps)
+        self.token_level = [
+            {name: torch.stack([torch.cat([steps[l][t][e][name] for t in range(n_steps)], -1)
+                                for l in range(n_layers)]).cpu()
+             for name in steps[0][0][e]}
+            for e in range(len(self.regions))]
+        return texts
+
     def _key_weights(self, inputs: AttentionInputs) -> Float[Tensor, "batch head key"]:
         """|v_k W_O^h|: the norm of what key k writes through head h."""
         attn = self.model.attention.layers[inputs.layer]
