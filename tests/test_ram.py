@@ -161,3 +161,33 @@ def test_generation_token_level_ram_equals_teacher_forced(tiny_model):
     for layer in (0, 1):
         ref = masses(got[layer], reg)["ram"]
         assert torch.allclose(gen[layer], ref, atol=1e-5)
+
+
+def test_high_norm_vision_tokens_are_reported_and_excluded():
+    rows = torch.tensor([[[0.10, 0.05, 0.40, 0.15, 0.20, 0.10]]])
+    reg = ExampleRegions(queries=torch.tensor([5]), evidence=torch.tensor([2]),
+                         vision=torch.tensor([1, 2, 3, 4]), distractors=[], sink=0)
+    m = masses(rows, reg, high_norm=torch.tensor([4]))
+    assert m["high_norm_mass"].item() == pytest.approx(0.20)
+    x = masses(rows, reg, exclude_sink=True, high_norm=torch.tensor([4]))
+    assert x["ram"].item() == pytest.approx(0.40 / 0.70)  # without first token and token 4
+
+
+def test_high_norm_detection_in_a_forward(tiny_model):
+    """Blow up one vision token's residual: it is found and its mass reported."""
+    model = tiny_model("llava")
+    batch = model.prepare_examples(_examples("llava", n=1))
+    target = int(batch.layout.vision_positions(0)[5])
+
+    def blow_up(resid, hook):
+        resid = resid.clone()
+        resid[0, target] *= 100
+        return resid
+
+    metric = RamMetric(model)
+    with metric.attach(batch), model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", blow_up)]), \
+            torch.no_grad():
+        model(batch)
+    hi = metric.token_level[0]["high_norm_mass"]
+    assert (hi[0] == 0).all()  # layer 0 input is untouched
+    assert (hi[1] > 0).all()

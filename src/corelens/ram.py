@@ -45,8 +45,8 @@ from corelens.attention import AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.head_scores import HeadScores
 
-MEAN_METRICS = ("ram", "visual_mass", "distractor_mass", "sink_mass", "retrieval",
-                "spatial_entropy", "value_weighted_ram")
+MEAN_METRICS = ("ram", "visual_mass", "distractor_mass", "sink_mass", "high_norm_mass",
+                "retrieval", "spatial_entropy", "value_weighted_ram")
 RATIO_METRICS = ("relative_ram", "lift", "selectivity")
 
 
@@ -58,7 +58,9 @@ class RamParams:
     query: str = "answer"  # "answer" | "last_prompt"
     mass_floor: float = 0.02  # min mean visual mass for a head to get ratio scores
     value_weighted: bool = False  # also compute mass weighted by |v W_O| of each key
-    exclude_sink: bool = False  # renormalise rows without the first real token's mass
+    exclude_sink: bool = False  # renormalise rows without the sink tokens' mass
+    high_norm_factor: float = 10.0  # a vision token whose layer-input norm exceeds this x the
+    #                                 median vision-token norm is a high-norm (sink) token
 
 
 @dataclass
@@ -94,17 +96,26 @@ def masses(
     reg: ExampleRegions,
     key_weight: Float[Tensor, "head key"] | None = None,
     exclude_sink: bool = False,
+    high_norm: Int[Tensor, " s"] | None = None,
 ) -> dict[str, Float[Tensor, "head q"]]:
-    """Per head and query row: every mass of the definition, from attention rows."""
+    """Per head and query row: every mass of the definition, from attention rows.
+
+    ``high_norm``: high-norm vision tokens (reported as ``high_norm_mass``; with
+    ``exclude_sink`` removed with the first-token sink and the rows renormalised)."""
     rows = rows.float()
     dev = rows.device
     ev, vis = reg.evidence.to(dev), reg.vision.to(dev)
+    high = high_norm.to(dev) if high_norm is not None else torch.zeros(0, dtype=torch.long,
+                                                                      device=dev)
     sink = rows[..., reg.sink]
+    high_mass = rows[..., high].sum(-1)
     if exclude_sink:
         rows = rows.clone()
         rows[..., reg.sink] = 0
+        rows[..., high] = 0
         rows = rows / rows.sum(-1, keepdim=True).clamp(min=1e-12)
-    out = {"ram": rows[..., ev].sum(-1), "visual_mass": rows[..., vis].sum(-1), "sink_mass": sink}
+    out = {"ram": rows[..., ev].sum(-1), "visual_mass": rows[..., vis].sum(-1), "sink_mass": sink,
+           "high_norm_mass": high_mass}
     if reg.distractors:
         out["distractor_mass"] = torch.stack(
             [rows[..., d.to(dev)].sum(-1) for d in reg.distractors]).mean(0)
@@ -150,6 +161,11 @@ class RamMetric:
             torch.cat([r.queries, r.queries[-1:].repeat(width - len(r.queries))])
             for r in self.regions])
 
+        norms: dict[int, Tensor] = {}
+
+        def keep_norm(resid: Tensor, hook: Any) -> None:
+            norms[int(hook.name.split(".")[1])] = resid.detach().float().norm(dim=-1).cpu()
+
         def tap(inputs: AttentionInputs) -> None:
             if inputs.q.shape[2] != batch.seq_len:
                 return  # a cached decoding step: not this batch's prefill
@@ -158,10 +174,14 @@ class RamMetric:
                 weight = self._key_weights(inputs) if self.params.value_weighted else None
                 per_layer[inputs.layer] = [
                     masses(rows[e, :, : len(reg.queries)], reg,
-                           None if weight is None else weight[e], self.params.exclude_sink)
+                           None if weight is None else weight[e], self.params.exclude_sink,
+                           self._high_norm(norms.get(inputs.layer), e, reg))
                     for e, reg in enumerate(self.regions)]
 
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self.model.hooks(fwd_hooks=[
+                # ln1's input: after any edit at hook_resid_pre, what the attention reads
+                (f"blocks.{layer}.ln1.hook_in", keep_norm) for layer in range(n_layers)]))
             for layer in range(n_layers):
                 stack.enter_context(self.model.attention.tap(layer, tap))
             yield self
@@ -173,6 +193,13 @@ class RamMetric:
                                 for l in range(n_layers)]).cpu()
              for name in per_layer[0][e]}  # type: ignore[index]
             for e in range(len(self.regions))]
+
+    def _high_norm(self, norms: Tensor | None, e: int, reg: ExampleRegions) -> Tensor | None:
+        """Vision tokens whose layer-input norm is an outlier (massive activations / sinks)."""
+        if norms is None or not len(reg.vision):
+            return None
+        n = norms[e, reg.vision]
+        return reg.vision[n > self.params.high_norm_factor * n.median()]
 
     def generate(self, batch: MultimodalBatch, max_new_tokens: int = 10,
                  **kw: Any) -> list[str]:
