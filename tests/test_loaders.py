@@ -273,7 +273,9 @@ def test_refcoco_missing_image_and_skip(tmp_path):
         warnings.simplefilter("always")
         exs = load_refcoco(root, skip_invalid=True)
     assert [e.id for e in exs] == ["0:0", "0:1", "2:0", "2:1", "2:2"]
-    assert len(caught) == 1 and "ref 3" in str(caught[0].message)
+    ours = [w for w in caught if issubclass(w.category, UserWarning)
+            and "ref " in str(w.message)]  # other libraries may warn in the same process
+    assert len(ours) == 1 and "ref 3" in str(ours[0].message)
 
 
 def test_refcoco_box_outside_and_images_dir(tmp_path):

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL / Qwen3-VL specifics: M-RoPE position ids and rotation, geometry, DeepStack hooks."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL specifics: M-RoPE ids and rotation, geometry, DeepStack."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import noise_image
 
 from corelens.families import FAMILIES
 
-QWEN = [n for n in ("qwen2_5_vl", "qwen3_vl") if n in FAMILIES]
+QWEN = [n for n in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") if n in FAMILIES]
 PROMPTS = ["what is the color ?", "what color is the square at left of the circle ?"]
 
 

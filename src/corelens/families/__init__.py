@@ -6,12 +6,16 @@ from typing import Any
 
 from corelens.errors import UnknownFamilyError
 from corelens.families.base import Family
+from corelens.families.gemma3 import Gemma3
 from corelens.families.llava import Llava
+from corelens.families.llava_next import LlavaNext
 from corelens.families.onevision import LlavaOnevision
-from corelens.families.qwen_vl import Qwen2_5_VL, Qwen3_VL
+from corelens.families.qwen_vl import Qwen2_5_VL, Qwen2_VL, Qwen3_VL
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (Llava(), Qwen2_5_VL(), Qwen3_VL(), LlavaOnevision())
+    f.name: f
+    for f in (Llava(), LlavaNext(), LlavaOnevision(), Qwen2_VL(), Qwen2_5_VL(), Qwen3_VL(),
+              Gemma3())
 }
 
 

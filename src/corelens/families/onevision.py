@@ -25,6 +25,7 @@ to one neighbour per axis, and across a tile border it interpolates over the uns
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class LlavaOnevision(Family):
     name = "llava_onevision"
     hf_architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
+    modeling = "transformers.models.llava_onevision.modeling_llava_onevision"
 
     # --- processor arithmetic -----------------------------------------------------------------
     @staticmethod
@@ -122,13 +124,12 @@ class LlavaOnevision(Family):
             select_best_resolution,
         )
         from transformers.image_utils import ChannelDimension
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
+        hf = importlib.import_module(self.modeling)  # HF's own grid / unpad arithmetic
+        get_anyres_image_grid_shape = hf.get_anyres_image_grid_shape
+        image_size_to_num_patches = hf.image_size_to_num_patches
+        unpad_image = hf.unpad_image
 
-        where = f"llava_onevision: image {image} (size {size[0]}x{size[1]})"
+        where = f"{self.name}: image {image} (size {size[0]}x{size[1]})"
         ip = processor.image_processor
         vc = hf_config.vision_config
         w, h = size
@@ -208,16 +209,12 @@ class LlavaOnevision(Family):
         c0, c1 = int(kept[1, 0, 0]), int(kept[1, 0, -1]) + 1
         ch, cw = r1 - r0, c1 - c0
 
-        aspect = getattr(hf_config, "vision_aspect_ratio", "anyres_max_9")
-        proc_aspect = getattr(processor, "vision_aspect_ratio", aspect)
-        if proc_aspect != aspect:
-            raise ValueError(f"{where}: the processor counts tokens with vision_aspect_ratio="
-                             f"{proc_aspect!r} but the model packs them with {aspect!r}")
-        max_num_patches = int(aspect.strip("anyres_max_"))
-        ratio = math.sqrt(ch * cw / (max_num_patches * side ** 2))
+        max_num_patches = self._max_num_patches(hf_config, processor, where)
         nh, nw = ch, cw
-        if ratio > 1.1:  # bilinear shrink: token (i, j) stands for its share of the grid
-            nh, nw = int(ch // ratio), int(cw // ratio)
+        if max_num_patches is not None:
+            ratio = math.sqrt(ch * cw / (max_num_patches * side ** 2))
+            if ratio > 1.1:  # bilinear shrink: token (i, j) stands for its share of the grid
+                nh, nw = int(ch // ratio), int(cw // ratio)
         (sx, sy), (ox, oy) = canvas.inverse()
         xs0, xs1 = _token_edges(c0, cw, nw, side, tile, patch)
         ys0, ys1 = _token_edges(r0, ch, nh, side, tile, patch)
@@ -228,6 +225,16 @@ class LlavaOnevision(Family):
         boxes[..., 3] = (ys1 * sy + oy).clamp(0, h).view(nh, 1)
         view = ViewGeometry("anyres", nh, nw, boxes.float())
         return FeatureRows.concat([base_rows, FeatureRows.grid(view, newline_after_row=True)])
+
+    @staticmethod
+    def _max_num_patches(hf_config: Any, processor: Any, where: str) -> int | None:
+        """N of ``vision_aspect_ratio = anyres_max_N`` (None: the grid is never shrunk)."""
+        aspect = getattr(hf_config, "vision_aspect_ratio", "anyres_max_9")
+        proc_aspect = getattr(processor, "vision_aspect_ratio", aspect)
+        if proc_aspect != aspect:
+            raise ValueError(f"{where}: the processor counts tokens with vision_aspect_ratio="
+                             f"{proc_aspect!r} but the model packs them with {aspect!r}")
+        return int(aspect.strip("anyres_max_"))
 
     @staticmethod
     def _check_tile(a: Affine, vc: Any, where: str) -> None:

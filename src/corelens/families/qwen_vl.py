@@ -1,6 +1,7 @@
-"""Qwen2.5-VL and Qwen3-VL: HF ``Qwen2_5_VL``- and ``Qwen3VLForConditionalGeneration``.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: HF ``Qwen2VL``-, ``Qwen2_5_VL``- and
+``Qwen3VLForConditionalGeneration``.
 
-Geometry (both): the processor resizes each image with ``smart_resize`` to multiples of
+Geometry (all three): the processor resizes each image with ``smart_resize`` to multiples of
 ``patch_size * merge_size`` (within ``min_pixels``/``max_pixels``, aspect kept as closely as
 possible), cuts ``patch_size`` patches and the vision tower's merger folds each
 ``merge_size x merge_size`` block of patches into one LM token. ``image_grid_thw[i] = (1, h, w)`` in
@@ -12,13 +13,13 @@ merger (``merger(...)[argsort(window_index)]``), Qwen3-VL has none. A token's bo
 Positions: M-RoPE. ``position_ids`` are ``[3, batch, seq]`` (temporal, height, width) from the
 model's own ``get_rope_index`` with the batch's ``attention_mask`` -- exactly what the HF forward
 computes when it is given none (a 3-row tensor takes the same path in the text model; padding
-positions are 0). In transformers 5.23 both families mix the three rows into one ``cos``/``sin``
-of shape ``[batch, seq, head_dim]`` inside the text rotary embedding (Qwen2.5-VL: contiguous
-``mrope_section`` chunks; Qwen3-VL: interleaved T/H/W channels), and the attention applies the
-standard ``apply_rotary_pos_emb`` -- which ``rotary()`` calls, from the family's own HF module.
-``blocks.{l}.attn.hook_rot_q``/``hook_rot_k`` therefore see M-RoPE-rotated queries/keys.
-Qwen3-VL's per-head ``q_norm``/``k_norm`` (RMSNorm over ``head_dim`` on ``[b, t, heads, d]``,
-before RoPE) is applied by corelens's attention as HF does.
+positions are 0). In transformers 5.23 all three families mix the three rows into one
+``cos``/``sin`` of shape ``[batch, seq, head_dim]`` inside the text rotary embedding (Qwen2-VL and
+Qwen2.5-VL: contiguous ``mrope_section`` chunks; Qwen3-VL: interleaved T/H/W channels), and the
+attention applies the standard ``apply_rotary_pos_emb`` -- which ``rotary()`` calls, from the
+family's own HF module. ``blocks.{l}.attn.hook_rot_q``/``hook_rot_k`` therefore see M-RoPE-rotated
+queries/keys. Qwen3-VL's per-head ``q_norm``/``k_norm`` (RMSNorm over ``head_dim`` on ``[b, t,
+heads, d]``, before RoPE) is applied by corelens's attention as HF does.
 
 DeepStack (Qwen3-VL only): vision blocks listed in ``deepstack_visual_indexes`` feed extra patch
 mergers; the HF text model ADDS their outputs to the hidden states at the image-token positions
@@ -84,7 +85,7 @@ def resized_size(ip: Any, size: tuple[int, int]) -> tuple[int, int]:
 
 
 class QwenVL(Family):
-    """What Qwen2.5-VL and Qwen3-VL share: geometry, M-RoPE position ids, tiny-model recipe."""
+    """What the Qwen-VL families share: geometry, M-RoPE position ids, tiny-model recipe."""
 
     modeling: ClassVar[str]  # the HF modeling module (its ``apply_rotary_pos_emb``)
 
@@ -190,6 +191,84 @@ class QwenVL(Family):
         return Qwen2VLImageProcessorPil(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
                                         temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
                                         max_pixels=TINY_MAX_PIXELS)
+
+
+def _qwen2_vl_adapter() -> str:
+    """Register TransformerLens's missing Qwen2-VL adapter (once); return its name.
+
+    TransformerLens 4.3 has no ``Qwen2VLForConditionalGeneration`` adapter. Qwen2-VL is laid out
+    as Qwen2.5-VL (``model.visual`` blocks with ``norm1``/``norm2``/``attn.qkv``/``attn.proj``,
+    ``model.visual.merger``, a Qwen2 decoder with q/k/v biases at ``model.language_model``), except
+    that its vision MLP is a plain ``fc1`` -> act -> ``fc2`` (Qwen2.5-VL's is gated) and its
+    vision width is ``embed_dim`` (``hidden_size`` is the LM width the merger projects to). So the
+    adapter is Qwen2.5-VL's with the vision MLP remapped, registered under the HF class name with
+    TransformerLens's own ``ArchitectureAdapterFactory.register_adapter``.
+    """
+    from transformer_lens.factories.architecture_adapter_factory import (
+        ArchitectureAdapterFactory,
+    )
+    from transformer_lens.model_bridge.generalized_components import LinearBridge
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
+        Qwen2_5_VLArchitectureAdapter,
+    )
+
+    name = "Qwen2VLForConditionalGeneration"
+    if name in ArchitectureAdapterFactory._adapters:
+        return name
+
+    class Qwen2VLArchitectureAdapter(Qwen2_5_VLArchitectureAdapter):
+        """Qwen2-VL: Qwen2.5-VL's mapping with a non-gated ``fc1``/``fc2`` vision MLP."""
+
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            vision_cfg = getattr(cfg, "vision_config", None)
+            if getattr(vision_cfg, "embed_dim", None) is not None:
+                self.cfg.vision_hidden_size = vision_cfg.embed_dim
+            blocks = self.component_mapping["vision_encoder"].submodules["blocks"]
+            blocks.submodules["mlp"] = GeneralizedComponent(
+                name="mlp", submodules={"in": LinearBridge(name="fc1"),
+                                        "out": LinearBridge(name="fc2")})
+
+    ArchitectureAdapterFactory.register_adapter(name, Qwen2VLArchitectureAdapter)
+    return name
+
+
+class Qwen2_VL(QwenVL):
+    """Qwen2-VL: Qwen2.5-VL's geometry and M-RoPE (contiguous ``mrope_section`` chunks) with a
+    plain ViT (no windows, LayerNorm, non-gated MLP). TransformerLens lacks its adapter: corelens
+    registers one (``_qwen2_vl_adapter``)."""
+
+    name = "qwen2_vl"
+    hf_architectures = ("Qwen2VLForConditionalGeneration",)
+    model_types = ("qwen2_vl",)
+    modeling = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+
+    def bridge_architecture(self, hf_config: Any) -> str:
+        return _qwen2_vl_adapter()
+
+    def _tiny_config(self, tok):
+        from transformers import Qwen2VLConfig
+
+        # vision hidden_size is the LM width the merger projects to; embed_dim the tower's
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
+                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2)
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
+                    **self._text_ids(tok))
+        return Qwen2VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
+
+    def _tiny_processor(self, tok):
+        from transformers import Qwen2VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
+                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
+                                   max_pixels=TINY_MAX_PIXELS)
+        return Qwen2VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
+                                video_processor=vp, chat_template=CHAT_TEMPLATE)
 
 
 class Qwen2_5_VL(QwenVL):

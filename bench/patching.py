@@ -1,0 +1,60 @@
+"""Batched head sweep vs one forward per head (activation patching of every head's output).
+
+Pinned config: random LLaVA-shaped model (Llama decoder d_model 512, 8 layers, 8 heads = 64
+heads), one image of 64 vision tokens per example, batch of 2 clean/corrupted pairs. Both
+sweeps run in this process, side by side; the ratio is what counts.
+
+    python bench/patching.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_llava, threads  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads-per-forward", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import torch
+    from PIL import Image
+
+    from corelens import HookedMLLM
+    from corelens.patching import answer_logprob, patch_heads
+
+    torch.set_num_threads(threads())
+    folder = tempfile.mkdtemp(prefix="corelens-bench-patch-")
+    build_llava(folder, image_size=64, patch=8)
+    model = HookedMLLM.from_pretrained(folder)
+    kw = dict(prompts=["what is the color ?"] * 2, answers=["red", "blue"])
+    clean = model.prepare([Image.new("RGB", (64, 64), (200, 30, 30))] * 2, **kw)
+    corrupt = model.prepare([Image.new("RGB", (64, 64), (30, 30, 200))] * 2, **kw)
+
+    def run(k: int) -> tuple[float, torch.Tensor]:
+        t = time.perf_counter()
+        out = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=k)
+        return time.perf_counter() - t, out
+
+    loop_s, loop = run(1)
+    rows = []
+    for k in args.heads_per_forward:
+        s, out = run(k)
+        rows.append({"heads_per_forward": k, "seconds": round(s, 3),
+                     "speedup_vs_loop": round(loop_s / s, 3),
+                     "max_abs_diff_vs_loop": float((out - loop).abs().max())})
+    report = {"n_heads": model.cfg.n_layers * model.cfg.n_heads, "seq_len": clean.seq_len,
+              "loop_seconds": round(loop_s, 3), "batched": rows}
+    print(json.dumps(report, indent=1) if args.json else report)
+
+
+if __name__ == "__main__":
+    main()

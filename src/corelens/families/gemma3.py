@@ -1,0 +1,138 @@
+"""Gemma 3 (``Gemma3ForConditionalGeneration``): SigLIP tower, pooled projector, Gemma 3 decoder.
+
+Geometry: the image processor resizes every image to the tower's square (``size = {height,
+width}``, aspect NOT kept: no padding, no crop); SigLIP cuts ``image_size // patch_size`` patches
+per side; ``Gemma3MultiModalProjector`` average-pools them with a ``kernel x kernel`` window
+(``kernel = patches_per_side // sqrt(mm_tokens_per_image)``, stride = kernel) into a square grid
+of ``sqrt(mm_tokens_per_image)`` tokens per side, row-major. A token's box is its
+``kernel * patch_size`` square of the resized image, scaled back to original pixels per axis
+(when ``patches_per_side`` is not a multiple of the grid side, the pooling drops the last
+patches, and so do the boxes). The prompt holds ``<start_of_image>``, the pooled tokens
+(``image_token_id``), ``<end_of_image>``: only the pooled tokens are feature rows (V_e); the
+delimiters are text.
+
+Pan-and-scan (``do_pan_and_scan``, off by default) adds crops with their own image sequences;
+corelens does not lay those out and raises if the processor made any.
+
+Decoder: the processor returns ``token_type_ids`` (1 on the pooled image tokens); HF turns them
+into a mask where each image's tokens attend to each other bidirectionally (causal elsewhere),
+intersected with the sliding window on ``sliding_attention`` layers (``layer_types``). corelens's
+attention uses that HF-built mask as is, HF's ``scaling = query_pre_attn_scalar ** -0.5`` and the
+per-head ``q_norm``/``k_norm``, and the per-layer-type rotary embedding HF passes each layer
+(local and global RoPE bases differ). ``prepare`` passes ``token_type_ids`` through with the
+other processor outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from corelens.families.base import Family
+from corelens.families.geometry import Affine, resize_output_size
+from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
+from corelens.layout import FeatureRows, ViewGeometry
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+CHAT_TEMPLATE = SIMPLE_CHAT_TEMPLATE.replace("<image>", BOI)
+
+# tiny test models: a 32-px SigLIP with 4-px patches (8 x 8), pooled 2 x 2 -> 4 x 4 tokens
+TINY_IMAGE, TINY_PATCH, TINY_TOKENS = 32, 4, 16
+
+
+class Gemma3(Family):
+    name = "gemma3"
+    hf_architectures = ("Gemma3ForConditionalGeneration",)
+    model_types = ("gemma3",)
+
+    def feature_rows(self, hf_config, processor, inputs, image, size):
+        where = f"{self.name}: image {image} (size {size[0]}x{size[1]})"
+        ip = processor.image_processor
+        vc = hf_config.vision_config
+        crops = inputs.get("num_crops")
+        if getattr(ip, "do_pan_and_scan", False) or (
+                crops is not None and bool(torch.as_tensor(crops).ne(0).any())):
+            raise ValueError(f"{where}: pan-and-scan crops are not supported by corelens; load "
+                             "the processor with do_pan_and_scan=False (the default)")
+        rw, rh = resize_output_size(*size, ip.size) if getattr(ip, "do_resize", True) else size
+        if (rw, rh) != (vc.image_size, vc.image_size):
+            raise ValueError(f"{where}: the processor resizes to {rw}x{rh} but the tower takes "
+                             f"{vc.image_size} px; corelens does not understand this processor")
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and tuple(pixels.shape[-2:]) != (rh, rw):
+            raise ValueError(f"{where}: processed image is {tuple(pixels.shape[-2:])} (h, w), "
+                             f"expected {(rh, rw)}")
+        per_side = int(vc.image_size // vc.patch_size)
+        side = int(hf_config.mm_tokens_per_image ** 0.5)
+        if side * side != hf_config.mm_tokens_per_image:
+            raise ValueError(f"{where}: mm_tokens_per_image={hf_config.mm_tokens_per_image} is "
+                             "not a square; HF's projector cannot pool to it either")
+        seq = getattr(processor, "image_seq_length", side * side)
+        if seq != side * side:
+            raise ValueError(f"{where}: the processor writes {seq} image tokens per image but "
+                             f"the projector pools to {side * side}")
+        kernel = per_side // side
+        cell = float(kernel * vc.patch_size)
+        scale, offset = Affine.identity(size).resize((rw, rh)).inverse()
+        view = ViewGeometry.from_affine("image", side, side, (cell, cell), scale, offset, size)
+        return FeatureRows.grid(view)
+
+    # --- tiny models -------------------------------------------------------------------------
+    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
+        """``patch_local``: the vision layers' attention output projections are zeroed, so each
+        patch (and each pooled LM token) depends only on its own pixels and position."""
+        from transformers import (
+            Gemma3Config,
+            Gemma3ForConditionalGeneration,
+            Gemma3Processor,
+            Gemma3TextConfig,
+            PreTrainedTokenizerFast,
+            SiglipVisionConfig,
+        )
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
+
+        from corelens.zoo.tokenizer import build_tokenizer
+
+        build_tokenizer(folder, extra_special=[BOI, EOI, SOFT])
+        # Gemma3Processor reads boi/eoi/image tokens off the tokenizer: name them, save again
+        tok = PreTrainedTokenizerFast.from_pretrained(folder, model_specific_special_tokens={
+            "boi_token": BOI, "eoi_token": EOI, "image_token": SOFT})
+        tok.save_pretrained(folder)
+        vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, image_size=TINY_IMAGE,
+                                patch_size=TINY_PATCH, vision_use_head=False)
+        # window 6 < an image's 16 tokens: sliding layers cut into the bidirectional blocks
+        tc = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              query_pre_attn_scalar=24, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"],
+                              vocab_size=len(tok), max_position_embeddings=512,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id)
+        cfg = Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=TINY_TOKENS,
+                           boi_token_index=tok.convert_tokens_to_ids(BOI),
+                           eoi_token_index=tok.convert_tokens_to_ids(EOI),
+                           image_token_index=tok.convert_tokens_to_ids(SOFT))
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            # HF initialises the projection to zero (the image would be ignored)
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.1)
+            if patch_local:
+                for layer in model.model.vision_tower.encoder.layers:
+                    layer.self_attn.out_proj.weight.zero_()
+                    layer.self_attn.out_proj.bias.zero_()
+        ip = Gemma3ImageProcessorPil(size={"height": TINY_IMAGE, "width": TINY_IMAGE},
+                                     do_pan_and_scan=False)
+        proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=TINY_TOKENS,
+                               chat_template=CHAT_TEMPLATE)
+        model.save_pretrained(folder)
+        proc.save_pretrained(folder)
+
+    def tiny_image_sizes(self) -> list[tuple[int, int]]:
+        # every image is squashed to 32 x 32 (4 x 4 tokens): the sizes vary the per-axis scale
+        # (down, up, very wide, small); the parity batch pads through its prompts' lengths
+        return [(80, 50), (40, 70), (90, 28), (30, 20)]
