@@ -5,11 +5,12 @@ position of every vision token (``MultimodalBatch``, ``VisionLayout``), and run 
 attention backend that stays memory-efficient unless you hook the attention pattern.
 """
 
-from corelens import patching, ram
+from corelens import patching, ram, views
 from corelens.ablation import AblationCurve, ablate, ablation_curve, text_to_image_knockout
 from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
+from corelens.evaluate import EvalResult, evaluate
 from corelens.examples import GroundedExample
 from corelens.families import FAMILIES, family_for_config, get_family
 from corelens.head_scores import HeadScores
@@ -27,7 +28,10 @@ __all__ = [
     "patching",
     "ram",
     "text_to_image_knockout",
+    "views",
     "AttentionBackend",
+    "EvalResult",
+    "evaluate",
     "AttentionInputs",
     "CorelensError",
     "FAMILIES",

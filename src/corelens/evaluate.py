@@ -1,0 +1,69 @@
+"""``evaluate``: teacher-forced answer accuracy and log-probs of a model on grounded examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass
+class EvalResult:
+    """Per-example results of ``evaluate``.
+
+    ``logprobs[e]``: the answer's log-probability, summed over its tokens (teacher forcing);
+    ``correct[e]``: the greedy argmax at every query position equals the answer token there;
+    ``predictions[e]``: those argmax tokens, decoded.
+    """
+
+    logprobs: Float[Tensor, " n"]
+    correct: Tensor
+    predictions: list[str]
+    answers: list[str]
+    ids: list[str | None] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean()) if len(self.correct) else float("nan")
+
+    @property
+    def mean_logprob(self) -> float:
+        return float(self.logprobs.mean()) if len(self.logprobs) else float("nan")
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def __repr__(self) -> str:
+        return (f"EvalResult(n={len(self)}, accuracy={self.accuracy:.4f}, "
+                f"mean_logprob={self.mean_logprob:.4f})")
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: Sequence[Any], batch_size: int = 32,
+             progress: bool = True) -> EvalResult:
+    """Run ``model`` (a ``HookedMLLM``; active hooks and ablations apply) on ``examples``
+    (``GroundedExample``s) in batches and score each answer under teacher forcing."""
+    from tqdm import tqdm
+
+    examples = list(examples)
+    logprobs, correct, preds, answers, ids = [], [], [], [], []
+    starts = range(0, len(examples), batch_size)
+    for i in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
+        chunk = examples[i:i + batch_size]
+        batch = model.prepare_examples(chunk)
+        logits = model(batch).float()
+        lp = torch.log_softmax(logits, dim=-1)
+        for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
+            q, a = q.to(lp.device), a.to(lp.device)
+            rows = lp[e, q]  # [n_answer_tokens, vocab]
+            logprobs.append(rows.gather(-1, a[:, None]).sum().cpu())
+            arg = rows.argmax(-1)
+            correct.append(bool((arg == a).all()))
+            preds.append(model.tokenizer.decode(arg.tolist()))
+        answers += [str(ex.answer) for ex in chunk]
+        ids += [ex.id for ex in chunk]
+    return EvalResult(torch.stack(logprobs) if logprobs else torch.zeros(0),
+                      torch.tensor(correct, dtype=torch.bool), preds, answers, ids)

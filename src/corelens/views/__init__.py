@@ -1,0 +1,69 @@
+"""Views: circuitsvis attention / token views, image overlays and plots, all offline.
+
+- ``attention_heads``, ``attention_patterns``, ``colored_tokens``: circuitsvis views of a run,
+  token labels ``<img 0:r3,c5>`` for vision tokens, query-row choice and vision-token collapse
+  for long sequences; ``HTMLView`` objects whose HTML embeds circuitsvis's local bundle.
+- ``attention_overlay``, ``overlay_grid``, ``token_overlay``: values per vision token painted
+  on the original image through the ``VisionLayout`` boxes (PIL images).
+- ``head_heatmap`` / ``ram_heatmap``, ``ablation_curves``, ``patching_heatmap``: matplotlib
+  figures.
+- ``page`` / ``save_page``: one self-contained HTML page of views, images and figures;
+  ``image_html`` / ``figure_html`` / ``save_png`` for single pictures.
+"""
+
+from corelens.views.attention import (
+    attention_heads,
+    attention_patterns,
+    colored_tokens,
+    query_patterns,
+    token_values,
+)
+from corelens.views.html import (
+    HTMLView,
+    as_view,
+    figure_html,
+    image_html,
+    page,
+    png_bytes,
+    save_page,
+    save_png,
+)
+from corelens.views.overlay import (
+    attention_overlay,
+    grid,
+    heat_map,
+    overlay_grid,
+    paint,
+    token_overlay,
+)
+from corelens.views.plots import ablation_curves, head_heatmap, patching_heatmap, ram_heatmap
+from corelens.views.tokens import TokenGroup, token_groups, token_labels
+
+__all__ = [
+    "HTMLView",
+    "TokenGroup",
+    "ablation_curves",
+    "as_view",
+    "attention_heads",
+    "attention_overlay",
+    "attention_patterns",
+    "colored_tokens",
+    "figure_html",
+    "grid",
+    "head_heatmap",
+    "heat_map",
+    "image_html",
+    "overlay_grid",
+    "page",
+    "paint",
+    "patching_heatmap",
+    "png_bytes",
+    "query_patterns",
+    "ram_heatmap",
+    "save_page",
+    "save_png",
+    "token_groups",
+    "token_labels",
+    "token_overlay",
+    "token_values",
+]
