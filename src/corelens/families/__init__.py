@@ -7,6 +7,8 @@ from typing import Any
 from corelens.errors import UnknownFamilyError
 from corelens.families.base import Family
 from corelens.families.gemma3 import Gemma3
+from corelens.families.idefics3 import Idefics3, SmolVLM
+from corelens.families.internvl import InternVL
 from corelens.families.llava import Llava
 from corelens.families.llava_next import LlavaNext
 from corelens.families.onevision import LlavaOnevision
@@ -15,7 +17,7 @@ from corelens.families.qwen_vl import Qwen2_5_VL, Qwen2_VL, Qwen3_VL
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (Llava(), LlavaNext(), LlavaOnevision(), Qwen2_VL(), Qwen2_5_VL(), Qwen3_VL(),
-              Gemma3())
+              Gemma3(), Idefics3(), SmolVLM(), InternVL())
 }
 
 
