@@ -20,37 +20,14 @@ def build_llava(folder: str, *, d_model: int = 512, layers: int = 8, heads: int 
                 kv_heads: int = 8, image_size: int = 32, patch: int = 8) -> None:
     """A random LLaVA: tiny 1-layer CLIP tower (``(image_size/patch)^2`` vision tokens per image),
     Llama decoder of the given shape; saved with an offline processor."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from corelens.families.llava import tiny_llava
 
-    from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
-    from corelens.zoo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(folder)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, image_size=image_size, patch_size=patch)
-    tc = LlamaConfig(hidden_size=d_model, intermediate_size=int(d_model * 2.6875),
-                     num_hidden_layers=layers, num_attention_heads=heads,
-                     num_key_value_heads=kv_heads, vocab_size=len(tok),
-                     max_position_embeddings=32768)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc,
-                      image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
-    ip = LlavaImageProcessorPil(size={"height": image_size, "width": image_size},
-                                crop_size={"height": image_size, "width": image_size},
-                                do_center_crop=False)
-    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=SIMPLE_CHAT_TEMPLATE).save_pretrained(folder)
+    model, proc = tiny_llava(folder, d_model=d_model, layers=layers, heads=heads,
+                             kv_heads=kv_heads, image_size=image_size, patch=patch,
+                             center_crop=False, intermediate_size=int(d_model * 2.6875),
+                             max_position_embeddings=32768)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
 
 
 def _status_kb(field: str) -> int:

@@ -33,30 +33,11 @@ GRID, PATCH = 8, 8
 
 
 def build_planted(folder) -> None:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from corelens.families.llava import tiny_llava
 
-    from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
-    from corelens.zoo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(folder)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, image_size=GRID * PATCH, patch_size=PATCH)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     vocab_size=len(tok), attention_bias=True,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1e30})
-    cfg = LlavaConfig(vision_config=vc, text_config=tc,
-                      image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model, proc = tiny_llava(folder, image_size=GRID * PATCH, patch=PATCH, center_crop=False,
+                             attention_bias=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e30})
     with torch.no_grad():
         tower = model.model.vision_tower
         tower.embeddings.patch_embedding.weight.zero_()
@@ -92,11 +73,7 @@ def build_planted(folder) -> None:
         attn.k_proj.bias[1 * d:2 * d].zero_()
         attn.k_proj.weight[1 * d + 7, 5] = W_K
     model.save_pretrained(folder)
-    ip = LlavaImageProcessorPil(size={"height": GRID * PATCH, "width": GRID * PATCH},
-                                do_center_crop=False)
-    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                   chat_template=SIMPLE_CHAT_TEMPLATE).save_pretrained(folder)
+    proc.save_pretrained(folder)
 
 
 def test_planted_head_ranks_first_with_hand_computed_ram(tmp_path):
