@@ -149,8 +149,28 @@ class QwenVL(Family):
     def _tiny_config(self, tok: Any) -> Any:
         raise NotImplementedError
 
+    processor_class: ClassVar[str] = "Qwen2VLProcessor"
+
     def _tiny_processor(self, tok: Any) -> Any:
-        raise NotImplementedError
+        import transformers
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
+                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
+                                   max_pixels=TINY_MAX_PIXELS)
+        return getattr(transformers, self.processor_class)(
+            image_processor=self._image_processor(), tokenizer=tok, video_processor=vp,
+            chat_template=CHAT_TEMPLATE)
+
+    def _tiny_text(self, tok: Any, **kw: Any) -> dict[str, Any]:
+        """The tiny decoder every Qwen-VL test model shares (``kw`` adds or overrides)."""
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
+                    **self._text_ids(tok))
+        text.update(kw)
+        return text
 
     def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
         """``patch_local``: every vision block's attention output projection is zeroed, so each
@@ -253,28 +273,15 @@ class Qwen2_VL(QwenVL):
         # vision hidden_size is the LM width the merger projects to; embed_dim the tower's
         vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
                       patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2)
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
-                    **self._text_ids(tok))
-        return Qwen2VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
-
-    def _tiny_processor(self, tok):
-        from transformers import Qwen2VLProcessor
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
-                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
-                                   max_pixels=TINY_MAX_PIXELS)
-        return Qwen2VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
-                                video_processor=vp, chat_template=CHAT_TEMPLATE)
+        return Qwen2VLConfig(vision_config=vision, text_config=self._tiny_text(tok),
+                             **self._token_ids(tok))
 
 
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     hf_architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
+    processor_class = "Qwen2_5_VLProcessor"
     modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
 
     def _tiny_config(self, tok):
@@ -284,22 +291,8 @@ class Qwen2_5_VL(QwenVL):
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                       patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
                       out_hidden_size=64, window_size=32, fullatt_block_indexes=[1])
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
-                    **self._text_ids(tok))
-        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
-
-    def _tiny_processor(self, tok):
-        from transformers import Qwen2_5_VLProcessor
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
-                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
-                                   max_pixels=TINY_MAX_PIXELS)
-        return Qwen2_5_VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
-                                   video_processor=vp, chat_template=CHAT_TEMPLATE)
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=self._tiny_text(tok),
+                                **self._token_ids(tok))
 
 
 class Qwen3_VL(QwenVL):
@@ -315,12 +308,9 @@ class Qwen3_VL(QwenVL):
                       patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
                       out_hidden_size=64, num_position_embeddings=16,
                       deepstack_visual_indexes=[0])  # injected after decoder layer 0
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                    max_position_embeddings=512,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-                    **self._text_ids(tok))
+        text = self._tiny_text(tok, head_dim=16, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True})
         return Qwen3VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
 
     def _tiny_processor(self, tok):
