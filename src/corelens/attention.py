@@ -73,9 +73,19 @@ class AttentionInputs:
             scores = scores.masked_fill(causal[:, None], torch.finfo(scores.dtype).min)
         return scores
 
-    def pattern_rows(self, rows: Int[Tensor, "batch r"]) -> Float[Tensor, "batch head r k_pos"]:
-        """Exact softmax attention of query rows ``rows[b]``: O(r * T) memory, not O(T^2)."""
-        return torch.softmax(self.scores_rows(rows).float(), dim=-1).to(self.q.dtype)
+    def pattern_rows(self, rows: Int[Tensor, "batch r"],
+                     dtype: torch.dtype | None = None) -> Float[Tensor, "batch head r k_pos"]:
+        """Exact softmax attention of query rows ``rows[b]``: O(r * T) memory, not O(T^2).
+
+        ``dtype``: of the result (default: the model's). ``torch.float32`` on a bf16/fp16 model
+        also computes the q.k scores in fp32 (from the model's q and k), so the rows carry no
+        half-precision rounding of their own (what RAM does: metrics accumulate in fp32)."""
+        if dtype == torch.float32 and self.q.dtype != torch.float32:
+            mask = self.mask.float() if self.mask is not None else None
+            full = AttentionInputs(self.layer, self.q.float(), self.k.float(), self.v, mask,
+                                   self.scaling)
+            return torch.softmax(full.scores_rows(rows), dim=-1)
+        return torch.softmax(self.scores_rows(rows).float(), dim=-1).to(dtype or self.q.dtype)
 
 
 Tap = Callable[[AttentionInputs], None]

@@ -64,9 +64,20 @@ class HookedMLLM(torch.nn.Module):
         dtype: torch.dtype | str | None = None,
         **kw: Any,
     ) -> "HookedMLLM":
-        """Load model + processor from a local folder (offline, always) or a hub id."""
+        """Load model + processor from a local folder (offline, always) or a hub id.
+
+        ``device_map`` (in ``kw``: ``"auto"``, ``"balanced"``, a dict of module -> device, ...)
+        spreads a model that does not fit one GPU over several: corelens loads the HF model
+        with it (through accelerate) and builds the bridge on the loaded modules, so every hook
+        and the attention backend run on each layer's own device. Inputs go to the device of
+        the input embedding (``model.device``); metrics accumulate in fp32 whatever ``dtype``.
+        ``device`` and ``device_map`` are exclusive.
+        """
         from transformers import AutoConfig, AutoProcessor
 
+        if device is not None and kw.get("device_map") is not None:
+            raise ValueError("give device= or device_map=, not both (device_map places the "
+                             "model itself)")
         local = os.path.isdir(name_or_dir)
         if local:
             kw.setdefault("local_files_only", True)
@@ -96,6 +107,16 @@ class HookedMLLM(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding (under a ``device_map`` the
+        model's first stage; the vision tower may sit elsewhere, accelerate moves its input)."""
+        emb = self.hf_model.get_input_embeddings()
+        hook = getattr(emb, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:  # accelerate-offloaded: weights live elsewhere, compute here
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, Tensor) and weight.device.type != "meta":
+            return weight.device
         return next(self.hf_model.parameters()).device
 
     def prepare(self, images: Any, prompts: str | Sequence[str], answers: Any = None,

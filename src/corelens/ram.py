@@ -170,7 +170,7 @@ class RamMetric:
             if inputs.q.shape[2] != batch.seq_len:
                 return  # a cached decoding step: not this batch's prefill
             with torch.no_grad():
-                rows = inputs.pattern_rows(rows_idx.to(inputs.q.device))
+                rows = inputs.pattern_rows(rows_idx.to(inputs.q.device), torch.float32)
                 weight = self._key_weights(inputs) if self.params.value_weighted else None
                 per_layer[inputs.layer] = [
                     masses(rows[e, :, : len(reg.queries)], reg,
@@ -216,9 +216,11 @@ class RamMetric:
             with torch.no_grad():
                 if tq == batch.seq_len:  # prefill: the last prompt position's row
                     rows = inputs.pattern_rows(
-                        torch.full_like(last, batch.seq_len - 1).to(inputs.q.device))
+                        torch.full_like(last, batch.seq_len - 1).to(inputs.q.device),
+                        torch.float32)
                 elif tq == 1:
-                    rows = inputs.pattern_rows(torch.zeros_like(last).to(inputs.q.device))
+                    rows = inputs.pattern_rows(torch.zeros_like(last).to(inputs.q.device),
+                                               torch.float32)
                 else:
                     return
                 steps[inputs.layer].append([
@@ -352,17 +354,31 @@ def score_all(
                                    disable=not progress)):
         if b in store.done:
             continue
-        batch = model.prepare_examples(examples[start:start + batch_size])
-        with torch.no_grad(), metric.attach(batch):
-            model(batch)
-        ex = metric.example_level()
-        n_ev, n_vis = metric.sizes()
-        store.write({"batch": b, "n_evidence": n_ev.tolist(), "n_vision": n_vis.tolist(),
-                     "values": {k: v.tolist() for k, v in ex.items()}})
-    recs = [store.done[b] for b in range(len(starts))]
-    per_example = {k: torch.cat([torch.tensor(r["values"][k]) for r in recs])
-                   for k in recs[0]["values"]}
-    n_ev = torch.cat([torch.tensor(r["n_evidence"]) for r in recs])
-    n_vis = torch.cat([torch.tensor(r["n_vision"]) for r in recs])
+        store.write(batch_record(model, metric, examples[start:start + batch_size], b))
     name = getattr(model.cfg, "model_name", "") or ""
-    return aggregate(per_example, n_ev, n_vis, params, model=str(name), dataset=dataset)
+    return merge_records([store.done[b] for b in range(len(starts))], params,
+                         model=str(name), dataset=dataset)
+
+
+def batch_record(model: Any, metric: RamMetric, batch_examples: Sequence[Any],
+                 b: int) -> dict[str, Any]:
+    """Run one batch of examples under ``metric``: the JSON-able record ``score_all`` keeps
+    (``batch`` id, per-example |R_e|, |V_e| and every metric's example-level values)."""
+    batch = model.prepare_examples(batch_examples)
+    with torch.no_grad(), metric.attach(batch):
+        model(batch)
+    ex = metric.example_level()
+    n_ev, n_vis = metric.sizes()
+    return {"batch": b, "n_evidence": n_ev.tolist(), "n_vision": n_vis.tolist(),
+            "values": {k: v.tolist() for k, v in ex.items()}}
+
+
+def merge_records(recs: Sequence[dict[str, Any]], params: RamParams, model: str = "",
+                  dataset: str = "") -> dict[str, HeadScores]:
+    """Per-batch records, in global batch order -> ``aggregate`` (one ``HeadScores`` each)."""
+    # as_tensor: records may hold lists (from JSON) or the float32 tensors made from them
+    per_example = {k: torch.cat([torch.as_tensor(r["values"][k]) for r in recs])
+                   for k in recs[0]["values"]}
+    n_ev = torch.cat([torch.as_tensor(r["n_evidence"]) for r in recs])
+    n_vis = torch.cat([torch.as_tensor(r["n_vision"]) for r in recs])
+    return aggregate(per_example, n_ev, n_vis, params, model=model, dataset=dataset)

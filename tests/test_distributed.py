@@ -1,0 +1,259 @@
+"""Data-parallel scoring under torchrun (2 gloo ranks on CPU) equals one process, and resumes
+after a crash without redoing finished batches; device_map / bf16 loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import noise_image
+
+from corelens import GroundedExample, HookedMLLM
+from corelens.distributed import (
+    FAIL_ENV,
+    ablation_curve_distributed,
+    partial_files,
+    rank_file,
+    read_records,
+    score_all_distributed,
+)
+from corelens.families import FAMILIES
+from corelens.head_scores import HeadScores
+from corelens.loaders import load_jsonl, save_jsonl
+from corelens.ram import RamParams, score_all
+
+BATCH = 2
+
+
+def _examples(n: int) -> list[GroundedExample]:
+    sizes = FAMILIES["llava"].tiny_image_sizes()
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        out.append(GroundedExample(
+            images=[noise_image(w, h, i)], question="what is the color of the square ?" + " ?" * i,
+            answer="red blue" if i % 2 else "green", boxes=[(0, 0, w // 2, h // 2)],
+            distractors=[(w // 2, h // 2, w, h)], id=f"e{i}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """7 grounded examples as JSONL (4 global batches of 2) and their loaded form."""
+    path = save_jsonl(_examples(7), tmp_path_factory.mktemp("dist-data") / "data.jsonl")
+    return path, load_jsonl(path)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, data):
+    """The single-process reference: ``score_all`` on the same loaded examples."""
+    return score_all(tiny_model("llava"), data[1], batch_size=BATCH, progress=False)
+
+
+def _launch(args: list[str], env_extra: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m corelens.distributed ARGS`` (gloo on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != FAIL_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "corelens.distributed", *args, "--threads", "1", "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(folder: str, data: Path, out: Path, partial: Path,
+              env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return _launch(["--model", folder, "--data", str(data), "--out", str(out), "--metric", "all",
+                    "--batch-size", str(BATCH), "--partial", str(partial)], env_extra)
+
+
+def _assert_same(got: dict[str, HeadScores], ref: dict[str, HeadScores]) -> None:
+    assert set(got) == set(ref)
+    for k, hs in ref.items():
+        torch.testing.assert_close(got[k].scores, hs.scores, rtol=0, atol=0, equal_nan=True,
+                                   msg=k)
+        if hs.per_example is not None:
+            torch.testing.assert_close(got[k].per_example, hs.per_example, rtol=0, atol=0,
+                                       equal_nan=True, msg=k)
+        assert got[k].n_examples == hs.n_examples and got[k].params == hs.params
+
+
+def _load_all(path: Path) -> dict[str, HeadScores]:
+    return {k: HeadScores.from_dict(v) for k, v in json.loads(path.read_text()).items()}
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_equal_single_process(tiny_folder, data, single, tmp_path):
+    out, partial = tmp_path / "scores.json", tmp_path / "partial.jsonl"
+    run = _torchrun(tiny_folder("llava"), data[0], out, partial)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _assert_same(_load_all(out), single)
+    # rank r ran global batches r, r + 2, ... and wrote them to its own file
+    for r in (0, 1):
+        lines = rank_file(partial, r).read_text().splitlines()
+        assert [json.loads(line)["batch"] for line in lines] == list(range(r, 4, 2))
+
+
+@pytest.mark.slow
+def test_torchrun_crash_then_resume(tiny_folder, data, single, tmp_path):
+    out, partial = tmp_path / "scores.json", tmp_path / "partial.jsonl"
+    crashed = _torchrun(tiny_folder("llava"), data[0], out, partial, {FAIL_ENV: "1:1"})
+    assert crashed.returncode != 0 and not out.exists()
+    before = {f: f.read_text() for f in partial_files(partial)}
+    done_before = read_records(list(before))
+    assert 1 in done_before and 3 not in done_before  # rank 1 died after its first batch
+    run = _torchrun(tiny_folder("llava"), data[0], out, partial)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _assert_same(_load_all(out), single)
+    # finished batches were kept, not recomputed: old lines are prefixes, each batch once
+    ids = []
+    for f in partial_files(partial):
+        text = f.read_text()
+        assert text.startswith(before.get(f, "").rstrip("\n"))
+        ids += [json.loads(line)["batch"] for line in text.splitlines()
+                if line.strip().endswith("}")]
+    assert sorted(ids) == [0, 1, 2, 3]
+
+
+def test_world_of_one_equals_score_all_and_resumes(tiny_model, data, single, tmp_path):
+    """Without torchrun: the same records, and a rerun reads them back instead of recomputing."""
+    model = tiny_model("llava")
+    partial = tmp_path / "p.jsonl"
+    got = score_all_distributed(model, data[1], batch_size=BATCH, partial=partial,
+                                progress=False)
+    _assert_same(got, single)
+    f = rank_file(partial, 0)
+    assert f.name == "p.rank0.jsonl" and len(f.read_text().splitlines()) == 4
+    with f.open("a") as h:
+        h.write('{"batch": 9, "torn')  # a crash mid-write: ignored
+    again = score_all_distributed(model, data[1], batch_size=BATCH, partial=partial,
+                                  progress=False)
+    _assert_same(again, single)
+    assert len([x for x in f.read_text().splitlines() if x.endswith("}")]) == 4
+    with pytest.raises(ValueError, match="another run"):
+        score_all_distributed(model, data[1], batch_size=3, partial=partial, progress=False)
+    with pytest.raises(ValueError, match="another run"):
+        score_all_distributed(model, data[1], batch_size=BATCH, params=RamParams(tau=0.3),
+                              partial=partial, progress=False)
+
+
+def test_ablation_sweep_sharded_equals_ablation_curve(tiny_model, data, single, tmp_path):
+    from corelens.ablation import ablation_curve
+
+    model = tiny_model("llava")
+    kw = dict(fracs=(0.25,), seeds=(0, 1), batch_size=BATCH, progress=False)
+    ref = ablation_curve(model, data[1][:4], single["ram"], **kw)
+    got = ablation_curve_distributed(model, data[1][:4], single["ram"],
+                                     partial=tmp_path / "abl.jsonl", **kw)
+    assert got.to_dict("accuracy") == ref.to_dict("accuracy")
+    assert got.to_dict("logprob") == ref.to_dict("logprob")
+
+
+@pytest.mark.slow
+def test_torchrun_ablation_sweep_equals_ablation_curve(tiny_folder, tiny_model, data, single,
+                                                       tmp_path):
+    from corelens.ablation import AblationCurve, ablation_curve
+
+    single["ram"].save(tmp_path / "ram.json")
+    ref = ablation_curve(tiny_model("llava"), data[1], single["ram"], fracs=(0.25, 0.5),
+                         seeds=(0, 1), batch_size=BATCH, progress=False)
+    out = tmp_path / "curve.json"
+    run = _launch(["ablation", "--model", tiny_folder("llava"), "--data", str(data[0]),
+                   "--scores", str(tmp_path / "ram.json"), "--out", str(out),
+                   "--fracs", "0.25,0.5", "--seeds", "2", "--batch-size", str(BATCH)])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    got = AblationCurve.load(out)
+    for m in ("accuracy", "logprob"):
+        assert got.to_dict(m) == ref.to_dict(m)
+    # 9 jobs (none; top, bottom, 2 random per fraction) x 4 batches, each unit done once
+    units = read_records(partial_files(str(out) + ".partial"), key="unit")
+    assert sorted(units) == [(j, b) for j in range(9) for b in range(4)]
+
+
+# --------------------------------------------------------------------- device_map and bf16
+def test_device_map_cpu_loads_and_matches(tiny_folder, tiny_model, data, single):
+    model = HookedMLLM.from_pretrained(tiny_folder("llava"), device_map={"": "cpu"})
+    assert model.device == torch.device("cpu")
+    got = score_all(model, data[1][:4], batch_size=BATCH, progress=False)
+    for k in ("ram", "visual_mass", "spatial_entropy"):
+        torch.testing.assert_close(got[k].per_example, single[k].per_example[:4], rtol=0,
+                                   atol=1e-6, msg=k)
+    auto = HookedMLLM.from_pretrained(tiny_folder("llava"), device_map="auto")
+    assert auto.device.type in ("cpu", "cuda")  # "auto" on this machine: wherever it fits
+    with pytest.raises(ValueError, match="not both"):
+        HookedMLLM.from_pretrained(tiny_folder("llava"), device="cpu", device_map="auto")
+
+
+def test_accelerate_hooks_per_layer(tiny_folder, data, single):
+    """A dispatched model (accelerate hooks on every decoder layer, as a multi-GPU device_map
+    installs them) still runs every corelens hook and gives the same RAM."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook
+    from transformers import AutoConfig, AutoProcessor
+
+    folder = tiny_folder("llava")
+    config = AutoConfig.from_pretrained(folder)
+    fam = FAMILIES["llava"]
+    hf = fam.hf_class(config).from_pretrained(folder, local_files_only=True)
+    n = config.text_config.num_hidden_layers
+    dmap = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+            "model.language_model.embed_tokens": "cpu", "model.language_model.norm": "cpu",
+            "model.language_model.rotary_emb": "cpu", "lm_head": "cpu",
+            **{f"model.language_model.layers.{i}": "cpu" for i in range(n)}}
+    hf = dispatch_model(hf, device_map=dmap, force_hooks=True)
+    calls: list[str] = []
+    orig = AlignDevicesHook.pre_forward
+
+    def counting(self, module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return orig(self, module, *args, **kwargs)
+
+    AlignDevicesHook.pre_forward = counting
+    try:
+        model = HookedMLLM.from_hf(hf, AutoProcessor.from_pretrained(folder))
+        got = score_all(model, data[1][:2], batch_size=BATCH, progress=False)
+    finally:
+        AlignDevicesHook.pre_forward = orig
+    assert sum(c.endswith("DecoderLayer") for c in calls) >= n  # the layers' hooks fired
+    torch.testing.assert_close(got["ram"].per_example, single["ram"].per_example[:2],
+                               rtol=0, atol=1e-6)
+
+
+def test_bf16_ram_in_range_and_close_to_fp32(tiny_folder, data, single):
+    model = HookedMLLM.from_pretrained(tiny_folder("llava"), dtype=torch.bfloat16)
+    assert next(model.hf_model.parameters()).dtype == torch.bfloat16
+    got = score_all(model, data[1][:4], batch_size=BATCH, progress=False)
+    ram = got["ram"].per_example
+    assert ram.dtype == torch.float32
+    assert (ram >= 0).all() and (ram <= 1 + 1e-6).all()
+    # The rows RAM sums are computed in fp32 from the model's bf16 q and k (pattern_rows(...,
+    # torch.float32)), so the only bf16 error left is upstream: weights and activations rounded
+    # to 8 mantissa bits (relative 2^-9 per rounding) perturb the logits of this tiny model
+    # (|logit| <~ 1) by ~1e-3 and a probability mass by about that times the mass; measured
+    # max |diff| is ~3e-5 (~1.3e-4 when the rows were still rounded to bf16). 1e-3 leaves
+    # ~30x headroom and still fails a dtype or layout bug (masses here differ by ~1e-2+).
+    diff = (ram - single["ram"].per_example[:4]).abs()
+    assert diff.max() < 1e-3, float(diff.max())
+    ref = HeadScores(single["ram"].per_example[:4].mean(0), "ram")
+    assert got["ram"].compare(ref)["spearman"] > 0.9  # the same head ranking
+
+
+def test_pattern_rows_fp32_from_bf16():
+    """RAM's rows on a bf16 model: fp32 scores from the bf16 q/k, not bf16-rounded rows."""
+    from corelens.attention import AttentionInputs
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (3 * torch.randn(1, 2, 6, 8, generator=g)).bfloat16(), torch.randn(1, 2, 6, 8,
+                                                                          generator=g).bfloat16()
+    half = AttentionInputs(0, q, k, k, None, 8 ** -0.5)
+    full = AttentionInputs(0, q.float(), k.float(), k.float(), None, 8 ** -0.5)
+    rows = torch.tensor([[3, 5]])
+    got = half.pattern_rows(rows, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full.pattern_rows(rows), rtol=0, atol=1e-6)
+    assert half.pattern_rows(rows).dtype == torch.bfloat16  # the default is unchanged
