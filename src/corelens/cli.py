@@ -103,6 +103,31 @@ def _families(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo_train(args: argparse.Namespace) -> int:
+    import copy
+
+    from corelens.zoo.train import RECIPES, train
+
+    if args.name not in RECIPES:
+        print(f"unknown toy model {args.name!r}; recipes: {', '.join(sorted(RECIPES))}",
+              file=sys.stderr)
+        return 2
+    recipe = copy.deepcopy(RECIPES[args.name])
+    if args.threads is not None:
+        recipe.threads = args.threads
+    log = train(args.name, args.out, seed=args.seed, steps=args.steps, recipe=recipe)
+    print(json.dumps({k: log[k] for k in ("name", "seed", "seconds", "final_accuracy")}))
+    return 0
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    from corelens import zoo
+
+    for name in zoo.names():
+        print(name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="corelens", description=__doc__)
@@ -114,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     fams = sub.add_parser("families", help="list supported model families")
     fams.set_defaults(func=_families)
+    zoo = sub.add_parser("zoo", help="the shipped toy models: list them, or train one")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    ztrain = zsub.add_parser("train", help="train a toy model from scratch (CPU; resumable)")
+    ztrain.add_argument("--name", default="toy-llava", help="recipe name")
+    ztrain.add_argument("--out", required=True, help="output folder (resumes from its ckpt.pt)")
+    ztrain.add_argument("--seed", type=int, default=0)
+    ztrain.add_argument("--steps", type=int, default=None, help="training steps (recipe default)")
+    ztrain.add_argument("--threads", type=int, default=None, help="torch threads")
+    ztrain.set_defaults(func=_zoo_train)
+    zlist = zsub.add_parser("list", help="list the shipped toy models")
+    zlist.set_defaults(func=_zoo_list)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

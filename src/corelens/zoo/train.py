@@ -1,0 +1,293 @@
+"""The toy-model recipe: a tiny LLaVA trained from scratch on CPU on synthetic scenes.
+
+Model: ``LlavaForConditionalGeneration`` with a 1-layer CLIP tower read at
+``vision_feature_layer=-2`` (the patch embeddings: each vision token sees only its own 8x8
+pixels, so a region is its tokens), a 2-layer MLP projector and a small Llama decoder.
+Data: ``corelens.zoo.scenes`` ("what color is the <shape>"), run through the saved processor
+(``corelens.prepare``) exactly as ``HookedMLLM.prepare_examples`` does, so the shipped folder
+is what was trained. Loss: teacher-forced cross-entropy on the answer tokens only.
+
+Levers (see ``docs/zoo.md``): patch-local vision features, a content query whose key word is
+the last prompt token, a curriculum on the number of objects (1-2 first), and optionally a
+head-sparsity pressure: ``sparsity * mean over layers of the Hoyer ratio`` of the per-head
+output norms at the answer-predicting positions (L1/L2 of the vector of head norms, rescaled to
+[0, 1]; scale-invariant, and it does not choose which heads).
+
+Every run is reproducible from its seed: the model init, and example ``i`` of step ``s`` is
+drawn from a seed derived from ``(seed, s, i)``. Checkpoints (``ckpt.pt``) are written every
+``ckpt_every`` steps and a rerun with the same ``out`` resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corelens.zoo.scenes import SceneTask, make_example
+
+# a minimal chat template: the prompt is "<image> question" and the answer follows it, so the
+# query word is the last prompt token (no role words after it)
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+)
+
+TRAIN_SEED_BASE = 1_000_000_000  # training examples use seeds above this; held-out ones below
+
+
+@dataclass
+class Recipe:
+    task: SceneTask = field(default_factory=lambda: SceneTask(n_objects=(2, 4)))
+    patch_size: int = 8
+    vision_hidden: int = 64
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 256
+    vision_feature_layer: int = -2  # -2 of a 1-layer tower: the patch embeddings (patch-local)
+    vision_layers: int = 1
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    sparsity: float = 0.0  # weight of the Hoyer head-sparsity pressure (0 = off)
+    sparsity_start: int = 1000  # the pressure ramps up linearly from this step ...
+    sparsity_ramp: int = 1000  # ... over this many steps (it slows learning if on from the start)
+    curriculum_steps: int = 400  # steps per curriculum stage (max objects 2, 3, ... final)
+    eval_every: int = 250
+    eval_examples: int = 256  # held-out examples per evaluation (twice as many at the end)
+    ckpt_every: int = 250
+    threads: int = 1  # one is faster than two on a 2-core machine with anything else running
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task"] = self.task.to_dict()
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    # the demo model: sparsity pressure concentrates retrieval in few heads
+    "toy-llava": Recipe(sparsity=0.05),
+    # the same without pressure: retrieval spread over redundant heads
+    "toy-llava-dense": Recipe(sparsity=0.0),
+}
+
+
+def build(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
+    """Build the untrained model and its offline processor, saved to ``folder``."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from corelens.zoo.tokenizer import build_tokenizer
+
+    folder = Path(folder)
+    task = recipe.task
+    tok = build_tokenizer(folder, words=task.words())
+    size = task.image_size
+    vc = CLIPVisionConfig(hidden_size=recipe.vision_hidden,
+                          intermediate_size=2 * recipe.vision_hidden,
+                          num_hidden_layers=recipe.vision_layers,
+                          num_attention_heads=2, image_size=size, patch_size=recipe.patch_size)
+    tc = LlamaConfig(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+                     num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                     num_key_value_heads=recipe.heads, head_dim=recipe.hidden // recipe.heads,
+                     vocab_size=len(tok), max_position_embeddings=1024,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc,
+                      image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=recipe.vision_feature_layer,
+                      vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    ip = LlavaImageProcessorPil(size={"shortest_edge": size},
+                                crop_size={"height": size, "width": size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=recipe.patch_size,
+                          vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=TOY_CHAT_TEMPLATE)
+    proc.save_pretrained(folder)
+    task.save(folder / "task.json")
+    return model, proc
+
+
+def curriculum(recipe: Recipe, step: int) -> SceneTask:
+    lo, hi = recipe.task.n_objects
+    cur_hi = min(hi, 2 + step // max(1, recipe.curriculum_steps))
+    t = SceneTask.from_dict(recipe.task.to_dict())
+    t.n_objects = (min(lo, 1) if cur_hi < hi else lo, cur_hi)
+    return t
+
+
+def step_examples(recipe: Recipe, seed: int, step: int) -> list:
+    task = curriculum(recipe, step)
+    base = TRAIN_SEED_BASE + (seed * 100_003 + step) * recipe.batch_size
+    return [make_example(task, base + i) for i in range(recipe.batch_size)]
+
+
+def encode(hf_model: Any, processor: Any, examples: list) -> Any:
+    """Examples -> ``MultimodalBatch`` through the processor (as ``prepare_examples`` does)."""
+    from corelens.families import get_family
+    from corelens.prepare import prepare
+
+    return prepare(get_family("llava"), hf_model, processor, [e.images for e in examples],
+                   [e.question for e in examples], [e.answer for e in examples],
+                   [e.boxes for e in examples],
+                   distractors=[e.distractors for e in examples],
+                   ids=[e.id for e in examples])
+
+
+def forward_answers(hf_model: Any, batch: Any, capture: list | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the query positions [n, vocab], answer tokens [n]) over all answer tokens."""
+    out = hf_model(input_ids=batch.input_ids, **batch.model_kwargs())
+    rows = torch.cat([torch.full((len(q),), e) for e, q in enumerate(batch.query_positions)])
+    cols = torch.cat(batch.query_positions)
+    return out.logits[rows, cols], torch.cat(batch.answer_tokens)
+
+
+def hoyer_penalty(acts: list[torch.Tensor], batch: Any, heads: int) -> torch.Tensor:
+    """Mean over layers of the rescaled Hoyer ratio (L1/L2 - 1) / (sqrt(H) - 1) of the per-head
+    output norms at the query positions (1 = all heads alike, 0 = one head)."""
+    rows = torch.cat([torch.full((len(q),), e) for e, q in enumerate(batch.query_positions)])
+    cols = torch.cat(batch.query_positions)
+    vals = []
+    for a in acts:  # [b, t, H*d], the o_proj input
+        z = a[rows, cols].view(len(rows), heads, -1)
+        n = z.norm(dim=-1)  # [n, H]
+        ratio = n.sum(-1) / (n.norm(dim=-1) + 1e-6)
+        vals.append(((ratio - 1) / (math.sqrt(heads) - 1)).mean())
+    return torch.stack(vals).mean()
+
+
+@torch.no_grad()
+def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed: int = 12345,
+             batch_size: int = 64) -> float:
+    from corelens.zoo.scenes import make_examples
+
+    hf_model.eval()
+    exs = make_examples(task, n, seed=seed)
+    good = 0
+    for i in range(0, n, batch_size):
+        b = encode(hf_model, processor, exs[i:i + batch_size])
+        logits, ans = forward_answers(hf_model, b)
+        hit = (logits.argmax(-1) == ans)
+        # an example is right when all its answer tokens are
+        k = 0
+        for q in b.query_positions:
+            good += int(hit[k:k + len(q)].all())
+            k += len(q)
+    return good / n
+
+
+def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
+          recipe: Recipe | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``name``'s recipe into ``out`` (resuming from ``out/ckpt.pt``); returns the log."""
+    from tqdm import tqdm
+
+    recipe = copy.deepcopy(recipe or RECIPES[name])
+    if steps is not None:
+        recipe.steps = steps
+    torch.set_num_threads(recipe.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, proc = build(out, recipe, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                            betas=(0.9, 0.98))
+
+    def lr_at(s: int) -> float:
+        if s < recipe.warmup:
+            return (s + 1) / recipe.warmup
+        p = (s - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    log: dict[str, Any] = {"name": name, "seed": seed, "recipe": recipe.to_dict(), "evals": [],
+                           "seconds": 0.0}
+    start = 0
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, log = state["step"], state["log"]
+        log["name"], log["recipe"] = name, recipe.to_dict()
+        print(f"resuming {name} from step {start}")
+
+    heads = recipe.heads
+    acts: list[torch.Tensor] = []
+    hooks = []
+    if recipe.sparsity > 0:
+        for layer in model.model.language_model.layers:
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda mod, args: acts.append(args[0])))
+
+    t0 = time.time() - log["seconds"]
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=name,
+               disable=not progress)
+    ema = None
+    for step in bar:
+        model.train()
+        batch = encode(model, proc, step_examples(recipe, seed, step))
+        acts.clear()
+        logits, ans = forward_answers(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits, ans)
+        total = loss
+        pen = None
+        weight = recipe.sparsity * min(1.0, max(0.0, (step - recipe.sparsity_start + 1)
+                                                 / max(1, recipe.sparsity_ramp)))
+        if recipe.sparsity > 0:
+            pen = hoyer_penalty(acts, batch, heads)
+            total = loss + weight * pen
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        post = {"loss": f"{ema:.3f}", "objs": curriculum(recipe, step).n_objects[1]}
+        if pen is not None:
+            post["hoyer"] = f"{float(pen.detach()):.2f}"
+        bar.set_postfix(post)
+        done = step + 1
+        if done % recipe.eval_every == 0 or done == recipe.steps:
+            acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples)
+            log["evals"].append({"step": done, "accuracy": acc, "loss": ema,
+                                 "seconds": round(time.time() - t0, 1)})
+            bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})")
+        if done % recipe.ckpt_every == 0 or done == recipe.steps:
+            log["seconds"] = round(time.time() - t0, 1)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": done, "log": log}, ckpt)
+    for h in hooks:
+        h.remove()
+    log["seconds"] = round(time.time() - t0, 1)
+    log["final_accuracy"] = accuracy(model, proc, recipe.task, n=2 * recipe.eval_examples,
+                                     seed=777)
+    model.eval()
+    model.save_pretrained(out)
+    (out / "train_log.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

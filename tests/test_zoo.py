@@ -1,0 +1,202 @@
+"""The synthetic scene generator, ``evaluate`` and the shipped toy model's bar."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from corelens import zoo
+from corelens.zoo.scenes import (
+    SceneTask,
+    blank_like,
+    make_example,
+    make_examples,
+    swap_images,
+)
+
+# --- the generator ------------------------------------------------------------------------
+
+
+def test_scenes_are_deterministic_and_valid():
+    task = SceneTask(question_types=("shape", "color", "position", "relation"),
+                     n_objects=(2, 6))
+    a, b = make_examples(task, 40, seed=3), make_examples(task, 40, seed=3)
+    other = make_examples(task, 40, seed=4)
+    for x, y in zip(a, b):
+        assert x.question == y.question and x.answer == y.answer and x.boxes == y.boxes
+        assert x.images[0].tobytes() == y.images[0].tobytes()
+        x.validate()
+    assert [x.question for x in a] != [x.question for x in other]
+    assert {x.metadata["qtype"] for x in a} == {"shape", "color", "position", "relation"}
+
+
+def test_scene_answers_match_the_pixels():
+    from corelens.zoo.scenes import COLORS
+
+    task = SceneTask(question_types=("shape", "color", "position", "relation"),
+                     n_objects=(1, 6))
+    for ex in make_examples(task, 60, seed=1):
+        meta = ex.metadata
+        tgt = meta["target"]
+        (img, (x0, y0, x1, y1)), = ex.boxes
+        assert len(ex.distractors) == meta["n_objects"] - 1
+        # the evidence box holds the target's colour, and the question's key word is last
+        pix = ex.images[img].crop((int(x0), int(y0), int(x1), int(y1))).getcolors(10_000)
+        assert COLORS[tgt["color"]] in {c for _, c in pix}
+        words = ex.question.split()
+        if meta["qtype"] == "shape":
+            assert words[-1] == tgt["shape"] and ex.answer == tgt["color"]
+            shapes = [o["shape"] for o in meta["objects"]]
+            assert shapes.count(tgt["shape"]) == 1
+        elif meta["qtype"] == "color":
+            assert words[-1] == tgt["color"] and ex.answer == tgt["shape"]
+            assert [o["color"] for o in meta["objects"]].count(tgt["color"]) == 1
+        elif meta["qtype"] == "position":
+            assert words[-3:] == [str(tgt["row"]), "col", str(tgt["col"])]
+        else:
+            anchor = meta["objects"][1]
+            assert words[-1] == anchor["shape"]
+            assert abs(anchor["row"] - tgt["row"]) + abs(anchor["col"] - tgt["col"]) == 1
+
+
+@pytest.mark.parametrize("size,grid,n_images", [(32, 4, 1), (64, 4, 1), (256, 8, 1),
+                                                 (64, 4, 3)])
+def test_scene_sizes_and_multi_image(size, grid, n_images):
+    task = SceneTask(image_size=size, grid=grid, n_images=n_images,
+                     n_objects=(n_images, 3 * n_images))
+    exs = make_examples(task, 12, seed=0)
+    for ex in exs:
+        ex.validate()
+        assert len(ex.images) == n_images
+        assert all(im.size == (size, size) for im in ex.images)
+        if n_images > 1:
+            assert ex.question.split()[:n_images] == ["<image>"] * n_images
+    if n_images > 1:  # the evidence is not always in the same image
+        assert len({ex.boxes[0][0] for ex in exs}) > 1
+
+
+def test_scene_task_roundtrip_and_errors(tmp_path):
+    task = SceneTask(n_objects=(1, 3), question_types=("shape", "color"))
+    task.save(tmp_path / "t.json")
+    assert SceneTask.load(tmp_path / "t.json") == task
+    with pytest.raises(ValueError, match="question type"):
+        SceneTask(question_types=("bogus",))
+    with pytest.raises(ValueError, match="n_objects"):
+        SceneTask(grid=2, n_objects=(1, 5))
+
+
+def test_vision_tokens_up_to_1024():
+    # 256 px at the toy model's 8 px patches = 32 x 32 = 1,024 vision tokens per image
+    import tempfile
+
+    from corelens.families import get_family
+    from corelens.prepare import prepare
+    from corelens.zoo.train import Recipe, build
+
+    task = SceneTask(image_size=256, grid=8, n_objects=(2, 10))
+    with tempfile.TemporaryDirectory() as d:
+        model, proc = build(d, Recipe(task=task, hidden=32, heads=2, layers=1,
+                                      intermediate=32), seed=0)
+        ex = make_example(task, 0)
+        b = prepare(get_family("llava"), model, proc, [ex.images], [ex.question], [ex.answer],
+                    [ex.boxes], distractors=[ex.distractors])
+    assert len(b.layout.vision_positions(0)) == 1024
+    assert len(b.evidence_positions(0)) >= 4  # the object spans several tokens
+
+
+# --- the shipped model ---------------------------------------------------------------------
+
+
+SHIPPED = ["toy-llava", "toy-llava-dense"]
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def name(request):
+    assert request.param in zoo.names()
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def toy(name):
+    return zoo.load(name)
+
+
+@pytest.fixture(scope="module")
+def held_out(name):
+    return zoo.examples(name, 48, seed=7)
+
+
+def test_shipped_folder_is_small_and_complete(name):
+    folder = zoo.path(name)
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "task.json", "tokenizer.json"} <= files
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10 * 2 ** 20
+    assert zoo.task(name).question_types == ("shape",)
+
+
+def test_toy_model_layout(toy, held_out):
+    b = toy.prepare_examples(held_out[:2])
+    assert len(b.layout.vision_positions(0)) >= 64
+    assert len(b.evidence_positions(0)) >= 2
+    assert len(b.distractor_positions(0)) == len(held_out[0].distractors)
+
+
+def test_toy_model_reads_the_image(name, toy, held_out):
+    from corelens import evaluate
+
+    res = evaluate(toy, held_out, batch_size=24, progress=False)
+    assert res.accuracy >= 0.95, res
+    assert len(res.logprobs) == len(held_out) and bool((res.logprobs <= 0).all())
+    assert res.predictions[0] in zoo.task(name).answers()
+    assert torch.equal(res.correct, torch.tensor([p == a for p, a in
+                                                  zip(res.predictions, res.answers)]))
+
+    chance = 1 / len(zoo.task(name).colors)
+    tol = 0.15  # 48 examples: a binomial at p = 1/6 stays below 1/6 + 0.15 with > 99% prob.
+    blank = evaluate(toy, [blank_like(e) for e in held_out], batch_size=24, progress=False)
+    swapped = evaluate(toy, swap_images(held_out), batch_size=24, progress=False)
+    assert blank.accuracy <= chance + tol, blank
+    assert swapped.accuracy <= chance + tol, swapped
+    assert blank.mean_logprob < res.mean_logprob - 1.0
+
+    # text-only baselines: the majority answer of the (balanced) task cannot beat chance
+    train_like = zoo.examples(name, 600, seed=99)
+    majority = Counter(e.answer for e in train_like).most_common(1)[0][0]
+    maj_acc = sum(e.answer == majority for e in held_out) / len(held_out)
+    assert maj_acc <= chance + tol
+    # ... and with the image blanked the model answers (nearly) the same for every question
+    assert len(set(blank.predictions)) <= 3
+
+
+# --- the recipe ------------------------------------------------------------------------------
+
+
+def test_train_checkpoints_and_resumes(tmp_path):
+    from corelens.zoo.train import Recipe, train
+
+    def recipe(steps):
+        return Recipe(task=SceneTask(image_size=32, n_objects=(1, 2)), hidden=32, heads=2,
+                      layers=1, intermediate=32, vision_hidden=16, batch_size=4, steps=steps,
+                      eval_every=2, ckpt_every=2, eval_examples=8, sparsity=0.1,
+                      sparsity_start=0, sparsity_ramp=1)
+
+    full = train("t", tmp_path / "a", seed=1, recipe=recipe(4), progress=False)
+    train("t", tmp_path / "b", seed=1, recipe=recipe(2), progress=False)
+    resumed = train("t", tmp_path / "b", seed=1, recipe=recipe(4), progress=False)
+    assert [e["step"] for e in resumed["evals"]] == [2, 4]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same run, interrupted or not
+    from corelens import HookedMLLM
+
+    m = HookedMLLM.from_pretrained(tmp_path / "b")  # the folder is a complete checkpoint
+    assert m.cfg.n_layers == 1 and full["final_accuracy"] >= 0
+
+
+def test_cli_zoo_list(capsys):
+    from corelens.cli import main
+
+    assert main(["zoo", "list"]) == 0
+    assert "toy-llava" in capsys.readouterr().out.split()
