@@ -1,19 +1,85 @@
+"""The CLI: `corelens demo` runs the whole study on the shipped toy model; the report renders
+offline in a real browser."""
+
+from __future__ import annotations
+
 import json
+
+import pytest
 
 from corelens.cli import main
 
 
-def test_demo_writes_summary(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["random_model"] is True
-    assert summary["sdpa_vs_eager_max_abs_diff"] < 1e-4
-    # the 24x24 px evidence box covers 3x3 of the tiny LLaVA's 8 px tokens after the crop
-    assert len(summary["evidence_tokens"]) == 9
-    assert all(t.startswith("<img 0:") for t in summary["evidence_tokens"])
-    assert "tiny RANDOM" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--n", "96", "--pairs", "8"]) == 0
+    return out
 
 
-def test_families_lists_llava(capsys):
+def test_demo_summary_shows_the_causal_claim(demo_out):
+    s = json.loads((demo_out / "summary.json").read_text())
+    assert s["core_heads"] and all(len(h) == 2 for h in s["core_heads"])
+    ab = s["ablation"]
+    assert ab["frac"] == 0.05 and ab["seeds"] >= 8
+    assert ab["none"] >= 0.95
+    assert ab["random"] - ab["top"] >= 0.2  # CoRe heads matter far more than random heads
+    assert abs(ab["none"] - ab["bottom"]) < 0.02  # the bottom 5% barely matter
+    assert s["seconds"] > 0 and s["random_model"] is False
+    assert (demo_out / "report.html").stat().st_size > 10_000
+    assert json.loads((demo_out / "ram.json").read_text())["metric"] == "ram"
+
+
+@pytest.mark.slow
+def test_report_renders_offline_in_headless_chromium(demo_out):
+    import io
+
+    import chromium
+    import numpy as np
+    from PIL import Image
+
+    from corelens.views.plots import is_blank
+
+    if not chromium.available():
+        pytest.skip(chromium.INSTALL_HINT)
+    res = chromium.render(demo_out / "report.html")
+    assert res.requests == [] and res.dom["external"] == [], res.requests
+    assert res.console_errors == [] and res.exceptions == [], (res.console_errors,
+                                                                 res.exceptions)
+    assert res.dom["images"] >= 4 and res.dom["images_loaded"] == res.dom["images"]
+    assert all(w > 100 and h > 100 for w, h in res.dom["image_sizes"])  # overlays are visible
+    assert res.dom["circuitsvis_rendered"] == res.dom["circuitsvis"] >= 1
+    assert not is_blank(res.screenshot)
+    shot = np.asarray(Image.open(io.BytesIO(res.screenshot)).convert("RGB"))
+    assert (shot.std(axis=(0, 1)) > 5).any()
+
+
+def test_families_lists_every_family(capsys):
+    from corelens.families import FAMILIES
+
     assert main(["families"]) == 0
-    assert "LlavaForConditionalGeneration" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(cls in out for f in FAMILIES.values() for cls in f.hf_architectures)
+
+
+def test_zoo_list(capsys):
+    assert main(["zoo", "list"]) == 0
+    assert "toy-llava" in capsys.readouterr().out
+
+
+def test_score_and_ablate_commands(tmp_path):
+    from corelens import HeadScores, save_jsonl, zoo
+    from corelens.ablation import AblationCurve
+
+    save_jsonl(zoo.examples("toy-llava", 16, seed=7), tmp_path / "data.jsonl")
+    model = str(zoo.path("toy-llava"))
+    assert main(["score", "--model", model, "--data", str(tmp_path / "data.jsonl"),
+                 "--out", str(tmp_path / "ram.json"), "--no-progress"]) == 0
+    scores = HeadScores.load(tmp_path / "ram.json")
+    assert scores.metric == "ram" and scores.n_examples == 16
+    assert scores.top(k=1)[0] in [(0, 1), (0, 2)]  # the two retrieval heads
+    assert main(["ablate", "--model", model, "--data", str(tmp_path / "data.jsonl"),
+                 "--scores", str(tmp_path / "ram.json"), "--out", str(tmp_path / "abl.json"),
+                 "--fracs", "0.05", "--seeds", "2"]) == 0
+    curve = AblationCurve.load(tmp_path / "abl.json")
+    assert curve.ks == [1] and len(curve.to_dict()["random_seeds"][0]) == 2

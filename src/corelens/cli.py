@@ -6,92 +6,42 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The whole study on the shipped toy model: ``OUT/report.html`` and ``OUT/summary.json``."""
     import torch
-    from PIL import Image, ImageDraw
-    from tqdm import tqdm
 
-    from corelens import HookedMLLM
-    from corelens.families import get_family
+    from corelens import zoo
+    from corelens.report import run_study, toy_pairs
 
     torch.set_num_threads(args.threads)
-    t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=5, desc="corelens demo", unit="step")
-
-    folder = out / f"tiny-{args.family}"
-    print(f"NOTE: no trained toy model ships yet; the demo runs on a tiny RANDOM "
-          f"{args.family} model built at {folder} (its answers are noise, its plumbing is real).")
-    if not (folder / "config.json").exists():
-        get_family(args.family).build_tiny(folder, seed=0)
-    model = HookedMLLM.from_pretrained(folder)
-    steps.update()
-
-    # a grounded example: a red square on grey, the question about it, its box
-    img = Image.new("RGB", (96, 64), (128, 128, 128))
-    box = (24, 16, 48, 40)
-    ImageDraw.Draw(img).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(220, 30, 30))
-    batch = model.prepare([img], ["what is the color of the square ?"], answers=["red"],
-                          boxes=[box])
-    evidence = batch.evidence_positions(0)
-    vision = batch.layout.vision_positions(0)
-    steps.update()
-
-    with torch.no_grad():
-        with model.attention.use("sdpa"):
-            fast = model(batch)
-        with model.attention.use("eager"):
-            slow = model(batch)
-    parity = float((fast - slow).abs().max())
-    steps.update()
-
-    # attention mass of each head from the answer-predicting position on the evidence tokens,
-    # read from the attention backend's rows (no full pattern is built)
-    q = batch.query_positions[0].to(model.device)
-    mass = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-
-    def tap(inputs):
-        rows = inputs.pattern_rows(q[None])[0]  # [head, q, key]
-        mass[inputs.layer] = rows[..., evidence.to(rows.device)].sum(-1).mean(-1).float().cpu()
-
-    with torch.no_grad():
-        ctx = [model.attention.tap(layer, tap) for layer in range(model.cfg.n_layers)]
-        for c in ctx:
-            c.__enter__()
-        try:
-            model(batch)
-        finally:
-            for c in ctx:
-                c.__exit__(None, None, None)
-    steps.update()
-
-    flat = mass.flatten()
-    top = flat.argsort(descending=True)[:3].tolist()
-    H = model.cfg.n_heads
-    summary = {
-        "model": str(folder),
-        "family": model.family.name,
-        "random_model": True,
-        "n_layers": model.cfg.n_layers,
-        "n_heads": H,
-        "seq_len": batch.seq_len,
-        "vision_tokens": int(len(vision)),
-        "evidence_box": list(box),
-        "evidence_tokens": [model.to_str_tokens(batch)[int(p)] for p in evidence],
-        "sdpa_vs_eager_max_abs_diff": parity,
-        "evidence_mass_top_heads": [[i // H, i % H, round(float(flat[i]), 4)] for i in top],
-        "seconds": round(time.time() - t0, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    steps.update()
-    steps.close()
+    model = zoo.load(args.model)
+    examples = zoo.examples(args.model, args.n, seed=args.seed)
+    pairs = toy_pairs(examples[: args.pairs], zoo.task(args.model))
+    summary = run_study(model, examples, args.out, pairs=pairs,
+                        title=f"corelens demo: {args.model}",
+                        extra={"model": args.model, "random_model": False})
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'summary.json'}")
+    print(f"wrote {Path(args.out) / 'report.html'} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """The study on any supported model and a JSONL file of grounded examples."""
+    import torch
+
+    from corelens import HookedMLLM, load_jsonl
+    from corelens.report import run_study
+
+    torch.set_num_threads(args.threads)
+    model = HookedMLLM.from_pretrained(args.model, device=args.device)
+    examples = load_jsonl(args.data, skip_invalid=args.skip_invalid)
+    summary = run_study(model, examples, args.out, title=f"corelens report: {args.model}",
+                        batch_size=args.batch_size, extra={"model": str(args.model),
+                                                           "data": str(args.data)})
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -132,11 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="corelens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the corelens flow end to end on a shipped model")
+    demo = sub.add_parser("demo", help="the whole study on the shipped toy model -> report.html")
     demo.add_argument("--out", default="corelens-demo", help="output folder")
-    demo.add_argument("--family", default="llava", help="model family of the demo model")
+    demo.add_argument("--model", default="toy-llava", help="a shipped toy model (zoo list)")
+    demo.add_argument("--n", type=int, default=128, help="examples to score and ablate on")
+    demo.add_argument("--pairs", type=int, default=16, help="clean/corrupted pairs to patch")
+    demo.add_argument("--seed", type=int, default=2026)
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=_demo)
+    rep = sub.add_parser("report", help="the whole study on a model + JSONL data -> report.html")
+    rep.add_argument("--model", required=True, help="model folder or hub id")
+    rep.add_argument("--data", required=True, help="grounded examples (JSONL, docs/data.md)")
+    rep.add_argument("--out", default="corelens-report")
+    rep.add_argument("--device", default=None)
+    rep.add_argument("--batch-size", type=int, default=16)
+    rep.add_argument("--skip-invalid", action="store_true")
+    rep.add_argument("--threads", type=int, default=1)
+    rep.set_defaults(func=_report)
+    score = sub.add_parser("score", help="score every head (RAM & co.) -> HeadScores JSON; "
+                           "under torchrun with --distributed", add_help=False)
+    score.set_defaults(func=None, forward="score")
+    ablate = sub.add_parser("ablate", help="ablation curve (top vs random vs bottom) -> JSON; "
+                            "under torchrun with --distributed", add_help=False)
+    ablate.set_defaults(func=None, forward="ablate")
     fams = sub.add_parser("families", help="list supported model families")
     fams.set_defaults(func=_families)
     zoo = sub.add_parser("zoo", help="the shipped toy models: list them, or train one")
@@ -150,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ztrain.set_defaults(func=_zoo_train)
     zlist = zsub.add_parser("list", help="list the shipped toy models")
     zlist.set_defaults(func=_zoo_list)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("score", "ablate"):  # their own parsers (corelens.distributed)
+        from corelens import distributed
+
+        rest = [a for a in argv[1:] if a != "--distributed"]
+        entry = distributed.main_score if argv[0] == "score" else distributed.main_ablation
+        return int(entry(rest))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -52,13 +52,19 @@ def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " ba
 
 
 def logit_diff(answer_ids: Tensor, wrong_ids: Tensor) -> Metric:
-    """Logit of ``answer_ids[e]`` minus ``wrong_ids[e]`` at the first query position."""
+    """Logit of ``answer_ids[e]`` minus ``wrong_ids[e]`` at the first query position.
+
+    On a batch stacked k times (``repeat_batch``, as ``patch_heads``'s sweep runs it), the ids
+    repeat with it: copy i's example e uses ``answer_ids[e]``."""
 
     def metric(logits: Tensor, batch: MultimodalBatch) -> Tensor:
         q = batch.last_prompt_positions.to(logits.device)
         rows = logits[torch.arange(len(q), device=logits.device), q].float()
         idx = torch.arange(len(q), device=logits.device)
-        return rows[idx, answer_ids.to(logits.device)] - rows[idx, wrong_ids.to(logits.device)]
+        a, w = answer_ids.to(logits.device), wrong_ids.to(logits.device)
+        if len(a) != len(q) and len(a) and len(q) % len(a) == 0:
+            a, w = a.repeat(len(q) // len(a)), w.repeat(len(q) // len(a))
+        return rows[idx, a] - rows[idx, w]
 
     return metric
 

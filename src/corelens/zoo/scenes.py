@@ -276,3 +276,18 @@ def swap_images(examples: list[GroundedExample]) -> list[GroundedExample]:
                             list(examples[(i + 1) % n].boxes), [], id=f"{ex.id}-swapped",
                             metadata=dict(ex.metadata))
             for i, ex in enumerate(examples)]
+
+
+def recolor_target(ex: GroundedExample, color: str,
+                   background: tuple[int, int, int] = (0, 0, 0)) -> GroundedExample:
+    """The same scene and question with the queried object redrawn in ``color``: a corrupted
+    partner whose layout matches ``ex`` exactly (for activation and path patching)."""
+    target = ex.metadata["target"]
+    images = [im.copy() for im in ex.images]
+    draw = ImageDraw.Draw(images[target["image"]])
+    x0, y0, x1, y1 = target["box"]
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=background)
+    draw_shape(draw, target["shape"], tuple(target["box"]), COLORS[color])
+    meta = {**ex.metadata, "target": {**target, "color": color}}
+    return GroundedExample(images, ex.question, color, list(ex.boxes), list(ex.distractors),
+                           id=f"{ex.id}-recolored-{color}", metadata=meta)
