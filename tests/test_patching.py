@@ -13,6 +13,7 @@ from corelens.patching import (
     answer_logprob,
     attribute_heads,
     check_aligned,
+    logit_diff,
     patch_heads,
     patch_heads_by_group,
     patch_residual,
@@ -58,6 +59,16 @@ def test_batched_head_sweep_equals_one_head_per_forward(name, tiny_model):
     with torch.no_grad():
         base = answer_logprob(model(corrupt), corrupt).mean()
     assert (swept - base).abs().max() > 1e-4  # patching did something
+
+
+def test_logit_diff_works_in_the_batched_sweep(tiny_model):
+    # the sweep stacks k copies of the batch: per-example ids must repeat with it
+    model = tiny_model("llava")
+    clean, corrupt = _pair(model)
+    a = torch.stack([t[0] for t in clean.answer_tokens])
+    metric = logit_diff(a, (a + 1) % model.cfg.d_vocab)
+    swept = patch_heads(model, clean, corrupt, metric, heads_per_forward=5)
+    assert torch.allclose(swept, _one_head_loop(model, clean, corrupt, metric), atol=1e-4)
 
 
 def test_repeat_batch_runs_k_identical_copies(tiny_model):

@@ -119,9 +119,7 @@ class HeadScores:
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """Layers x heads heatmap (matplotlib); the top-5% heads are outlined."""
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # no backend forced: a notebook keeps its inline one
 
         if ax is None:
             _, ax = plt.subplots(figsize=(1 + 0.4 * self.n_heads, 1 + 0.3 * self.n_layers))

@@ -40,6 +40,7 @@ def family_for_config(hf_config: Any) -> Family:
 
 
 def get_family(name: str) -> Family:
+    """The registered family called ``name`` (``corelens families`` lists them)."""
     try:
         return FAMILIES[name]
     except KeyError:
