@@ -22,7 +22,8 @@ def test_eager_only_while_pattern_hooked(tiny_model):
     orig = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*a, **k):
-        seen.append("sdpa")
+        if a[0].shape[1] == model.cfg.n_heads:  # decoder calls (the tower has 2 heads, not 4)
+            seen.append("sdpa")
         return orig(*a, **k)
 
     torch.nn.functional.scaled_dot_product_attention = spy
@@ -141,3 +142,18 @@ def test_padding_does_not_change_an_example(tiny_model):
         a = model(alone)[0, alone.query_positions[0]]
         b = model(padded)[0, padded.query_positions[0]]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_vision_tower_runs_sdpa_unless_its_pattern_is_hooked(tiny_model):
+    model = tiny_model(NAME)
+    batch = _batch(model)
+    attn = model.bridge.vision_encoder.encoder_layers[0].attn.original_component
+    with torch.no_grad():
+        plain = model(batch)
+    assert attn.config._attn_implementation == "sdpa"
+    logits, cache = model.run_with_cache(
+        batch, names_filter=lambda n: n.startswith("vision") and n.endswith("hook_pattern"))
+    assert attn.config._attn_implementation == "eager"
+    pattern = cache["vision_encoder.encoder_layers.0.attn.hook_pattern"]
+    assert torch.allclose(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), atol=1e-5)
+    assert torch.allclose(logits, plain, atol=1e-5)

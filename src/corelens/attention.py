@@ -152,10 +152,31 @@ class AttentionBackend:
             text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
             if text is not None and text is not hf_config:
                 text._attn_implementation = "sdpa"
+        self._vision_switch(bridge)
         if added:  # let the bridge's hook registry see the hook points it lacked
             bridge.clear_hook_registry()
             if hasattr(bridge, "_initialize_hook_registry"):
                 bridge._initialize_hook_registry()
+
+    def _vision_switch(self, bridge: Any) -> None:
+        """The vision tower runs SDPA too, and eager only while one of its pattern hooks is
+        live (the bridge fires those hooks from HF's eager attention weights)."""
+        tower = getattr(bridge, "vision_encoder", None)
+        if tower is None:
+            return
+        hooks = [hp for name, hp in bridge.hook_dict.items() if name.startswith("vision")
+                 and name.endswith(("hook_pattern", "hook_attn_scores"))]
+        configs = {id(c): c for m in tower.modules()
+                   if (c := getattr(m, "config", None)) is not None
+                   and hasattr(c, "_attn_implementation")
+                   and not type(c).__name__.startswith("TransformerBridge")}
+
+        def switch(module: Any, args: Any) -> None:
+            eager = self.mode == "eager" or any(_has_hooks(hp) for hp in hooks)
+            for c in configs.values():
+                c._attn_implementation = "eager" if eager else "sdpa"
+
+        tower.register_forward_pre_hook(switch)
 
     # --- the per-head interface --------------------------------------------------------------
     @contextlib.contextmanager
