@@ -83,3 +83,25 @@ def test_score_and_ablate_commands(tmp_path):
                  "--fracs", "0.05", "--seeds", "2"]) == 0
     curve = AblationCurve.load(tmp_path / "abl.json")
     assert curve.ks == [1] and len(curve.to_dict()["random_seeds"][0]) == 2
+
+
+def test_patch_command(tmp_path):
+    import torch
+
+    from corelens import save_jsonl, zoo
+    from corelens.zoo.scenes import recolor_target
+
+    examples = zoo.examples("toy-llava", 4, seed=3)
+    task = zoo.task("toy-llava")
+    corrupted = [recolor_target(e, next(c for c in task.colors if c != e.answer),
+                                task.background) for e in examples]
+    save_jsonl(examples, tmp_path / "clean.jsonl")
+    save_jsonl(corrupted, tmp_path / "corrupt.jsonl")
+    assert main(["patch", "--model", str(zoo.path("toy-llava")), "--clean",
+                 str(tmp_path / "clean.jsonl"), "--corrupted", str(tmp_path / "corrupt.jsonl"),
+                 "--out", str(tmp_path / "p.json"), "--attribution"]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    effects = torch.tensor(res["patched"]) - res["baseline"]
+    assert effects.shape == (4, 4)
+    # restoring the clean answer's log-prob: the retrieval heads of layer 0 matter most
+    assert effects.flatten().argmax() // 4 == 0

@@ -45,6 +45,35 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patch(args: argparse.Namespace) -> int:
+    """Activation patching of every head on example pairs, metric: logit(clean answer) -
+    logit(corrupted answer) at the answer position. Line i of --clean and of --corrupted form
+    a pair; their layouts must match."""
+    import torch
+
+    from corelens import HookedMLLM, load_jsonl
+    from corelens.patching import attribute_heads, logit_diff, patch_heads
+
+    torch.set_num_threads(args.threads)
+    model = HookedMLLM.from_pretrained(args.model, device=args.device)
+    clean = model.prepare_examples(load_jsonl(args.clean))
+    corrupt = model.prepare_examples(load_jsonl(args.corrupted))
+    source, target = (clean, corrupt) if args.direction == "denoise" else (corrupt, clean)
+    metric = logit_diff(torch.stack([a[0] for a in clean.answer_tokens]),
+                        torch.stack([a[0] for a in corrupt.answer_tokens]))
+    effects = patch_heads(model, source, target, metric,
+                          heads_per_forward=args.heads_per_forward, progress=True)
+    with torch.no_grad():
+        base = float(metric(model(target), target).mean())
+    out = {"metric": "logit_diff(clean answer, corrupted answer)", "direction": args.direction,
+           "baseline": base, "patched": effects.tolist()}
+    if args.attribution:
+        out["attribution"] = attribute_heads(model, source, target, metric).tolist()
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _families(args: argparse.Namespace) -> int:
     from corelens.families import FAMILIES
 
@@ -99,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--skip-invalid", action="store_true")
     rep.add_argument("--threads", type=int, default=1)
     rep.set_defaults(func=_report)
+    patch = sub.add_parser("patch", help="activation patching of every head on example pairs")
+    patch.add_argument("--model", required=True, help="model folder or hub id")
+    patch.add_argument("--clean", required=True, help="JSONL of clean examples")
+    patch.add_argument("--corrupted", required=True, help="JSONL of corrupted partners, "
+                       "line by line, same layouts")
+    patch.add_argument("--out", default="patching.json")
+    patch.add_argument("--direction", choices=["denoise", "noise"], default="denoise",
+                       help="denoise: patch clean activations into the corrupted run")
+    patch.add_argument("--attribution", action="store_true", help="also attribution patching")
+    patch.add_argument("--heads-per-forward", type=int, default=8)
+    patch.add_argument("--device", default=None)
+    patch.add_argument("--threads", type=int, default=1)
+    patch.set_defaults(func=_patch)
     score = sub.add_parser("score", help="score every head (RAM & co.) -> HeadScores JSON; "
                            "under torchrun with --distributed", add_help=False)
     score.set_defaults(func=None, forward="score")
