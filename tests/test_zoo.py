@@ -109,7 +109,7 @@ def test_vision_tokens_up_to_1024():
 # --- the shipped model ---------------------------------------------------------------------
 
 
-SHIPPED = ["toy-llava", "toy-llava-dense"]
+SHIPPED = ["toy-llava", "toy-llava-dense", "toy-qwen-vl"]
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
@@ -193,6 +193,43 @@ def test_train_checkpoints_and_resumes(tmp_path):
 
     m = HookedMLLM.from_pretrained(tmp_path / "b")  # the folder is a complete checkpoint
     assert m.cfg.n_layers == 1 and full["final_accuracy"] >= 0
+
+
+def test_qwen_recipe_is_patch_local_and_trains(tmp_path):
+    # the family-generic recipe: a Qwen2.5-VL built from the recipe, trained through its own
+    # processor; the vision blocks' attention stays zeroed, so each LM token sees only its pixels
+    from corelens import HookedMLLM
+    from corelens.zoo.train import Recipe, train
+
+    task = SceneTask(image_size=64, n_objects=(1, 2))
+    recipe = Recipe(task=task, family="qwen2_5_vl", hidden=32, heads=2, kv_heads=1, layers=1,
+                    intermediate=32, vision_hidden=16, batch_size=4, steps=2, eval_every=2,
+                    ckpt_every=2, eval_examples=8)
+    train("q", tmp_path, seed=0, recipe=recipe, progress=False)
+    m = HookedMLLM.from_pretrained(tmp_path)
+    hf = m.hf_model
+    assert type(hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert hf.config.text_config.num_key_value_heads == 1
+    for blk in hf.model.visual.blocks:
+        assert not blk.attn.proj.weight.any() and not blk.attn.proj.bias.any()
+    b = m.prepare_examples(make_examples(task, 2, seed=0))
+    assert len(b.layout.vision_positions(0)) == (64 // 16) ** 2  # 8 px patches, 2x2 merge
+    # a pixel of the first LM token's 16x16 square changes that token's features only
+    from corelens.zoo.reference import load_plain
+
+    plain, proc = load_plain(tmp_path)
+    img = make_example(task, 0).images[0]
+    other = img.copy()
+    other.putpixel((1, 1), (255, 255, 255) if img.getpixel((1, 1)) != (255, 255, 255)
+                   else (0, 0, 0))
+    feats = []
+    for im in (img, other):
+        enc = proc.image_processor(images=[im], return_tensors="pt")
+        with torch.no_grad():
+            out = plain.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+        feats.append(torch.cat(list(out.pooler_output)))
+    changed = (feats[0] - feats[1]).abs().amax(-1) > 1e-6
+    assert changed.tolist() == [True] + [False] * 15
 
 
 def test_cli_zoo_list(capsys):

@@ -1,7 +1,8 @@
 """Reference analysis of a toy model, with plain HF tools only (the ground truth for corelens).
 
-No corelens metric or intervention is used: the model is the plain HF
-``LlavaForConditionalGeneration`` loaded from the folder with eager attention; attention mass
+No corelens metric or intervention is used: the model is the plain HF class its config names
+(``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) loaded from the
+folder with eager attention; attention mass
 comes from ``output_attentions=True``; ablation is a forward pre-hook on each decoder layer's
 ``o_proj`` that zeroes one head's slice of its input (that head's output, at every position).
 Only the token sets — which sequence positions are the target object's / each distractor's
@@ -31,10 +32,13 @@ import torch
 
 
 def load_plain(folder: str | Path) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """The plain HF model (the class its ``config.json`` names, eager attention) and processor."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, attn_implementation="eager", local_files_only=True).eval()
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cls = getattr(transformers, (cfg.architectures or ["AutoModelForImageTextToText"])[0])
+    model = cls.from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
     proc = AutoProcessor.from_pretrained(folder, local_files_only=True)
     return model, proc
 

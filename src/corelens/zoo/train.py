@@ -1,8 +1,13 @@
-"""The toy-model recipe: a tiny LLaVA trained from scratch on CPU on synthetic scenes.
+"""The toy-model recipe: a tiny MLLM trained from scratch on CPU on synthetic scenes.
 
-Model: ``LlavaForConditionalGeneration`` with a 1-layer CLIP tower read at
+``Recipe.family`` names the corelens family whose HF model is built. ``llava``:
+``LlavaForConditionalGeneration`` with a 1-layer CLIP tower read at
 ``vision_feature_layer=-2`` (the patch embeddings: each vision token sees only its own 8x8
 pixels, so a region is its tokens), a 2-layer MLP projector and a small Llama decoder.
+``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` with a ``vision_layers``-block tower whose
+attention output projections are zeroed and frozen (``patch_local``, as
+``Family.build_tiny(patch_local=True)``: each LM token depends only on its own 2x2 merged
+patches), the merger, and a small Qwen2 decoder (GQA with ``kv_heads``).
 Data: ``corelens.zoo.scenes`` ("what color is the <shape>"), run through the saved processor
 (``corelens.prepare``) exactly as ``HookedMLLM.prepare_examples`` does, so the shipped folder
 is what was trained. Loss: teacher-forced cross-entropy on the answer tokens only.
@@ -41,18 +46,26 @@ TOY_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}{% endfor %}"
 )
 
+# the same for Qwen-VL: its processor expands <|image_pad|> between the vision start/end markers
+QWEN_TOY_CHAT_TEMPLATE = TOY_CHAT_TEMPLATE.replace(
+    "<image> ", "<|vision_start|><|image_pad|><|vision_end|> ")
+
 TRAIN_SEED_BASE = 1_000_000_000  # training examples use seeds above this; held-out ones below
 
 
 @dataclass
 class Recipe:
     task: SceneTask = field(default_factory=lambda: SceneTask(n_objects=(2, 4)))
+    family: str = "llava"  # the corelens family whose HF model is built ("qwen2_5_vl")
     patch_size: int = 8
     vision_hidden: int = 64
     hidden: int = 128
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
+    kv_heads: int | None = None  # key/value heads (None: as many as heads; fewer: GQA)
+    merge: int = 2  # Qwen-VL: merge x merge patches per LM token
+    patch_local: bool = True  # Qwen-VL: zero and freeze the vision blocks' attention output
     vision_feature_layer: int = -2  # -2 of a 1-layer tower: the patch embeddings (patch-local)
     vision_layers: int = 1
     steps: int = 3000
@@ -80,11 +93,21 @@ RECIPES: dict[str, Recipe] = {
     "toy-llava": Recipe(sparsity=0.05),
     # the same without pressure: retrieval spread over redundant heads
     "toy-llava-dense": Recipe(sparsity=0.0),
+    # Qwen2.5-VL: 128 px images -> 16x16 8-px patches -> 8x8 = 64 LM tokens after the 2x2
+    # merge; each object (24 px in a 32 px cell) spans 2x2 LM tokens; Qwen2 decoder with GQA
+    "toy-qwen-vl": Recipe(task=SceneTask(image_size=128, n_objects=(2, 4)),
+                          family="qwen2_5_vl", kv_heads=2, sparsity=0.05, steps=2000,
+                          sparsity_ramp=500),
 }
 
 
 def build(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
     """Build the untrained model and its offline processor, saved to ``folder``."""
+    if recipe.family == "qwen2_5_vl":
+        return _build_qwen2_5_vl(folder, recipe, seed)
+    if recipe.family != "llava":
+        raise ValueError(f"no toy recipe for family {recipe.family!r}; "
+                         "choose llava or qwen2_5_vl")
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -127,6 +150,67 @@ def build(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
     return model, proc
 
 
+def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
+    """Qwen2.5-VL: ``vision_layers`` blocks (attention zeroed if ``patch_local``), the merger,
+    and a Qwen2 decoder; the processor keeps every image at ``image_size`` pixels."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from corelens.families.qwen_vl import QwenVL
+    from corelens.zoo.tokenizer import build_tokenizer
+
+    folder = Path(folder)
+    task = recipe.task
+    tok = build_tokenizer(folder, words=task.words())
+    size, patch, merge = task.image_size, recipe.patch_size, recipe.merge
+    if size % (patch * merge):
+        raise ValueError(f"image_size {size} is not a multiple of patch * merge = "
+                         f"{patch * merge}")
+    head_dim = recipe.hidden // recipe.heads
+    q = head_dim // 2  # M-RoPE sections (temporal, height, width) sum to head_dim / 2
+    section = [q - 2 * (q * 3 // 8), q * 3 // 8, q * 3 // 8]
+    vision = dict(depth=recipe.vision_layers, hidden_size=recipe.vision_hidden,
+                  intermediate_size=2 * recipe.vision_hidden, num_heads=2, patch_size=patch,
+                  spatial_merge_size=merge, temporal_patch_size=2, out_hidden_size=recipe.hidden,
+                  window_size=2 * patch * merge,
+                  fullatt_block_indexes=[recipe.vision_layers - 1])
+    text = dict(hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+                num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                num_key_value_heads=recipe.kv_heads or recipe.heads,
+                max_position_embeddings=1024, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": section},
+                vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text,
+                           tie_word_embeddings=False, **QwenVL._token_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    if recipe.patch_local:
+        with torch.no_grad():
+            for blk in model.model.visual.blocks:
+                for prm in blk.attn.proj.parameters():
+                    prm.zero_()
+                    prm.requires_grad_(False)  # stays zero in training
+    pixels = size * size  # min = max: the processor keeps the image at image_size
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                  min_pixels=pixels, max_pixels=pixels)
+    vp = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                               min_pixels=pixels, max_pixels=pixels)
+    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                               chat_template=QWEN_TOY_CHAT_TEMPLATE)
+    proc.save_pretrained(folder)
+    task.save(folder / "task.json")
+    return model, proc
+
+
 def curriculum(recipe: Recipe, step: int) -> SceneTask:
     lo, hi = recipe.task.n_objects
     cur_hi = min(hi, 2 + step // max(1, recipe.curriculum_steps))
@@ -143,12 +227,12 @@ def step_examples(recipe: Recipe, seed: int, step: int) -> list:
 
 def encode(hf_model: Any, processor: Any, examples: list) -> Any:
     """Examples -> ``MultimodalBatch`` through the processor (as ``prepare_examples`` does)."""
-    from corelens.families import get_family
+    from corelens.families import family_for_config
     from corelens.prepare import prepare
 
-    return prepare(get_family("llava"), hf_model, processor, [e.images for e in examples],
-                   [e.question for e in examples], [e.answer for e in examples],
-                   [e.boxes for e in examples],
+    return prepare(family_for_config(hf_model.config), hf_model, processor,
+                   [e.images for e in examples], [e.question for e in examples],
+                   [e.answer for e in examples], [e.boxes for e in examples],
                    distractors=[e.distractors for e in examples],
                    ids=[e.id for e in examples])
 
@@ -208,7 +292,8 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc = build(out, recipe, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+    trainable = [p for p in model.parameters() if p.requires_grad]  # patch_local: proj frozen
+    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.98))
 
     def lr_at(s: int) -> float:
