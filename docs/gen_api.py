@@ -46,6 +46,10 @@ def _constant(obj) -> str:
         return f"A set: `{', '.join(sorted(map(str, obj)))}`."
     if isinstance(obj, (tuple, list)):
         return f"A sequence: `{', '.join(map(str, obj))}`."
+    if isinstance(obj, Path):  # machine-specific: name the place inside the package
+        parts = obj.parts
+        inside = parts[parts.index("corelens"):] if "corelens" in parts else (obj.name,)
+        return f"A path: `{'/'.join(inside)}` (inside the installed package)."
     return f"A constant: `{obj!r}`"
 
 

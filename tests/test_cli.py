@@ -105,3 +105,13 @@ def test_patch_command(tmp_path):
     assert effects.shape == (4, 4)
     # restoring the clean answer's log-prob: the retrieval heads of layer 0 matter most
     assert effects.flatten().argmax() // 4 == 0
+
+
+def test_accelerate_command(tmp_path):
+    out = tmp_path / "accel.json"
+    assert main(["accelerate", "--model", "toy-llava", "--data", "zoo:24:5", "--frac", "0.125",
+                 "--window", "8", "--n-sink", "2", "--limit", "24", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    text = json.dumps(rep)
+    for variant in ("full", "hybrid", "random", "fastv"):
+        assert variant in text, variant

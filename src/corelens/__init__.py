@@ -5,7 +5,7 @@ position of every vision token (``MultimodalBatch``, ``VisionLayout``), and run 
 attention backend that stays memory-efficient unless you hook the attention pattern.
 """
 
-from corelens import patching, ram, views
+from corelens import accel, patching, ram, views
 from corelens.ablation import AblationCurve, ablate, ablation_curve, text_to_image_knockout
 from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
@@ -25,6 +25,7 @@ __all__ = [
     "HeadScores",
     "ablate",
     "ablation_curve",
+    "accel",
     "patching",
     "ram",
     "text_to_image_knockout",

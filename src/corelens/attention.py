@@ -91,6 +91,32 @@ class AttentionInputs:
 Tap = Callable[[AttentionInputs], None]
 
 
+@dataclass
+class KernelCall:
+    """One decoder attention call offered to a substitute kernel (``AttentionBackend.kernel``).
+
+    ``q``, ``k``, ``v`` are this call's rotated states, BEFORE the KV cache; ``mask`` is HF's
+    4-D mask as passed (bool or additive; None when plainly causal). A kernel returns ``z``
+    ([batch, head, q_pos, d_head]) or None to leave the call to the default path, in which
+    case it must not have touched the cache (``update_cache`` does the default update).
+    """
+
+    attn: Any
+    layer: int
+    q: Float[Tensor, "batch head q_pos d_head"]
+    k: Float[Tensor, "batch kv_head q_pos d_head"]
+    v: Float[Tensor, "batch kv_head q_pos d_head"]
+    mask: Tensor | None
+    scaling: float
+    kwargs: dict[str, Any]
+
+    def update_cache(self) -> tuple[Tensor, Tensor]:
+        return self.attn._update_kv_cache(self.k, self.v, **self.kwargs)
+
+
+Kernel = Callable[[KernelCall], "Tensor | None"]
+
+
 class _HeadsToPosition(BaseTensorConversion):
     """Hooks on ``hook_rot_q/k`` see TransformerLens's [batch, pos, head, d_head]."""
 
@@ -128,6 +154,7 @@ class AttentionBackend:
         self.rotary = rotary
         self._key_masks: dict[int, list[Tensor]] = {}
         self._taps: dict[int, list[Tap]] = {}
+        self._kernel: Kernel | None = None
         self.layers: list[Any] = []
         added = False
         for layer, block in enumerate(bridge.blocks):
@@ -201,6 +228,19 @@ class AttentionBackend:
             yield
         finally:
             self._taps[layer] = [t for t in self._taps[layer] if t is not fn]
+
+    @contextlib.contextmanager
+    def kernel(self, fn: Kernel) -> Iterator[None]:
+        """Within the block, offer every non-eager attention call to ``fn(KernelCall)`` first:
+        it may compute the attention itself (e.g. over fewer keys) and own the KV cache. Layers
+        whose pattern is hooked (eager) never reach it. One kernel at a time."""
+        if self._kernel is not None:
+            raise RuntimeError("an attention kernel is already installed on this model")
+        self._kernel = fn
+        try:
+            yield
+        finally:
+            self._kernel = None
 
     @contextlib.contextmanager
     def use(self, mode: Mode) -> Iterator[None]:
@@ -290,11 +330,15 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
         q, k = backend.rotary(q, k, cos, sin, hf_attn)
     q = attn.hook_rot_q(q)
     k = attn.hook_rot_k(k)
+    scaling = float(getattr(hf_attn, "scaling", d ** -0.5))
+    if backend._kernel is not None and not backend._eager(attn):
+        z = backend._kernel(KernelCall(attn, layer, q, k, v, mask, scaling, kwargs))
+        if z is not None:
+            return _output(attn, z, b, t), None
     k, v = attn._update_kv_cache(k, v, **kwargs)
 
     tq, tk = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
-    scaling = float(getattr(hf_attn, "scaling", d ** -0.5))
     add_mask = backend._mask(layer, _additive(mask, q.dtype, tq, tk), q.dtype, tq, tk, q.device)
 
     for tap in backend._taps.get(layer, ()):
@@ -319,9 +363,12 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
             q, k, v, attn_mask=add_mask, scale=scaling, enable_gqa=n_rep > 1,
             is_causal=add_mask is None and tq == tk and tq > 1,
         )
+    return _output(attn, z, b, t), pattern
+
+
+def _output(attn: Any, z: Tensor, b: int, t: int) -> Tensor:
     z = z.transpose(1, 2).reshape(b, t, -1)
     o_weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
     if isinstance(o_weight, Tensor) and o_weight.is_floating_point() and z.dtype != o_weight.dtype:
         z = z.to(o_weight.dtype)
-    out = attn.hook_out(attn.o(z))
-    return out, pattern
+    return attn.hook_out(attn.o(z))

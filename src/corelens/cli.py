@@ -74,6 +74,17 @@ def _patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accelerate(args: argparse.Namespace) -> int:
+    """Accuracy and wall time of full attention, CoRe hybrid, random hybrid and FastV."""
+    import torch
+
+    from corelens.accel_baselines import main_accelerate
+
+    torch.set_num_threads(args.threads)
+    main_accelerate(args)
+    return 0
+
+
 def _families(args: argparse.Namespace) -> int:
     from corelens.families import FAMILIES
 
@@ -141,6 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     patch.add_argument("--device", default=None)
     patch.add_argument("--threads", type=int, default=1)
     patch.set_defaults(func=_patch)
+    acc = sub.add_parser("accelerate", help="CoRe-guided hybrid attention vs full, random "
+                         "heads and FastV: accuracy and speed")
+    acc.add_argument("--model", required=True, help="folder, hub id or shipped toy model name")
+    acc.add_argument("--scores", default="ram", help="HeadScores JSON, or a RAM metric name "
+                     "to score heads first")
+    acc.add_argument("--data", required=True, help="JSONL, or zoo:N[:SEED] for toy examples")
+    for flag, typ in (("--frac", float), ("--n-sink", int), ("--window", int),
+                      ("--n-pooled", int), ("--fastv-k", int), ("--fastv-ratio", float),
+                      ("--limit", int), ("--seed", int), ("--batch-size", int)):
+        acc.add_argument(flag, type=typ, default=None)
+    acc.add_argument("--out", default=None)
+    acc.add_argument("--threads", type=int, default=1)
+    acc.set_defaults(func=_accelerate)
     score = sub.add_parser("score", help="score every head (RAM & co.) -> HeadScores JSON; "
                            "under torchrun with --distributed", add_help=False)
     score.set_defaults(func=None, forward="score")

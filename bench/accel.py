@@ -1,0 +1,294 @@
+"""CoRe-guided hybrid attention vs full attention vs FastV: prefill time, decode speed, KV bytes.
+
+Pinned config: a random LLaVA (bench/common.py) whose Llama decoder has d_model 512, 8 layers,
+8 heads — MHA, and the GQA variant with 2 KV heads — at 576, 2,304 and 8,192 vision tokens (16-px
+patches; 8,192 = two 64x64-token images, as in bench/ram.py) and a short text prompt. Each variant
+runs in its own subprocess; ratios are measured side by side in one run.
+
+- ``hf_sdpa``: the plain HF model, SDPA attention, DynamicCache — the baseline of every ratio;
+- ``corelens_full``: the HookedMLLM with its owned attention, no acceleration (bridge overhead);
+- ``core_hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7``; on a
+  random model any 7 heads cost the same: a fixed seeded draw stands in for a RAM ranking),
+  ``n_sink=4, window=64``;
+- ``random_hybrid``: random KV heads at the same KV budget;
+- ``fastv``: K=2, R=50%.
+
+Prefill: batch 1, the whole prompt, logits of the last position only, best of ``--repeats``.
+Decode: the batch-1 prompt cache repeated to batch 8, then greedy steps (two warm-up steps, then
+the best of ``--steps``); ``decode_speedup`` = tokens/s ratio. Best-of, not median: on a shared
+machine contention only ever adds time. Each
+measurement is printed beside its ceiling: prefill from FLOPs (decoder + projector; the 1-layer
+32-wide vision tower is left out), decode from bytes touched per step (weights, plus the KV cache
+read by attention and copied by the append) and from FLOPs.
+
+    python bench/accel.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_llava, run_isolated, threads, timed  # noqa: E402
+
+TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
+PATCH = 16
+VARIANTS = ("hf_sdpa", "corelens_full", "core_hybrid", "random_hybrid", "fastv")
+FRAC, N_SINK, WINDOW, FASTV_K, FASTV_R = 0.1, 4, 64, 2, 0.5
+D_MODEL, LAYERS, HEADS, FF = 512, 8, 8, int(512 * 2.6875)
+
+
+def _batch(folder: str, tokens: int):
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    from corelens.families import get_family
+    from corelens.prepare import prepare
+
+    side, n_img = TOKENS[tokens]
+    px = side * PATCH
+
+    class _Cfg:  # prepare reads only the config
+        config = AutoConfig.from_pretrained(folder)
+
+    imgs = [Image.new("RGB", (px, px), (100 + 50 * i, 90, 90)) for i in range(n_img)]
+    return prepare(get_family("llava"), _Cfg(), AutoProcessor.from_pretrained(folder), [imgs],
+                   ["describe the picture in detail please ."])
+
+
+def core_heads(seed: int = 0) -> list[tuple[int, int]]:
+    import random
+
+    pool = [(l, h) for l in range(LAYERS) for h in range(HEADS)]
+    return sorted(random.Random(seed).sample(pool, math.ceil(FRAC * LAYERS * HEADS)))
+
+
+def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int,
+                batch: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads())
+    torch.manual_seed(0)
+    mb = _batch(folder, tokens)
+    ids, kw = mb.input_ids, mb.model_kwargs()
+    pos_next = kw["position_ids"][:, -1] + 1
+    out: dict = {"seq_len": mb.seq_len}
+    if variant == "hf_sdpa":
+        from transformers import AutoModelForImageTextToText
+
+        hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    else:
+        from corelens import HookedMLLM
+        from corelens.accel import FastV, HybridAttention
+
+        model = HookedMLLM.from_pretrained(folder)
+        hf = model.hf_model
+    hybrid = None
+    if variant == "core_hybrid":
+        hybrid = HybridAttention(model, core_heads(0), n_sink=N_SINK, window=WINDOW)
+    elif variant == "random_hybrid":
+        core = HybridAttention(model, core_heads(0))
+        hybrid = HybridAttention.random(model, len(core.full_kv_heads), seed=1, n_sink=N_SINK,
+                                        window=WINDOW)
+    fastv = FastV(model, k=FASTV_K, ratio=FASTV_R) if variant == "fastv" else None
+
+    # --- prefill, batch 1 ---
+    def prefill(use_cache: bool = False):
+        with torch.no_grad():
+            if hybrid is not None:
+                return hybrid.prefill(mb) if use_cache else _hybrid_forward(hybrid, mb)
+            if fastv is not None:
+                with fastv.attach(mb):
+                    return hf(input_ids=ids, **kw, use_cache=use_cache, logits_to_keep=1)
+            return hf(input_ids=ids, **kw, use_cache=use_cache, logits_to_keep=1)
+
+    out["prefill"] = timed(prefill, 1)  # peak RSS of the first call, then one timed call
+    times = [out["prefill"]["seconds"]]
+    for _ in range(repeats - 1):  # best of `repeats`: on a shared machine contention only adds
+        t0 = time.perf_counter()
+        prefill()
+        times.append(time.perf_counter() - t0)
+    out["prefill"]["seconds"] = min(times)
+
+    # --- decode, batch `batch` from the repeated batch-1 prompt cache ---
+    from corelens.accel import cache_nbytes
+
+    res = prefill(use_cache=True)
+    if hybrid is not None:
+        logits, cache, _ = res
+        out["full_kv_heads"] = len(hybrid.full_kv_heads)
+        out["kv_budget"] = hybrid.kv_budget
+    else:
+        logits, cache = res.logits[:, -1], res.past_key_values
+    out["kv_bytes"] = cache_nbytes(cache)
+    if hybrid is not None:
+        cache = cache.repeat(batch)
+    else:
+        cache.batch_repeat_interleave(batch)
+    tok = logits.argmax(-1).repeat(batch)
+    pos = pos_next.repeat(batch)
+
+    def step(s: int):
+        nonlocal tok
+        with torch.no_grad():
+            if hybrid is not None:
+                lg = hybrid.decode_step(tok, pos + s, cache)
+            else:
+                lg = hf(input_ids=tok[:, None], position_ids=(pos + s)[:, None],
+                        past_key_values=cache, use_cache=True).logits[:, -1]
+        tok = lg.argmax(-1)
+
+    times = []
+    for s in range(steps + 2):
+        t0 = time.perf_counter()
+        step(s)
+        if s >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - t0)
+    out["decode_step_seconds"] = min(times)
+    out["decode_step_seconds_median"] = statistics.median(times)
+    out["decode_tokens_per_s"] = batch / out["decode_step_seconds"]
+    return out
+
+
+def _hybrid_forward(hybrid, mb):
+    ids, kw = hybrid.model._inputs(mb)
+    with hybrid.attach(mb):
+        return hybrid.model.hf_model(input_ids=ids, **kw, use_cache=False, logits_to_keep=1)
+
+
+# --- ceilings ---------------------------------------------------------------------------------
+def _layout(folder: str, tokens: int):
+    mb = _batch(folder, tokens)
+    return mb.layout.vision_mask()[0], mb.seq_len
+
+
+def _stream_keys(vision, t: int) -> int:
+    """Keys a streaming head scores over the whole prompt (ideal: no band padding)."""
+    import torch
+
+    valid = torch.ones(t, dtype=torch.bool)
+    rank = torch.arange(t)
+    glob = valid & (~vision | (rank < N_SINK))
+    i = torch.arange(t)
+    window = torch.minimum(i, torch.tensor(WINDOW)) + 1
+    # globals strictly older than the window of row i
+    cum = torch.cumsum(glob.long(), 0)
+    older = torch.where(i - WINDOW - 1 >= 0, cum[(i - WINDOW - 1).clamp(min=0)], 0)
+    return int((window + older).sum())
+
+
+def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_kv: int | None,
+             batch: int, kv_len: dict) -> dict:
+    vision, t = _layout(folder, tokens)
+    d, dh = D_MODEL, D_MODEL // HEADS
+    kvd = kv_heads * dh
+    n_rep = HEADS // kv_heads
+    params_layer = 2 * d * d + 2 * d * kvd + 3 * d * FF
+    n_vis = int(vision.sum())
+    proj = 2 * n_vis * (32 * d + d * d)
+
+    def linear(n: int) -> float:
+        return 2 * n * params_layer
+
+    causal = t * (t + 1) / 2
+    full_layer = linear(t) + HEADS * 4 * dh * causal
+    full = LAYERS * full_layer + proj
+    if variant in ("hf_sdpa", "corelens_full"):
+        var = full
+    elif variant == "fastv":
+        t2 = t - int(n_vis * FASTV_R)
+        var = FASTV_K * full_layer + (LAYERS - FASTV_K) * (
+            linear(t2) + HEADS * 4 * dh * t2 * (t2 + 1) / 2) + proj
+    else:
+        fq = full_kv * n_rep  # full query heads over all layers
+        sq = LAYERS * HEADS - fq
+        var = LAYERS * linear(t) + proj + 4 * dh * (fq * causal + sq * _stream_keys(vision, t))
+    # decode, per step at `batch`: bytes = weights + the KV cache read by attention and copied
+    # by the append (both caches grow by concatenation: read + write), i.e. 3x the KV bytes;
+    # FLOPs = weights + attention
+    w_bytes = 4 * (LAYERS * params_layer)
+    kv_full = 3 * batch * kv_len["hf_sdpa"]
+    kv_var = 3 * batch * kv_len[variant]
+    attn_full = 2 * batch * kv_len["hf_sdpa"] / 4 * n_rep  # 2 FLOPs per key element per q head
+    attn_var = 2 * batch * kv_len[variant] / 4 * n_rep
+    dec_w_flops = 2 * batch * LAYERS * params_layer
+    return {
+        "prefill_ceiling_flops": round(full / var, 3),
+        "decode_ceiling_bytes": round((w_bytes + kv_full) / (w_bytes + kv_var), 3),
+        "decode_ceiling_flops": round((dec_w_flops + attn_full) / (dec_w_flops + attn_var), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[576, 2304, 8192])
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--_variant")
+    ap.add_argument("--_folder")
+    args = ap.parse_args()
+    if args._variant:
+        print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats,
+                                     args.steps, args.batch)))
+        return
+    results = []
+    for kv_heads in args.kv_heads:
+        for tokens in args.tokens:
+            side, _ = TOKENS[tokens]
+            folder = tempfile.mkdtemp(prefix=f"corelens-bench-accel-{kv_heads}-{tokens}-")
+            build_llava(folder, image_size=side * PATCH, patch=PATCH, kv_heads=kv_heads)
+            rows = {}
+            for v in args.variants:
+                rows[v] = run_isolated(__file__, "--_variant", v, "--_folder", folder,
+                                       "--tokens", str(tokens), "--repeats", str(args.repeats),
+                                       "--steps", str(args.steps), "--batch", str(args.batch))
+                if not args.json:
+                    print(f"  {v}: {rows[v]}", file=sys.stderr)
+            base = rows["hf_sdpa"]
+            kv_len = {v: r["kv_bytes"] for v, r in rows.items()}
+            entry = {"config": "MHA" if kv_heads == HEADS else f"GQA ({kv_heads} KV heads)",
+                     "tokens": tokens, "seq_len": base["seq_len"], "variants": {}}
+            for v, r in rows.items():
+                e = {
+                    "tokens": tokens,
+                    "prefill_speedup": round(base["prefill"]["seconds"] / r["prefill"]["seconds"],
+                                             3),
+                    "decode_speedup": round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                                            3),
+                    "kv_bytes_ratio": round(r["kv_bytes"] / base["kv_bytes"], 4),
+                    "prefill_seconds": round(r["prefill"]["seconds"], 4),
+                    "prefill_peak_rss_delta_mb": round(r["prefill"]["peak_rss_delta_mb"], 1),
+                    "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
+                    "kv_bytes": r["kv_bytes"],
+                }
+                if "kv_budget" in r:
+                    e["full_kv_heads"] = r["full_kv_heads"]
+                    e["kv_budget"] = round(r["kv_budget"], 4)
+                e.update(ceilings(folder, tokens, kv_heads, v, r.get("full_kv_heads"),
+                                  args.batch, kv_len))
+                entry["variants"][v] = e
+            results.append(entry)
+            if not args.json:
+                print(f"{entry['config']} tokens={tokens} seq={entry['seq_len']}")
+                for v, e in entry["variants"].items():
+                    print(f"  {v:14s} prefill x{e['prefill_speedup']:.2f} (ceil "
+                          f"x{e['prefill_ceiling_flops']:.2f})  decode x{e['decode_speedup']:.2f}"
+                          f" (ceil bytes x{e['decode_ceiling_bytes']:.2f}, flops "
+                          f"x{e['decode_ceiling_flops']:.2f})  kv x{e['kv_bytes_ratio']:.3f}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,533 @@
+"""CoRe-guided hybrid attention, and its baselines (full attention, FastV, random heads).
+
+``HybridAttention(model, heads)`` runs the decoder with two kinds of heads:
+
+- **full heads** — the CoRe heads (a list of ``(layer, head)``, e.g. ``HeadScores.top(0.1)``)
+  attend to every token, exactly like the model's own attention. Under GQA the unit is a KV head:
+  a KV head is full if ANY of its query heads is a CoRe head, and then all of its query heads
+  attend fully (they read the same keys; restricting them would save neither compute nor cache).
+- **streaming heads** — every other head. For EVERY query row ``i`` (vision rows included in
+  prefill; ``i`` = index in the sequence, padding included), a streaming head sees exactly the
+  keys ``j <= i`` with ``attention_mask[j] = 1`` that are
+
+  1. a sink: one of the first ``n_sink`` non-padding tokens of the example;
+  2. in the recent window: ``i - window <= j <= i`` (the query itself and the ``window`` tokens
+     before it);
+  3. a text token: any token that is not an image-feature token of the batch's ``VisionLayout``
+     (delimiters, prompt, answer and generated tokens are all text);
+
+  plus, if ``n_pooled > 0``, ``n_pooled`` summaries of each example's vision tokens (minus
+  sinks): those tokens, in sequence order, split into ``n_pooled`` contiguous chunks; a summary's
+  key / value is the mean of its chunk's (rotated) keys / values, its score gets ``+ log(chunk
+  size)`` (it stands for that many tokens), and row ``i`` sees it once the chunk's last token is
+  ``<= i``. A summary is seen in addition to any of its tokens that are in the window.
+
+The saving is real: streaming heads are computed over a gathered key set (sinks + text +
+summaries, then the window as a band: queries in blocks of ``window`` rows against a slab of
+``2 * window`` keys), never as full attention with a mask. In cached decoding
+(``generate`` / ``prefill`` + ``decode_step``) the vision keys / values are stored only for full
+KV heads; streaming KV heads keep sinks, text, summaries and the last ``window`` prompt tokens.
+
+Baselines: ``full`` (the model as is), ``HybridAttention.random`` (random KV heads at the same
+KV-head budget) and ``FastV`` (after layer ``k``, drop ``ratio`` of the vision tokens that get
+the least attention from the last prompt position, averaged over heads; the later layers never
+compute them, and their KV cache never holds them).
+
+Supported families: hybrid prefill — every family whose decoder attention mask is causal +
+padding (all registered ones except ``gemma3``, whose image tokens attend bidirectionally and
+whose layers alternate sliding windows); cached decoding and FastV — families with 1-D RoPE
+positions (``DECODE_FAMILIES``); the Qwen-VL families' M-RoPE decode positions are not built here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from corelens.attention import KernelCall, _additive
+from corelens.batch import MultimodalBatch
+from corelens.errors import InputError
+
+Head = tuple[int, int]
+
+PREFILL_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
+                              "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+DECODE_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
+                             "internvl"})
+
+
+def _check_family(model: Any, families: frozenset[str], what: str) -> None:
+    name = getattr(model.family, "name", "?")
+    if name not in families:
+        raise InputError(f"corelens.accel: {what} is not supported for the {name!r} family "
+                         f"(supported: {', '.join(sorted(families))})")
+
+
+def _text_config(model: Any) -> Any:
+    cfg = model.hf_model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _neg(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+@dataclass
+class _Plan:
+    """What streaming heads see for one batch (shared by every layer)."""
+
+    valid: Bool[Tensor, "batch seq"]
+    vision: Bool[Tensor, "batch seq"]
+    glob: Bool[Tensor, "batch seq"]  # sinks + text
+    glob_idx: Int[Tensor, "batch g"]  # sinks + text, padded
+    glob_ok: Bool[Tensor, "batch g"]
+    pool_w: Tensor  # [batch, p, seq] mean weights
+    pool_last: Int[Tensor, "batch p"]
+    pool_ok: Bool[Tensor, "batch p"]
+    pool_bias: Tensor  # [batch, p] log(chunk size)
+    _block_mask: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return self.valid.shape[1]
+
+
+def _plan(vision: Tensor, valid: Tensor, n_sink: int, n_pooled: int) -> _Plan:
+    vision, valid = vision.bool() & valid.bool(), valid.bool()
+    b, t = valid.shape
+    rank = valid.long().cumsum(-1) - 1
+    glob = valid & (~vision | (rank < n_sink))
+    n_glob = int(glob.sum(-1).max()) if b else 0
+    glob_idx = torch.zeros(b, n_glob, dtype=torch.long)
+    glob_ok = torch.zeros(b, n_glob, dtype=torch.bool)
+    pool_w = torch.zeros(b, n_pooled, t)
+    pool_last = torch.zeros(b, n_pooled, dtype=torch.long)
+    pool_ok = torch.zeros(b, n_pooled, dtype=torch.bool)
+    pool_bias = torch.zeros(b, n_pooled)
+    for e in range(b):
+        p = glob[e].nonzero()[:, 0].cpu()
+        glob_idx[e, :len(p)], glob_ok[e, :len(p)] = p, True
+        if n_pooled:
+            vp = (vision[e] & ~glob[e]).nonzero()[:, 0].cpu()
+            for c, chunk in enumerate(torch.tensor_split(vp, n_pooled)):
+                if len(chunk):
+                    pool_w[e, c, chunk] = 1.0 / len(chunk)
+                    pool_last[e, c], pool_ok[e, c] = chunk[-1], True
+                    pool_bias[e, c] = math.log(len(chunk))
+    dev = valid.device
+    return _Plan(valid, vision, glob, glob_idx.to(dev), glob_ok.to(dev), pool_w.to(dev),
+                 pool_last.to(dev), pool_ok.to(dev), pool_bias.to(dev))
+
+
+def _layout_masks(batch: MultimodalBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+    vision = batch.layout.vision_mask().to(device)
+    valid = batch.attention_mask.to(device).bool()
+    return vision, valid
+
+
+def _gather_heads(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, h, n, d] gathered along n by idx[b, m] -> [b, h, m, d]."""
+    b, h, _, d = x.shape
+    return torch.gather(x, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+
+
+@dataclass
+class _LayerSplit:
+    full_q: Tensor  # query heads attending fully (grouped by KV head)
+    full_kv: Tensor
+    stream_q: Tensor
+    stream_kv: Tensor
+
+
+class HybridCache:
+    """The hybrid KV cache: full KV heads keep every token; streaming KV heads keep sinks,
+    text, pooled summaries and the last ``window`` prompt tokens (masked out as they leave the
+    window). Generated tokens are text: every head keeps them."""
+
+    def __init__(self, n_layers: int, window: int) -> None:
+        self.window = window
+        self.kf: list[Tensor | None] = [None] * n_layers
+        self.vf: list[Tensor | None] = [None] * n_layers
+        self.ks: list[Tensor | None] = [None] * n_layers
+        self.vs: list[Tensor | None] = [None] * n_layers
+        self.full_ok: Tensor | None = None  # [b, n] key valid
+        self.s_pos: Tensor | None = None  # [b, m] sequence index (-1: summary)
+        self.s_kind: Tensor | None = None  # 0 kept for good, 1 window-only, 2 summary
+        self.s_ok: Tensor | None = None
+        self.s_bias: Tensor | None = None
+        self.length = 0  # sequence length so far (the next token's index)
+        self.full_mask: Tensor | None = None
+        self.stream_mask: Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for ts in (self.kf, self.vf, self.ks, self.vs) for t in ts if t is not None)
+
+    def repeat(self, n: int) -> "HybridCache":
+        """Each example repeated ``n`` times (``repeat_interleave`` over the batch)."""
+        out = HybridCache(len(self.kf), self.window)
+        for name in ("kf", "vf", "ks", "vs"):
+            setattr(out, name, [None if t is None else t.repeat_interleave(n, 0)
+                                for t in getattr(self, name)])
+        for name in ("full_ok", "s_pos", "s_kind", "s_ok", "s_bias"):
+            setattr(out, name, getattr(self, name).repeat_interleave(n, 0))
+        out.length = self.length
+        return out
+
+    def begin_step(self, dtype: torch.dtype) -> None:
+        """Register one new (text) token for every example, and build this step's masks."""
+        b = self.full_ok.shape[0]
+        dev = self.full_ok.device
+        i = self.length
+        one = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        self.full_ok = torch.cat([self.full_ok, one], 1)
+        self.s_pos = torch.cat([self.s_pos, torch.full((b, 1), i, device=dev)], 1)
+        self.s_kind = torch.cat([self.s_kind, torch.zeros(b, 1, dtype=torch.long, device=dev)],
+                                1)
+        self.s_ok = torch.cat([self.s_ok, one], 1)
+        self.s_bias = torch.cat([self.s_bias, torch.zeros(b, 1, device=dev)], 1)
+        self.length += 1
+        neg = _neg(dtype)
+        self.full_mask = torch.where(self.full_ok, 0.0, neg).to(dtype)[:, None, None, :]
+        seen = self.s_ok & ((self.s_kind != 1) | (self.s_pos >= i - self.window))
+        self.stream_mask = torch.where(seen, self.s_bias, neg).to(dtype)[:, None, None, :]
+
+
+class HybridAttention:
+    """CoRe heads attend fully, the others see sinks + window + text (+ pooled vision).
+
+    Use ``with hybrid.attach(batch): model(batch)`` (or ``attach()`` to plan from every
+    ``MultimodalBatch`` the model is called on, e.g. inside ``corelens.evaluate``), and
+    ``hybrid.generate(batch, n)`` for greedy decoding with the hybrid KV cache.
+    """
+
+    def __init__(self, model: Any, heads: Sequence[Head], n_sink: int = 4, window: int = 64,
+                 n_pooled: int = 0) -> None:
+        _check_family(model, PREFILL_FAMILIES, "hybrid attention")
+        if window < 1 or n_sink < 0 or n_pooled < 0:
+            raise InputError("hybrid attention wants window >= 1, n_sink >= 0, n_pooled >= 0")
+        tc = _text_config(model)
+        self.model = model
+        self.n_layers = tc.num_hidden_layers
+        self.n_heads = tc.num_attention_heads
+        self.n_kv = getattr(tc, "num_key_value_heads", None) or self.n_heads
+        self.n_rep = self.n_heads // self.n_kv
+        self.n_sink, self.window, self.n_pooled = n_sink, window, n_pooled
+        self.heads = sorted({(int(l), int(h)) for l, h in heads})
+        for l, h in self.heads:
+            if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
+                raise InputError(f"head L{l}H{h} is outside this model "
+                                 f"({self.n_layers} layers x {self.n_heads} heads)")
+        full = [set() for _ in range(self.n_layers)]
+        for l, h in self.heads:
+            full[l].add(h // self.n_rep)
+        self.splits: list[_LayerSplit] = []
+        for l in range(self.n_layers):
+            fkv = sorted(full[l])
+            skv = [g for g in range(self.n_kv) if g not in full[l]]
+            fq = [g * self.n_rep + r for g in fkv for r in range(self.n_rep)]
+            sq = [g * self.n_rep + r for g in skv for r in range(self.n_rep)]
+            lt = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+            self.splits.append(_LayerSplit(lt(fq), lt(fkv), lt(sq), lt(skv)))
+        self._plan: _Plan | None = None
+        self._cache: HybridCache | None = None
+        self._building = False
+
+    # --- head sets -------------------------------------------------------------------------
+    @property
+    def full_kv_heads(self) -> list[Head]:
+        """(layer, kv_head) pairs whose KV cache keeps every token."""
+        return [(l, int(g)) for l, s in enumerate(self.splits) for g in s.full_kv]
+
+    @property
+    def full_heads(self) -> list[Head]:
+        """(layer, query head) pairs that attend fully (CoRe heads and their GQA group)."""
+        return [(l, int(h)) for l, s in enumerate(self.splits) for h in s.full_q]
+
+    @property
+    def kv_budget(self) -> float:
+        """Fraction of KV heads kept full."""
+        return len(self.full_kv_heads) / (self.n_layers * self.n_kv)
+
+    @classmethod
+    def random(cls, model: Any, n_kv_heads: int, seed: int = 0, **kw: Any) -> "HybridAttention":
+        """Random KV heads (``n_kv_heads`` of them, e.g. another plan's ``len(full_kv_heads)``)
+        kept full: the random-head baseline at the same KV budget."""
+        tc = _text_config(model)
+        n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        rep = tc.num_attention_heads // n_kv
+        pool = [(l, g) for l in range(tc.num_hidden_layers) for g in range(n_kv)]
+        chosen = random.Random(seed).sample(pool, n_kv_heads)
+        return cls(model, [(l, g * rep) for l, g in chosen], **kw)
+
+    def allowed(self, batch: MultimodalBatch, seq_len: int | None = None) -> list[Tensor]:
+        """The per-head key mask equivalent to this hybrid (``n_pooled = 0``): per layer a bool
+        [batch, head, seq, seq] for ``model.attention.key_mask``; ``seq_len`` > the batch's
+        extends it with text tokens (generated ones). O(T^2): for tests and small inputs."""
+        if self.n_pooled:
+            raise InputError("pooled summaries are not keys of the sequence: no key mask")
+        vision, valid = _layout_masks(batch, torch.device("cpu"))
+        t = seq_len or vision.shape[1]
+        if t > vision.shape[1]:
+            extra = t - vision.shape[1]
+            vision = torch.cat([vision, torch.zeros(len(vision), extra, dtype=torch.bool)], 1)
+            valid = torch.cat([valid, torch.ones(len(valid), extra, dtype=torch.bool)], 1)
+        plan = _plan(vision, valid, self.n_sink, 0)
+        glob = plan.glob
+        i = torch.arange(t)[:, None]
+        j = torch.arange(t)[None, :]
+        stream = ((j >= i - self.window) & (j <= i))[None] | glob[:, None, :]  # [b, t, t]
+        out = []
+        for s in self.splits:
+            m = torch.ones(len(valid), self.n_heads, t, t, dtype=torch.bool)
+            m[:, s.stream_q] = stream[:, None]
+            out.append(m)
+        return out
+
+    # --- installation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attach(self, batch: MultimodalBatch | None = None) -> Iterator["HybridAttention"]:
+        """Run the model's decoder attention as this hybrid within the block. With ``batch``,
+        plan for it; without, plan for each ``MultimodalBatch`` the model is called on."""
+        dev = self.model.device
+        handle = None
+        if batch is not None:
+            self._plan = _plan(*_layout_masks(batch, dev), self.n_sink, self.n_pooled)
+        else:
+            def pre(module: Any, args: Any) -> None:
+                if args and isinstance(args[0], MultimodalBatch):
+                    self._plan = _plan(*_layout_masks(args[0], dev), self.n_sink, self.n_pooled)
+
+            handle = self.model.register_forward_pre_hook(pre)
+        try:
+            with self.model.attention.kernel(self._kernel):
+                yield self
+        finally:
+            self._plan = None
+            if handle is not None:
+                handle.remove()
+
+    def _kernel(self, call: KernelCall) -> Tensor | None:
+        backend = self.model.attention
+        if backend._key_masks.get(call.layer) or backend._taps.get(call.layer):
+            raise InputError("hybrid attention does not combine with key_mask / tap on "
+                             f"layer {call.layer}")
+        split = self.splits[call.layer]
+        if self._cache is not None and not self._building:
+            return self._decode(call, split)
+        plan = self._plan
+        if plan is None:
+            raise InputError("hybrid attention needs the batch's vision layout: attach(batch), "
+                             "or call the model on a MultimodalBatch inside attach()")
+        hf_cache = call.kwargs.get("past_key_values")
+        if hf_cache is not None:  # a plain forward with use_cache: fill HF's cache as usual
+            if hf_cache.get_seq_length(call.layer) > 0:
+                raise InputError("hybrid attention decodes with its own KV cache: use "
+                                 "HybridAttention.generate, not model.generate")
+            call.update_cache()
+        q, k, v = call.q, call.k, call.v
+        b, h, t, d = q.shape
+        if t != plan.seq_len or k.shape[2] != t:
+            raise InputError(f"hybrid attention was planned for {plan.seq_len} tokens, the "
+                             f"model was called on {t}")
+        z = q.new_empty(b, h, t, d)
+        if len(split.full_q):
+            kf, vf = k[:, split.full_kv], v[:, split.full_kv]
+            mask = _additive(call.mask, q.dtype, t, t)
+            zf = F.scaled_dot_product_attention(
+                q[:, split.full_q], kf, vf, attn_mask=mask, scale=call.scaling,
+                is_causal=mask is None and t > 1, enable_gqa=self.n_rep > 1)
+            if len(split.stream_q) == 0:
+                z = zf
+            else:
+                z[:, split.full_q] = zf
+        if len(split.stream_q):
+            ks, vs = k[:, split.stream_kv], v[:, split.stream_kv]
+            z[:, split.stream_q] = self._stream_prefill(q[:, split.stream_q], ks, vs,
+                                                        call.scaling, plan)
+        if self._building:
+            self._store(call.layer, split, k, v, plan)
+        return z
+
+    # --- prefill -----------------------------------------------------------------------------
+    def _globals(self, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
+        kg, vg = _gather_heads(k, plan.glob_idx), _gather_heads(v, plan.glob_idx)
+        if self.n_pooled:
+            w = plan.pool_w.to(k.dtype)
+            kg = torch.cat([kg, torch.einsum("bpt,bhtd->bhpd", w, k)], 2)
+            vg = torch.cat([vg, torch.einsum("bpt,bhtd->bhpd", w, v)], 2)
+        return kg, vg
+
+    def _block_mask(self, plan: _Plan, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Additive [batch * n_blocks, 1, W, n_global + n_pooled + 2W] mask of the banded
+        computation (built once per plan and dtype, shared by every layer)."""
+        key = (self.window, dtype)
+        if key in plan._block_mask:
+            return plan._block_mask[key]
+        w, t = self.window, plan.seq_len
+        nb = -(-t // w)
+        b = plan.valid.shape[0]
+        i = torch.arange(nb * w, device=device).view(nb, w)  # query index per (block, row)
+        g = plan.glob_idx
+        glob = plan.glob_ok[:, None, None, :] & (g[:, None, None, :] < (i - w)[None, :, :, None])
+        pool = plan.pool_ok[:, None, None, :] & (
+            plan.pool_last[:, None, None, :] <= i[None, :, :, None])
+        j = (torch.arange(nb, device=device) * w - w)[:, None] + torch.arange(2 * w,
+                                                                               device=device)
+        jc = j.clamp(0, t - 1)
+        in_seq = (j >= 0) & (j < t)
+        valid_j = plan.valid[:, jc] & in_seq[None]  # [b, nb, 2w]
+        band = (j[:, None, :] <= i[:, :, None]) & (j[:, None, :] >= i[:, :, None] - w)
+        slab = valid_j[:, :, None, :] & band[None]
+        neg = _neg(dtype)
+        parts = [torch.where(glob, 0.0, neg),
+                 torch.where(pool, plan.pool_bias[:, None, None, :], neg),
+                 torch.where(slab, 0.0, neg)]
+        mask = torch.cat(parts, -1).to(dtype).reshape(b * nb, 1, w, -1)
+        plan._block_mask[key] = mask
+        return mask
+
+    def _stream_prefill(self, q: Tensor, k: Tensor, v: Tensor, scaling: float,
+                        plan: _Plan) -> Tensor:
+        b, hs, t, d = q.shape
+        kvs = k.shape[1]
+        w = self.window
+        nb = -(-t // w)
+        tp = nb * w
+        qb = F.pad(q, (0, 0, 0, tp - t)).view(b, hs, nb, w, d).transpose(1, 2)
+        qb = qb.reshape(b * nb, hs, w, d)
+        kg, vg = self._globals(k, v, plan)
+        n_g = kg.shape[2]
+
+        def keys(x: Tensor, xg: Tensor) -> Tensor:
+            slab = F.pad(x, (0, 0, w, tp - t)).unfold(2, 2 * w, w)  # [b, kv, nb, d, 2w]
+            slab = slab.permute(0, 2, 1, 4, 3)  # [b, nb, kv, 2w, d]
+            glob = xg[:, None].expand(b, nb, kvs, n_g, d)
+            return torch.cat([glob, slab], 3).reshape(b * nb, kvs, n_g + 2 * w, d)
+
+        mask = self._block_mask(plan, q.dtype, q.device)
+        z = F.scaled_dot_product_attention(qb, keys(k, kg), keys(v, vg), attn_mask=mask,
+                                           scale=scaling, enable_gqa=hs != kvs)
+        return z.view(b, nb, hs, w, d).transpose(1, 2).reshape(b, hs, tp, d)[:, :, :t]
+
+    # --- cached decoding -----------------------------------------------------------------------
+    def _store(self, layer: int, split: _LayerSplit, k: Tensor, v: Tensor, plan: _Plan) -> None:
+        c = self._cache
+        c.kf[layer] = k[:, split.full_kv].contiguous()
+        c.vf[layer] = v[:, split.full_kv].contiguous()
+        ks, vs = k[:, split.stream_kv], v[:, split.stream_kv]
+        kg, vg = self._globals(ks, vs, plan)
+        tail = c._tail_idx
+        c.ks[layer] = torch.cat([kg, _gather_heads(ks, tail)], 2)
+        c.vs[layer] = torch.cat([vg, _gather_heads(vs, tail)], 2)
+
+    def _start_cache(self, plan: _Plan) -> HybridCache:
+        c = HybridCache(self.n_layers, self.window)
+        b, t = plan.valid.shape
+        dev = plan.valid.device
+        c.length = t
+        c.full_ok = plan.valid.clone()
+        # window-only entries: the last `window` prompt tokens that are not kept for good
+        tail = torch.arange(max(t - self.window, 0), t, device=dev)[None].expand(b, -1)
+        glob = plan.glob
+        tail_ok = plan.valid.gather(1, tail) & ~glob.gather(1, tail)
+        n_tail = int(tail_ok.sum(-1).max()) if b else 0  # keep only those not kept for good
+        order = torch.argsort((~tail_ok).to(torch.int8), dim=1, stable=True)[:, :n_tail]
+        tail, tail_ok = tail.gather(1, order), tail_ok.gather(1, order)
+        c._tail_idx = tail.contiguous()  # type: ignore[attr-defined]
+        c.s_pos = torch.cat([plan.glob_idx, plan.pool_last, tail], 1)
+        c.s_kind = torch.cat([torch.zeros_like(plan.glob_idx), torch.full_like(plan.pool_last, 2),
+                              torch.ones_like(tail)], 1)
+        c.s_ok = torch.cat([plan.glob_ok, plan.pool_ok, tail_ok], 1)
+        c.s_bias = torch.cat([torch.zeros(b, plan.glob_idx.shape[1], device=dev),
+                              plan.pool_bias, torch.zeros(b, tail.shape[1], device=dev)], 1)
+        return c
+
+    def _decode(self, call: KernelCall, split: _LayerSplit) -> Tensor:
+        c = self._cache
+        q, k, v = call.q, call.k, call.v
+        if q.shape[2] != 1:
+            raise InputError("hybrid cached decoding runs one token per step")
+        l = call.layer
+        b, h, _, d = q.shape
+        z = q.new_empty(b, h, 1, d)
+        if len(split.full_q):
+            c.kf[l] = torch.cat([c.kf[l], k[:, split.full_kv]], 2)
+            c.vf[l] = torch.cat([c.vf[l], v[:, split.full_kv]], 2)
+            zf = F.scaled_dot_product_attention(q[:, split.full_q], c.kf[l], c.vf[l],
+                                                attn_mask=c.full_mask, scale=call.scaling,
+                                                enable_gqa=self.n_rep > 1)
+            if len(split.stream_q) == 0:
+                return zf
+            z[:, split.full_q] = zf
+        c.ks[l] = torch.cat([c.ks[l], k[:, split.stream_kv]], 2)
+        c.vs[l] = torch.cat([c.vs[l], v[:, split.stream_kv]], 2)
+        z[:, split.stream_q] = F.scaled_dot_product_attention(
+            q[:, split.stream_q], c.ks[l], c.vs[l], attn_mask=c.stream_mask, scale=call.scaling,
+            enable_gqa=self.n_rep > 1)
+        return z
+
+    @torch.no_grad()
+    def prefill(self, batch: MultimodalBatch) -> tuple[Tensor, HybridCache, Tensor]:
+        """Run the prompt, building the hybrid cache: (last-position logits [b, vocab],
+        cache, next position ids [b])."""
+        _check_family(self.model, DECODE_FAMILIES, "hybrid cached decoding")
+        ids, kw = self.model._inputs(batch)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = kw["attention_mask"].long().cumsum(-1) - 1
+        if pos.ndim != 2:
+            raise InputError("hybrid cached decoding needs 1-D position ids per example")
+        plan = _plan(*_layout_masks(batch, self.model.device), self.n_sink, self.n_pooled)
+        self._plan, self._cache, self._building = plan, self._start_cache(plan), True
+        try:
+            with self.model.attention.kernel(self._kernel):
+                out = self.model.hf_model(input_ids=ids, **kw, use_cache=False, logits_to_keep=1)
+        finally:
+            cache, self._cache, self._building, self._plan = self._cache, None, False, None
+        return out.logits[:, -1], cache, pos[:, -1] + 1
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Int[Tensor, " batch"], positions: Int[Tensor, " batch"],
+                    cache: HybridCache) -> Tensor:
+        """One greedy step: feed ``tokens`` at ``positions``; returns logits [b, vocab]."""
+        cache.begin_step(next(self.model.hf_model.parameters()).dtype)
+        self._cache = cache
+        try:
+            with self.model.attention.kernel(self._kernel):
+                out = self.model.hf_model(input_ids=tokens[:, None],
+                                          position_ids=positions[:, None], use_cache=False)
+        finally:
+            self._cache = None
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20,
+                 return_logits: bool = False) -> Any:
+        """Greedy decoding with the hybrid KV cache: new token ids [b, n] (and the logits of
+        every step, [b, n, vocab], if ``return_logits``)."""
+        logits, cache, pos = self.prefill(batch)
+        toks, steps = [], []
+        for s in range(max_new_tokens):
+            steps.append(logits)
+            tok = logits.argmax(-1)
+            toks.append(tok)
+            if s + 1 < max_new_tokens:
+                logits = self.decode_step(tok, pos + s, cache)
+        self.last_cache = cache
+        out = torch.stack(toks, 1)
+        return (out, torch.stack(steps, 1)) if return_logits else out
+
+
+from corelens.accel_baselines import FastV, cache_nbytes, main_accelerate  # noqa: E402
+
+__all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "FastV", "HybridAttention", "HybridCache",
+           "cache_nbytes", "main_accelerate"]

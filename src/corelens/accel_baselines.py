@@ -1,0 +1,261 @@
+"""FastV, KV-byte counting and the ``corelens accelerate`` command (all re-exported by
+``corelens.accel``, whose docstring defines the variants)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from corelens.accel import (
+    DECODE_FAMILIES,
+    HybridAttention,
+    HybridCache,
+    _check_family,
+    _layout_masks,
+    _text_config,
+)
+from corelens.batch import MultimodalBatch
+from corelens.errors import InputError
+
+
+# --- FastV ------------------------------------------------------------------------------------
+class FastV:
+    """FastV: after layer ``k`` (layers ``0..k-1`` see every token) drop ``ratio`` of each
+    example's vision tokens — those receiving the least attention from its last prompt position
+    in layer ``k - 1``, averaged over heads; layers ``k..`` never compute them (their hidden
+    states, their keys and values, their KV cache entries). Every example of a batch must have
+    the same number of vision tokens."""
+
+    def __init__(self, model: Any, k: int = 2, ratio: float = 0.5) -> None:
+        _check_family(model, DECODE_FAMILIES, "FastV")
+        n = _text_config(model).num_hidden_layers
+        if not 1 <= k < n or not 0.0 <= ratio < 1.0:
+            raise InputError(f"FastV wants 1 <= k < {n} and 0 <= ratio < 1")
+        self.model, self.k, self.ratio = model, k, ratio
+        self.keep: Tensor | None = None  # [b, kept] positions kept after layer k (last prefill)
+        self.dropped: Tensor | None = None
+
+    def _decoder(self) -> Any:
+        dec = self.model.hf_model.get_decoder()
+        if not hasattr(dec, "layers"):
+            raise InputError("FastV: cannot find the decoder's layers")
+        return dec
+
+    @contextlib.contextmanager
+    def attach(self, batch: MultimodalBatch | None = None) -> Iterator["FastV"]:
+        """Prune within the block (for ``batch``, or each ``MultimodalBatch`` the model is
+        called on). Logits at dropped positions read as zero hidden state."""
+        state: dict[str, Any] = {}
+        dev = self.model.device
+
+        def plan(b: MultimodalBatch) -> None:
+            vision, valid = _layout_masks(b, dev)
+            counts = vision.sum(-1)
+            if not bool((counts == counts[0]).all()):
+                raise InputError("FastV: every example of a batch needs the same number of "
+                                 "vision tokens")
+            state.update(vision=vision, last=b.last_prompt_positions.to(dev),
+                         n_drop=int(int(counts[0]) * self.ratio), t=vision.shape[1])
+            state.pop("keep", None)
+
+        if batch is not None:
+            plan(batch)
+        dec = self._decoder()
+        handles = []
+        if batch is None:
+            handles.append(self.model.register_forward_pre_hook(
+                lambda m, a: plan(a[0]) if a and isinstance(a[0], MultimodalBatch) else None))
+
+        def tap(inputs: Any) -> None:
+            if "t" not in state or inputs.q.shape[2] != state["t"]:
+                return
+            rows = state["last"][:, None]
+            att = inputs.pattern_rows(rows)[:, :, 0].float().mean(1)  # [b, t]
+            att = att.masked_fill(~state["vision"], math.inf)
+            drop = att.topk(state["n_drop"], dim=-1, largest=False).indices
+            keep = torch.ones_like(state["vision"])
+            keep.scatter_(1, drop, False)
+            t = keep.shape[1]
+            state["keep"] = torch.arange(t, device=dev)[None].expand(len(keep), t)[keep].view(
+                len(keep), -1)
+            self.keep, self.dropped = state["keep"], drop.sort(-1).values
+
+        def prune(module: Any, args: Any, kwargs: Any) -> Any:
+            keep = state.get("keep")
+            if keep is None:
+                return None
+            t = state["t"]
+            args = list(args)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == t:
+                hidden = torch.gather(hidden, 1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+                if args:
+                    args[0] = hidden
+                else:
+                    kwargs["hidden_states"] = hidden
+            pe = kwargs.get("position_embeddings")
+            if pe is not None and pe[0].shape[-2] == t:
+                kwargs["position_embeddings"] = tuple(
+                    torch.gather(x.expand(len(keep), -1, -1), 1,
+                                 keep[..., None].expand(-1, -1, x.shape[-1])) for x in pe)
+            pid = kwargs.get("position_ids")
+            if isinstance(pid, Tensor) and pid.ndim == 2 and pid.shape[-1] == t:
+                kwargs["position_ids"] = torch.gather(pid.expand(len(keep), -1), 1, keep)
+            m = kwargs.get("attention_mask")
+            if isinstance(m, Tensor) and m.ndim == 4 and m.shape[-1] == t:
+                m = m.expand(len(keep), -1, -1, -1)
+                m = torch.gather(m, 2, keep[:, None, :, None].expand(-1, m.shape[1], -1, t))
+                kwargs["attention_mask"] = torch.gather(
+                    m, 3, keep[:, None, None, :].expand(-1, m.shape[1], m.shape[2], -1))
+            return tuple(args), kwargs
+
+        def unprune(module: Any, args: Any, out: Any) -> Any:
+            keep = state.get("keep")
+            hs = getattr(out, "last_hidden_state", None)
+            if keep is None or hs is None or hs.shape[1] != keep.shape[1]:
+                return None
+            full = hs.new_zeros(hs.shape[0], state["t"], hs.shape[-1])
+            full.scatter_(1, keep[..., None].expand(-1, -1, hs.shape[-1]), hs)
+            out.last_hidden_state = full
+            state.pop("keep")  # decoding steps that follow are not pruned
+            return out
+
+        for layer in dec.layers[self.k:]:
+            handles.append(layer.register_forward_pre_hook(prune, with_kwargs=True))
+        handles.append(dec.register_forward_hook(unprune))
+        try:
+            with self.model.attention.tap(self.k - 1, tap):
+                yield self
+        finally:
+            for hnd in handles:
+                hnd.remove()
+
+    @torch.no_grad()
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20) -> Tensor:
+        """Greedy decoding; layers >= k cache only the kept tokens."""
+        ids, kw = self.model._inputs(batch)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = kw["attention_mask"].long().cumsum(-1) - 1
+        with self.attach(batch):
+            out = self.model.hf_model(input_ids=ids, **kw, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        toks = []
+        nxt = pos[:, -1] + 1
+        for s in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            toks.append(tok)
+            if s + 1 < max_new_tokens:
+                out = self.model.hf_model(input_ids=tok[:, None], position_ids=(nxt + s)[:, None],
+                                          past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
+        self.last_cache = cache
+        return torch.stack(toks, 1)
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by an HF cache (``DynamicCache``) or a ``HybridCache``."""
+    if isinstance(cache, HybridCache):
+        return cache.nbytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# --- the `corelens accelerate` command ---------------------------------------------------------
+def _load(args: Any) -> tuple[Any, Any, list[Any], Any]:
+    from corelens import zoo
+    from corelens.head_scores import HeadScores
+    from corelens.loaders import load_jsonl
+    from corelens.model import HookedMLLM
+    from corelens.ram import score_heads
+
+    name = str(args.model)
+    model = zoo.load(name) if name in zoo.names() else HookedMLLM.from_pretrained(name)
+    data = str(args.data)
+    score_examples = None
+    if data.startswith("zoo:"):  # zoo:N[:SEED] fresh examples of a shipped model's task
+        if name not in zoo.names():
+            raise InputError("--data zoo:N needs --model to be a shipped toy model "
+                             f"({', '.join(zoo.names())})")
+        parts = data.split(":")
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        examples = zoo.examples(name, n, seed=seed)
+        score_examples = zoo.examples(name, max(n // 2, 32), seed=seed + 1000)  # disjoint
+    else:
+        examples = load_jsonl(data)
+    limit = getattr(args, "limit", None)
+    if limit:
+        examples = examples[:limit]
+    from corelens.ram import MEAN_METRICS, RATIO_METRICS
+
+    if str(args.scores) in MEAN_METRICS + RATIO_METRICS:  # score here: held-out zoo examples,
+        src = score_examples if score_examples is not None else examples  # else in-sample
+        scores = score_heads(model, src, str(args.scores), progress=False)
+        where = "held-out" if score_examples is not None else "in-sample"
+    else:
+        scores, where = HeadScores.load(args.scores), str(args.scores)
+    return model, scores, examples, where
+
+
+def main_accelerate(args: Any) -> dict[str, Any]:
+    """``corelens accelerate --model M --scores S --data D [--frac 0.1] [--n-sink 4]
+    [--window 64] [--n-pooled 0] [--fastv-k 2] [--fastv-ratio 0.5] [--limit N] [--seed 0]
+    [--batch-size 16] [--out report.json]``: teacher-forced accuracy (``corelens.evaluate``)
+    and wall time of full attention, the CoRe hybrid, random KV heads at the same KV budget
+    (hybrid), and FastV, on the same examples.
+
+    ``args`` is a namespace: ``model`` (folder / hub id, or a shipped toy model name),
+    ``scores`` (a HeadScores JSON, or a metric name of ``corelens.ram`` such as ``"ram"`` or
+    ``"selectivity"`` to score heads first — on held-out examples with zoo data, else
+    in-sample), ``data`` (a corelens JSONL, or ``zoo:N[:SEED]``: N fresh
+    examples of the shipped model's task), and optional ``frac``, ``n_sink``, ``window``,
+    ``n_pooled``, ``fastv_k``, ``fastv_ratio``, ``limit``, ``seed``, ``batch_size``, ``out``
+    (missing or None = the defaults above). Returns (and prints as JSON) the report."""
+    import time
+
+    from corelens.evaluate import evaluate
+
+    def get(name: str, default: Any) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    model, scores, examples, where = _load(args)
+    frac = get("frac", 0.1)
+    kw = dict(n_sink=get("n_sink", 4), window=get("window", 64), n_pooled=get("n_pooled", 0))
+    core = HybridAttention(model, scores.top(frac=frac), **kw)
+    rand = HybridAttention.random(model, len(core.full_kv_heads), seed=get("seed", 0), **kw)
+    fastv = FastV(model, k=get("fastv_k", 2), ratio=get("fastv_ratio", 0.5))
+    variants: dict[str, Any] = {"full": contextlib.nullcontext, "core_hybrid": core.attach,
+                                "random_hybrid": rand.attach, "fastv": fastv.attach}
+    report: dict[str, Any] = {
+        "model": str(args.model), "scores": where, "metric": scores.metric,
+        "n_examples": len(examples), "frac": frac, **kw, "kv_budget": core.kv_budget,
+        "core_heads": [f"L{l}H{h}" for l, h in core.heads],
+        "random_kv_heads": [f"L{l}KV{g}" for l, g in rand.full_kv_heads],
+        "fastv": {"k": fastv.k, "ratio": fastv.ratio}, "variants": {}}
+    for name, ctx in variants.items():
+        t0 = time.perf_counter()
+        with ctx():
+            res = evaluate(model, examples, batch_size=get("batch_size", 16), progress=False)
+        report["variants"][name] = {"accuracy": res.accuracy, "mean_logprob": res.mean_logprob,
+                                    "seconds": round(time.perf_counter() - t0, 3)}
+    full = report["variants"]["full"]["accuracy"]
+    for v in report["variants"].values():
+        v["accuracy_vs_full"] = v["accuracy"] / full if full else float("nan")
+    text = json.dumps(report, indent=2)
+    out = get("out", None)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return report

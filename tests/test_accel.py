@@ -1,0 +1,328 @@
+"""CoRe-guided hybrid attention and FastV against per-head-masked references."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+import torch
+from conftest import noise_image
+
+from corelens import HookedMLLM
+from corelens.accel import FastV, HybridAttention, cache_nbytes
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mha_model(tmp_path_factory):
+    from corelens.families.llava import tiny_llava
+
+    folder = tmp_path_factory.mktemp("tiny-llava-mha")
+    model, proc = tiny_llava(folder, seed=2, kv_heads=4)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return HookedMLLM.from_pretrained(str(folder))
+
+
+@pytest.fixture(params=["gqa", "mha"])
+def model(request, tiny_model, mha_model):
+    return tiny_model("llava") if request.param == "gqa" else mha_model
+
+
+def _batch(model):
+    return model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
+                         ["what is the color ?", "what color is the square at left ?"],
+                         answers=["red", "blue green"])
+
+
+def _random_heads(model, n, seed):
+    pool = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    return random.Random(seed).sample(pool, n)
+
+
+@contextlib.contextmanager
+def _masked(model, allowed):
+    with contextlib.ExitStack() as stack:
+        for layer, m in enumerate(allowed):
+            stack.enter_context(model.attention.key_mask(layer, m.to(model.device)))
+        yield
+
+
+def _run(model, batch, ids=None, mask=None, pos=None):
+    kw = batch.model_kwargs()
+    return model.hf_model(input_ids=batch.input_ids if ids is None else ids,
+                          attention_mask=kw["attention_mask"] if mask is None else mask,
+                          position_ids=kw["position_ids"] if pos is None else pos,
+                          pixel_values=kw["pixel_values"], use_cache=False).logits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefill_equals_masked_reference(model, seed):
+    batch = _batch(model)
+    valid = batch.attention_mask.bool()
+    n = [1, 3, 5][seed]
+    hybrid = HybridAttention(model, _random_heads(model, n, seed), n_sink=2, window=7)
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = _run(model, batch)
+        with _masked(model, hybrid.allowed(batch)):
+            ref = _run(model, batch)
+        plain = _run(model, batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
+
+
+def test_attach_without_batch_plans_each_call(model):
+    batch = _batch(model)
+    hybrid = HybridAttention(model, _random_heads(model, 2, 5), n_sink=1, window=5)
+    with torch.no_grad():
+        with hybrid.attach():
+            got = model(batch)
+        with hybrid.attach(batch):
+            ref = model(batch)
+    assert torch.equal(got, ref)
+
+
+def test_every_head_core_is_full_attention(model):
+    batch = _batch(model)
+    valid = batch.attention_mask.bool()
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    hybrid = HybridAttention(model, every, window=3)
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = _run(model, batch)
+        ref = _run(model, batch)
+    assert (got - ref)[valid].abs().max() < TOL
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_decoding_equals_masked_reference(model, seed):
+    batch = _batch(model)
+    n = 5
+    # window 20 reaches back into the image: the cache's window-only entries matter
+    hybrid = HybridAttention(model, _random_heads(model, 2 + seed, 10 + seed), n_sink=2,
+                             window=[6, 20][seed])
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    kw = batch.model_kwargs()
+    t = batch.seq_len
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    mask = torch.cat([kw["attention_mask"], torch.ones(len(batch), n - 1, dtype=torch.long)], 1)
+    pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+        ref = _run(model, batch, ids, mask, pos)
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    assert torch.equal(toks, ref[:, t - 1:].argmax(-1))
+
+
+def test_every_head_core_decoding_is_full_attention(model):
+    batch = _batch(model)
+    n = 3
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    toks, logits = HybridAttention(model, every).generate(batch, n, return_logits=True)
+    kw = batch.model_kwargs()
+    t = batch.seq_len
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    mask = torch.cat([kw["attention_mask"], torch.ones(len(batch), n - 1, dtype=torch.long)], 1)
+    pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
+    with torch.no_grad():
+        ref = _run(model, batch, ids, mask, pos)
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
+def test_kv_cache_keeps_vision_only_for_full_kv_heads(tiny_model):
+    model = tiny_model("llava")  # 2 layers, 4 query heads, 2 KV heads
+    batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
+    hybrid = HybridAttention(model, [(0, 1)], n_sink=2, window=12)
+    assert hybrid.full_kv_heads == [(0, 0)] and hybrid.full_heads == [(0, 0), (0, 1)]
+    _, cache, _ = hybrid.prefill(batch)
+    t = batch.seq_len
+    n_vision = int(batch.layout.vision_mask().sum())
+    d = model.cfg.d_head
+    vision = batch.layout.vision_mask()[0]
+    # text (the sinks are text here) + the vision tokens among the last 12 prompt tokens
+    kept = t - n_vision + int(vision[-12:].sum())
+    assert vision[-12:].any()
+    assert cache.ks[0].shape[1:] == (1, kept, d) and cache.kf[0].shape[1:] == (1, t, d)
+    assert cache.kf[1].shape[1] == 0 and cache.ks[1].shape[1:] == (2, kept, d)
+    full_bytes = 2 * model.cfg.n_layers * 2 * t * d * 4
+    assert cache.nbytes() == 2 * (t + kept + 2 * kept) * d * 4
+    assert cache.nbytes() < 0.6 * full_bytes
+
+
+def test_pooled_summaries_cache_equals_prefill(tiny_model):
+    """With pooled summaries, cached decoding equals running the longer prompt in prefill."""
+    model = tiny_model("llava")
+    batch = _batch(model)
+    n = 4
+    hybrid = HybridAttention(model, [(1, 2)], n_sink=2, window=5, n_pooled=3)
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    kw = batch.model_kwargs()
+    t = batch.seq_len
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    mask = torch.cat([kw["attention_mask"], torch.ones(len(batch), n - 1, dtype=torch.long)], 1)
+    pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
+    vision = torch.cat([batch.layout.vision_mask(), torch.zeros(len(batch), n - 1,
+                                                                dtype=torch.bool)], 1)
+    from corelens.accel import _plan
+
+    with torch.no_grad(), model.attention.kernel(hybrid._kernel):
+        hybrid._plan = _plan(vision, mask.bool(), 2, 3)
+        try:
+            ref = _run(model, batch, ids, mask, pos)
+        finally:
+            hybrid._plan = None
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad(), _masked(model, HybridAttention(model, [(1, 2)], n_sink=2,
+                                                         window=5).allowed(batch)):
+        no_pool = _run(model, batch)
+    assert (ref[:, :t] - no_pool)[batch.attention_mask.bool()].abs().max() > 1e-4
+
+
+def test_random_baseline_has_the_same_kv_budget(model):
+    core = HybridAttention(model, _random_heads(model, 3, 0))
+    rand = HybridAttention.random(model, len(core.full_kv_heads), seed=3)
+    assert len(rand.full_kv_heads) == len(core.full_kv_heads)
+    assert rand.kv_budget == core.kv_budget
+
+
+def test_errors():
+    from corelens.errors import InputError
+
+    class Fake:
+        class family:
+            name = "gemma3"
+
+    with pytest.raises(InputError, match="gemma3"):
+        HybridAttention(Fake(), [(0, 0)])
+
+
+def test_fastv_drops_lowest_attention_and_equals_masked_reference(model):
+    batch = _batch(model)
+    k = 1
+    fastv = FastV(model, k=k, ratio=0.5)
+    vision = batch.layout.vision_mask()
+    rows = batch.last_prompt_positions[:, None]
+    seen = {}
+
+    def tap(inputs):
+        seen["att"] = inputs.pattern_rows(rows)[:, :, 0].mean(1)
+
+    with torch.no_grad():
+        with model.attention.tap(k - 1, tap):
+            _run(model, batch)
+        with fastv.attach(batch):
+            got = _run(model, batch)
+    dropped = fastv.dropped
+    n_vision = int(vision[0].sum())
+    assert dropped.shape == (len(batch), n_vision // 2)
+    for e in range(len(batch)):
+        att = seen["att"][e]
+        kept_vision = vision[e].clone()
+        kept_vision[dropped[e]] = False
+        assert vision[e, dropped[e]].all()
+        assert att[dropped[e]].max() <= att[kept_vision].min()
+    allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+    allowed.scatter_(3, dropped[:, None, None, :], False)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for layer in range(k, model.cfg.n_layers):
+            stack.enter_context(model.attention.key_mask(layer, allowed))
+        ref = _run(model, batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+
+
+def test_fastv_generate_caches_only_kept_tokens(model):
+    batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
+    fastv = FastV(model, k=1, ratio=0.5)
+    toks = fastv.generate(batch, max_new_tokens=3)
+    cache = fastv.last_cache
+    t = batch.seq_len
+    n_drop = int(batch.layout.vision_mask().sum()) // 2
+    assert cache.layers[0].keys.shape[2] == t + 2
+    assert cache.layers[1].keys.shape[2] == t - n_drop + 2
+    # the first token equals the masked reference's argmax
+    with fastv.attach(batch), torch.no_grad():
+        logits = _run(model, batch)
+    assert toks[0, 0] == logits[0, -1].argmax()
+    assert cache_nbytes(cache) < 2 * model.cfg.n_layers * t * model.cfg.d_head * 16
+
+
+FAMILY_PREFILL = ["idefics3", "internvl", "llava_next", "llava_onevision", "qwen2_5_vl",
+                  "qwen2_vl", "qwen3_vl", "smolvlm"]
+
+
+@pytest.mark.parametrize("name", FAMILY_PREFILL)
+def test_prefill_other_families(tiny_model, name):
+    model = tiny_model(name)
+    batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
+                          ["what is the color ?", "what color is the square at left ?"])
+    valid = batch.attention_mask.bool()
+    hybrid = HybridAttention(model, _random_heads(model, 2, 0), n_sink=2, window=5)
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = model(batch)
+        with _masked(model, hybrid.allowed(batch)):
+            ref = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", ["idefics3", "internvl", "llava_next", "llava_onevision",
+                                  "smolvlm"])
+def test_decode_other_families(tiny_model, name):
+    model = tiny_model(name)
+    batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
+    n = 3
+    hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    t = batch.seq_len
+    kw = {k: v for k, v in batch.model_kwargs().items()
+          if k not in ("attention_mask", "position_ids")}
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
+def test_kernel_hook_falls_through_and_skips_eager_layers(tiny_model):
+    model = tiny_model("llava")
+    batch = _batch(model)
+    calls = []
+
+    def kernel(call):
+        calls.append(call.layer)
+        return None  # leave it to the default path
+
+    with torch.no_grad():
+        plain = model(batch)
+        with model.attention.kernel(kernel):
+            got = model(batch)
+            model.run_with_hooks(batch, fwd_hooks=[("blocks.0.attn.hook_pattern",
+                                                    lambda p, hook: p)])
+    assert torch.equal(plain, got)
+    assert calls == [0, 1, 1]  # the hooked layer went eager, without the kernel
+    with pytest.raises(RuntimeError), model.attention.kernel(kernel), \
+            model.attention.kernel(kernel):
+        pass
+
+
+def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
+    import json
+    import types
+
+    from corelens import zoo
+    from corelens.accel import main_accelerate
+
+    if "toy-llava" not in zoo.names():
+        pytest.skip("toy-llava is not shipped in this checkout")
+    out = tmp_path / "accel.json"
+    args = types.SimpleNamespace(model="toy-llava", scores="ram", data="zoo:24:3", window=8,
+                                 n_sink=2, frac=0.1, out=str(out))
+    report = main_accelerate(args)
+    assert json.loads(out.read_text()) == report
+    assert set(report["variants"]) == {"full", "core_hybrid", "random_hybrid", "fastv"}
+    assert report["kv_budget"] == 2 / 16 and len(report["random_kv_heads"]) == 2
+    for v in report["variants"].values():
+        assert 0.0 <= v["accuracy"] <= 1.0
