@@ -26,6 +26,8 @@ def test_demo_summary_shows_the_causal_claim(demo_out):
     assert ab["random"] - ab["top"] >= 0.2  # CoRe heads matter far more than random heads
     assert abs(ab["none"] - ab["bottom"]) < 0.02  # the bottom 5% barely matter
     assert s["seconds"] > 0 and s["random_model"] is False
+    acc = s["acceleration"]
+    assert acc["core_hybrid"] > acc["random_hybrid"] + 0.2  # CoRe heads are the ones to keep
     assert (demo_out / "report.html").stat().st_size > 10_000
     assert json.loads((demo_out / "ram.json").read_text())["metric"] == "ram"
 

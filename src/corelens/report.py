@@ -30,6 +30,7 @@ def run_study(
     fracs: Sequence[float] = (0.05, 0.1, 0.2),
     seeds: Sequence[int] = tuple(range(8)),
     batch_size: int = 32,
+    accel: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study; ``pairs``: (clean, corrupted) ``GroundedExample`` pairs with matching
@@ -77,6 +78,20 @@ def run_study(
         path_effects["clean_minus_corrupted"] = full - base
     steps.update()
 
+    accel_result: dict[str, Any] = {}
+    if accel is not None:  # CoRe-guided hybrid attention vs random heads at the same KV budget
+        from corelens.accel import HybridAttention
+        from corelens.evaluate import evaluate
+
+        kw = {k: accel[k] for k in ("n_sink", "window", "n_pooled") if k in accel}
+        hybrid = HybridAttention(model, ram.top(frac=accel.get("frac", 0.1)), **kw)
+        rand = HybridAttention.random(model, len(hybrid.full_kv_heads), seed=0, **kw)
+        accel_result = {"frac": accel.get("frac", 0.1), "kv_budget": hybrid.kv_budget, **kw,
+                        "full": evaluate(model, examples, progress=False).accuracy}
+        for name, h in (("core_hybrid", hybrid), ("random_hybrid", rand)):
+            with h.attach():
+                accel_result[name] = evaluate(model, examples, progress=False).accuracy
+
     show = model.prepare_examples(list(examples[:1]))
     items: list[Any] = [
         f"<h1>{title}</h1><p>{len(examples)} examples; CoRe heads (top 5% by RAM): "
@@ -91,6 +106,11 @@ def run_study(
         items.append(patch_fig)
         items.append("<p>path patching (sender -> logits), logit diff restored: "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in path_effects.items()) + "</p>")
+    if accel_result:
+        items.append("<p>CoRe-guided hybrid attention (full attention only in the top heads, "
+                     f"KV budget {accel_result['kv_budget']:.3f}): accuracy "
+                     f"{accel_result['core_hybrid']:.3f} vs full {accel_result['full']:.3f} and "
+                     f"random heads at the same budget {accel_result['random_hybrid']:.3f}</p>")
     items.append(views.attention_heads(model, show, core[0][0], heads=[core[0][1]],
                                        query_positions="query", collapse="row"))
     views.save_page(items, out / "report.html", title=title)
@@ -107,6 +127,7 @@ def run_study(
                               if "selectivity" in scores else None]
                              for l, h in ram.top(k=5)],
         "path_patching": path_effects,
+        "acceleration": accel_result,
         "n_examples": len(examples),
         "seconds": round(time.time() - t0, 1),
         **(extra or {}),
