@@ -236,22 +236,41 @@ class AblationCurve:
                    first["n_examples"], values)
 
 
-def _score_batches(model: Any, batches: list[MultimodalBatch], heads: Sequence[Head],
-                   method: Method, reference: MultimodalBatch | None) -> tuple[float, float]:
+def score_batch(model: Any, batch: MultimodalBatch, heads: Sequence[Head], method: Method,
+                reference: MultimodalBatch | None = None) -> tuple[float, float, int]:
+    """(correct answers, summed answer log-prob, n) of one batch with ``heads`` ablated."""
     from corelens.patching import answer_logprob
 
-    correct, logprob, n = 0.0, 0.0, 0
-    for b in batches:
-        with ablate(model, heads, method, batch=b if method != "zero" else None,
-                    reference=reference), torch.no_grad():
-            logits = model(b)
-        lp = answer_logprob(logits, b)
-        for e, (q, a) in enumerate(zip(b.query_positions, b.answer_tokens)):
-            pred = logits[e, q.to(logits.device)].argmax(-1).cpu()
-            correct += float(torch.equal(pred, a.cpu()))
-        logprob += float(lp.sum())
-        n += len(b)
-    return correct / n, logprob / n
+    with ablate(model, heads, method, batch=batch if method != "zero" else None,
+                reference=reference), torch.no_grad():
+        logits = model(batch)
+    lp = answer_logprob(logits, batch)
+    correct = 0.0
+    for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
+        pred = logits[e, q.to(logits.device)].argmax(-1).cpu()
+        correct += float(torch.equal(pred, a.cpu()))
+    return correct, float(lp.sum()), len(batch)
+
+
+def ablation_jobs(n_layers: int, n_heads: int, ranked: Sequence[Head], fracs: Sequence[float],
+                  baselines: Sequence[str], seeds: Sequence[int]
+                  ) -> tuple[list[int], list[tuple[str, int, list[Head]]]]:
+    """(k per fraction, the (kind, fraction index, heads) jobs of an ablation curve, in order):
+    no ablation, then per fraction the top-k, the bottom-k and one random draw per seed."""
+    import math
+    import random
+
+    all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    ks = [max(1, math.ceil(f * n_layers * n_heads)) for f in fracs]
+    jobs: list[tuple[str, int, list[Head]]] = [("none", -1, [])]
+    for i, k in enumerate(ks):
+        jobs.append(("top", i, list(ranked[:k])))
+        if "bottom" in baselines:
+            jobs.append(("bottom", i, list(ranked[-k:])))
+        if "random" in baselines:
+            for s in seeds:
+                jobs.append((f"random:{s}", i, random.Random(s * 1000 + k).sample(all_heads, k)))
+    return ks, jobs
 
 
 def ablation_curve(
@@ -269,31 +288,20 @@ def ablation_curve(
 ) -> AblationCurve:
     """Ablate the top-k heads of ``scores`` (a ``HeadScores``) vs k random heads (one draw per
     seed) vs the bottom-k, for k = ceil(frac * n_heads_total) at each fraction."""
-    import math
-    import random
-
     from tqdm.auto import tqdm
 
     batches = [model.prepare_examples(examples[i:i + batch_size])
                for i in range(0, len(examples), batch_size)]
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    all_heads = [(l, h) for l in range(L) for h in range(H)]
-    ranked = scores.rank()
-    ks = [max(1, math.ceil(f * L * H)) for f in fracs]
-    jobs: list[tuple[str, int, list[Head]]] = [("none", -1, [])]
-    for i, k in enumerate(ks):
-        jobs.append(("top", i, ranked[:k]))
-        if "bottom" in baselines:
-            jobs.append(("bottom", i, ranked[-k:]))
-        if "random" in baselines:
-            for s in seeds:
-                jobs.append((f"random:{s}", i, random.Random(s * 1000 + k).sample(all_heads, k)))
+    ks, jobs = ablation_jobs(model.cfg.n_layers, model.cfg.n_heads, scores.rank(), fracs,
+                             baselines, seeds)
     acc: dict[str, Any] = {"top": [None] * len(ks), "bottom": [None] * len(ks),
                            "random_seeds": [[] for _ in ks]}
     lps: dict[str, Any] = {"top": [None] * len(ks), "bottom": [None] * len(ks),
                            "random_seeds": [[] for _ in ks]}
     for kind, i, heads in tqdm(jobs, desc="ablation curve", disable=not progress):
-        a, lp = _score_batches(model, batches, heads, method, reference)
+        totals = [score_batch(model, b, heads, method, reference) for b in batches]
+        n = sum(t[2] for t in totals)
+        a, lp = sum(t[0] for t in totals) / n, sum(t[1] for t in totals) / n
         if kind == "none":
             acc["none"], lps["none"] = a, lp
         elif kind.startswith("random"):

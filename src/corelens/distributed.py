@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -294,23 +293,12 @@ def ablation_curve_distributed(
 
     Same arguments (plus ``partial``, resumed like scoring). Returns the ``AblationCurve`` on
     rank 0, None elsewhere."""
-    from corelens.ablation import AblationCurve, ablate
-    from corelens.patching import answer_logprob
+    from corelens.ablation import AblationCurve, ablation_jobs, score_batch
 
     rank, world = _world()
     starts = list(range(0, len(examples), batch_size))
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    all_heads = [(l, h) for l in range(L) for h in range(H)]
-    ranked = scores.rank()
-    ks = [max(1, math.ceil(f * L * H)) for f in fracs]
-    jobs: list[tuple[str, int, list[tuple[int, int]]]] = [("none", -1, [])]
-    for i, k in enumerate(ks):  # the job list of ablation_curve, in its order
-        jobs.append(("top", i, ranked[:k]))
-        if "bottom" in baselines:
-            jobs.append(("bottom", i, ranked[-k:]))
-        if "random" in baselines:
-            for s in seeds:
-                jobs.append((f"random:{s}", i, random.Random(s * 1000 + k).sample(all_heads, k)))
+    ks, jobs = ablation_jobs(model.cfg.n_layers, model.cfg.n_heads, scores.rank(), fracs,
+                             baselines, seeds)  # the job list of ablation_curve, in its order
     units = [(j, b) for j in range(len(jobs)) for b in range(len(starts))]
     seen = read_records(partial_files(partial), key="unit") if partial is not None else {}
     for rec in seen.values():
@@ -325,16 +313,8 @@ def ablation_curve_distributed(
                      disable=not progress or rank != 0):
         if b not in batches:
             batches[b] = model.prepare_examples(examples[starts[b]:starts[b] + batch_size])
-        bt, heads = batches[b], jobs[j][2]
-        with ablate(model, heads, method, batch=bt if method != "zero" else None,  # type: ignore[arg-type]
-                    reference=reference), torch.no_grad():
-            logits = model(bt)
-        lp = answer_logprob(logits, bt)
-        correct = 0.0
-        for e, (q, a) in enumerate(zip(bt.query_positions, bt.answer_tokens)):
-            pred = logits[e, q.to(logits.device)].argmax(-1).cpu()
-            correct += float(torch.equal(pred, a.cpu()))
-        rec = {"unit": [j, b], "correct": correct, "logprob": float(lp.sum()), "n": len(bt),
+        correct, lp_sum, n = score_batch(model, batches[b], jobs[j][2], method, reference)
+        rec = {"unit": [j, b], "correct": correct, "logprob": lp_sum, "n": n,
                "jobs": len(jobs), "batch_size": batch_size}
         writer.write(rec)
         new[(j, b)] = rec
