@@ -191,3 +191,22 @@ def test_high_norm_detection_in_a_forward(tiny_model):
     hi = metric.token_level[0]["high_norm_mass"]
     assert (hi[0] == 0).all()  # layer 0 input is untouched
     assert (hi[1] > 0).all()
+
+
+def test_kang_spatial_entropy_by_hand():
+    from corelens.ram import kang_spatial_entropy
+
+    # 4x4 grid: one 2x2 blob above the mean -> entropy 0; two separate blobs of 2 -> ln 2
+    rows = torch.arange(4).repeat_interleave(4)
+    cols = torch.arange(4).repeat(4)
+    one = torch.zeros(16)
+    one[[0, 1, 4, 5]] = 1.0
+    two = torch.zeros(16)
+    two[[0, 1, 14, 15]] = 1.0
+    diag = torch.zeros(16)
+    diag[[0, 5, 15]] = 1.0  # 0 and 5 touch diagonally (8-connected); 15 is apart: sizes 2, 1
+    ent = kang_spatial_entropy(torch.stack([one, two, diag]), rows, cols, 4, 4)
+    p = torch.tensor([2 / 3, 1 / 3])
+    assert ent[0].item() == pytest.approx(0.0)
+    assert ent[1].item() == pytest.approx(math.log(2))
+    assert ent[2].item() == pytest.approx(float(-(p * p.log()).sum()))

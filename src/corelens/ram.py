@@ -46,7 +46,7 @@ from corelens.batch import MultimodalBatch
 from corelens.head_scores import HeadScores
 
 MEAN_METRICS = ("ram", "visual_mass", "distractor_mass", "sink_mass", "high_norm_mass",
-                "retrieval", "spatial_entropy", "value_weighted_ram")
+                "retrieval", "spatial_entropy", "kang_spatial_entropy", "value_weighted_ram")
 RATIO_METRICS = ("relative_ram", "lift", "selectivity")
 
 
@@ -72,6 +72,8 @@ class ExampleRegions:
     vision: Int[Tensor, " v"]
     distractors: list[Int[Tensor, " d"]]
     sink: int  # first real token
+    # the first image's first view as a grid: (positions, rows, cols, n_rows, n_cols)
+    grid: tuple[Tensor, Tensor, Tensor, int, int] | None = None
 
 
 def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRegions]:
@@ -87,7 +89,46 @@ def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRe
         out.append(ExampleRegions(q.cpu(), batch.evidence_positions(e, tau=params.tau).cpu(),
                                   batch.layout.vision_positions(e).cpu(),
                                   [d.cpu() for d in batch.distractor_positions(e, params.tau)],
-                                  first))
+                                  first, _first_view_grid(batch, e)))
+    return out
+
+
+def _first_view_grid(batch: MultimodalBatch, e: int) -> tuple | None:
+    if not batch.layout.images[e]:
+        return None
+    img = batch.layout.images[e][0]
+    sel = (img.rows.kind == 0) & (img.rows.view == 0)
+    if not sel.any():
+        return None
+    view = img.rows.views[0]
+    return (img.positions[sel].cpu(), img.rows.row[sel], img.rows.col[sel], view.rows, view.cols)
+
+
+def kang_spatial_entropy(values: Float[Tensor, "m n"], rows: Int[Tensor, " n"],
+                         cols: Int[Tensor, " n"], n_rows: int, n_cols: int) -> Float[Tensor, " m"]:
+    """Kang et al. 2025: threshold each attention map (over a token grid) at its mean, take the
+    8-connected components of the cells above it, and return the entropy of their size
+    distribution (0 = one blob; ln k = k equal blobs)."""
+    import torch.nn.functional as F
+
+    m = values.shape[0]
+    grid = torch.full((m, n_rows, n_cols), -math.inf, dtype=torch.float32)
+    grid[:, rows, cols] = values.float().cpu()
+    on = grid > values.float().cpu().mean(-1)[:, None, None]
+    idx = torch.arange(n_rows * n_cols, dtype=torch.float32).view(1, n_rows, n_cols)
+    lab = torch.where(on, idx.expand(m, -1, -1), torch.tensor(math.inf))
+    for _ in range(n_rows * n_cols):  # propagate the smallest label through each component
+        low = -F.max_pool2d(-lab[:, None], 3, stride=1, padding=1)[:, 0]
+        new = torch.where(on, torch.minimum(lab, low), torch.tensor(math.inf))
+        if torch.equal(new, lab):
+            break
+        lab = new
+    out = torch.zeros(m)
+    for i in range(m):
+        _, counts = torch.unique(lab[i][on[i]], return_counts=True)
+        if len(counts):
+            p = counts.float() / counts.sum()
+            out[i] = -(p * p.log()).sum()
     return out
 
 
@@ -126,6 +167,14 @@ def masses(
     p = rows[..., vis]
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
     out["spatial_entropy"] = -(p * p.clamp(min=1e-12).log()).sum(-1)
+    if reg.grid is not None:
+        pos, rr, cc, n_r, n_c = reg.grid
+        vals = rows[..., pos.to(dev)]  # [head, q, n]
+        h, nq = vals.shape[:2]
+        out["kang_spatial_entropy"] = kang_spatial_entropy(
+            vals.reshape(h * nq, -1), rr, cc, n_r, n_c).view(h, nq).to(dev)
+    else:
+        out["kang_spatial_entropy"] = torch.full_like(out["ram"], math.nan)
     if key_weight is not None:
         w = rows * key_weight[:, None, :].to(dev)
         w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
