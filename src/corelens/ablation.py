@@ -239,17 +239,12 @@ class AblationCurve:
 def score_batch(model: Any, batch: MultimodalBatch, heads: Sequence[Head], method: Method,
                 reference: MultimodalBatch | None = None) -> tuple[float, float, int]:
     """(correct answers, summed answer log-prob, n) of one batch with ``heads`` ablated."""
-    from corelens.patching import answer_logprob
+    from corelens.evaluate import score_logits
 
     with ablate(model, heads, method, batch=batch if method != "zero" else None,
                 reference=reference), torch.no_grad():
-        logits = model(batch)
-    lp = answer_logprob(logits, batch)
-    correct = 0.0
-    for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
-        pred = logits[e, q.to(logits.device)].argmax(-1).cpu()
-        correct += float(torch.equal(pred, a.cpu()))
-    return correct, float(lp.sum()), len(batch)
+        logprobs, correct, _ = score_logits(model(batch), batch)
+    return float(correct.sum()), float(logprobs.sum()), len(batch)
 
 
 def ablation_jobs(n_layers: int, n_heads: int, ranked: Sequence[Head], fracs: Sequence[float],

@@ -54,16 +54,26 @@ def evaluate(model: Any, examples: Sequence[Any], batch_size: int = 32,
     for i in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
         chunk = examples[i:i + batch_size]
         batch = model.prepare_examples(chunk)
-        logits = model(batch).float()
-        lp = torch.log_softmax(logits, dim=-1)
-        for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
-            q, a = q.to(lp.device), a.to(lp.device)
-            rows = lp[e, q]  # [n_answer_tokens, vocab]
-            logprobs.append(rows.gather(-1, a[:, None]).sum().cpu())
-            arg = rows.argmax(-1)
-            correct.append(bool((arg == a).all()))
-            preds.append(model.tokenizer.decode(arg.tolist()))
+        lp, ok, arg = score_logits(model(batch), batch)
+        logprobs += list(lp.cpu())
+        correct += ok.tolist()
+        preds += [model.tokenizer.decode(a.tolist()) for a in arg]
         answers += [str(ex.answer) for ex in chunk]
         ids += [ex.id for ex in chunk]
     return EvalResult(torch.stack(logprobs) if logprobs else torch.zeros(0),
                       torch.tensor(correct, dtype=torch.bool), preds, answers, ids)
+
+
+def score_logits(logits: Tensor, batch: Any) -> tuple[Float[Tensor, " n"], Tensor, list[Tensor]]:
+    """Per example of ``batch``: the answer's log-prob summed over its tokens (teacher
+    forcing), whether the argmax at every query position is the answer token, and that argmax."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    logprobs, correct, argmax = [], [], []
+    for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
+        q, a = q.to(lp.device), a.to(lp.device)
+        rows = lp[e, q]  # [n_answer_tokens, vocab]
+        logprobs.append(rows.gather(-1, a[:, None]).sum())
+        arg = rows.argmax(-1)
+        correct.append(bool((arg == a).all()))
+        argmax.append(arg.cpu())
+    return torch.stack(logprobs), torch.tensor(correct, dtype=torch.bool), argmax

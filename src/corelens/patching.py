@@ -43,12 +43,10 @@ Head = tuple[int, int]
 
 # --- metrics -------------------------------------------------------------------------------
 def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " batch"]:
-    """Sum over answer tokens of their log-probability (teacher forcing)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    out = []
-    for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
-        out.append(lp[e, q.to(lp.device)].gather(-1, a.to(lp.device)[:, None]).sum())
-    return torch.stack(out)
+    """Sum over answer tokens of their log-probability (teacher forcing); differentiable."""
+    from corelens.evaluate import score_logits
+
+    return score_logits(logits, batch)[0]
 
 
 def logit_diff(answer_ids: Tensor, wrong_ids: Tensor) -> Metric:
