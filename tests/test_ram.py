@@ -205,8 +205,14 @@ def test_kang_spatial_entropy_by_hand():
     two[[0, 1, 14, 15]] = 1.0
     diag = torch.zeros(16)
     diag[[0, 5, 15]] = 1.0  # 0 and 5 touch diagonally (8-connected); 15 is apart: sizes 2, 1
-    ent = kang_spatial_entropy(torch.stack([one, two, diag]), rows, cols, 4, 4)
+    flat = torch.ones(16)  # nothing above the mean: no component, entropy 0
+    three = torch.zeros(16)
+    three[[0, 1, 2, 3, 10, 12]] = 1.0  # a row of 4, then 10 and 12 apart: sizes 4, 1, 1
+    ent = kang_spatial_entropy(torch.stack([one, two, diag, flat, three]), rows, cols, 4, 4)
     p = torch.tensor([2 / 3, 1 / 3])
+    p3 = torch.tensor([4 / 6, 1 / 6, 1 / 6])
     assert ent[0].item() == pytest.approx(0.0)
     assert ent[1].item() == pytest.approx(math.log(2))
     assert ent[2].item() == pytest.approx(float(-(p * p.log()).sum()))
+    assert ent[3].item() == 0.0
+    assert ent[4].item() == pytest.approx(float(-(p3 * p3.log()).sum()))

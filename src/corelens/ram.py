@@ -115,21 +115,26 @@ def kang_spatial_entropy(values: Float[Tensor, "m n"], rows: Int[Tensor, " n"],
     grid = torch.full((m, n_rows, n_cols), -math.inf, dtype=torch.float32)
     grid[:, rows, cols] = values.float().cpu()
     on = grid > values.float().cpu().mean(-1)[:, None, None]
-    idx = torch.arange(n_rows * n_cols, dtype=torch.float32).view(1, n_rows, n_cols)
+    n = n_rows * n_cols
+    idx = torch.arange(n, dtype=torch.float32).view(1, n_rows, n_cols)
     lab = torch.where(on, idx.expand(m, -1, -1), torch.tensor(math.inf))
-    for _ in range(n_rows * n_cols):  # propagate the smallest label through each component
+    for _ in range(n):  # propagate the smallest label through each component
         low = -F.max_pool2d(-lab[:, None], 3, stride=1, padding=1)[:, 0]
-        new = torch.where(on, torch.minimum(lab, low), torch.tensor(math.inf))
+        new = torch.where(on, torch.minimum(lab, low), torch.tensor(math.inf)).view(m, n)
+        # pointer jumping: a cell takes its label's label (same component, never larger), so a
+        # long thin component converges in ~log(length) steps instead of ~length
+        ptr = torch.where(new.isfinite(), new, 0).long()
+        new = torch.where(new.isfinite(), torch.minimum(new, new.gather(1, ptr)), new)
+        new = new.view(m, n_rows, n_cols)
         if torch.equal(new, lab):
             break
         lab = new
-    out = torch.zeros(m)
-    for i in range(m):
-        _, counts = torch.unique(lab[i][on[i]], return_counts=True)
-        if len(counts):
-            p = counts.float() / counts.sum()
-            out[i] = -(p * p.log()).sum()
-    return out
+    # component sizes of every map at once: the label is the component's smallest cell index
+    n = n_rows * n_cols
+    ids = (lab.view(m, n) + n * torch.arange(m, dtype=torch.float32)[:, None])[on.view(m, n)]
+    counts = torch.bincount(ids.long(), minlength=m * n).view(m, n).float()
+    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return -(p * p.clamp(min=1e-30).log()).sum(-1)
 
 
 def masses(
