@@ -3,6 +3,8 @@ frame-range evidence and RAM on video batches."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +279,13 @@ def test_frame_range_evidence_by_hand(tiny_model):
     with metric.attach(batch), torch.no_grad():
         model(batch)
     assert metric.regions[0].evidence.tolist() == vis[[15, 16]].tolist()
+    # a track: frame 1 (slot 0) box (0, 0, 32, 20) -> offsets 0, 1; frame 4 (slot 2) box
+    # (48, 30, 80, 50): cols 3-4, row 2 wholly (row 1 only 0.2) -> offsets 30 + 10 + 3, 4
+    track = Evidence.in_track(0, {1: (0, 0, 32, 20), 4: (48, 30, 80, 50)})
+    assert track.frames == (1, 5) and track.box == (0, 0, 80, 50)
+    ex.boxes = [track]
+    batch = model.prepare_examples([ex])
+    assert batch.evidence_positions(0).tolist() == vis[[0, 1, 43, 44]].tolist()
 
 
 def test_video_evidence_errors(tiny_model):
@@ -299,6 +308,10 @@ def test_video_evidence_errors(tiny_model):
         ex(Evidence.on_page(0, (0, 0, 50, 10))).validate()
     with pytest.raises(InputError, match=r"'x'.*refers to page 2, but the example has 1 image"):
         ex(Evidence.on_page(2, (0, 0, 5, 5))).validate()
+    with pytest.raises(InputError, match=r"'x'.*frame range \[6, 7\) lies outside video 0"):
+        ex(Evidence.in_track(0, {2: (0, 0, 5, 5), 6: (0, 0, 5, 5)})).validate()
+    with pytest.raises(InputError, match=r"'x'.*\(0.0, 0.0, 5.0, 60.0\) lies outside the frames"):
+        ex(Evidence.in_track(0, {2: (0, 0, 5, 5), 3: (0, 0, 5, 60)})).validate()
     with pytest.raises(InputError, match="no image or video"):
         GroundedExample([], "q ?", "a", [(0, 0, 1, 1)]).validate()
     with pytest.raises(InputError, match="one size"):
@@ -335,10 +348,11 @@ def test_evidence_is_an_image_box_pair_and_round_trips():
     i, box = Evidence.in_frames(2, (3, 5), (1, 2, 3, 4))
     assert i is None and box == (1.0, 2.0, 3.0, 4.0)
     for e in (ev, Evidence.on_page(3, (0, 0, 2, 2)), Evidence.in_frames(2, (3, 5), (1, 2, 3, 4)),
-              Evidence.in_image(0, (1, 1, 2, 2))):
-        back = Evidence.from_json(e.to_json())
+              Evidence.in_image(0, (1, 1, 2, 2)),
+              Evidence.in_track(1, {3: (0, 0, 2, 2), 7: (1, 1, 3, 3.5)})):
+        back = Evidence.from_json(json.loads(json.dumps(e.to_json())))
         assert back == e and back.kind == e.kind and back.frames == e.frames
-        assert back.video == e.video
+        assert back.video == e.video and back.track == e.track
     assert Evidence.from_json({"video": 0, "frame": 4, "box": [0, 0, 1, 1]}).frames == (4, 5)
     import pickle
 

@@ -81,11 +81,13 @@ class MultimodalBatch:
 
     def _region(self, example: int, ev: Any, tau: float) -> Int[Tensor, " r"]:
         """The tokens of one evidence entry: in its image / on its page, or -- for a frame
-        range of a video -- the tokens that see one of those frames AND overlap the box."""
+        range of a video -- the tokens that see one of those frames AND overlap the box by >=
+        tau (a track: the union of that over its frames, each with its own box)."""
         video = getattr(ev, "video", None)
         if video is not None:
-            return self.layout.positions_in_box(example, ev[1], tau=tau, video=video,
-                                                frames=ev.frames)
+            return torch.unique(torch.cat([
+                self.layout.positions_in_box(example, box, tau=tau, video=video, frames=frames)
+                for frames, box in ev.parts()]))
         i, box = ev
         return self.layout.positions_in_box(example, box, image=i, tau=tau)
 

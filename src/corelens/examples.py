@@ -4,7 +4,8 @@ Evidence comes in three shapes (``Evidence``):
 
 - a box in one image (``Evidence.in_image``; plain ``(image, box)`` tuples mean the same);
 - a box in a frame range of a video (``Evidence.in_frames``, VidSTG / MLVU style; one frame is
-  the range ``(f, f + 1)``);
+  the range ``(f, f + 1)``), or a moving box -- one box per frame -- over some frames of a video
+  (``Evidence.in_track``, a VidSTG object trajectory);
 - a box on a page of a document, where the pages are the images of a multi-image prompt
   (``Evidence.on_page``, MMDocIR style; it selects exactly what ``in_image`` does, and records
   that the image is a page).
@@ -119,22 +120,27 @@ class Evidence(tuple):
     kind: str
     video: int | None
     frames: tuple[int, int] | None
+    track: tuple[tuple[int, Box], ...] | None
 
     def __new__(cls, image: int | None, box: Sequence[float], *, kind: str = "image",
-                video: int | None = None, frames: tuple[int, int] | None = None) -> "Evidence":
+                video: int | None = None, frames: tuple[int, int] | None = None,
+                track: Sequence[tuple[int, Sequence[float]]] | None = None) -> "Evidence":
         if len(box) != 4:
             raise InputError(f"a box needs 4 numbers (x0, y0, x1, y1), got {tuple(box)}")
         b = tuple(float(v) for v in box)
         self = super().__new__(cls, (None if image is None else int(image), b))
-        if kind not in ("image", "frames", "page"):
-            raise InputError(f"evidence kind must be 'image', 'frames' or 'page', not {kind!r}")
-        if (kind == "frames") != (video is not None):
-            raise InputError("frame-range evidence needs a video index (and only it does)")
-        if kind == "frames":
+        if kind not in ("image", "frames", "page", "track"):
+            raise InputError(f"evidence kind must be 'image', 'page', 'frames' or 'track', not "
+                             f"{kind!r}")
+        if (kind in ("frames", "track")) != (video is not None):
+            raise InputError("video evidence needs a video index (and only it has one)")
+        if kind in ("frames", "track"):
             if frames is None or len(frames) != 2:
-                raise InputError(f"frame-range evidence needs frames=(start, end), got {frames}")
+                raise InputError(f"video evidence needs frames=(start, end), got {frames}")
             frames = (int(frames[0]), int(frames[1]))
         self.kind, self.video, self.frames = kind, video, frames
+        self.track = None if track is None else tuple(
+            (int(f), tuple(float(v) for v in bx)) for f, bx in track)  # type: ignore[misc]
         return self
 
     @classmethod
@@ -155,6 +161,28 @@ class Evidence(tuple):
     def in_frame(cls, video: int, frame: int, box: Sequence[float]) -> "Evidence":
         return cls.in_frames(video, (frame, frame + 1), box)
 
+    @classmethod
+    def in_track(cls, video: int, boxes: dict[int, Sequence[float]]) -> "Evidence":
+        """A moving box: ``boxes[f]`` in frame f of video ``video`` (frames absent from the
+        dict are not evidence). Its ``box`` is the hull of all of them, ``frames`` their span."""
+        if not boxes:
+            raise InputError("a track needs at least one (frame, box)")
+        items = sorted((int(f), tuple(float(v) for v in b)) for f, b in boxes.items())
+        for f, b in items:
+            if len(b) != 4:
+                raise InputError(f"track box of frame {f} must have 4 numbers, got {b}")
+        hull = (min(b[0] for _, b in items), min(b[1] for _, b in items),
+                max(b[2] for _, b in items), max(b[3] for _, b in items))
+        return cls(None, hull, kind="track", video=video,
+                   frames=(items[0][0], items[-1][0] + 1), track=items)
+
+    def parts(self) -> list[tuple[tuple[int, int], Box]]:
+        """Video evidence as ``[((start, end), box), ...]``: one part for a frame range, one per
+        frame for a track."""
+        if self.kind == "track":
+            return [((f, f + 1), b) for f, b in self.track or ()]
+        return [(self.frames, self.box)]  # type: ignore[list-item]
+
     @property
     def image(self) -> int | None:
         return self[0]
@@ -164,16 +192,23 @@ class Evidence(tuple):
         return self[1]
 
     def __repr__(self) -> str:
+        if self.kind == "track":
+            return f"Evidence.in_track({self.video}, {dict(self.track or ())})"
         if self.kind == "frames":
             return f"Evidence.in_frames({self.video}, {self.frames}, {self.box})"
         return f"Evidence.{'on_page' if self.kind == 'page' else 'in_image'}({self[0]}, {self[1]})"
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (self[0], self[1], self.kind, self.video, self.frames))
+        return (_rebuild, (self[0], self[1], self.kind, self.video, self.frames, self.track))
 
     def to_json(self) -> Any:
         """The JSON form ``Evidence.from_json`` reads (a plain list for a box in image 0)."""
-        coords = [int(v) if float(v).is_integer() else v for v in self.box]
+        def num(b: Box) -> list[float]:
+            return [int(v) if float(v).is_integer() else v for v in b]
+
+        coords = num(self.box)
+        if self.kind == "track":
+            return {"video": self.video, "track": {str(f): num(b) for f, b in self.track or ()}}
         if self.kind == "frames":
             return {"video": self.video, "frames": list(self.frames or ()), "box": coords}
         if self.kind == "page":
@@ -198,6 +233,11 @@ class Evidence(tuple):
     def from_json(cls, d: Any) -> "Evidence":
         if isinstance(d, (list, tuple)):
             return cls.coerce(d)
+        if isinstance(d, dict) and set(d) in ({"video", "track"}, {"track"}):
+            tr = d["track"]
+            if not isinstance(tr, dict):
+                raise InputError(f"\"track\" must map frame -> box, got {tr!r}")
+            return cls.in_track(d.get("video", 0), {int(f): b for f, b in tr.items()})
         if not isinstance(d, dict) or "box" not in d:
             raise InputError(f"evidence must be [x0, y0, x1, y1] or an object with a \"box\", "
                              f"got {d!r}")
@@ -212,29 +252,30 @@ class Evidence(tuple):
                 fr = (d["frame"], d["frame"] + 1)
             return cls.in_frames(d.get("video", 0), tuple(fr), d["box"])  # type: ignore[arg-type]
         raise InputError(f"evidence object keys {sorted(d)}: use box with image, page, or "
-                         "video + frames (or frame)")
+                         "video + frames (or frame); or video + track")
 
 
-def _rebuild(image: Any, box: Any, kind: str, video: Any, frames: Any) -> Evidence:
-    return Evidence(image, box, kind=kind, video=video, frames=frames)
+def _rebuild(image: Any, box: Any, kind: str, video: Any, frames: Any,
+             track: Any = None) -> Evidence:
+    return Evidence(image, box, kind=kind, video=video, frames=frames, track=track)
 
 
 def check_evidence(ev: Evidence, images: Sequence[Any], videos: Sequence[Video],
                    what: str = "evidence") -> None:
     """Raise an ``InputError`` if ``ev`` points outside the example's images / videos."""
-    x0, y0, x1, y1 = ev.box
-    if ev.kind == "frames":
+    if ev.kind in ("frames", "track"):
         v = ev.video
         if not 0 <= v < len(videos):  # type: ignore[operator]
             raise InputError(f"{what} box refers to video {v}, but the example has "
                              f"{len(videos)} video(s)")
-        a, b = ev.frames  # type: ignore[misc]
         n = len(videos[v])  # type: ignore[index]
-        if not 0 <= a < b <= n:
-            raise InputError(f"{what} frame range [{a}, {b}) lies outside video {v}, which has "
-                             f"{n} frame(s) (frames are 0-based, the end is exclusive)")
         w, h = videos[v].size  # type: ignore[index]
-        where = f"the frames of video {v}"
+        for (a, b), box in ev.parts():
+            if not 0 <= a < b <= n:
+                raise InputError(f"{what} frame range [{a}, {b}) lies outside video {v}, which "
+                                 f"has {n} frame(s) (frames are 0-based, the end is exclusive)")
+            _check_inside(box, w, h, what, f"the frames of video {v}")
+        return
     else:
         name = "page" if ev.kind == "page" else "image"
         i = ev[0]
@@ -242,7 +283,11 @@ def check_evidence(ev: Evidence, images: Sequence[Any], videos: Sequence[Video],
             raise InputError(f"{what} box refers to {name} {i}, but the example has "
                              f"{len(images)} image(s)")
         w, h = images[i].size  # type: ignore[index]
-        where = f"{name} {i}"
+        _check_inside(ev.box, w, h, what, f"{name} {i}")
+
+
+def _check_inside(box: Box, w: int, h: int, what: str, where: str) -> None:
+    x0, y0, x1, y1 = box
     if not (x0 < x1 and y0 < y1):
         raise InputError(f"{what} box {(x0, y0, x1, y1)} is empty")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:

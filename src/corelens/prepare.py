@@ -91,19 +91,18 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
             entries = [Evidence.coerce(b) for b in item]
         norm = []
         for ev in entries:
-            if ev.kind == "frames":
+            if ev.video is not None:
                 vids = video_lists[e]
-                if not 0 <= ev.video < len(vids):  # type: ignore[operator]
+                if not 0 <= ev.video < len(vids):
                     raise InputError(f"example {e}: box refers to video {ev.video}, but the "
                                      f"example has {len(vids)} video(s)")
-                a, b = ev.frames  # type: ignore[misc]
-                nf = len(vids[ev.video])  # type: ignore[index]
-                if not 0 <= a < b <= nf:
-                    raise InputError(f"example {e}: frame range [{a}, {b}) lies outside video "
-                                     f"{ev.video}, which has {nf} frame(s) (0-based, end "
-                                     "exclusive)")
-                check_box(ev.box, vids[ev.video].size,  # type: ignore[index]
-                          where=f"example {e}, video {ev.video}: ")
+                nf = len(vids[ev.video])
+                for (a, b), box in ev.parts():
+                    if not 0 <= a < b <= nf:
+                        raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
+                                         f"video {ev.video}, which has {nf} frame(s) (0-based, "
+                                         "end exclusive)")
+                    check_box(box, vids[ev.video].size, where=f"example {e}, video {ev.video}: ")
             else:
                 img = ev[0]
                 if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
