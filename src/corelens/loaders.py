@@ -625,7 +625,7 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
                 kinds: tuple[str, ...] = ("questions",), frame_offset: int = 0,
                 question_template: str = VIDSTG_QUESTION_TEMPLATE,
                 caption_template: str = VIDSTG_CAPTION_TEMPLATE,
-                answer_fn: Callable[[str], str] = vidstg_answer,
+                answer_fn: Callable[[str], str] | None = None,
                 max_distractors: int | None = None, skip_invalid: bool = False,
                 limit: int | None = None) -> list[GroundedExample]:
     """Load VidSTG (Zhang et al. 2020) as grounded video questions with moving-box evidence.
@@ -648,8 +648,10 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
     ``max_distractors``). Boxes are scaled from the annotation's ``width x height`` to the
     frame files' size. The ``Video`` keeps the source fps and frame indices (token times are
     real seconds). A sentence whose object has no box in a sampled frame of ``temporal_gt``
-    is invalid (``skip_invalid=True`` skips it with a warning).
+    is invalid (``skip_invalid=True`` skips it with a warning). ``answer_fn(category)``: the
+    answer (default ``vidstg_answer``).
     """
+    answer_fn = answer_fn or vidstg_answer
     ann_path = Path(annotations)
     records = _load_json(ann_path, "VidSTG annotations")
     if not isinstance(records, list):
