@@ -332,6 +332,12 @@ def test_video_evidence_errors(tiny_model):
         batch.layout.video(0, 1)
     with pytest.raises(InputError, match="marks 0 video"):
         model.prepare([[img]], ["<image> only ?"], videos=[[vid]])
+    # a verbatim prompt needs the family's own video token once per video
+    raw = "<|vision_start|><|video_pad|><|vision_end|> q ?"
+    verbatim = model.prepare(None, [raw], videos=[[vid]], chat_template=False)
+    assert len(verbatim.layout.video(0, 0).vision_positions) == 45
+    with pytest.raises(InputError, match="has no video placeholder but 1 video"):
+        model.prepare(None, ["q ?"], videos=[[vid]], chat_template=False)
 
 
 def test_families_without_video_and_onevision_frame_counts(tiny_model):
