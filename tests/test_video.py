@@ -353,6 +353,11 @@ def test_evidence_is_an_image_box_pair_and_round_trips():
     assert ev == (1, (0.0, 0.0, 4.0, 4.0)) and ev.kind == "image"
     i, box = Evidence.in_frames(2, (3, 5), (1, 2, 3, 4))
     assert i is None and box == (1.0, 2.0, 3.0, 4.0)
+    # equality sees the frames / video / kind, not just the (image, box) pair
+    assert Evidence.in_frames(2, (3, 5), box) != Evidence.in_frames(2, (3, 6), box)
+    assert Evidence.in_frames(2, (3, 5), box) != (None, box)
+    assert Evidence.on_page(1, box) != Evidence.in_image(1, box)
+    assert Evidence.in_image(1, box) == (1, box) and len({ev, Evidence.in_image(1, box)}) == 2
     for e in (ev, Evidence.on_page(3, (0, 0, 2, 2)), Evidence.in_frames(2, (3, 5), (1, 2, 3, 4)),
               Evidence.in_image(0, (1, 1, 2, 2)),
               Evidence.in_track(1, {3: (0, 0, 2, 2), 7: (1, 1, 3, 3.5)})):
@@ -432,3 +437,22 @@ def test_video_geometry_against_processor_pixels(name, size, tiny_folder):
     spans = torch.tensor([list(rows.views[v].frames) for v in rows.view[vision].tolist()])
     # a Qwen slot past the last frame repeats it: the mean of the frames it actually holds
     assert torch.allclose(frame, (spans[:, 0] + spans[:, 1] - 1).double() / 2, atol=0.02)
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_repeated_video_batch_gives_the_same_logits(name, tiny_model):
+    """``repeat_batch`` (what batched patching sweeps run) stacks videos and their extras
+    (``video_grid_thw``, ``second_per_grid_ts``, M-RoPE ids) in example order."""
+    from corelens.batch import repeat_batch
+
+    model = tiny_model(name)
+    batch = model.prepare(None, PROMPTS, answers=ANSWERS, videos=[[v] for v in _videos(name)])
+    twice = repeat_batch(batch, 2)
+    assert len(twice.videos) == 4 and twice.layout.video(3, 0).n_frames == len(batch.videos[1][0])
+    with torch.no_grad():
+        one, two = model(batch), model(twice)
+    real = batch.attention_mask.bool()
+    for k in range(2):
+        assert (two[2 * k: 2 * k + 2] - one)[real].abs().max() < 1e-4
+    assert torch.equal(twice.layout.vision_positions(2),
+                       batch.layout.vision_positions(0))

@@ -191,6 +191,22 @@ class Evidence(tuple):
     def box(self) -> Box:
         return self[1]
 
+    def _key(self) -> tuple[Any, ...]:
+        return (self[0], self[1], self.kind, self.video, self.frames, self.track)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Evidence):
+            return self._key() == other._key()
+        if self.video is not None:  # video evidence is never a plain (image, box) pair
+            return False
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)  # equal evidence has equal (image, box)
+
     def __repr__(self) -> str:
         if self.kind == "track":
             return f"Evidence.in_track({self.video}, {dict(self.track or ())})"
