@@ -456,3 +456,50 @@ def test_repeated_video_batch_gives_the_same_logits(name, tiny_model):
         assert (two[2 * k: 2 * k + 2] - one)[real].abs().max() < 1e-4
     assert torch.equal(twice.layout.vision_positions(2),
                        batch.layout.vision_positions(0))
+
+
+def _real_settings(name):
+    """Config + video processor of the real checkpoints (defaults of the HF classes: OneVision
+    384 px SigLIP with 14-px patches -> 27 per side, pooled to 14, an odd side; Qwen 14-px
+    (Qwen3-VL: 16-px) patches, 2x2 merge, real pixel budgets). No weights."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    if name == "llava_onevision":
+        cfg = tf.LlavaOnevisionConfig(vision_feature_select_strategy="full",
+                                      vision_config={"model_type": "siglip_vision_model",
+                                                     "image_size": 384, "patch_size": 14})
+        vp = LlavaOnevisionVideoProcessor()
+    elif name == "qwen3_vl":
+        cfg, vp = tf.Qwen3VLConfig(), Qwen3VLVideoProcessor()
+    else:
+        cfg = (tf.Qwen2VLConfig if name == "qwen2_vl" else tf.Qwen2_5_VLConfig)()
+        vp = Qwen2VLVideoProcessor(cap_pixels_per_frame=True)
+    return cfg, SimpleNamespace(video_processor=vp)
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_video_geometry_at_real_settings(name):
+    """The ramp-video oracle with the real processors' sizes (no model, no weights)."""
+    cfg, proc = _real_settings(name)
+    for size in [(320, 180), (150, 260)]:
+        w, h = size
+        video = ramp_video(w, h, 4)
+        inputs = proc.video_processor(videos=[video.array()], video_metadata=[video.metadata()],
+                                      do_sample_frames=False, return_tensors="pt")
+        rows = FAMILIES[name].video_feature_rows(cfg, proc, inputs, 0, size, 4, None)
+        pix = _token_pixels(name, cfg, proc, inputs)
+        assert len(rows) == len(pix), (name, size)
+        vision = rows.kind == 0
+        boxes = rows.boxes().double()[vision]
+        x, y = pix[vision, 0] * w / 255, pix[vision, 1] * h / 255
+        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        err_x = ((x - (boxes[:, 0] + boxes[:, 2]) / 2).abs() / bw).max()
+        err_y = ((y - (boxes[:, 1] + boxes[:, 3]) / 2).abs() / bh).max()
+        assert err_x < 0.12 and err_y < 0.12, (name, size, float(err_x), float(err_y))

@@ -21,7 +21,12 @@ frame, twice). Qwen2-VL and Qwen2.5-VL write all of a video's tokens in one run 
 ``t * second_per_grid_ts * tokens_per_second`` (``second_per_grid_ts = 2 / sampled fps``, from
 the video metadata corelens passes); Qwen3-VL writes each slot as ``<t seconds>`` text (the
 mean time of its two frames), ``<|vision_start|>``, the slot's tokens, ``<|vision_end|>``, and
-gives each slot its own M-RoPE block (the text between slots is ordinary text, not V_e). The
+gives each slot its own M-RoPE block (the text between slots is ordinary text, not V_e). In
+transformers 5.23 its processor replaces only the ``<|video_pad|>`` of the chat template's
+``<|vision_start|><|video_pad|><|vision_end|>``, so those outer delimiters stay around the whole
+run (``<|vision_start|><t><|vision_start|>...<|vision_end|>...<|vision_end|>``); corelens lays
+out whatever the processor wrote (the slots are found by token id) and gets the position ids
+from HF, so parity holds either way. The
 layout reads the frame grid off ``video_grid_thw`` and the position ids come from the model's
 own ``get_rope_index``, as for images.
 
