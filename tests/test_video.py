@@ -503,3 +503,17 @@ def test_video_geometry_at_real_settings(name):
         err_x = ((x - (boxes[:, 0] + boxes[:, 2]) / 2).abs() / bw).max()
         err_y = ((y - (boxes[:, 1] + boxes[:, 3]) / 2).abs() / bh).max()
         assert err_x < 0.12 and err_y < 0.12, (name, size, float(err_x), float(err_y))
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_greedy_generation_on_video_equals_hf(name, tiny_folder, tiny_model):
+    model = tiny_model(name)
+    ref = _reference(name, tiny_folder(name))
+    batch = model.prepare(None, PROMPTS, videos=[[v] for v in _videos(name)])
+    got = model.generate(batch, max_new_tokens=4, skip_special_tokens=False)
+    inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=4, do_sample=False,
+                           pad_token_id=model.tokenizer.pad_token_id)
+    expected = model.tokenizer.batch_decode(out[:, batch.seq_len:], skip_special_tokens=False)
+    assert got == expected
