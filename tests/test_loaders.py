@@ -546,8 +546,11 @@ def test_jsonl_videos_and_every_evidence_form(tmp_path):
     assert v2.images == [] and v2.videos[0].frame_indices == [11, 13]
     # save + load: frames, fps, indices and every evidence kind come back
     ann, vidor, frames = _vidstg(tmp_path / "stg")
-    exs = [v1, v2] + load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1, limit=1)
+    exs = [v1, v2] + load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1,
+                                 kinds=("questions", "captions"), limit=2)
+    assert exs[2].videos[0] is exs[3].videos[0]  # two sentences of one record share the video
     back = load_jsonl(save_jsonl(exs, tmp_path / "out" / "o.jsonl"))
+    assert len(list((tmp_path / "out" / "o_images").glob("*_v0_*.png"))) == 4 + 2 + 6
     for e, r in zip(exs, back):
         assert r.boxes == e.boxes and r.distractors == e.distractors
         assert [b.kind for b in r.boxes] == [b.kind for b in e.boxes]

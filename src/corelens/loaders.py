@@ -265,7 +265,8 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
     Images are written as PNG to ``image_dir`` (default: ``<stem>_images/`` beside the JSONL
     file), one file per distinct image object (examples sharing an image share its file), and
     referenced by paths relative to the JSONL file's folder; video frames likewise, as
-    ``<example>_v<video>_<frame>.png``, with each video's fps and frame indices. Examples are
+    ``<example>_v<video>_<frame>.png`` (once per distinct video), with each video's fps and
+    frame indices. Examples are
     validated first and the JSONL file is only written once all of them passed.
     """
     path = Path(path)
@@ -274,6 +275,7 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
     img_dir.mkdir(parents=True, exist_ok=True)
     # id(image) -> (image, path in the JSONL); holding the image keeps its id from being reused
     written: dict[int, tuple[Image.Image, str]] = {}
+    written_videos: dict[int, tuple[Video, list[str]]] = {}
     lines: list[str] = []
     for n, ex in enumerate(examples):
         where = f"example {n}" + ("" if ex.id is None else f" (id {ex.id!r})")
@@ -294,11 +296,14 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
         if ex.videos:
             record["videos"] = []
             for v, video in enumerate(ex.videos):
-                paths = []
-                for k, fr in enumerate(video.frames):
-                    file = img_dir / f"{n:05d}_v{v}_{k}.png"
-                    fr.save(file, format="PNG")
-                    paths.append(Path(os.path.relpath(file, path.parent)).as_posix())
+                if id(video) not in written_videos:  # examples sharing a video share its files
+                    paths = []
+                    for k, fr in enumerate(video.frames):
+                        file = img_dir / f"{n:05d}_v{v}_{k}.png"
+                        fr.save(file, format="PNG")
+                        paths.append(Path(os.path.relpath(file, path.parent)).as_posix())
+                    written_videos[id(video)] = (video, paths)
+                paths = written_videos[id(video)][1]
                 rec_v: dict[str, Any] = {"frames": paths, "frame_indices": video.frame_indices,
                                          "total_frames": video.total_frames}
                 if video.fps is not None:
