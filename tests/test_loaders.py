@@ -302,3 +302,261 @@ def test_refcoco_python2_pickle(tmp_path):
     p = tmp_path / "refs(umd).p"  # [{'sent': 'café'}] as Python 2 pickles it (SHORT_BINSTRING)
     p.write_bytes(b"\x80\x02]q\x00}q\x01U\x04sentq\x02U\x05caf\xc3\xa9q\x03sa.")
     assert _load_refs(p) == [{"sent": "café"}]
+
+
+# ------------------------------------------------------------- VidSTG / MLVU / MMDocIR
+
+
+def _frames(folder, n, size, name="{:06d}.png", start=0):
+    """``n`` numbered frame files (``start``-based numbering), frame k filled with k * 10."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.new("RGB", size, (k * 10, 0, 0)).save(folder / name.format(k + start))
+    return folder
+
+
+def _vidstg(tmp_path):
+    """A VidSTG record + its VidOR annotation (64x48) + 20 frames extracted at 32x24, numbered
+    from 1 as ffmpeg does."""
+    rec = {"vid": "123", "fps": 10, "frame_count": 20,
+           "used_segment": {"begin_fid": 2, "end_fid": 17}, "width": 64, "height": 48,
+           "subject/objects": [{"tid": 0, "category": "ball/sports_ball"},
+                               {"tid": 1, "category": "adult"},
+                               {"tid": 2, "category": "ball/sports_ball"}],
+           "used_relation": {"subject_tid": 1, "object_tid": 0, "predicate": "throw",
+                             "begin_fid": 6, "end_fid": 12},
+           "temporal_gt": {"begin_fid": 6, "end_fid": 12},
+           "captions": [{"description": "an adult throws a ball.", "type": "person",
+                         "target_id": 1}],
+           "questions": [{"description": "what is thrown by the adult?", "type": "object",
+                          "target_id": 0}]}
+    late = {**rec, "temporal_gt": {"begin_fid": 2, "end_fid": 6}, "captions": [],
+            "questions": [{"description": "what is on the floor?", "type": "object",
+                           "target_id": 2}]}
+    traj = []
+    for f in range(20):
+        boxes = [{"tid": 0, "bbox": {"xmin": 2 * f, "ymin": 4, "xmax": 2 * f + 10, "ymax": 20},
+                  "generated": 0},
+                 {"tid": 1, "bbox": {"xmin": 40, "ymin": 10, "xmax": 60, "ymax": 46},
+                  "generated": 1}]
+        if f >= 10:
+            boxes.append({"tid": 2, "bbox": {"xmin": 0, "ymin": 30, "xmax": 8, "ymax": 40},
+                          "generated": 0})
+        traj.append(boxes)
+    vidor = {"video_id": "123", "frame_count": 20, "fps": 10, "width": 64, "height": 48,
+             "subject/objects": rec["subject/objects"], "trajectories": traj,
+             "relation_instances": []}
+    (tmp_path / "vidor" / "training" / "0000").mkdir(parents=True)
+    (tmp_path / "vidor" / "training" / "0000" / "123.json").write_text(json.dumps(vidor))
+    (tmp_path / "val_annotations.json").write_text(json.dumps([rec, late]))
+    _frames(tmp_path / "frames" / "123", 20, (32, 24), start=1)
+    return tmp_path / "val_annotations.json", tmp_path / "vidor", tmp_path / "frames"
+
+
+def test_vidstg_tracks_frames_and_errors(tmp_path):
+    from corelens.loaders import load_vidstg
+
+    ann, vidor, frames = _vidstg(tmp_path)
+    with pytest.warns(UserWarning, match=r"record 1 \(vid 123\) \(id '123:2:q0'\): object 2 has "
+                                         r"no box in the 2 sampled frame\(s\) of temporal_gt"):
+        exs = load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1,
+                          kinds=("questions", "captions"), skip_invalid=True)
+    assert [e.id for e in exs] == ["123:2:q0", "123:2:c0"]
+    q, c = exs
+    # 16 extracted frames in [2, 17]; 6 evenly: 2, 5, 8, 11, 14, 17 -- 8 and 11 in [6, 12)
+    assert q.metadata["frame_indices"] == [2, 5, 8, 11, 14, 17]
+    (video,) = q.videos
+    assert video.frame_indices == [2, 5, 8, 11, 14, 17] and video.fps == 10.0
+    assert video.timestamps == pytest.approx([0.2, 0.5, 0.8, 1.1, 1.4, 1.7])
+    assert video.size == (32, 24) and np.asarray(video.frames[2])[0, 0, 0] == 80  # frame 8
+    assert q.question == "what is thrown by the adult? Answer with the category of the object."
+    assert q.answer == "ball" and c.answer == "adult"
+    (ev,) = q.boxes
+    # tid 0 at frame f: (2f, 4, 2f + 10, 20) in 64x48 -> halved in the 32x24 frames
+    assert ev.kind == "track" and ev.video == 0
+    assert ev.track == ((2, (8.0, 2.0, 13.0, 10.0)), (3, (11.0, 2.0, 16.0, 10.0)))
+    # distractors: the other ball first (only from frame 10: sampled frame 11), then the adult
+    assert [d.track for d in q.distractors] == [
+        ((3, (0.0, 15.0, 4.0, 20.0)),),
+        ((2, (20.0, 5.0, 30.0, 23.0)), (3, (20.0, 5.0, 30.0, 23.0)))]
+    assert q.metadata["distractor_tids"] == [2, 1]
+    assert c.question == 'Which object does "an adult throws a ball." describe? Answer with ' \
+                         'its category.'
+    assert c.boxes[0].track == ((2, (20.0, 5.0, 30.0, 23.0)), (3, (20.0, 5.0, 30.0, 23.0)))
+    with pytest.raises(InputError, match=r"val_annotations\.json record 1 .*'123:2:q0'"):
+        load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1)
+    with pytest.raises(InputError, match="frames folder .*999 not found"):
+        rec = json.loads(ann.read_text())[0]
+        ann.write_text(json.dumps([{**rec, "vid": "999"}]))
+        (vidor / "training" / "0000" / "999.json").write_text(
+            (vidor / "training" / "0000" / "123.json").read_text())
+        load_vidstg(ann, vidor, frames)
+
+
+def test_vidstg_example_runs_through_a_video_model(tmp_path, tiny_model):
+    from corelens.loaders import load_vidstg
+
+    ann, vidor, frames = _vidstg(tmp_path)
+    (ex,) = load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1, limit=1)
+    model = tiny_model("qwen2_vl")
+    batch = model.prepare_examples([ex])
+    lay = batch.layout.video(0, 0)
+    ev = batch.evidence_positions(0)
+    spans = dict(zip(lay.vision_positions.tolist(), lay.frame_ranges.tolist()))
+    assert len(ev) and all(spans[p][0] < 4 and spans[p][1] > 2 for p in ev.tolist())
+
+
+def _mlvu(tmp_path):
+    jd = tmp_path / "json"
+    jd.mkdir()
+    (jd / "1_plotQA.json").write_text(json.dumps([
+        {"video": "a.mp4", "duration": 10, "question": "What color?",
+         "candidates": ["red", "blue", "green"], "answer": "blue", "question_type": "plotQA"},
+        {"video": "a.mp4", "duration": 10, "question": "Who runs?",
+         "candidates": ["cat", "dog"], "answer": "cat", "question_type": "plotQA",
+         "start": 3.0, "end": 3.4},
+    ]))
+    (jd / "2_needle.json").write_text(json.dumps([
+        {"video": "b.mp4", "duration": 5, "question": "What number?",
+         "candidates": ["1", "2", "3", "4"], "answer": "4", "question_type": "findNeedle"},
+    ]))
+    _frames(tmp_path / "frames" / "a", 20, (16, 12), name="frame_{:05d}.jpg")
+    _frames(tmp_path / "frames" / "b", 10, (16, 12), name="frame_{:05d}.jpg")
+    (tmp_path / "ev.jsonl").write_text(json.dumps(
+        {"video": "b.mp4", "question": "What number?", "start": 1.0, "end": 1.5,
+         "box": [0, 0, 8, 8]}) + "\n")
+    return jd, tmp_path / "frames", tmp_path / "ev.jsonl"
+
+
+def test_mlvu_questions_frames_and_evidence(tmp_path):
+    from corelens.loaders import load_mlvu
+
+    jd, frames, ev = _mlvu(tmp_path)
+    exs = load_mlvu(jd, frames, num_frames=5, evidence=ev)
+    assert [e.id for e in exs] == ["1_plotQA:0", "1_plotQA:1", "2_needle:0"]
+    a0, a1, b0 = exs
+    assert a0.question == ("Question: What color?\nOptions:\n(A) red\n(B) blue\n(C) green\n"
+                           "Answer with the option's letter.")
+    assert (a0.answer, a1.answer, b0.answer) == ("B", "A", "D")
+    # 20 frames over 10 s: 2 fps; 5 evenly: 0, 5, 10, 14, 19; no evidence: the whole video
+    assert a0.metadata["frame_indices"] == [0, 5, 10, 14, 19]
+    assert a0.videos[0].timestamps == [0.0, 2.5, 5.0, 7.0, 9.5]
+    assert a0.boxes[0].frames == (0, 5) and a0.boxes[0].box == (0, 0, 16, 12)
+    assert a0.metadata["evidence_source"] == "whole_video"
+    # 3.0-3.4 s = frames 6-6.8: none sampled, so frame 6 replaces the nearest (5)
+    assert a1.metadata["frame_indices"] == [0, 6, 10, 14, 19]
+    assert a1.boxes[0].frames == (1, 2) and a1.metadata["evidence_source"] == "record_bounds"
+    # the evidence file: 1.0-1.5 s of b (10 frames at 2 fps: 0, 2, 4, 7, 9 -> frame 2)
+    assert b0.metadata["frame_indices"] == [0, 2, 4, 7, 9]
+    assert b0.boxes[0].frames == (1, 2) and b0.boxes[0].box == (0, 0, 8, 8)
+    assert b0.metadata["evidence_source"] == "evidence_file"
+    with pytest.raises(InputError, match=r"1_plotQA\.json record 0 \(id '1_plotQA:0'\): MLVU "
+                                         "gives no evidence"):
+        load_mlvu(jd, frames, missing_evidence="error")
+    (one,) = load_mlvu(jd / "2_needle.json", frames, num_frames=3, fps=4.0)
+    assert one.videos[0].timestamps == [0.0, 1.0, 2.25]  # frames 0, 4, 9 at 4 fps
+
+
+def _mmdocir(tmp_path):
+    doc = {"doc_name": "rep.pdf", "domain": "Research report", "page_indices": [100, 105],
+           "layout_indices": [7, 9], "questions": [
+               {"Q": "What is the total?", "A": "42", "page_id": [3], "type": "['Table']",
+                "layout_mapping": [{"page": 3, "page_size": [100.0, 50.0],
+                                    "bbox": [10, 5, 50, 25]}]},
+               {"Q": "Who wrote it?", "A": "Ann", "page_id": [0, 5], "type": "['Text']",
+                "layout_mapping": [{"page": 5, "page_size": [100.0, 50.0],
+                                    "bbox": [0, 40, 100, 50.4]}]},
+               {"Q": "Where?", "A": "here", "page_id": [9], "type": "['Text']",
+                "layout_mapping": []}]}
+    (tmp_path / "MMDocIR_annotations.jsonl").write_text(json.dumps(doc) + "\n")
+    for p in range(6):
+        _png(tmp_path / "pages" / "rep" / f"{p}.png", (200, 100), (p * 30, 0, 0))
+    return tmp_path / "MMDocIR_annotations.jsonl", tmp_path / "pages"
+
+
+def test_mmdocir_pages_and_page_boxes(tmp_path):
+    from corelens.examples import Evidence
+    from corelens.loaders import load_mmdocir
+
+    ann, pages = _mmdocir(tmp_path)
+    with pytest.warns(UserWarning, match=r"\(id 'rep\.pdf:2'\): evidence page\(s\) \[9\] "
+                                         r"outside the document's 6 pages"):
+        q0, q1 = load_mmdocir(ann, pages, skip_invalid=True)
+    # q0: page 3 plus its 2 nearest pages (2 and 4); the box scaled by 2 onto image 1
+    assert q0.metadata["pages"] == [2, 3, 4] and q0.id == "rep.pdf:0"
+    assert [np.asarray(im)[0, 0, 0] for im in q0.images] == [60, 90, 120]
+    assert q0.boxes == [Evidence.on_page(1, (20, 10, 100, 50))] and q0.boxes[0].kind == "page"
+    assert (q0.question, q0.answer) == ("What is the total?", "42")
+    # q1: pages 0 and 5 + nearest 1 and 4; page 5's box (0.4 px over the edge: clipped),
+    # page 0 without a layout box is evidence as a whole
+    assert q1.metadata["pages"] == [0, 1, 4, 5]
+    assert q1.boxes == [Evidence.on_page(3, (0, 80, 200, 100)),
+                        Evidence.on_page(0, (0, 0, 200, 100))]
+    with pytest.raises(InputError, match=r"'rep\.pdf:1'\): 4 pages .* exceed max_pages=3"):
+        load_mmdocir(ann, pages, max_pages=3, limit=2)
+    (solo,) = load_mmdocir(ann, pages, extra_pages=0, limit=1,
+                           page_path=lambda doc, p: pages / "rep" / f"{p}.png")
+    assert solo.metadata["pages"] == [3] and solo.boxes == [Evidence.on_page(0, (20, 10, 100, 50))]
+
+
+def test_mmdocir_example_runs_through_a_multi_image_model(tmp_path, tiny_model):
+    from corelens.loaders import load_mmdocir
+
+    ann, pages = _mmdocir(tmp_path)
+    (ex,) = load_mmdocir(ann, pages, extra_pages=1, limit=1)
+    model = tiny_model("qwen2_vl")
+    batch = model.prepare_examples([ex])
+    page = batch.layout.image(0, 1)
+    ev = set(batch.evidence_positions(0).tolist())
+    assert ev and ev <= set(page.vision_positions.tolist())
+    assert [len(x.vision_positions) > 0 for x in batch.layout.images[0]] == [True, True]
+
+
+def test_jsonl_videos_and_every_evidence_form(tmp_path):
+    from corelens.examples import Evidence
+    from corelens.loaders import load_vidstg
+
+    _frames(tmp_path / "clip", 4, (16, 12), name="f{:03d}.png", start=10)  # frames 10..13
+    _png(tmp_path / "page.png", (20, 30))
+    f = _write(tmp_path / "v.jsonl", [
+        {"id": "v1", "image": "page.png", "videos": [{"frames": "clip", "fps": 5}],
+         "question": "q?", "answer": "a",
+         "boxes": [{"video": 0, "frames": [1, 3], "box": [0, 0, 8, 6]},
+                   {"video": 0, "frame": 3, "box": [8, 6, 16, 12]},
+                   {"page": 0, "box": [0, 0, 10, 10]},
+                   {"video": 0, "track": {"0": [0, 0, 4, 4], "2": [2, 2, 6, 6]}}]},
+        {"id": "v2", "videos": [{"frames": ["clip/f011.png", "clip/f013.png"],
+                                 "frame_indices": [11, 13]}],
+         "question": "q?", "answer": "a", "boxes": [{"video": 0, "frames": [0, 2],
+                                                     "box": [0, 0, 16, 12]}]},
+        {"id": "v3", "videos": [{"frames": "clip"}], "question": "q?", "answer": "a",
+         "boxes": [{"video": 0, "frames": [2, 5], "box": [0, 0, 4, 4]}]},
+    ])
+    with pytest.warns(UserWarning, match=r"line 3 \(id 'v3'\): evidence frame range \[2, 5\) "
+                                         r"lies outside video 0, which has 4 frame"):
+        v1, v2 = load_jsonl(f, skip_invalid=True)
+    (video,) = v1.videos
+    assert len(video) == 4 and video.frame_indices == [10, 11, 12, 13] and video.fps == 5
+    assert np.asarray(video.frames[1])[0, 0, 0] == 10  # the second file (index 11)
+    assert v1.boxes == [Evidence.in_frames(0, (1, 3), (0, 0, 8, 6)),
+                        Evidence.in_frame(0, 3, (8, 6, 16, 12)),
+                        Evidence.on_page(0, (0, 0, 10, 10)),
+                        Evidence.in_track(0, {0: (0, 0, 4, 4), 2: (2, 2, 6, 6)})]
+    assert [b.kind for b in v1.boxes] == ["frames", "frames", "page", "track"]
+    assert v2.images == [] and v2.videos[0].frame_indices == [11, 13]
+    # save + load: frames, fps, indices and every evidence kind come back
+    ann, vidor, frames = _vidstg(tmp_path / "stg")
+    exs = [v1, v2] + load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1,
+                                 kinds=("questions", "captions"), limit=2)
+    assert exs[2].videos[0] is exs[3].videos[0]  # two sentences of one record share the video
+    back = load_jsonl(save_jsonl(exs, tmp_path / "out" / "o.jsonl"))
+    assert len(list((tmp_path / "out" / "o_images").glob("*_v0_*.png"))) == 4 + 2 + 6
+    for e, r in zip(exs, back):
+        assert r.boxes == e.boxes and r.distractors == e.distractors
+        assert [b.kind for b in r.boxes] == [b.kind for b in e.boxes]
+        assert [b.track for b in r.boxes] == [b.track for b in e.boxes]
+        for ve, vr in zip(e.videos, r.videos):
+            assert (vr.fps, vr.frame_indices, vr.total_frames) == (
+                ve.fps, ve.frame_indices, ve.total_frames)
+            assert all(np.array_equal(np.asarray(a), np.asarray(b))
+                       for a, b in zip(ve.frames, vr.frames))

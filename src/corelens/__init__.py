@@ -11,7 +11,7 @@ from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
 from corelens.evaluate import EvalResult, evaluate
-from corelens.examples import GroundedExample
+from corelens.examples import Evidence, GroundedExample, Video
 from corelens.families import FAMILIES, family_for_config, get_family
 from corelens.head_scores import HeadScores
 from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout
@@ -32,6 +32,8 @@ __all__ = [
     "views",
     "AttentionBackend",
     "EvalResult",
+    "Evidence",
+    "Video",
     "evaluate",
     "AttentionInputs",
     "CorelensError",

@@ -31,10 +31,13 @@ class MultimodalBatch:
     answer_tokens: list[Int[Tensor, " q"]]
     prompts: list[str]
     images: list[list[Any]] = field(default_factory=list)
-    boxes: list[list[tuple[int, Box]]] = field(default_factory=list)  # (image, box) per example
+    # evidence per example: ``corelens.examples.Evidence`` -- the pair (image, box), or a box in
+    # a frame range of a video (image None; ``.video``, ``.frames``)
+    boxes: list[list[tuple[int, Box]]] = field(default_factory=list)
     distractors: list[list[tuple[int, Box]]] = field(default_factory=list)
     ids: list[str | None] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)  # real prompt tokens per example
+    videos: list[list[Any]] = field(default_factory=list)  # ``Video``s per example
 
     def __len__(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
@@ -67,16 +70,26 @@ class MultimodalBatch:
             from corelens.errors import InputError
 
             raise InputError(f"example {example} has no evidence box; pass boxes= to prepare")
-        parts = [self.layout.positions_in_box(example, box, image=i, tau=tau)
-                 for i, box in self.boxes[example]]
+        parts = [self._region(example, ev, tau) for ev in self.boxes[example]]
         return torch.unique(torch.cat(parts))
 
     def distractor_positions(self, example: int, tau: float = 0.5) -> list[Int[Tensor, " r"]]:
         """The vision tokens of each distractor region of the example (one tensor each)."""
         if not self.distractors:
             return []
-        return [self.layout.positions_in_box(example, box, image=i, tau=tau)
-                for i, box in self.distractors[example]]
+        return [self._region(example, ev, tau) for ev in self.distractors[example]]
+
+    def _region(self, example: int, ev: Any, tau: float) -> Int[Tensor, " r"]:
+        """The tokens of one evidence entry: in its image / on its page, or -- for a frame
+        range of a video -- the tokens that see one of those frames AND overlap the box by >=
+        tau (a track: the union of that over its frames, each with its own box)."""
+        video = getattr(ev, "video", None)
+        if video is not None:
+            return torch.unique(torch.cat([
+                self.layout.positions_in_box(example, box, tau=tau, video=video, frames=frames)
+                for frames, box in ev.parts()]))
+        i, box = ev
+        return self.layout.positions_in_box(example, box, image=i, tau=tau)
 
     def to(self, device: torch.device | str) -> "MultimodalBatch":
         return replace(self, inputs={k: v.to(device) if isinstance(v, Tensor) else v
@@ -106,4 +119,5 @@ def repeat_batch(batch: MultimodalBatch, k: int) -> MultimodalBatch:
                    answer_tokens=batch.answer_tokens * k, prompts=batch.prompts * k,
                    images=batch.images * k, boxes=batch.boxes * k,
                    distractors=batch.distractors * k, ids=batch.ids * k,
+                   videos=batch.videos * k,
                    prompt_lengths=batch.prompt_lengths * k)

@@ -1,18 +1,28 @@
 """Where every vision token sits: in the sequence, in its view's token grid, and in the image.
 
-A family (``corelens.families``) describes each image as an ordered list of *feature rows*: the
-rows the model scatters into the image-token positions of ``input_ids``, in order. Most rows are
-vision tokens (a cell of some view's token grid, with a box in ORIGINAL image pixels); some are
-structural (LLaVA-OneVision's newline after each grid row) and are not part of the visual set V_e.
+A family (``corelens.families``) describes each image (or video) as an ordered list of
+*feature rows*: the rows the model scatters into the image-token (video-token) positions of
+``input_ids``, in order. Most rows are vision tokens (a cell of some view's token grid, with a
+box in ORIGINAL image pixels); some are structural (LLaVA-OneVision's newline after each grid
+row) and are not part of the visual set V_e.
 ``VisionLayout`` pairs those rows with the sequence positions they fill.
 
 Boxes are ``(x0, y0, x1, y1)`` in original-image pixels, x1/y1 exclusive, float (resizing makes
 token edges fractional). A token whose cell lies wholly in padding has an empty box.
+
+Videos: a video is laid out like an image whose views are frame spans. Each ``ViewGeometry`` of
+a video carries ``frames = (start, end)`` (the given frames its tokens see, end exclusive: one
+frame for LLaVA-OneVision, two for Qwen-VL's temporal patch of 2) and, when the video's fps is
+known, ``times = (t_first, t_last)``: the seconds at which the first and the last of those frames
+were shown. A video's boxes are in original FRAME pixels. ``VisionLayout.images[e]`` lists an
+example's images first (``images[e][i]`` is image i, as before) and then its videos
+(``ImageLayout.modality == "video"``; ``VisionLayout.video(e, v)`` finds video v).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -37,6 +47,15 @@ class ViewGeometry:
     rows: int
     cols: int
     boxes: Float[Tensor, "rows cols 4"]
+    frames: tuple[int, int] | None = None  # video frames [start, end) these tokens see
+    times: tuple[float, float] | None = None  # seconds of the first and last of those frames
+
+    def at_frames(self, name: str, frames: tuple[int, int],
+                  times: Sequence[float] | None = None) -> "ViewGeometry":
+        """This grid as the view of frames ``[start, end)`` of a video (``times``: the seconds of
+        every frame of the video, or None)."""
+        t = None if times is None else (float(times[frames[0]]), float(times[frames[1] - 1]))
+        return ViewGeometry(name, self.rows, self.cols, self.boxes, frames, t)
 
     @classmethod
     def from_affine(
@@ -122,10 +141,16 @@ class FeatureRows:
 class ImageLayout:
     """One image of one example: its original size and where its tokens went."""
 
-    image_index: int  # index of the image within its example
-    size: tuple[int, int]  # original (width, height)
+    image_index: int  # index of the image (or video) within its example's images (videos)
+    size: tuple[int, int]  # original (width, height) of the image / of every frame
     positions: Int[Tensor, " n"]  # sequence positions of all its feature rows (incl. newlines)
     rows: FeatureRows
+    modality: str = "image"  # "image" | "video"
+    n_frames: int = 1  # frames of a video (1 for an image)
+
+    @property
+    def is_video(self) -> bool:
+        return self.modality == "video"
 
     @property
     def vision_mask(self) -> Bool[Tensor, " n"]:
@@ -145,18 +170,37 @@ class ImageLayout:
     def views(self) -> list[ViewGeometry]:
         return self.rows.views
 
+    @property
+    def frame_ranges(self) -> Int[Tensor, "v 2"]:
+        """Frames ``[start, end)`` each vision token sees (``[0, 1)`` for an image)."""
+        spans = torch.tensor([list(v.frames or (0, 1)) for v in self.views] or [[0, 1]])
+        return spans[self.rows.view[self.vision_mask]]
+
+    @property
+    def time_ranges(self) -> Float[Tensor, "v 2"]:
+        """Seconds of the first and last frame each vision token sees (NaN when unknown)."""
+        spans = torch.tensor([list(v.times or (math.nan, math.nan)) for v in self.views]
+                             or [[math.nan, math.nan]], dtype=torch.float64)
+        return spans[self.rows.view[self.vision_mask]]
+
 
 @dataclass
 class TokenInfo:
     example: int
     position: int
-    image: int
+    image: int  # index of the image, or of the video when ``modality == "video"``
     view: str
     row: int
     col: int
     box: tuple[float, float, float, float]
+    modality: str = "image"
+    frames: tuple[int, int] | None = None  # video frames [start, end) the token sees
+    times: tuple[float, float] | None = None  # seconds of its first and last frame
 
     def label(self) -> str:
+        if self.modality == "video" and self.frames is not None:
+            a, b = self.frames
+            return f"<vid {self.image}:f{a}-{b - 1},r{self.row},c{self.col}>"
         return f"<img {self.image}:r{self.row},c{self.col}>"
 
 
@@ -191,9 +235,13 @@ def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> T
 
 @dataclass
 class VisionLayout:
-    """Per example, per image: vision-token positions, grids and boxes in original pixels."""
+    """Per example, per image (and video): vision-token positions, grids and boxes in original
+    pixels, and for video tokens the frames and seconds they span.
 
-    images: list[list[ImageLayout]]  # [example][image]
+    ``images[e]``: example e's images in order, then its videos in order (see the module doc).
+    """
+
+    images: list[list[ImageLayout]]  # [example][image..., video...]
     seq_len: int
     _by_position: list[dict[int, tuple[int, int]]] = field(default_factory=list, repr=False)
 
@@ -213,9 +261,11 @@ class VisionLayout:
     def __iter__(self) -> Iterator[list[ImageLayout]]:
         return iter(self.images)
 
-    def vision_positions(self, example: int, image: int | None = None) -> Int[Tensor, " v"]:
-        """V_e: positions of image-feature tokens (every view), structural rows excluded."""
-        imgs = self.images[example] if image is None else [self.images[example][image]]
+    def vision_positions(self, example: int, image: int | None = None, *,
+                         video: int | None = None) -> Int[Tensor, " v"]:
+        """V_e: positions of image-feature tokens (every view, image and video), structural
+        rows excluded; or those of one ``image`` / one ``video``."""
+        imgs = self._entries(example, image, video)
         if not imgs:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([img.vision_positions for img in imgs])
@@ -226,11 +276,19 @@ class VisionLayout:
             mask[e, self.vision_positions(e)] = True
         return mask
 
-    def boxes(self, example: int, image: int | None = None) -> Float[Tensor, "v 4"]:
-        imgs = self.images[example] if image is None else [self.images[example][image]]
+    def boxes(self, example: int, image: int | None = None, *,
+              video: int | None = None) -> Float[Tensor, "v 4"]:
+        imgs = self._entries(example, image, video)
         if not imgs:
             return torch.zeros(0, 4)
         return torch.cat([img.boxes for img in imgs])
+
+    def positions_in_frames(self, example: int, video: int,
+                            frames: tuple[int, int] | None = None) -> Int[Tensor, " r"]:
+        """Every vision token of ``video`` that sees a frame in ``[start, end)`` (all frames:
+        None)."""
+        img, keep, _ = self._select(example, None, video, frames)
+        return img.vision_positions[keep.bool()]
 
     def positions_in_box(
         self,
@@ -239,20 +297,26 @@ class VisionLayout:
         image: int = 0,
         tau: float = 0.5,
         fallback_to_max: bool = True,
+        *,
+        video: int | None = None,
+        frames: tuple[int, int] | None = None,
     ) -> Int[Tensor, " r"]:
         """R_e: vision tokens (every view) whose box overlaps ``box`` by >= ``tau`` of its area.
 
-        If none reaches tau, the tokens with the largest overlap; if the region overlaps no
-        token at all (it lies in a cropped-away part), a ``LayoutError`` naming the example.
+        With ``video=v``: the tokens of video v that see a frame in ``frames = (start, end)``
+        (end exclusive; None: every frame) AND overlap ``box`` (in frame pixels) by >= tau.
+        If none reaches tau, the tokens with the largest overlap (among those frames); if the
+        region overlaps no token at all (it lies in a cropped-away part), a ``LayoutError``
+        naming the example.
         """
-        img = self._image(example, image)
-        region = check_box(box, img.size, where=f"example {example}, image {image}: ")
-        frac = box_overlap_fraction(img.boxes, region)
+        img, in_frames, where = self._select(example, image, video, frames)
+        region = check_box(box, img.size, where=f"{where}: ")
+        frac = box_overlap_fraction(img.boxes, region) * in_frames
         keep = frac >= tau
         if not keep.any():
             if not fallback_to_max or frac.max() <= 0:
                 raise LayoutError(
-                    f"example {example}, image {image}: region {tuple(region.tolist())} overlaps "
+                    f"{where}: region {tuple(region.tolist())} overlaps "
                     "no vision token (it lies in a part of the image the processor cropped away "
                     "or padded); pick a box inside the visible image"
                 )
@@ -260,14 +324,16 @@ class VisionLayout:
         return img.vision_positions[keep]
 
     def positions_in_mask(
-        self, example: int, mask: Bool[Tensor, "h w"], image: int = 0, tau: float = 0.5
+        self, example: int, mask: Bool[Tensor, "h w"], image: int = 0, tau: float = 0.5, *,
+        video: int | None = None, frames: tuple[int, int] | None = None,
     ) -> Int[Tensor, " r"]:
-        """Vision tokens covering a pixel mask of the original image by >= ``tau`` of area."""
-        img = self._image(example, image)
+        """Vision tokens covering a pixel mask of the original image (or of every frame in
+        ``frames`` of ``video``) by >= ``tau`` of area."""
+        img, in_frames, where = self._select(example, image, video, frames)
         w, h = img.size
         if tuple(mask.shape) != (h, w):
             raise LayoutError(
-                f"example {example}, image {image}: mask shape {tuple(mask.shape)} != image "
+                f"{where}: mask shape {tuple(mask.shape)} != image "
                 f"(height, width) = {(h, w)}"
             )
         integral = torch.zeros(h + 1, w + 1, dtype=torch.float64)
@@ -282,14 +348,15 @@ class VisionLayout:
             inside = (integral[yi1, xi1] - integral[yi0, xi1] - integral[yi1, xi0]
                       + integral[yi0, xi0])
             fracs.append(float(inside) / area if area > 0 else 0.0)
-        frac = torch.tensor(fracs)
+        frac = torch.tensor(fracs) * in_frames
         if frac.max() <= 0:
-            raise LayoutError(f"example {example}, image {image}: the mask covers no vision token")
+            raise LayoutError(f"{where}: the mask covers no vision token")
         keep = frac >= tau if (frac >= tau).any() else frac == frac.max()
         return img.vision_positions[keep]
 
     def token_info(self, example: int, position: int) -> TokenInfo | None:
-        """What sits at ``position``: (image, view, row, col, box), or None for a text token."""
+        """What sits at ``position``: (image or video, view, row, col, box, frames, seconds), or
+        None for a text token."""
         hit = self._by_position[example].get(int(position))
         if hit is None:
             return None
@@ -298,25 +365,67 @@ class VisionLayout:
         rows = img.rows
         if rows.kind[j] != KIND_VISION:
             return TokenInfo(example, int(position), img.image_index, "newline", int(rows.row[j]),
-                             -1, (0.0, 0.0, 0.0, 0.0))
+                             -1, (0.0, 0.0, 0.0, 0.0), img.modality)
         v = int(rows.view[j])
         geom = rows.views[v]
         r, c = int(rows.row[j]), int(rows.col[j])
         box = tuple(float(x) for x in geom.boxes[r, c].tolist())
-        return TokenInfo(example, int(position), img.image_index, geom.name, r, c, box)  # type: ignore[arg-type]
+        return TokenInfo(example, int(position), img.image_index, geom.name, r, c, box,  # type: ignore[arg-type]
+                         img.modality, geom.frames, geom.times)
 
-    def _image(self, example: int, image: int) -> ImageLayout:
+    def image(self, example: int, image: int) -> ImageLayout:
+        """The layout of image ``image`` of ``example``."""
+        return self._image(example, image)
+
+    def video(self, example: int, video: int) -> ImageLayout:
+        """The layout of video ``video`` of ``example``."""
+        self._check_example(example)
+        vids = [im for im in self.images[example] if im.is_video]
+        if not 0 <= video < len(vids):
+            raise LayoutError(f"example {example} has {len(vids)} video(s); no video {video}")
+        return vids[video]
+
+    def _check_example(self, example: int) -> None:
         if not 0 <= example < self.n_examples:
             raise LayoutError(f"example {example} out of range (batch has {self.n_examples})")
-        imgs = self.images[example]
+
+    def _image(self, example: int, image: int) -> ImageLayout:
+        self._check_example(example)
+        imgs = [im for im in self.images[example] if not im.is_video]
         if not 0 <= image < len(imgs):
             raise LayoutError(f"example {example} has {len(imgs)} image(s); no image {image}")
         return imgs[image]
 
+    def _entries(self, example: int, image: int | None, video: int | None) -> list[ImageLayout]:
+        if video is not None:
+            return [self.video(example, video)]
+        if image is not None:
+            return [self._image(example, image)]
+        return self.images[example]
+
+    def _select(self, example: int, image: int | None, video: int | None,
+                frames: tuple[int, int] | None) -> tuple[ImageLayout, Tensor, str]:
+        """(entry, 0/1 per vision token: sees a frame in ``frames``, 'example e, ...' label)."""
+        if video is None:
+            if frames is not None:
+                raise LayoutError(f"example {example}: frames={frames} needs a video (pass "
+                                  "video=); images have no frames")
+            img = self._image(example, 0 if image is None else image)
+            return img, torch.ones(len(img.vision_positions)), f"example {example}, image {image}"
+        img = self.video(example, video)
+        where = f"example {example}, video {video}"
+        if frames is None:
+            return img, torch.ones(len(img.vision_positions)), where
+        a, b = int(frames[0]), int(frames[1])
+        if not 0 <= a < b <= img.n_frames:
+            raise LayoutError(f"{where}: frame range [{a}, {b}) lies outside the video's "
+                              f"{img.n_frames} frame(s) (0-based, end exclusive)")
+        spans = img.frame_ranges
+        hit = (spans[:, 0] < b) & (spans[:, 1] > a)
+        return img, hit.float(), f"{where}, frames [{a}, {b})"
+
     def shifted(self, offsets: Sequence[int], seq_len: int) -> "VisionLayout":
         """The same layout with example e's positions moved by ``offsets[e]`` (re-padding)."""
-        imgs = [
-            [ImageLayout(im.image_index, im.size, im.positions + off, im.rows) for im in ex]
-            for ex, off in zip(self.images, offsets)
-        ]
+        imgs = [[replace(im, positions=im.positions + off) for im in ex]
+                for ex, off in zip(self.images, offsets)]
         return VisionLayout(imgs, seq_len)

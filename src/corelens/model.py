@@ -132,6 +132,7 @@ class HookedMLLM(torch.nn.Module):
         return self.prepare([ex.images for ex in examples], [ex.question for ex in examples],
                             [ex.answer for ex in examples], [ex.boxes for ex in examples],
                             distractors=[ex.distractors for ex in examples],
+                            videos=[getattr(ex, "videos", []) for ex in examples],
                             ids=[ex.id for ex in examples], **kw)
 
     def _inputs(self, inp: ModelInput) -> tuple[Tensor, dict[str, Any]]:

@@ -1,15 +1,18 @@
-"""Images + prompts (+ answers, boxes) -> ``MultimodalBatch``, through the family's processor."""
+"""Images / videos + prompts (+ answers, evidence) -> ``MultimodalBatch``, through the family's
+processor."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
-from corelens.batch import Box, MultimodalBatch
+from corelens.batch import MultimodalBatch
 from corelens.errors import InputError, LayoutError
-from corelens.families.base import PLACEHOLDER, Family
+from corelens.examples import Evidence, Video
+from corelens.families.base import PLACEHOLDER, VIDEO_PLACEHOLDER, Family
 from corelens.layout import ImageLayout, VisionLayout, check_box
 
 
@@ -36,35 +39,80 @@ def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
     return out
 
 
-def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]]) -> list[list[tuple[int, Box]]]:
-    """Normalise boxes to [(image, (x0, y0, x1, y1)), ...] per example and validate them."""
+def _as_video_lists(videos: Any, n: int) -> list[list[Video]]:
+    """Per example, a list of ``Video``s. A video may be given as a ``Video``, a list of PIL
+    frames or a ``[T, H, W, 3]`` array; with one prompt, a single video needs no list."""
+    if videos is None:
+        return [[] for _ in range(n)]
+
+    def one(v: Any) -> bool:
+        return isinstance(v, Video) or (isinstance(v, np.ndarray) and v.ndim == 4) or (
+            isinstance(v, (list, tuple)) and bool(v)
+            and all(isinstance(f, Image.Image) for f in v))
+
+    if n == 1 and one(videos):
+        videos = [[videos]]
+    videos = list(videos)
+    if len(videos) != n:
+        raise InputError(f"got {len(videos)} video entries for {n} prompts: pass one video (or "
+                         "a list of videos) per prompt")
+    out = []
+    for e, item in enumerate(videos):
+        lst = [] if item is None else [item] if one(item) else list(item)
+        try:
+            out.append([Video.coerce(v) for v in lst])
+        except InputError as err:
+            raise InputError(f"example {e}: {err}") from None
+    return out
+
+
+def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
+              video_lists: list[list[Video]] | None = None) -> list[list[Evidence]]:
+    """Normalise evidence to ``Evidence`` per example and validate it against the inputs."""
     n = len(image_lists)
+    video_lists = video_lists or [[] for _ in range(n)]
     if boxes is None:
         return [[] for _ in range(n)]
     if len(boxes) != n:
         raise InputError(f"got boxes for {len(boxes)} examples, but {n} prompts")
-    out: list[list[tuple[int, Box]]] = []
+    out: list[list[Evidence]] = []
     for e, item in enumerate(boxes):
-        entries: list[tuple[int, Any]] = []
+        entries: list[Evidence] = []
         if item is None:
             pass
         elif isinstance(item, dict):
             for img, bx in item.items():
                 many = bx and isinstance(bx[0], (list, tuple))
-                entries += [(int(img), b) for b in (bx if many else [bx])]
-        elif len(item) == 4 and all(isinstance(v, (int, float)) for v in item):
-            entries = [(0, item)]
+                entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
+        elif isinstance(item, Evidence) or (
+                len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
+            entries = [Evidence.coerce(item)]
         else:
-            entries = [(0, b) if len(b) == 4 else (int(b[0]), b[1]) for b in item]
+            entries = [Evidence.coerce(b) for b in item]
         norm = []
-        for img, bx in entries:
-            if not 0 <= img < len(image_lists[e]):
-                raise InputError(
-                    f"example {e}: box refers to image {img}, but the example has "
-                    f"{len(image_lists[e])} image(s)"
-                )
-            t = check_box(bx, image_lists[e][img].size, where=f"example {e}, image {img}: ")
-            norm.append((img, tuple(t.tolist())))
+        for ev in entries:
+            if ev.video is not None:
+                vids = video_lists[e]
+                if not 0 <= ev.video < len(vids):
+                    raise InputError(f"example {e}: box refers to video {ev.video}, but the "
+                                     f"example has {len(vids)} video(s)")
+                nf = len(vids[ev.video])
+                for (a, b), box in ev.parts():
+                    if not 0 <= a < b <= nf:
+                        raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
+                                         f"video {ev.video}, which has {nf} frame(s) (0-based, "
+                                         "end exclusive)")
+                    check_box(box, vids[ev.video].size, where=f"example {e}, video {ev.video}: ")
+            else:
+                img = ev[0]
+                if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
+                    raise InputError(
+                        f"example {e}: box refers to image {img}, but the example has "
+                        f"{len(image_lists[e])} image(s)"
+                    )
+                check_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
+                          where=f"example {e}, image {img}: ")
+            norm.append(ev)
         out.append(norm)
     return out
 
@@ -79,15 +127,23 @@ def prepare(
     boxes: Any = None,
     *,
     distractors: Any = None,
+    videos: Any = None,
     ids: Sequence[str | None] | None = None,
     chat_template: bool = True,
     device: torch.device | str | None = None,
 ) -> MultimodalBatch:
     """Run the family's chat template and processor; record layout and query positions.
 
-    With ``chat_template=True`` each prompt is a question (``<image>`` marks where images go;
-    without it the images come first). With ``chat_template=False`` the prompt is used verbatim
-    and must contain the family's own image token once per image.
+    With ``chat_template=True`` each prompt is a question (``<image>`` marks where images go and
+    ``<video>`` where videos go; without marks the images come first, then the videos). With
+    ``chat_template=False`` the prompt is used verbatim and must contain the family's own image
+    (video) token once per image (video).
+
+    ``videos``: per example a list of videos (``Video``, a list of PIL frames, or a ``[T, H, W,
+    3]`` array), for the families that take them (``Family.supports_video``). The frames are
+    used as given (no sampling); their ``Video.fps`` / ``frame_indices`` go to the processor as
+    video metadata. ``boxes`` / ``distractors``: per example a list of ``Evidence`` (or
+    ``(image, box)`` pairs, or a bare box for image 0).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -98,30 +154,44 @@ def prepare(
     if answers is not None and len(answers) != n:
         raise InputError(f"got {len(answers)} answers for {n} prompts")
     image_lists = _as_image_lists(images, n)
-    box_lists = _as_boxes(boxes, image_lists)
-    distractor_lists = _as_boxes(distractors, image_lists)
+    video_lists = _as_video_lists(videos, n)
+    has_video = any(video_lists)
+    if has_video:
+        if not family.supports_video:
+            raise InputError(f"the {family.name} family does not take videos in corelens (video "
+                             "families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision); pass "
+                             "the frames as images instead")
+        family.check_videos([len(v) for vs in video_lists for v in vs])
+    box_lists = _as_boxes(boxes, image_lists, video_lists)
+    distractor_lists = _as_boxes(distractors, image_lists, video_lists)
     example_ids = list(ids) if ids is not None else [None] * n
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)
+    vid_tok = family.video_token_string(processor) if has_video else None
 
     texts, prompt_texts = [], []
-    for e, (p, ims) in enumerate(zip(prompts, image_lists)):
+    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
         if chat_template:
-            n_marks = p.count(PLACEHOLDER)
-            if n_marks not in (0, len(ims)):
-                raise InputError(
-                    f"example {e}: the prompt marks {n_marks} image(s) with {PLACEHOLDER!r} but "
-                    f"{len(ims)} image(s) were given"
-                )
-            text = family.build_prompt(processor, p, len(ims))
+            for mark, what, k in ((PLACEHOLDER, "image", len(ims)),
+                                  (VIDEO_PLACEHOLDER, "video", len(vids))):
+                n_marks = p.count(mark)
+                if n_marks not in (0, k) or (n_marks == 0 and k and (
+                        PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
+                    raise InputError(
+                        f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
+                        f"{k} {what}(s) were given"
+                    )
+            text = family.build_prompt(processor, p, len(ims), len(vids))
         else:
-            n_marks = p.count(img_tok)
-            if n_marks != len(ims):
-                what = "has no image placeholder" if n_marks == 0 else f"has {n_marks} {img_tok!r}"
-                raise InputError(
-                    f"example {e}: the prompt {what} but {len(ims)} image(s) were given; put "
-                    f"{img_tok!r} in the prompt once per image (or use chat_template=True)"
-                )
+            for tok, what, k in ((img_tok, "image", len(ims)), (vid_tok, "video", len(vids))):
+                n_marks = p.count(tok) if tok else 0
+                if n_marks != k:
+                    desc = (f"has no {what} placeholder" if n_marks == 0
+                            else f"has {n_marks} {tok!r}")
+                    raise InputError(
+                        f"example {e}: the prompt {desc} but {k} {what}(s) were given; put "
+                        f"{tok!r} in the prompt once per {what} (or use chat_template=True)"
+                    )
             text = p
         prompt_texts.append(text)
         if answers is not None:
@@ -137,6 +207,11 @@ def prepare(
         # nested per example: processors that treat multi-image examples differently
         # (LLaVA-OneVision does not tile them) need to know which images go together
         kw["images"] = image_lists
+    if has_video:
+        flat = [v for vs in video_lists for v in vs]
+        kw["videos"] = [v.array() for v in flat]
+        kw["video_metadata"] = [v.metadata() for v in flat]
+        kw["do_sample_frames"] = False  # the frames given are the frames the model sees
     kw.update(family.processor_kwargs())
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -168,40 +243,56 @@ def prepare(
         answer_tokens.append(real[lp:].clone())
         query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
 
-    layout = build_layout(family, hf_model.config, processor, inputs, image_lists)
+    layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
     batch = MultimodalBatch(inputs=inputs, layout=layout, query_positions=query_positions,
                             answer_tokens=answer_tokens, prompts=texts, images=image_lists,
                             boxes=box_lists, distractors=distractor_lists,
-                            ids=example_ids,
+                            ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
     return batch.to(device) if device is not None else batch
 
 
 def build_layout(
     family: Family, hf_config: Any, processor: Any, inputs: dict[str, torch.Tensor],
-    image_lists: list[list[Image.Image]],
+    image_lists: list[list[Image.Image]], video_lists: list[list[Video]] | None = None,
 ) -> VisionLayout:
-    """Pair each image's feature rows with the image-token positions it fills, in order."""
+    """Pair each image's (video's) feature rows with the image-token (video-token) positions it
+    fills, in order. Per example: its images, then its videos."""
     ids = inputs["input_ids"]
+    video_lists = video_lists or [[] for _ in image_lists]
     tid = family.image_token_id(hf_config, processor)
+    vid = family.video_token_id(hf_config, processor) if any(video_lists) else None
     images: list[list[ImageLayout]] = []
-    g = 0
-    for e, ims in enumerate(image_lists):
-        slots = (ids[e] == tid).nonzero().flatten()
-        rows = [family.feature_rows(hf_config, processor, inputs, g + i, im.size)
-                for i, im in enumerate(ims)]
-        need = sum(len(r) for r in rows)
-        if need != slots.numel():
-            raise LayoutError(
-                f"example {e}: input_ids hold {slots.numel()} image tokens (id {tid}) but its "
-                f"{len(ims)} image(s) need {need} ({', '.join(str(len(r)) for r in rows)}); the "
-                "prompt's image placeholders and the images do not match"
-            )
-        start, per_image = 0, []
-        for i, (im, r) in enumerate(zip(ims, rows)):
-            per_image.append(ImageLayout(i, im.size, slots[start:start + len(r)], r))
-            start += len(r)
+    g = gv = 0
+    for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
+        per_image: list[ImageLayout] = []
+        for what, token, items in (("image", tid, ims), ("video", vid, vids)):
+            if not items:
+                continue
+            slots = (ids[e] == token).nonzero().flatten()
+            if what == "image":
+                rows = [family.feature_rows(hf_config, processor, inputs, g + i, im.size)
+                        for i, im in enumerate(items)]
+            else:
+                rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
+                                                  len(v), v.timestamps)
+                        for i, v in enumerate(items)]
+            need = sum(len(r) for r in rows)
+            if need != slots.numel():
+                raise LayoutError(
+                    f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
+                    f"its {len(items)} {what}(s) need {need} "
+                    f"({', '.join(str(len(r)) for r in rows)}); the prompt's {what} placeholders "
+                    f"and the {what}s do not match"
+                )
+            start = 0
+            for i, (item, r) in enumerate(zip(items, rows)):
+                per_image.append(ImageLayout(i, item.size, slots[start:start + len(r)], r,
+                                             modality=what, n_frames=len(item) if
+                                             what == "video" else 1))
+                start += len(r)
         images.append(per_image)
         g += len(ims)
+        gv += len(vids)
     return VisionLayout(images, int(ids.shape[1]))

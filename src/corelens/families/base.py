@@ -19,6 +19,7 @@ from torch import Tensor
 from corelens.layout import FeatureRows
 
 PLACEHOLDER = "<image>"  # how corelens prompts mark an image, whatever the family's own token
+VIDEO_PLACEHOLDER = "<video>"  # ... and a video
 
 
 class Family(ABC):
@@ -60,23 +61,30 @@ class Family(ABC):
     def image_token_string(self, processor: Any) -> str:
         return str(getattr(processor, "image_token", PLACEHOLDER))
 
-    def build_prompt(self, processor: Any, question: str, n_images: int) -> str:
-        """The chat-formatted user turn with ``n_images`` images, ending where the answer starts.
+    def build_prompt(self, processor: Any, question: str, n_images: int,
+                     n_videos: int = 0) -> str:
+        """The chat-formatted user turn with ``n_images`` images and ``n_videos`` videos, ending
+        where the answer starts.
 
-        ``question`` may mark where images go with ``<image>``; otherwise the images come first.
+        ``question`` may mark where images go with ``<image>`` and videos with ``<video>``;
+        otherwise the images come first, then the videos.
         """
-        parts = question.split(PLACEHOLDER)
+        import re
+
+        parts = re.split(f"({re.escape(PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", question)
         if len(parts) == 1:
-            content = [{"type": "image"} for _ in range(n_images)] + [
-                {"type": "text", "text": question}
-            ]
+            content = ([{"type": "image"} for _ in range(n_images)]
+                       + [{"type": "video"} for _ in range(n_videos)]
+                       + [{"type": "text", "text": question}])
         else:
             content = []
-            for i, text in enumerate(parts):
-                if text:
-                    content.append({"type": "text", "text": text})
-                if i < len(parts) - 1:
+            for text in parts:
+                if text == PLACEHOLDER:
                     content.append({"type": "image"})
+                elif text == VIDEO_PLACEHOLDER:
+                    content.append({"type": "video"})
+                elif text:
+                    content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -90,6 +98,33 @@ class Family(ABC):
     ) -> FeatureRows:
         """The rows merged into the placeholder tokens of the ``image``-th image of the batch
         (global index over the batch, in processor order), original size ``size = (w, h)``."""
+
+    # --- videos ------------------------------------------------------------------------------
+    supports_video: ClassVar[bool] = False
+
+    def video_token_id(self, hf_config: Any, processor: Any) -> int:
+        tid = getattr(hf_config, "video_token_id", None)
+        if tid is None:
+            tid = getattr(hf_config, "video_token_index", None)
+        if tid is None:
+            raise ValueError(f"{self.name}: config has no video_token_id")
+        return int(tid)
+
+    def video_token_string(self, processor: Any) -> str:
+        return str(getattr(processor, "video_token", VIDEO_PLACEHOLDER))
+
+    def video_feature_rows(
+        self, hf_config: Any, processor: Any, inputs: dict[str, Tensor], video: int,
+        size: tuple[int, int], n_frames: int, times: list[float] | None,
+    ) -> FeatureRows:
+        """The rows merged into the video-token positions of the ``video``-th video of the batch
+        (global index, processor order): frames of ``size = (w, h)``, ``n_frames`` of them,
+        shown at ``times`` seconds (None if unknown). Views carry their frame spans
+        (``ViewGeometry.frames`` / ``times``)."""
+        raise NotImplementedError(f"{self.name} does not take videos")
+
+    def check_videos(self, lengths: list[int]) -> None:
+        """Raise an ``InputError`` if this family cannot batch videos of these frame counts."""
 
     # --- decoder ---------------------------------------------------------------------------
     def position_ids(

@@ -11,8 +11,23 @@ patches, and so do the boxes). The prompt holds ``<start_of_image>``, the pooled
 (``image_token_id``), ``<end_of_image>``: only the pooled tokens are feature rows (V_e); the
 delimiters are text.
 
-Pan-and-scan (``do_pan_and_scan``, off by default) adds crops with their own image sequences;
-corelens does not lay those out and raises if the processor made any.
+Pan-and-scan (``do_pan_and_scan=True``, off by default; e.g. ``AutoProcessor.from_pretrained(
+..., do_pan_and_scan=True)`` -- the processor passes its own ``images_kwargs`` at call time, so
+setting the attribute on the image processor alone does nothing, and corelens reads the
+settings the same way, through the processor's ``_merge_kwargs``): an image whose
+aspect ratio reaches ``pan_and_scan_min_ratio_to_activate`` is also cut, along its long side,
+into 2 .. ``pan_and_scan_max_num_crops`` equal crops (``ceil(side / n)`` px each, the last one
+clipped at the edge; none if a crop would be under ``pan_and_scan_min_crop_size``), and every
+crop is squashed to the tower's square like the image itself. The prompt then reads "Here is the
+original image <boi>[tokens]<eoi> and here are some crops to help you see better <boi>[tokens]
+<eoi> <boi>...": one full image sequence for the base image and one per crop, in crop order
+(row-major), each bidirectional in itself. corelens lays the image out as the view ``image``
+(the base) followed by the views ``crop0``, ``crop1``, ...: a crop token's box is its cell of the
+crop, mapped back to original pixels; the text between the sequences is text (not V_e). The
+crops are computed with the image processor's own ``pan_and_scan`` (PIL backend) /
+``pan_and_scan_batched`` (torchvision backend) on an empty array of the image's size, so corelens
+follows HF's arithmetic; HF drops ``num_crops`` from the processor's output, and the layout
+checks its token counts against ``input_ids`` instead.
 
 Decoder: the processor returns ``token_type_ids`` (1 on the pooled image tokens); HF turns them
 into a mask where each image's tokens attend to each other bidirectionally (causal elsewhere),
@@ -26,7 +41,9 @@ other processor outputs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from corelens.families.base import Family
@@ -50,11 +67,6 @@ class Gemma3(Family):
         where = f"{self.name}: image {image} (size {size[0]}x{size[1]})"
         ip = processor.image_processor
         vc = hf_config.vision_config
-        crops = inputs.get("num_crops")
-        if getattr(ip, "do_pan_and_scan", False) or (
-                crops is not None and bool(torch.as_tensor(crops).ne(0).any())):
-            raise ValueError(f"{where}: pan-and-scan crops are not supported by corelens; load "
-                             "the processor with do_pan_and_scan=False (the default)")
         rw, rh = resize_output_size(*size, ip.size) if getattr(ip, "do_resize", True) else size
         if (rw, rh) != (vc.image_size, vc.image_size):
             raise ValueError(f"{where}: the processor resizes to {rw}x{rh} but the tower takes "
@@ -72,11 +84,58 @@ class Gemma3(Family):
         if seq != side * side:
             raise ValueError(f"{where}: the processor writes {seq} image tokens per image but "
                              f"the projector pools to {side * side}")
-        kernel = per_side // side
-        cell = float(kernel * vc.patch_size)
-        scale, offset = Affine.identity(size).resize((rw, rh)).inverse()
-        view = ViewGeometry.from_affine("image", side, side, (cell, cell), scale, offset, size)
-        return FeatureRows.grid(view)
+        cell = float((per_side // side) * vc.patch_size)
+
+        def grid(name: str, a: Affine) -> FeatureRows:
+            scale, offset = a.resize((rw, rh)).inverse()
+            return FeatureRows.grid(ViewGeometry.from_affine(name, side, side, (cell, cell),
+                                                             scale, offset, size))
+
+        base = Affine.identity(size)
+        views = [grid("image", base)]
+        for k, (x, y, w, h) in enumerate(self.pan_and_scan_crops(processor, size)):
+            views.append(grid(f"crop{k}", base.crop(x, y, (w, h))))
+        return FeatureRows.concat(views)
+
+    @staticmethod
+    def pan_and_scan_crops(processor: Any, size: tuple[int, int]
+                           ) -> list[tuple[int, int, int, int]]:
+        """The pan-and-scan crops of an image of ``size = (w, h)`` as ``(left, top, width,
+        height)`` in original pixels, in the processor's order ([] when off / not triggered)."""
+        ip = processor.image_processor
+        keys = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
+                "pan_and_scan_min_ratio_to_activate")
+        # what the processor's call passes the image processor (its own merge of processor
+        # attributes, tokenizer init kwargs and defaults); None: the image processor's own
+        try:
+            tok = getattr(processor, "tokenizer", None)
+            merged = processor._merge_kwargs(
+                tokenizer_init_kwargs=getattr(tok, "init_kwargs", None))["images_kwargs"]
+        except (AttributeError, TypeError, KeyError):
+            merged = getattr(processor, "images_kwargs", {}) or {}
+        kw = {k: merged[k] if merged.get(k) is not None else getattr(ip, k, None) for k in keys}
+        if not kw.pop("do_pan_and_scan"):
+            return []
+        for k, v in kw.items():
+            if v is None:
+                raise ValueError(f"gemma3: pan-and-scan is on but {k} is not set")
+        w, h = size
+        if hasattr(ip, "pan_and_scan_batched"):  # torchvision backend
+            crops = ip.pan_and_scan_batched(torch.empty(0, h, w), **kw)
+        elif hasattr(ip, "pan_and_scan"):  # PIL backend
+            crops = ip.pan_and_scan(image=np.empty((0, h, w)), **kw)
+        else:
+            raise ValueError(f"gemma3: {type(ip).__name__} has no pan_and_scan; corelens "
+                             "cannot lay out its crops")
+        if not crops:
+            return []
+        ch, cw = (int(v) for v in crops[0].shape[-2:])
+        along_w = cw < w  # HF splits one side only: the long one
+        out = []
+        for k, c in enumerate(crops):
+            x, y = (k * cw, 0) if along_w else (0, k * ch)
+            out.append((x, y, int(c.shape[-1]), int(c.shape[-2])))
+        return out
 
     # --- tiny models -------------------------------------------------------------------------
     def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:

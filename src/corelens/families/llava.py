@@ -18,7 +18,9 @@ from corelens.layout import KIND_NEWLINE, FeatureRows, ViewGeometry
 SIMPLE_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} :"
     "{% if m['content'] is string %} {{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>{% else %} {{ c['text'] }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>"
+    "{% elif c['type'] == 'video' %} <video>"
+    "{% else %} {{ c['text'] }}"
     "{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant :{% endif %}"
 )

@@ -45,6 +45,7 @@ class LlavaNext(LlavaOnevision):
     hf_architectures = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
     modeling = "transformers.models.llava_next.modeling_llava_next"
+    supports_video = False  # LlavaNextForConditionalGeneration takes no videos
 
     @staticmethod
     def _needs_patching(inputs: dict[str, Any], image: int) -> bool:

@@ -15,6 +15,15 @@ Geometry of one image (what ``LlavaOnevisionModel.pack_image_features`` scatters
 - not patched (an image of a multi-image sample: ``batch_num_images > 1``): the image padded
   to a square (centred), resized to the tile size, its grid, then ONE newline.
 
+Videos (``pixel_values_videos``, ``[videos, frames, 3, H, W]``): every frame is resized (and
+cropped) by the video processor to the tower's square like a multi-image image, encoded alone,
+projected, and its ``side x side`` patch grid bilinearly pooled to ``ceil(side / 2)`` per side
+(``apply_pooling``: with an even side that is exactly a 2 x 2 mean; with an odd side a token
+stands for its proportional share of the grid, as the anyres shrink above); the frames' pooled
+grids follow each other (frame-major, row-major inside a frame) and ONE ``image_newline`` ends
+the video. So each video token sees exactly one frame. HF stacks the videos of a batch into one
+tensor: they must all have the same number of frames (``check_videos`` says so up front).
+
 Every token's box is mapped back through those steps to original-image pixels. A tile's
 tokens need not cover the whole tile (27 SigLIP patches of 14 px see 378 of 384 px), so token
 edges jump at tile borders. A downsampled token's box is the proportional share of the unpadded
@@ -256,6 +265,41 @@ class LlavaOnevision(Family):
             raise ValueError(f"{where}: the processor made {real} tile(s) (base included) but "
                              f"corelens's geometry predicts {n}; corelens does not understand "
                              "this processor's tiling")
+
+    # --- videos ------------------------------------------------------------------------------
+    supports_video = True
+
+    def check_videos(self, lengths: list[int]) -> None:
+        from corelens.errors import InputError
+
+        if len(set(lengths)) > 1:
+            raise InputError(f"{self.name}: HF stacks a batch's videos into one tensor, so every "
+                             f"video of a batch needs the same number of frames; got {lengths} "
+                             "(sample the same number of frames, or batch them apart)")
+
+    def video_feature_rows(self, hf_config, processor, inputs, video, size, n_frames, times):
+        where = f"{self.name}: video {video} (frames {size[0]}x{size[1]})"
+        vc = hf_config.vision_config
+        patch = int(vc.patch_size)
+        side = int(vc.image_size) // patch
+        n_cls = 1 if "clip" in str(getattr(vc, "model_type", "")) else 0
+        if n_cls != int(hf_config.vision_feature_select_strategy == "default"):
+            raise ValueError(f"{where}: vision_feature_select_strategy="
+                             f"{hf_config.vision_feature_select_strategy!r} with a "
+                             f"{vc.model_type} tower does not leave a square patch grid; HF "
+                             "cannot pool these video frames either")
+        a = resize_and_crop(processor.video_processor, Affine.identity(size))
+        self._check_tile(a, vc, where)
+        pixels = inputs.get("pixel_values_videos")
+        if pixels is not None and (pixels.ndim != 5 or pixels.shape[1] != n_frames):
+            raise ValueError(f"{where}: pixel_values_videos has shape {tuple(pixels.shape)}, "
+                             f"expected [videos, {n_frames}, 3, H, W]")
+        n = math.ceil(side / 2)  # apply_pooling: bilinear to ceil(side / 2) per side
+        cell = side * patch / n
+        grid = _view("frame", n, n, (cell, cell), a, size)
+        rows = [FeatureRows.grid(grid.at_frames(f"f{f}", (f, f + 1), times))
+                for f in range(n_frames)]
+        return FeatureRows.concat(rows + [_structural(1)])
 
     # --- tiny models -------------------------------------------------------------------------
     def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:

@@ -10,6 +10,26 @@ by merge block (row-major over blocks), Qwen2.5-VL's window reordering is undone
 merger (``merger(...)[argsort(window_index)]``), Qwen3-VL has none. A token's box is its
 ``merge * patch`` square of the resized image, scaled back to original pixels per axis.
 
+Videos (``pixel_values_videos``, ``video_grid_thw[v] = (t, h, w)``): every frame is resized
+like an image (the video processor's own ``smart_resize``; Qwen3-VL's counts the pixels of all
+frames), the frame count is padded to a multiple of ``temporal_patch_size`` (2) by repeating the
+last frame, and each patch spans 2 consecutive frames: one LM token per merge block per
+temporal slot, slot-major, row-major inside a slot (the same order as an image). So a video
+token sees frames ``[2t, 2t + 2)`` (the last slot of an odd-length video sees only its last
+frame, twice). Qwen2-VL and Qwen2.5-VL write all of a video's tokens in one run between
+``<|vision_start|>``/``<|vision_end|>``; Qwen2.5-VL's M-RoPE temporal id of slot t is
+``t * second_per_grid_ts * tokens_per_second`` (``second_per_grid_ts = 2 / sampled fps``, from
+the video metadata corelens passes); Qwen3-VL writes each slot as ``<t seconds>`` text (the
+mean time of its two frames), ``<|vision_start|>``, the slot's tokens, ``<|vision_end|>``, and
+gives each slot its own M-RoPE block (the text between slots is ordinary text, not V_e). In
+transformers 5.23 its processor replaces only the ``<|video_pad|>`` of the chat template's
+``<|vision_start|><|video_pad|><|vision_end|>``, so those outer delimiters stay around the whole
+run (``<|vision_start|><t><|vision_start|>...<|vision_end|>...<|vision_end|>``); corelens lays
+out whatever the processor wrote (the slots are found by token id) and gets the position ids
+from HF, so parity holds either way. The
+layout reads the frame grid off ``video_grid_thw`` and the position ids come from the model's
+own ``get_rope_index``, as for images.
+
 Positions: M-RoPE. ``position_ids`` are ``[3, batch, seq]`` (temporal, height, width) from the
 model's own ``get_rope_index`` with the batch's ``attention_mask`` -- exactly what the HF forward
 computes when it is given none (a 3-row tensor takes the same path in the text model; padding
@@ -113,6 +133,35 @@ class QwenVL(Family):
         view = ViewGeometry.from_affine("image", gh // merge, gw // merge, (cell, cell), scale,
                                         offset, size)
         return FeatureRows.grid(view)
+
+    supports_video = True
+
+    def video_feature_rows(self, hf_config, processor, inputs, video, size, n_frames, times):
+        vp = processor.video_processor
+        patch, merge, tp = int(vp.patch_size), int(vp.merge_size), int(vp.temporal_patch_size)
+        vc = hf_config.vision_config
+        if (patch, merge, tp) != (vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size):
+            raise ValueError(
+                f"{self.name}: the video processor cuts {patch}-px patches of {tp} frames merged "
+                f"{merge}x{merge} but the model expects {vc.patch_size}-px patches of "
+                f"{vc.temporal_patch_size} frames merged {vc.spatial_merge_size}x"
+                f"{vc.spatial_merge_size}")
+        t, gh, gw = (int(v) for v in inputs["video_grid_thw"][video].tolist())
+        if t != -(-n_frames // tp):
+            raise ValueError(f"{self.name}: video {video} has {n_frames} frames but "
+                             f"video_grid_thw {(t, gh, gw)}: expected {-(-n_frames // tp)} "
+                             f"temporal slots of {tp} frames")
+        rw, rh = gw * patch, gh * patch  # the frame size after the processor's resize
+        scale, offset = Affine.identity(size).resize((rw, rh)).inverse()
+        cell = patch * merge
+        grid = ViewGeometry.from_affine("frame", gh // merge, gw // merge, (cell, cell), scale,
+                                        offset, size)
+        views = []
+        for k in range(t):
+            a, b = k * tp, min((k + 1) * tp, n_frames)
+            views.append(grid.at_frames(f"f{a}" if b == a + 1 else f"f{a}-{b - 1}", (a, b),
+                                        times))
+        return FeatureRows.concat([FeatureRows.grid(v) for v in views])
 
     # --- decoder -----------------------------------------------------------------------------
     def position_ids(self, hf_model, inputs):
@@ -317,9 +366,10 @@ class Qwen3_VL(QwenVL):
         from transformers import Qwen3VLProcessor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+        # Qwen3-VL's video budget counts the pixels of all frames: room for ~8 tiny frames
         vp = Qwen3VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
                                    temporal_patch_size=2,
                                    size={"shortest_edge": TINY_MIN_PIXELS,
-                                         "longest_edge": TINY_MAX_PIXELS})
+                                         "longest_edge": 8 * TINY_MAX_PIXELS})
         return Qwen3VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
                                 video_processor=vp, chat_template=CHAT_TEMPLATE)
