@@ -13,6 +13,7 @@ from corelens import HookedMLLM
 from corelens.accel import FastV, HybridAttention, cache_nbytes
 
 TOL = 1e-5
+QWEN = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,46 @@ def test_fastv_drops_lowest_attention_and_equals_masked_reference(model):
     assert (got - ref)[kept].abs().max() < TOL
 
 
+@pytest.mark.parametrize("name", QWEN)
+def test_fastv_qwen_kept_rows_equal_masked_reference(tiny_model, name):
+    """Kept tokens keep their own M-RoPE ids: kept rows = full attention with the dropped
+    keys masked out of layers k.."""
+    model = tiny_model(name)
+    batch = _two(model, same_size=True)
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed):
+            ref = model(batch)
+        plain = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+    assert (plain - ref)[kept].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llava"] + QWEN)
+def test_fastv_decoding_equals_masked_reference(tiny_model, name):
+    """Cached FastV decoding on a left-padded batch = the longer sequence with the dropped
+    keys (and the padding) masked out of layers k.."""
+    model = tiny_model(name)
+    batch = _two(model, same_size=True)
+    assert not batch.attention_mask.bool().all()
+    n = 4
+    fastv = FastV(model, k=1, ratio=0.5)
+    toks, logits = fastv.generate(batch, max_new_tokens=n, return_logits=True)
+    ids, kw = _extended(model, batch, toks)
+    t = batch.seq_len
+    allowed = torch.ones(len(batch), 1, 1, t + n - 1, dtype=torch.bool)
+    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+    with torch.no_grad(), model.attention.key_mask(1, allowed):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
 def test_fastv_generate_caches_only_kept_tokens(model):
     batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
     fastv = FastV(model, k=1, ratio=0.5)
@@ -269,21 +310,86 @@ def test_prefill_other_families(tiny_model, name):
     assert (got - ref)[valid].abs().max() < TOL
 
 
+def _extended(model, batch, toks):
+    """input ids and HF keyword arguments of the prompt followed by the generated tokens
+    ``toks[:, :-1]``: the full-sequence reference for cached decoding. Position ids are left to
+    HF (M-RoPE: its own ``get_rope_index`` over the longer sequence, independent of the
+    decode-position logic under test), or extended by one per step."""
+    n = toks.shape[1] - 1
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    kw = dict(batch.model_kwargs())
+    ones = torch.ones(len(batch), n, dtype=kw["attention_mask"].dtype)
+    kw["attention_mask"] = torch.cat([kw["attention_mask"], ones], 1)
+    pos = kw.pop("position_ids", None)
+    if pos is not None and pos.ndim == 2:
+        kw["position_ids"] = torch.cat([pos, pos[:, -1:] + torch.arange(1, n + 1)], 1)
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if name in kw:
+            kw[name] = torch.cat([kw[name], torch.zeros_like(ones, dtype=kw[name].dtype)], 1)
+    return ids, kw
+
+
+def _two(model, same_size=False):
+    """A left-padded batch of two prompts; two image sizes unless ``same_size``."""
+    return model.prepare([noise_image(80, 50, 0), noise_image(80 if same_size else 40,
+                                                              50 if same_size else 70, 1)],
+                         ["what is the color ?", "what color is the square at the left ?"])
+
+
 @pytest.mark.parametrize("name", ["idefics3", "internvl", "llava_next", "llava_onevision",
-                                  "smolvlm"])
+                                  "smolvlm"] + QWEN)
 def test_decode_other_families(tiny_model, name):
     model = tiny_model(name)
-    batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
-    n = 3
+    batch = _two(model) if name in QWEN else model.prepare([noise_image(80, 50, 0)],
+                                                           ["what is the color ?"])
+    n = 4
     hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
     toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
-    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    ids, kw = _extended(model, batch, toks)
     t = batch.seq_len
-    kw = {k: v for k, v in batch.model_kwargs().items()
-          if k not in ("attention_mask", "position_ids")}
     with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
         ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad():
+        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3  # the restriction did something
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_mrope_decode_positions(tiny_model, name):
+    """Text after the image continues from the prompt's largest M-RoPE id + 1, per example."""
+    from corelens.accel import _next_positions
+
+    model = tiny_model(name)
+    batch = _two(model)
+    _, kw = model._inputs(batch)
+    nxt, mrope = _next_positions(kw)
+    toks = torch.zeros(len(batch), 3, dtype=torch.long)
+    ids, ext = _extended(model, batch, toks)
+    types = ext["mm_token_type_ids"]
+    pos, _ = model.hf_model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                                 image_grid_thw=ext["image_grid_thw"],
+                                                 attention_mask=ext["attention_mask"])
+    t = batch.seq_len
+    assert mrope and torch.equal(pos[:, :, t:], (nxt[:, None] + torch.arange(2))[None].expand(
+        3, -1, -1))
+    assert not torch.equal(nxt, batch.attention_mask.sum(-1))  # not the 1-D answer
+
+
+@pytest.mark.parametrize("name", QWEN + ["llava"])
+def test_every_head_core_decoding_equals_hf_generate(tiny_model, name):
+    model = tiny_model(name)
+    batch = _two(model)
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    n = 5
+    toks = HybridAttention(model, every).generate(batch, max_new_tokens=n)
+    ids, kw = model._inputs(batch)
+    kw.pop("position_ids")
+    with torch.no_grad():
+        ref = model.hf_model.generate(input_ids=ids, **kw, max_new_tokens=n, do_sample=False,
+                                      pad_token_id=model.tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert ref.shape[1] >= 2  # HF stops at EOS: compare what it produced
+    assert torch.equal(toks[:, :ref.shape[1]], ref)
 
 
 def test_kernel_hook_falls_through_and_skips_eager_layers(tiny_model):
@@ -326,3 +432,33 @@ def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
     assert report["kv_budget"] == 2 / 16 and len(report["random_kv_heads"]) == 2
     for v in report["variants"].values():
         assert 0.0 <= v["accuracy"] <= 1.0
+
+
+def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
+    """DeepStack levels injected after a pruned layer go to the kept vision tokens only
+    (a 3-layer tiny Qwen3-VL with DeepStack after layers 0 and 1, FastV from layer 1)."""
+    from corelens.families import FAMILIES
+    from corelens.zoo.tokenizer import build_tokenizer
+
+    fam = FAMILIES["qwen3_vl"]
+    tok = build_tokenizer(tmp_path, add_bos=False)
+    cfg = fam._tiny_config(tok)
+    cfg.text_config.num_hidden_layers = 3
+    cfg.vision_config.deepstack_visual_indexes = [0, 1]
+    torch.manual_seed(0)
+    hf = fam.hf_class(cfg)(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    fam._tiny_processor(tok).save_pretrained(tmp_path)
+    model = HookedMLLM.from_pretrained(str(tmp_path))
+    batch = _two(model, same_size=True)
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed), model.attention.key_mask(2, allowed):
+            ref = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL

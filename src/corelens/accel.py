@@ -35,8 +35,10 @@ compute them, and their KV cache never holds them).
 
 Supported families: hybrid prefill — every family whose decoder attention mask is causal +
 padding (all registered ones except ``gemma3``, whose image tokens attend bidirectionally and
-whose layers alternate sliding windows); cached decoding and FastV — families with 1-D RoPE
-positions (``DECODE_FAMILIES``); the Qwen-VL families' M-RoPE decode positions are not built here.
+whose layers alternate sliding windows); cached decoding and FastV — ``DECODE_FAMILIES``. Under
+M-RoPE (Qwen-VL) a generated token's position id is the prompt's largest id + 1 (+ 1 per step),
+the same in all three rows, as HF's ``rope_deltas`` give; FastV's kept tokens keep their own
+(3-D) ids, and Qwen3-VL's DeepStack features reach only the kept tokens after the pruning layer.
 """
 
 from __future__ import annotations
@@ -61,7 +63,36 @@ Head = tuple[int, int]
 PREFILL_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
                               "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 DECODE_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
-                             "internvl"})
+                             "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+
+
+def _next_positions(kw: dict[str, Any]) -> tuple[Int[Tensor, " batch"], bool]:
+    """The position id of the first token generated after a prompt, per example, and whether
+    the model takes M-RoPE ids (``[3, batch, seq]``, the Qwen-VL families).
+
+    1-D RoPE: the last prompt position + 1. M-RoPE: the prompt's largest id (over the three
+    rows and the valid tokens) + 1, the same in all three rows, and + 1 per step after it --
+    what HF's generation computes as ``text position + rope_deltas`` (``get_rope_index``'s
+    ``rope_deltas = max(position) + 1 - n_valid``)."""
+    pos = kw.get("position_ids")
+    mask = kw["attention_mask"].bool()
+    if pos is None:
+        return mask.long().sum(-1), False
+    if pos.ndim == 3:
+        if pos.shape[0] != 3:
+            raise InputError(f"cached decoding expects [3, batch, seq] M-RoPE position ids, got "
+                             f"{tuple(pos.shape)}")
+        return pos.masked_fill(~mask[None], 0).amax(dim=(0, 2)) + 1, True
+    if pos.ndim != 2:
+        raise InputError(f"cached decoding expects [batch, seq] position ids, got "
+                         f"{tuple(pos.shape)}")
+    return pos[:, -1] + 1, False
+
+
+def _step_positions(positions: Int[Tensor, " batch"], mrope: bool) -> Tensor:
+    """``positions`` as the ``position_ids`` of a one-token step ([b, 1], or [3, b, 1])."""
+    p = positions[:, None]
+    return p[None].expand(3, -1, -1) if mrope else p
 
 
 def _check_family(model: Any, families: frozenset[str], what: str) -> None:
@@ -166,6 +197,7 @@ class HybridCache:
         self.length = 0  # sequence length so far (the next token's index)
         self.full_mask: Tensor | None = None
         self.stream_mask: Tensor | None = None
+        self.mrope = False  # the model takes [3, batch, 1] step positions (M-RoPE)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -179,7 +211,7 @@ class HybridCache:
                                 for t in getattr(self, name)])
         for name in ("full_ok", "s_pos", "s_kind", "s_ok", "s_bias"):
             setattr(out, name, getattr(self, name).repeat_interleave(n, 0))
-        out.length = self.length
+        out.length, out.mrope = self.length, self.mrope
         return out
 
     def begin_step(self, dtype: torch.dtype) -> None:
@@ -481,11 +513,7 @@ class HybridAttention:
         cache, next position ids [b])."""
         _check_family(self.model, DECODE_FAMILIES, "hybrid cached decoding")
         ids, kw = self.model._inputs(batch)
-        pos = kw.get("position_ids")
-        if pos is None:
-            pos = kw["attention_mask"].long().cumsum(-1) - 1
-        if pos.ndim != 2:
-            raise InputError("hybrid cached decoding needs 1-D position ids per example")
+        nxt, mrope = _next_positions(kw)
         plan = _plan(*_layout_masks(batch, self.model.device), self.n_sink, self.n_pooled)
         self._plan, self._cache, self._building = plan, self._start_cache(plan), True
         try:
@@ -493,18 +521,21 @@ class HybridAttention:
                 out = self.model.hf_model(input_ids=ids, **kw, use_cache=False, logits_to_keep=1)
         finally:
             cache, self._cache, self._building, self._plan = self._cache, None, False, None
-        return out.logits[:, -1], cache, pos[:, -1] + 1
+        cache.mrope = mrope
+        return out.logits[:, -1], cache, nxt
 
     @torch.no_grad()
     def decode_step(self, tokens: Int[Tensor, " batch"], positions: Int[Tensor, " batch"],
                     cache: HybridCache) -> Tensor:
-        """One greedy step: feed ``tokens`` at ``positions``; returns logits [b, vocab]."""
+        """One greedy step: feed ``tokens`` at ``positions`` (one id per example; under M-RoPE
+        the same id in all three rows); returns logits [b, vocab]."""
         cache.begin_step(next(self.model.hf_model.parameters()).dtype)
         self._cache = cache
         try:
             with self.model.attention.kernel(self._kernel):
                 out = self.model.hf_model(input_ids=tokens[:, None],
-                                          position_ids=positions[:, None], use_cache=False)
+                                          position_ids=_step_positions(positions, cache.mrope),
+                                          use_cache=False)
         finally:
             self._cache = None
         return out.logits[:, -1]
