@@ -193,9 +193,9 @@ def test_errors():
 
     class Fake:
         class family:
-            name = "gemma3"
+            name = "mystery"
 
-    with pytest.raises(InputError, match="gemma3"):
+    with pytest.raises(InputError, match="mystery"):
         HybridAttention(Fake(), [(0, 0)])
 
 
@@ -462,3 +462,123 @@ def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
     kept = batch.attention_mask.bool().clone()
     kept.scatter_(1, fastv.dropped, False)
     assert (got - ref)[kept].abs().max() < TOL
+
+
+def _gemma_batch(model):
+    """Two left-padded examples, the first with two images (two bidirectional blocks)."""
+    from corelens.families import FAMILIES
+
+    (w0, h0), (w1, h1) = FAMILIES["gemma3"].tiny_image_sizes()[:2]
+    return model.prepare([[noise_image(w0, h0, 0), noise_image(w1, h1, 1)],
+                          [noise_image(w1, h1, 2)]],
+                         ["compare <image> with <image> ?", "what is the color ?"],
+                         answers=["red", "blue green"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gemma3_prefill_equals_masked_reference(tiny_model, seed):
+    """Streaming heads see Gemma's own mask (bidirectional image blocks, sliding window on
+    sliding layers) intersected with sinks + text + the band |i - j| <= window."""
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    valid = batch.attention_mask.bool()
+    hybrid = HybridAttention(model, _random_heads(model, [1, 3, 5][seed], seed), n_sink=2,
+                             window=[3, 5, 9][seed])
+    assert hybrid.sliding == [model.hf_model.config.text_config.sliding_window, None]
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = model(batch)
+        with _masked(model, hybrid.allowed(batch)):
+            ref = model(batch)
+        plain = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    assert (plain - ref)[valid].abs().max() > 1e-3
+
+
+def test_gemma3_streaming_heads_see_a_two_sided_band_in_image_blocks(tiny_model):
+    """An image row of a streaming head sees later tokens of its own block within the window
+    (bidirectional, as Gemma's own attention), not beyond it, and never the next block."""
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    w = 3
+    hybrid = HybridAttention(model, [], n_sink=1, window=w)
+    seen = {}
+
+    def tap(inputs):
+        seen["p"] = inputs.pattern_rows(torch.tensor([[p0]]))[0, :, 0]  # [head, T]
+
+    first, second = (img.vision_positions for img in batch.layout.images[0])
+    p0 = int(first[0])
+    allowed = hybrid.allowed(batch)[1]
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch)), model.attention.tap(1, tap):
+        model(batch)
+    p = seen["p"][0]  # head 0
+    assert allowed[0, 0, p0, p0 + w] and not allowed[0, 0, p0, p0 + w + 1]
+    assert (p[p0 + 1:p0 + w + 1] > 0).all() and (p[p0 + w + 1:int(first[-1]) + 1] == 0).all()
+    assert (p[second] == 0).all()
+
+
+def test_gemma3_every_head_core_is_gemma(tiny_model):
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    valid = batch.attention_mask.bool()
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    hybrid = HybridAttention(model, every, window=2)
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = model(batch)
+        ref = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    n = 6  # beyond the sliding window (6) of the prompt's last tokens
+    toks = hybrid.generate(batch, max_new_tokens=n)
+    ids, kw = model._inputs(batch)
+    kw.pop("position_ids", None)
+    with torch.no_grad():
+        hf = model.hf_model.generate(input_ids=ids, **kw, max_new_tokens=n, do_sample=False,
+                                     pad_token_id=model.tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert hf.shape[1] >= 2
+    assert torch.equal(toks[:, :hf.shape[1]], hf)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gemma3_cached_decoding_equals_masked_reference(tiny_model, seed):
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    n = 8  # generated tokens leave the sliding window's reach of the prompt
+    hybrid = HybridAttention(model, _random_heads(model, 2 + seed, 20 + seed), n_sink=2,
+                             window=[3, 10][seed])
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    ids, kw = _extended(model, batch, toks)
+    t = batch.seq_len
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad():
+        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3
+
+
+def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
+    """FastV on Gemma 3 (prefill): kept rows = Gemma's own attention (bidirectional blocks,
+    sliding windows in original positions) with the dropped keys masked out of layers k..;
+    cached FastV decoding refuses the sliding-window layers."""
+    from corelens.errors import InputError
+
+    model = tiny_model("gemma3")
+    batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
+                          ["what is the color ?", "what color is the square at left ?"])
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed):
+            ref = model(batch)
+        plain = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+    assert (plain - ref)[kept].abs().max() > 1e-3
+    with pytest.raises(InputError, match="sliding"):
+        fastv.generate(batch, 2)

@@ -18,6 +18,7 @@ from corelens.accel import (
     _check_family,
     _layout_masks,
     _next_positions,
+    _sliding_windows,
     _step_positions,
     _text_config,
 )
@@ -162,6 +163,11 @@ class FastV:
         the logits of every step, [b, n, vocab], if ``return_logits``). Decoding steps see
         every cached key but the prompt's padding (a per-layer key mask: the cache of layers
         ``k..`` is shorter)."""
+        if any(w is not None for w in _sliding_windows(self.model)):
+            raise InputError("FastV cached decoding is not supported on models with "
+                             "sliding-window layers (HF's sliding cache would keep the last "
+                             "kept tokens, not the last positions); use FastV.attach for "
+                             "prefill / teacher forcing")
         ids, kw = self.model._inputs(batch)
         nxt, mrope = _next_positions(kw)
         with self.attach(batch):
