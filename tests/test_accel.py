@@ -582,3 +582,27 @@ def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
     assert (plain - ref)[kept].abs().max() > 1e-3
     with pytest.raises(InputError, match="sliding"):
         fastv.generate(batch, 2)
+
+
+def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):
+    """``HybridCache.reserve``: decoding steps write into preallocated room (same storage every
+    step) and give the same logits and byte count as a cache that grows by concatenation."""
+    model = tiny_model("llava")
+    batch = _batch(model)
+    hybrid = HybridAttention(model, [(0, 1), (1, 2)], n_sink=2, window=5)
+    runs = []
+    for reserve in (False, True):
+        logits, cache, pos = hybrid.prefill(batch)
+        if reserve:
+            cache.reserve(3)
+        ptrs, out = set(), []
+        for s in range(3):
+            logits = hybrid.decode_step(logits.argmax(-1), pos + s, cache)
+            out.append(logits)
+            ptrs.add(cache.kf[0].data_ptr())
+        runs.append((torch.stack(out), cache.nbytes(), len(ptrs), cache))
+    (grow, grow_bytes, grow_ptrs, _), (res, res_bytes, res_ptrs, cache) = runs
+    assert (grow - res).abs().max() < TOL
+    assert grow_bytes == res_bytes and res_ptrs == 1 and grow_ptrs == 3
+    t = batch.seq_len
+    assert cache.kf[0].shape[2] == t + 3 and cache.full_ok.shape[1] == t + 3

@@ -231,8 +231,34 @@ class HybridCache:
         self.mrope = False  # the model takes [3, batch, 1] step positions (M-RoPE)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for ts in (self.kf, self.vf, self.ks, self.vs) for t in ts if t is not None)
+        """Bytes of the keys / values held (entries in use, not capacity ``reserve``d)."""
+        n = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
+             "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
+        return sum(t[:, :, :n[name]].numel() * t.element_size()
+                   for name in n for t in getattr(self, name) if t is not None)
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more tokens in every layer, so that decoding steps write in place
+        (no per-step copy of the whole cache, as a preallocated / static cache)."""
+        used = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
+                "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
+        for name, u in used.items():
+            ts = getattr(self, name)
+            for l, x in enumerate(ts):
+                if x is not None and x.shape[2] < u + n:
+                    buf = x.new_empty(*x.shape[:2], u + n, x.shape[3])
+                    buf[:, :, :u] = x[:, :, :u]
+                    ts[l] = buf
+
+    def _append(self, name: str, layer: int, x: Tensor, n: int) -> Tensor:
+        """Write the step's ``x`` as entry ``n - 1`` of ``name[layer]``; the first ``n``."""
+        ts = getattr(self, name)
+        buf = ts[layer]
+        if buf.shape[2] >= n:
+            buf[:, :, n - 1:n] = x
+            return buf[:, :, :n]
+        ts[layer] = torch.cat([buf[:, :, :n - 1], x], 2)
+        return ts[layer]
 
     def repeat(self, n: int) -> "HybridCache":
         """Each example repeated ``n`` times (``repeat_interleave`` over the batch)."""
@@ -567,18 +593,20 @@ class HybridAttention:
         z = q.new_empty(b, h, 1, d)
         full_mask, stream_mask = c.masks[self.sliding[l]]
         if len(split.full_q):
-            c.kf[l] = torch.cat([c.kf[l], k[:, split.full_kv]], 2)
-            c.vf[l] = torch.cat([c.vf[l], v[:, split.full_kv]], 2)
-            zf = F.scaled_dot_product_attention(q[:, split.full_q], c.kf[l], c.vf[l],
+            nf = c.full_ok.shape[1]
+            kf = c._append("kf", l, k[:, split.full_kv], nf)
+            vf = c._append("vf", l, v[:, split.full_kv], nf)
+            zf = F.scaled_dot_product_attention(q[:, split.full_q], kf, vf,
                                                 attn_mask=full_mask, scale=call.scaling,
                                                 enable_gqa=self.n_rep > 1)
             if len(split.stream_q) == 0:
                 return zf
             z[:, split.full_q] = zf
-        c.ks[l] = torch.cat([c.ks[l], k[:, split.stream_kv]], 2)
-        c.vs[l] = torch.cat([c.vs[l], v[:, split.stream_kv]], 2)
+        ns = c.s_pos.shape[1]
+        ks = c._append("ks", l, k[:, split.stream_kv], ns)
+        vs = c._append("vs", l, v[:, split.stream_kv], ns)
         z[:, split.stream_q] = F.scaled_dot_product_attention(
-            q[:, split.stream_q], c.ks[l], c.vs[l], attn_mask=stream_mask, scale=call.scaling,
+            q[:, split.stream_q], ks, vs, attn_mask=stream_mask, scale=call.scaling,
             enable_gqa=self.n_rep > 1)
         return z
 
@@ -621,6 +649,7 @@ class HybridAttention:
         """Greedy decoding with the hybrid KV cache: new token ids [b, n] (and the logits of
         every step, [b, n, vocab], if ``return_logits``)."""
         logits, cache, pos = self.prefill(batch)
+        cache.reserve(max_new_tokens - 1)
         toks, steps = [], []
         for s in range(max_new_tokens):
             steps.append(logits)
