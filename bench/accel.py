@@ -5,21 +5,34 @@ Pinned config: a random LLaVA (bench/common.py) whose Llama decoder has d_model 
 patches; 8,192 = two 64x64-token images, as in bench/ram.py) and a short text prompt. Each variant
 runs in its own subprocess; ratios are measured side by side in one run.
 
-- ``hf_sdpa``: the plain HF model, SDPA attention, DynamicCache — the baseline of every ratio;
-- ``corelens_full``: the HookedMLLM with its owned attention, no acceleration (bridge overhead);
+- ``hf_sdpa``: the plain HF model, SDPA attention, decoding on a preallocated ``StaticCache``
+  (each step writes one slot in place) — the baseline of every ratio;
+- ``hf_dynamic``: the same model decoding on HF's default ``DynamicCache``, reported beside it:
+  every step ``torch.cat``s each layer's whole cache into a fresh tensor (at batch 8 and 8,192
+  tokens ~2 GB of new memory per step: page faults + a full copy), so it costs far more than the
+  bytes attention reads; an earlier version of this bench used it as the baseline, which
+  inflated every decode ratio;
+- ``corelens_full``: the HookedMLLM with its owned attention, no acceleration (bridge overhead),
+  on the same preallocated cache;
 - ``core_hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7``; on a
   random model any 7 heads cost the same: a fixed seeded draw stands in for a RAM ranking),
   ``n_sink=4, window=64``;
 - ``random_hybrid``: random KV heads at the same KV budget;
-- ``fastv``: K=2, R=50%.
+- ``fastv``: K=2, R=50%, decoding on HF's DynamicCache (its layers hold different token
+  counts; a static buffer would need per-layer masks): its decode ratio is conservative, and
+  its bytes ceiling counts the cache copy.
 
 Prefill: batch 1, the whole prompt, logits of the last position only, best of ``--repeats``.
-Decode: the batch-1 prompt cache repeated to batch 8, then greedy steps (two warm-up steps, then
-the best of ``--steps``); ``decode_speedup`` = tokens/s ratio. Best-of, not median: on a shared
-machine contention only ever adds time. Each
-measurement is printed beside its ceiling: prefill from FLOPs (decoder + projector; the 1-layer
+Decode: the batch-1 prompt cache repeated to batch 8 (the hybrid's with room ``reserve``d for
+the steps, the baseline's copied into a ``StaticCache`` of the prompt + steps), then greedy
+steps (two warm-up steps, then the best of ``--steps``); ``decode_speedup`` = tokens/s ratio;
+``decode_tokens`` (the first example's greedy tokens) lets the runs be checked against each
+other: ``hf_sdpa``, ``hf_dynamic`` and ``corelens_full`` must agree (``baselines_agree``).
+Best-of, not median: on a shared machine contention only ever adds time. Each measurement is
+printed beside its ceiling: prefill from FLOPs (decoder + projector; the 1-layer
 32-wide vision tower is left out), decode from bytes touched per step (weights, plus the KV cache
-read by attention and copied by the append) and from FLOPs.
+read by attention; plus the copy of the whole cache for the variants that grow it by
+concatenation, ``hf_dynamic`` and ``fastv``: 3x the KV bytes) and from FLOPs.
 
     python bench/accel.py --json
 """
@@ -40,7 +53,8 @@ from common import build_llava, run_isolated, threads, timed  # noqa: E402
 
 TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
 PATCH = 16
-VARIANTS = ("hf_sdpa", "corelens_full", "core_hybrid", "random_hybrid", "fastv")
+VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "core_hybrid", "random_hybrid", "fastv")
+KV_TOUCH = {"hf_dynamic": 3, "fastv": 3}  # KV bytes touched per step / KV bytes (default 1)
 FRAC, N_SINK, WINDOW, FASTV_K, FASTV_R = 0.1, 4, 64, 2, 0.5
 D_MODEL, LAYERS, HEADS, FF = 512, 8, 8, int(512 * 2.6875)
 
@@ -80,7 +94,7 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
     ids, kw = mb.input_ids, mb.model_kwargs()
     pos_next = kw["position_ids"][:, -1] + 1
     out: dict = {"seq_len": mb.seq_len}
-    if variant == "hf_sdpa":
+    if variant in ("hf_sdpa", "hf_dynamic"):
         from transformers import AutoModelForImageTextToText
 
         hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
@@ -130,6 +144,15 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
     out["kv_bytes"] = cache_nbytes(cache)
     if hybrid is not None:
         cache = cache.repeat(batch)
+        cache.reserve(steps + 2)
+    elif variant in ("hf_sdpa", "corelens_full"):  # preallocated: one slot written per step
+        from transformers import StaticCache
+
+        static = StaticCache(config=hf.config, max_cache_len=mb.seq_len + steps + 2)
+        for layer, dyn in enumerate(cache.layers):
+            static.update(dyn.keys.repeat_interleave(batch, 0),
+                          dyn.values.repeat_interleave(batch, 0), layer)
+        cache = static
     else:
         cache.batch_repeat_interleave(batch)
     tok = logits.argmax(-1).repeat(batch)
@@ -145,12 +168,14 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
                         past_key_values=cache, use_cache=True).logits[:, -1]
         tok = lg.argmax(-1)
 
-    times = []
+    times, toks = [], [int(tok[0])]
     for s in range(steps + 2):
         t0 = time.perf_counter()
         step(s)
         if s >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
+        toks.append(int(tok[0]))
+    out["decode_tokens"] = toks
     out["decode_step_seconds"] = min(times)
     out["decode_step_seconds_median"] = statistics.median(times)
     out["decode_tokens_per_s"] = batch / out["decode_step_seconds"]
@@ -200,7 +225,7 @@ def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_kv: int
     causal = t * (t + 1) / 2
     full_layer = linear(t) + HEADS * 4 * dh * causal
     full = LAYERS * full_layer + proj
-    if variant in ("hf_sdpa", "corelens_full"):
+    if variant in ("hf_sdpa", "hf_dynamic", "corelens_full"):
         var = full
     elif variant == "fastv":
         t2 = t - int(n_vis * FASTV_R)
@@ -210,12 +235,12 @@ def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_kv: int
         fq = full_kv * n_rep  # full query heads over all layers
         sq = LAYERS * HEADS - fq
         var = LAYERS * linear(t) + proj + 4 * dh * (fq * causal + sq * _stream_keys(vision, t))
-    # decode, per step at `batch`: bytes = weights + the KV cache read by attention and copied
-    # by the append (both caches grow by concatenation: read + write), i.e. 3x the KV bytes;
-    # FLOPs = weights + attention
+    # decode, per step at `batch`: bytes = weights + the KV cache read by attention (1x the KV
+    # bytes; 3x for a cache grown by concatenation: read + write of the copy); FLOPs = weights
+    # + attention
     w_bytes = 4 * (LAYERS * params_layer)
-    kv_full = 3 * batch * kv_len["hf_sdpa"]
-    kv_var = 3 * batch * kv_len[variant]
+    kv_full = KV_TOUCH.get("hf_sdpa", 1) * batch * kv_len["hf_sdpa"]
+    kv_var = KV_TOUCH.get(variant, 1) * batch * kv_len[variant]
     attn_full = 2 * batch * kv_len["hf_sdpa"] / 4 * n_rep  # 2 FLOPs per key element per q head
     attn_var = 2 * batch * kv_len[variant] / 4 * n_rep
     dec_w_flops = 2 * batch * LAYERS * params_layer
@@ -271,6 +296,7 @@ def main() -> None:
                     "prefill_peak_rss_delta_mb": round(r["prefill"]["peak_rss_delta_mb"], 1),
                     "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
                     "kv_bytes": r["kv_bytes"],
+                    "decode_tokens": r["decode_tokens"],
                 }
                 if "kv_budget" in r:
                     e["full_kv_heads"] = r["full_kv_heads"]
@@ -278,6 +304,9 @@ def main() -> None:
                 e.update(ceilings(folder, tokens, kv_heads, v, r.get("full_kv_heads"),
                                   args.batch, kv_len))
                 entry["variants"][v] = e
+            same = {v: rows[v]["decode_tokens"] for v in ("hf_dynamic", "corelens_full")
+                    if v in rows}
+            entry["baselines_agree"] = all(t == base["decode_tokens"] for t in same.values())
             results.append(entry)
             if not args.json:
                 print(f"{entry['config']} tokens={tokens} seq={entry['seq_len']}")
