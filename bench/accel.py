@@ -35,6 +35,7 @@ read by attention; plus the copy of the whole cache for the variants that grow i
 concatenation, ``hf_dynamic`` and ``fastv``: 3x the KV bytes) and from FLOPs.
 
     python bench/accel.py --json
+    python bench/accel.py --json --interleaved --tokens 2304 --kv-heads 8   # decode only, A/B
 """
 
 from __future__ import annotations
@@ -84,26 +85,30 @@ def core_heads(seed: int = 0) -> list[tuple[int, int]]:
     return sorted(random.Random(seed).sample(pool, math.ceil(FRAC * LAYERS * HEADS)))
 
 
-def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int,
-                batch: int) -> dict:
+def _setup(folder: str, variant: str, mb, shared: dict | None = None):
+    """(hf model, hybrid or None, fastv or None, prefill(use_cache)) of one variant; models in
+    ``shared`` are reused (the interleaved run loads each model once)."""
     import torch
 
-    torch.set_num_threads(threads())
-    torch.manual_seed(0)
-    mb = _batch(folder, tokens)
+    shared = {} if shared is None else shared
     ids, kw = mb.input_ids, mb.model_kwargs()
-    pos_next = kw["position_ids"][:, -1] + 1
-    out: dict = {"seq_len": mb.seq_len}
+    model = None
     if variant in ("hf_sdpa", "hf_dynamic"):
         from transformers import AutoModelForImageTextToText
 
-        hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+        if "hf" not in shared:
+            shared["hf"] = AutoModelForImageTextToText.from_pretrained(
+                folder, attn_implementation="sdpa").eval()
+        hf = shared["hf"]
     else:
         from corelens import HookedMLLM
-        from corelens.accel import FastV, HybridAttention
 
-        model = HookedMLLM.from_pretrained(folder)
+        if "model" not in shared:
+            shared["model"] = HookedMLLM.from_pretrained(folder)
+        model = shared["model"]
         hf = model.hf_model
+    from corelens.accel import FastV, HybridAttention
+
     hybrid = None
     if variant == "core_hybrid":
         hybrid = HybridAttention(model, core_heads(0), n_sink=N_SINK, window=WINDOW)
@@ -113,7 +118,6 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
                                         window=WINDOW)
     fastv = FastV(model, k=FASTV_K, ratio=FASTV_R) if variant == "fastv" else None
 
-    # --- prefill, batch 1 ---
     def prefill(use_cache: bool = False):
         with torch.no_grad():
             if hybrid is not None:
@@ -123,25 +127,25 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
                     return hf(input_ids=ids, **kw, use_cache=use_cache, logits_to_keep=1)
             return hf(input_ids=ids, **kw, use_cache=use_cache, logits_to_keep=1)
 
-    out["prefill"] = timed(prefill, 1)  # peak RSS of the first call, then one timed call
-    times = [out["prefill"]["seconds"]]
-    for _ in range(repeats - 1):  # best of `repeats`: on a shared machine contention only adds
-        t0 = time.perf_counter()
-        prefill()
-        times.append(time.perf_counter() - t0)
-    out["prefill"]["seconds"] = min(times)
+    return hf, hybrid, fastv, prefill
 
-    # --- decode, batch `batch` from the repeated batch-1 prompt cache ---
+
+def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int):
+    """Prefill with a cache, repeat it to ``batch``; returns (step(s) -> next token of example
+    0, KV bytes of the batch-1 prompt cache, first token, extras)."""
+    import torch
+
     from corelens.accel import cache_nbytes
 
+    extra: dict = {}
     res = prefill(use_cache=True)
     if hybrid is not None:
         logits, cache, _ = res
-        out["full_kv_heads"] = len(hybrid.full_kv_heads)
-        out["kv_budget"] = hybrid.kv_budget
+        extra["full_kv_heads"] = len(hybrid.full_kv_heads)
+        extra["kv_budget"] = hybrid.kv_budget
     else:
         logits, cache = res.logits[:, -1], res.past_key_values
-    out["kv_bytes"] = cache_nbytes(cache)
+    kv_bytes = cache_nbytes(cache)
     if hybrid is not None:
         cache = cache.repeat(batch)
         cache.reserve(steps + 2)
@@ -156,9 +160,10 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
     else:
         cache.batch_repeat_interleave(batch)
     tok = logits.argmax(-1).repeat(batch)
-    pos = pos_next.repeat(batch)
+    pos = (mb.model_kwargs()["position_ids"][:, -1] + 1).repeat(batch)
+    first = int(tok[0])
 
-    def step(s: int):
+    def step(s: int) -> int:
         nonlocal tok
         with torch.no_grad():
             if hybrid is not None:
@@ -167,19 +172,76 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
                 lg = hf(input_ids=tok[:, None], position_ids=(pos + s)[:, None],
                         past_key_values=cache, use_cache=True).logits[:, -1]
         tok = lg.argmax(-1)
+        return int(tok[0])
 
-    times, toks = [], [int(tok[0])]
+    return step, kv_bytes, first, extra
+
+
+def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int,
+                batch: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads())
+    torch.manual_seed(0)
+    mb = _batch(folder, tokens)
+    out: dict = {"seq_len": mb.seq_len}
+    hf, hybrid, fastv, prefill = _setup(folder, variant, mb)
+
+    # --- prefill, batch 1 ---
+    out["prefill"] = timed(prefill, 1)  # peak RSS of the first call, then one timed call
+    times = [out["prefill"]["seconds"]]
+    for _ in range(repeats - 1):  # best of `repeats`: on a shared machine contention only adds
+        t0 = time.perf_counter()
+        prefill()
+        times.append(time.perf_counter() - t0)
+    out["prefill"]["seconds"] = min(times)
+
+    # --- decode, batch `batch` from the repeated batch-1 prompt cache ---
+    step, out["kv_bytes"], first, extra = _decoder(variant, hf, hybrid, prefill, mb, steps,
+                                                   batch)
+    out.update(extra)
+    times, toks = [], [first]
     for s in range(steps + 2):
         t0 = time.perf_counter()
-        step(s)
+        toks.append(step(s))
         if s >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
-        toks.append(int(tok[0]))
     out["decode_tokens"] = toks
     out["decode_step_seconds"] = min(times)
     out["decode_step_seconds_median"] = statistics.median(times)
     out["decode_tokens_per_s"] = batch / out["decode_step_seconds"]
     return out
+
+
+def run_interleaved(folder: str, variants: list[str], tokens: int, steps: int,
+                    batch: int) -> dict:
+    """Decode only, all variants in one process, their steps interleaved (step s of every
+    variant, then step s + 1, ...): contention on a shared machine hits them alike. Per
+    variant: best and median step seconds, and the ratios to ``hf_sdpa`` of both."""
+    import torch
+
+    torch.set_num_threads(threads())
+    torch.manual_seed(0)
+    mb = _batch(folder, tokens)
+    shared: dict = {}
+    order = ["hf_sdpa"] + [v for v in variants if v != "hf_sdpa"]
+    steppers, times, toks = {}, {}, {}
+    for v in order:
+        hf, hybrid, _, prefill = _setup(folder, v, mb, shared)
+        steppers[v], _, first, _ = _decoder(v, hf, hybrid, prefill, mb, steps, batch)
+        times[v], toks[v] = [], [first]
+    for s in range(steps + 2):
+        for v in order:
+            t0 = time.perf_counter()
+            toks[v].append(steppers[v](s))
+            if s >= 2:
+                times[v].append(time.perf_counter() - t0)
+    base_best, base_med = min(times["hf_sdpa"]), statistics.median(times["hf_sdpa"])
+    return {v: {"step_seconds_best": round(min(t), 5),
+                "step_seconds_median": round(statistics.median(t), 5),
+                "decode_speedup_best": round(base_best / min(t), 3),
+                "decode_speedup_median": round(base_med / statistics.median(t), 3),
+                "decode_tokens": toks[v]} for v, t in times.items()}
 
 
 def _hybrid_forward(hybrid, mb):
@@ -260,9 +322,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="decode only: every variant's steps interleaved in one process")
     ap.add_argument("--_variant")
+    ap.add_argument("--_interleaved", action="store_true")
     ap.add_argument("--_folder")
     args = ap.parse_args()
+    if args._interleaved:
+        print(json.dumps(run_interleaved(args._folder, args.variants, args.tokens[0],
+                                         args.steps, args.batch)))
+        return
     if args._variant:
         print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats,
                                      args.steps, args.batch)))
@@ -273,6 +342,18 @@ def main() -> None:
             side, _ = TOKENS[tokens]
             folder = tempfile.mkdtemp(prefix=f"corelens-bench-accel-{kv_heads}-{tokens}-")
             build_llava(folder, image_size=side * PATCH, patch=PATCH, kv_heads=kv_heads)
+            if args.interleaved:
+                res = run_isolated(__file__, "--_interleaved", "--_folder", folder,
+                                   "--tokens", str(tokens), "--steps", str(args.steps),
+                                   "--batch", str(args.batch), "--variants", *args.variants)
+                results.append({"config": "MHA" if kv_heads == HEADS else
+                                f"GQA ({kv_heads} KV heads)", "tokens": tokens,
+                                "interleaved_decode": res})
+                if not args.json:
+                    for v, e in res.items():
+                        print(f"  {v:14s} decode x{e['decode_speedup_best']:.2f} (median "
+                              f"x{e['decode_speedup_median']:.2f})")
+                continue
             rows = {}
             for v in args.variants:
                 rows[v] = run_isolated(__file__, "--_variant", v, "--_folder", folder,
