@@ -18,9 +18,8 @@ runs in its own subprocess; ratios are measured side by side in one run.
   random model any 7 heads cost the same: a fixed seeded draw stands in for a RAM ranking),
   ``n_sink=4, window=64``;
 - ``random_hybrid``: random KV heads at the same KV budget;
-- ``fastv``: K=2, R=50%, decoding on HF's DynamicCache (its layers hold different token
-  counts; a static buffer would need per-layer masks): its decode ratio is conservative, and
-  its bytes ceiling counts the cache copy.
+- ``fastv``: K=2, R=50%, decoding on the same preallocated cache (its layers ``k..`` hold fewer
+  tokens: a per-layer ``key_mask`` hides their unfilled slots).
 
 Prefill: batch 1, the whole prompt, logits of the last position only, best of ``--repeats``.
 Decode: the batch-1 prompt cache repeated to batch 8 (the hybrid's with room ``reserve``d for
@@ -32,7 +31,7 @@ Best-of, not median: on a shared machine contention only ever adds time. Each me
 printed beside its ceiling: prefill from FLOPs (decoder + projector; the 1-layer
 32-wide vision tower is left out), decode from bytes touched per step (weights, plus the KV cache
 read by attention; plus the copy of the whole cache for the variants that grow it by
-concatenation, ``hf_dynamic`` and ``fastv``: 3x the KV bytes) and from FLOPs.
+concatenation, ``hf_dynamic``: 3x the KV bytes) and from FLOPs.
 
     python bench/accel.py --json
     python bench/accel.py --json --interleaved --tokens 2304 --kv-heads 8   # decode only, A/B
@@ -41,6 +40,7 @@ concatenation, ``hf_dynamic`` and ``fastv``: 3x the KV bytes) and from FLOPs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -55,7 +55,7 @@ from common import build_llava, run_isolated, threads, timed  # noqa: E402
 TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
 PATCH = 16
 VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "core_hybrid", "random_hybrid", "fastv")
-KV_TOUCH = {"hf_dynamic": 3, "fastv": 3}  # KV bytes touched per step / KV bytes (default 1)
+KV_TOUCH = {"hf_dynamic": 3}  # KV bytes touched per step / KV bytes (default 1)
 FRAC, N_SINK, WINDOW, FASTV_K, FASTV_R = 0.1, 4, 64, 2, 0.5
 D_MODEL, LAYERS, HEADS, FF = 512, 8, 8, int(512 * 2.6875)
 
@@ -130,7 +130,7 @@ def _setup(folder: str, variant: str, mb, shared: dict | None = None):
     return hf, hybrid, fastv, prefill
 
 
-def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int):
+def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int, attention=None):
     """Prefill with a cache, repeat it to ``batch``; returns (step(s) -> next token of example
     0, KV bytes of the batch-1 prompt cache, first token, extras)."""
     import torch
@@ -138,6 +138,7 @@ def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int):
     from corelens.accel import cache_nbytes
 
     extra: dict = {}
+    lens: list[int] = []
     res = prefill(use_cache=True)
     if hybrid is not None:
         logits, cache, _ = res
@@ -149,13 +150,15 @@ def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int):
     if hybrid is not None:
         cache = cache.repeat(batch)
         cache.reserve(steps + 2)
-    elif variant in ("hf_sdpa", "corelens_full"):  # preallocated: one slot written per step
+    elif variant in ("hf_sdpa", "corelens_full", "fastv"):  # preallocated: one slot per step
         from transformers import StaticCache
 
-        static = StaticCache(config=hf.config, max_cache_len=mb.seq_len + steps + 2)
+        max_len = mb.seq_len + steps + 2
+        static = StaticCache(config=hf.config, max_cache_len=max_len)
         for layer, dyn in enumerate(cache.layers):
             static.update(dyn.keys.repeat_interleave(batch, 0),
                           dyn.values.repeat_interleave(batch, 0), layer)
+            lens.append(dyn.keys.shape[2])
         cache = static
     else:
         cache.batch_repeat_interleave(batch)
@@ -165,7 +168,12 @@ def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int):
 
     def step(s: int) -> int:
         nonlocal tok
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for layer, n in enumerate(lens):  # FastV's shorter layers: their filled slots only
+                if n < lens[0]:
+                    ok = torch.zeros(1, 1, 1, max_len, dtype=torch.bool)
+                    ok[..., :n + s + 1] = True
+                    stack.enter_context(attention.key_mask(layer, ok))
             if hybrid is not None:
                 lg = hybrid.decode_step(tok, pos + s, cache)
             else:
@@ -185,7 +193,8 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
     torch.manual_seed(0)
     mb = _batch(folder, tokens)
     out: dict = {"seq_len": mb.seq_len}
-    hf, hybrid, fastv, prefill = _setup(folder, variant, mb)
+    shared: dict = {}
+    hf, hybrid, fastv, prefill = _setup(folder, variant, mb, shared)
 
     # --- prefill, batch 1 ---
     out["prefill"] = timed(prefill, 1)  # peak RSS of the first call, then one timed call
@@ -198,7 +207,7 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int, steps: int
 
     # --- decode, batch `batch` from the repeated batch-1 prompt cache ---
     step, out["kv_bytes"], first, extra = _decoder(variant, hf, hybrid, prefill, mb, steps,
-                                                   batch)
+                                                   batch, _attention(shared))
     out.update(extra)
     times, toks = [], [first]
     for s in range(steps + 2):
@@ -228,7 +237,8 @@ def run_interleaved(folder: str, variants: list[str], tokens: int, steps: int,
     steppers, times, toks = {}, {}, {}
     for v in order:
         hf, hybrid, _, prefill = _setup(folder, v, mb, shared)
-        steppers[v], _, first, _ = _decoder(v, hf, hybrid, prefill, mb, steps, batch)
+        steppers[v], _, first, _ = _decoder(v, hf, hybrid, prefill, mb, steps, batch,
+                                            _attention(shared))
         times[v], toks[v] = [], [first]
     for s in range(steps + 2):
         for v in order:
@@ -242,6 +252,12 @@ def run_interleaved(folder: str, variants: list[str], tokens: int, steps: int,
                 "decode_speedup_best": round(base_best / min(t), 3),
                 "decode_speedup_median": round(base_med / statistics.median(t), 3),
                 "decode_tokens": toks[v]} for v, t in times.items()}
+
+
+def _attention(shared: dict):
+    """The HookedMLLM's attention backend (None when only the plain HF model is loaded)."""
+    model = shared.get("model")
+    return None if model is None else model.attention
 
 
 def _hybrid_forward(hybrid, mb):
