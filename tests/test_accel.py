@@ -601,8 +601,8 @@ def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):
             out.append(logits)
             ptrs.add(cache.kf[0].data_ptr())
         runs.append((torch.stack(out), cache.nbytes(), len(ptrs), cache))
-    (grow, grow_bytes, grow_ptrs, _), (res, res_bytes, res_ptrs, cache) = runs
+    (grow, grow_bytes, _, _), (res, res_bytes, res_ptrs, cache) = runs
     assert (grow - res).abs().max() < TOL
-    assert grow_bytes == res_bytes and res_ptrs == 1 and grow_ptrs == 3
+    assert grow_bytes == res_bytes and res_ptrs == 1
     t = batch.seq_len
     assert cache.kf[0].shape[2] == t + 3 and cache.full_ok.shape[1] == t + 3
