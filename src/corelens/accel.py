@@ -613,7 +613,8 @@ class HybridAttention:
     @torch.no_grad()
     def prefill(self, batch: MultimodalBatch) -> tuple[Tensor, HybridCache, Tensor]:
         """Run the prompt, building the hybrid cache: (last-position logits [b, vocab],
-        cache, next position ids [b])."""
+        cache, next position ids [b]: the first generated token's id; under M-RoPE the id all
+        three rows take, the prompt's largest + 1)."""
         _check_family(self.model, DECODE_FAMILIES, "hybrid cached decoding")
         ids, kw = self.model._inputs(batch)
         nxt, mrope = _next_positions(kw)
