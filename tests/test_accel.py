@@ -13,6 +13,7 @@ from corelens import HookedMLLM
 from corelens.accel import FastV, HybridAttention, cache_nbytes
 
 TOL = 1e-5
+QWEN = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +193,9 @@ def test_errors():
 
     class Fake:
         class family:
-            name = "gemma3"
+            name = "mystery"
 
-    with pytest.raises(InputError, match="gemma3"):
+    with pytest.raises(InputError, match="mystery"):
         HybridAttention(Fake(), [(0, 0)])
 
 
@@ -234,6 +235,46 @@ def test_fastv_drops_lowest_attention_and_equals_masked_reference(model):
     assert (got - ref)[kept].abs().max() < TOL
 
 
+@pytest.mark.parametrize("name", QWEN)
+def test_fastv_qwen_kept_rows_equal_masked_reference(tiny_model, name):
+    """Kept tokens keep their own M-RoPE ids: kept rows = full attention with the dropped
+    keys masked out of layers k.."""
+    model = tiny_model(name)
+    batch = _two(model, same_size=True)
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed):
+            ref = model(batch)
+        plain = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+    assert (plain - ref)[kept].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llava"] + QWEN)
+def test_fastv_decoding_equals_masked_reference(tiny_model, name):
+    """Cached FastV decoding on a left-padded batch = the longer sequence with the dropped
+    keys (and the padding) masked out of layers k.."""
+    model = tiny_model(name)
+    batch = _two(model, same_size=True)
+    assert not batch.attention_mask.bool().all()
+    n = 4
+    fastv = FastV(model, k=1, ratio=0.5)
+    toks, logits = fastv.generate(batch, max_new_tokens=n, return_logits=True)
+    ids, kw = _extended(model, batch, toks)
+    t = batch.seq_len
+    allowed = torch.ones(len(batch), 1, 1, t + n - 1, dtype=torch.bool)
+    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+    with torch.no_grad(), model.attention.key_mask(1, allowed):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
 def test_fastv_generate_caches_only_kept_tokens(model):
     batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
     fastv = FastV(model, k=1, ratio=0.5)
@@ -269,21 +310,86 @@ def test_prefill_other_families(tiny_model, name):
     assert (got - ref)[valid].abs().max() < TOL
 
 
+def _extended(model, batch, toks):
+    """input ids and HF keyword arguments of the prompt followed by the generated tokens
+    ``toks[:, :-1]``: the full-sequence reference for cached decoding. Position ids are left to
+    HF (M-RoPE: its own ``get_rope_index`` over the longer sequence, independent of the
+    decode-position logic under test), or extended by one per step."""
+    n = toks.shape[1] - 1
+    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    kw = dict(batch.model_kwargs())
+    ones = torch.ones(len(batch), n, dtype=kw["attention_mask"].dtype)
+    kw["attention_mask"] = torch.cat([kw["attention_mask"], ones], 1)
+    pos = kw.pop("position_ids", None)
+    if pos is not None and pos.ndim == 2:
+        kw["position_ids"] = torch.cat([pos, pos[:, -1:] + torch.arange(1, n + 1)], 1)
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if name in kw:
+            kw[name] = torch.cat([kw[name], torch.zeros_like(ones, dtype=kw[name].dtype)], 1)
+    return ids, kw
+
+
+def _two(model, same_size=False):
+    """A left-padded batch of two prompts; two image sizes unless ``same_size``."""
+    return model.prepare([noise_image(80, 50, 0), noise_image(80 if same_size else 40,
+                                                              50 if same_size else 70, 1)],
+                         ["what is the color ?", "what color is the square at the left ?"])
+
+
 @pytest.mark.parametrize("name", ["idefics3", "internvl", "llava_next", "llava_onevision",
-                                  "smolvlm"])
+                                  "smolvlm"] + QWEN)
 def test_decode_other_families(tiny_model, name):
     model = tiny_model(name)
-    batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
-    n = 3
+    batch = _two(model) if name in QWEN else model.prepare([noise_image(80, 50, 0)],
+                                                           ["what is the color ?"])
+    n = 4
     hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
     toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
-    ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
+    ids, kw = _extended(model, batch, toks)
     t = batch.seq_len
-    kw = {k: v for k, v in batch.model_kwargs().items()
-          if k not in ("attention_mask", "position_ids")}
     with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
         ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad():
+        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3  # the restriction did something
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_mrope_decode_positions(tiny_model, name):
+    """Text after the image continues from the prompt's largest M-RoPE id + 1, per example."""
+    from corelens.accel import _next_positions
+
+    model = tiny_model(name)
+    batch = _two(model)
+    _, kw = model._inputs(batch)
+    nxt, mrope = _next_positions(kw)
+    toks = torch.zeros(len(batch), 3, dtype=torch.long)
+    ids, ext = _extended(model, batch, toks)
+    types = ext["mm_token_type_ids"]
+    pos, _ = model.hf_model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                                 image_grid_thw=ext["image_grid_thw"],
+                                                 attention_mask=ext["attention_mask"])
+    t = batch.seq_len
+    assert mrope and torch.equal(pos[:, :, t:], (nxt[:, None] + torch.arange(2))[None].expand(
+        3, -1, -1))
+    assert not torch.equal(nxt, batch.attention_mask.sum(-1))  # not the 1-D answer
+
+
+@pytest.mark.parametrize("name", QWEN + ["llava"])
+def test_every_head_core_decoding_equals_hf_generate(tiny_model, name):
+    model = tiny_model(name)
+    batch = _two(model)
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    n = 5
+    toks = HybridAttention(model, every).generate(batch, max_new_tokens=n)
+    ids, kw = model._inputs(batch)
+    kw.pop("position_ids")
+    with torch.no_grad():
+        ref = model.hf_model.generate(input_ids=ids, **kw, max_new_tokens=n, do_sample=False,
+                                      pad_token_id=model.tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert ref.shape[1] >= 2  # HF stops at EOS: compare what it produced
+    assert torch.equal(toks[:, :ref.shape[1]], ref)
 
 
 def test_kernel_hook_falls_through_and_skips_eager_layers(tiny_model):
@@ -326,3 +432,177 @@ def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
     assert report["kv_budget"] == 2 / 16 and len(report["random_kv_heads"]) == 2
     for v in report["variants"].values():
         assert 0.0 <= v["accuracy"] <= 1.0
+
+
+def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
+    """DeepStack levels injected after a pruned layer go to the kept vision tokens only
+    (a 3-layer tiny Qwen3-VL with DeepStack after layers 0 and 1, FastV from layer 1)."""
+    from corelens.families import FAMILIES
+    from corelens.zoo.tokenizer import build_tokenizer
+
+    fam = FAMILIES["qwen3_vl"]
+    tok = build_tokenizer(tmp_path, add_bos=False)
+    cfg = fam._tiny_config(tok)
+    cfg.text_config.num_hidden_layers = 3
+    cfg.vision_config.deepstack_visual_indexes = [0, 1]
+    torch.manual_seed(0)
+    hf = fam.hf_class(cfg)(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    fam._tiny_processor(tok).save_pretrained(tmp_path)
+    model = HookedMLLM.from_pretrained(str(tmp_path))
+    batch = _two(model, same_size=True)
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed), model.attention.key_mask(2, allowed):
+            ref = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+
+
+def _gemma_batch(model):
+    """Two left-padded examples, the first with two images (two bidirectional blocks)."""
+    from corelens.families import FAMILIES
+
+    (w0, h0), (w1, h1) = FAMILIES["gemma3"].tiny_image_sizes()[:2]
+    return model.prepare([[noise_image(w0, h0, 0), noise_image(w1, h1, 1)],
+                          [noise_image(w1, h1, 2)]],
+                         ["compare <image> with <image> ?", "what is the color ?"],
+                         answers=["red", "blue green"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gemma3_prefill_equals_masked_reference(tiny_model, seed):
+    """Streaming heads see Gemma's own mask (bidirectional image blocks, sliding window on
+    sliding layers) intersected with sinks + text + the band |i - j| <= window."""
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    valid = batch.attention_mask.bool()
+    hybrid = HybridAttention(model, _random_heads(model, [1, 3, 5][seed], seed), n_sink=2,
+                             window=[3, 5, 9][seed])
+    assert hybrid.sliding == [model.hf_model.config.text_config.sliding_window, None]
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = model(batch)
+        with _masked(model, hybrid.allowed(batch)):
+            ref = model(batch)
+        plain = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    assert (plain - ref)[valid].abs().max() > 1e-3
+
+
+def test_gemma3_streaming_heads_see_a_two_sided_band_in_image_blocks(tiny_model):
+    """An image row of a streaming head sees later tokens of its own block within the window
+    (bidirectional, as Gemma's own attention), not beyond it, and never the next block."""
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    w = 3
+    hybrid = HybridAttention(model, [], n_sink=1, window=w)
+    seen = {}
+
+    def tap(inputs):
+        seen["p"] = inputs.pattern_rows(torch.tensor([[p0]]))[0, :, 0]  # [head, T]
+
+    first, second = (img.vision_positions for img in batch.layout.images[0])
+    p0 = int(first[0])
+    allowed = hybrid.allowed(batch)[1]
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch)), model.attention.tap(1, tap):
+        model(batch)
+    p = seen["p"][0]  # head 0
+    assert allowed[0, 0, p0, p0 + w] and not allowed[0, 0, p0, p0 + w + 1]
+    assert (p[p0 + 1:p0 + w + 1] > 0).all() and (p[p0 + w + 1:int(first[-1]) + 1] == 0).all()
+    assert (p[second] == 0).all()
+
+
+def test_gemma3_every_head_core_is_gemma(tiny_model):
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    valid = batch.attention_mask.bool()
+    every = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    hybrid = HybridAttention(model, every, window=2)
+    with torch.no_grad():
+        with hybrid.attach(batch):
+            got = model(batch)
+        ref = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    n = 6  # beyond the sliding window (6) of the prompt's last tokens
+    toks = hybrid.generate(batch, max_new_tokens=n)
+    ids, kw = model._inputs(batch)
+    kw.pop("position_ids", None)
+    with torch.no_grad():
+        hf = model.hf_model.generate(input_ids=ids, **kw, max_new_tokens=n, do_sample=False,
+                                     pad_token_id=model.tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert hf.shape[1] >= 2
+    assert torch.equal(toks[:, :hf.shape[1]], hf)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gemma3_cached_decoding_equals_masked_reference(tiny_model, seed):
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    n = 8  # generated tokens leave the sliding window's reach of the prompt
+    hybrid = HybridAttention(model, _random_heads(model, 2 + seed, 20 + seed), n_sink=2,
+                             window=[3, 10][seed])
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    ids, kw = _extended(model, batch, toks)
+    t = batch.seq_len
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad():
+        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3
+
+
+def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
+    """FastV on Gemma 3 (prefill): kept rows = Gemma's own attention (bidirectional blocks,
+    sliding windows in original positions) with the dropped keys masked out of layers k..;
+    cached FastV decoding refuses the sliding-window layers."""
+    from corelens.errors import InputError
+
+    model = tiny_model("gemma3")
+    batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
+                          ["what is the color ?", "what color is the square at left ?"])
+    fastv = FastV(model, k=1, ratio=0.5)
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
+        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+        with model.attention.key_mask(1, allowed):
+            ref = model(batch)
+        plain = model(batch)
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    assert (got - ref)[kept].abs().max() < TOL
+    assert (plain - ref)[kept].abs().max() > 1e-3
+    with pytest.raises(InputError, match="sliding"):
+        fastv.generate(batch, 2)
+
+
+def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):
+    """``HybridCache.reserve``: decoding steps write into preallocated room (same storage every
+    step) and give the same logits and byte count as a cache that grows by concatenation."""
+    model = tiny_model("llava")
+    batch = _batch(model)
+    hybrid = HybridAttention(model, [(0, 1), (1, 2)], n_sink=2, window=5)
+    runs = []
+    for reserve in (False, True):
+        logits, cache, pos = hybrid.prefill(batch)
+        if reserve:
+            cache.reserve(3)
+        ptrs, out = set(), []
+        for s in range(3):
+            logits = hybrid.decode_step(logits.argmax(-1), pos + s, cache)
+            out.append(logits)
+            ptrs.add(cache.kf[0].data_ptr())
+        runs.append((torch.stack(out), cache.nbytes(), len(ptrs), cache))
+    (grow, grow_bytes, _, _), (res, res_bytes, res_ptrs, cache) = runs
+    assert (grow - res).abs().max() < TOL
+    assert grow_bytes == res_bytes and res_ptrs == 1
+    t = batch.seq_len
+    assert cache.kf[0].shape[2] == t + 3 and cache.full_ok.shape[1] == t + 3

@@ -8,35 +8,46 @@
   attend fully (they read the same keys; restricting them would save neither compute nor cache).
 - **streaming heads** — every other head. For EVERY query row ``i`` (vision rows included in
   prefill; ``i`` = index in the sequence, padding included), a streaming head sees exactly the
-  keys ``j <= i`` with ``attention_mask[j] = 1`` that are
+  keys ``j`` that the model's own attention lets row ``i`` see (causal, not padding; Gemma 3:
+  also later tokens of ``i``'s own image block, and only ``j > i - sliding_window`` on a
+  sliding-window layer) and that are
 
   1. a sink: one of the first ``n_sink`` non-padding tokens of the example;
-  2. in the recent window: ``i - window <= j <= i`` (the query itself and the ``window`` tokens
-     before it);
+  2. in the window: ``|i - j| <= window`` (under a causal mask: the query itself and the
+     ``window`` tokens before it; inside a Gemma 3 image block also the ``window`` tokens after
+     it, as its own attention is bidirectional there);
   3. a text token: any token that is not an image-feature token of the batch's ``VisionLayout``
      (delimiters, prompt, answer and generated tokens are all text);
 
-  plus, if ``n_pooled > 0``, ``n_pooled`` summaries of each example's vision tokens (minus
-  sinks): those tokens, in sequence order, split into ``n_pooled`` contiguous chunks; a summary's
-  key / value is the mean of its chunk's (rotated) keys / values, its score gets ``+ log(chunk
-  size)`` (it stands for that many tokens), and row ``i`` sees it once the chunk's last token is
-  ``<= i``. A summary is seen in addition to any of its tokens that are in the window.
+  plus, if ``n_pooled > 0`` (causal models without sliding windows only), ``n_pooled``
+  summaries of each example's vision tokens (minus sinks): those tokens, in sequence order,
+  split into ``n_pooled`` contiguous chunks; a summary's key / value is the mean of its chunk's
+  (rotated) keys / values, its score gets ``+ log(chunk size)`` (it stands for that many
+  tokens), and row ``i`` sees it once the chunk's last token is ``<= i``. A summary is seen in
+  addition to any of its tokens that are in the window.
+
+  So on a sliding-window layer a streaming head sees the sinks and text only while they are
+  inside the layer's own window: it never sees a key its full-attention self would not.
 
 The saving is real: streaming heads are computed over a gathered key set (sinks + text +
 summaries, then the window as a band: queries in blocks of ``window`` rows against a slab of
-``2 * window`` keys), never as full attention with a mask. In cached decoding
-(``generate`` / ``prefill`` + ``decode_step``) the vision keys / values are stored only for full
-KV heads; streaming KV heads keep sinks, text, summaries and the last ``window`` prompt tokens.
+``2 * window`` keys, ``3 * window`` with bidirectional image blocks), never as full attention
+with a mask. In cached decoding (``generate`` / ``prefill`` + ``decode_step``) the vision keys /
+values are stored only for full KV heads; streaming KV heads keep sinks, text, summaries and the
+last ``window`` prompt tokens. (Sliding-window layers keep them too, masked by position: the
+cache is not trimmed to the layer's window.)
 
 Baselines: ``full`` (the model as is), ``HybridAttention.random`` (random KV heads at the same
 KV-head budget) and ``FastV`` (after layer ``k``, drop ``ratio`` of the vision tokens that get
 the least attention from the last prompt position, averaged over heads; the later layers never
 compute them, and their KV cache never holds them).
 
-Supported families: hybrid prefill — every family whose decoder attention mask is causal +
-padding (all registered ones except ``gemma3``, whose image tokens attend bidirectionally and
-whose layers alternate sliding windows); cached decoding and FastV — families with 1-D RoPE
-positions (``DECODE_FAMILIES``); the Qwen-VL families' M-RoPE decode positions are not built here.
+Supported families: ``PREFILL_FAMILIES`` (hybrid prefill and FastV prefill) and
+``DECODE_FAMILIES`` (hybrid cached decoding): every registered family. FastV cached decoding:
+every family but those with sliding-window layers (Gemma 3). Under M-RoPE (Qwen-VL) a generated
+token's position id is the prompt's largest id + 1 (+ 1 per step), the same in all three rows,
+as HF's ``rope_deltas`` give; FastV's kept tokens keep their own (3-D) ids, and Qwen3-VL's
+DeepStack features reach only the kept tokens after the pruning layer.
 """
 
 from __future__ import annotations
@@ -59,9 +70,40 @@ from corelens.errors import InputError
 Head = tuple[int, int]
 
 PREFILL_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
-                              "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
-DECODE_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
-                             "internvl"})
+                              "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"})
+DECODE_FAMILIES = PREFILL_FAMILIES
+# families whose image tokens attend to each other bidirectionally within each image block
+# (HF's ``token_type_ids`` / ``block_sequence_ids``: a run of consecutive image tokens)
+BIDIRECTIONAL_FAMILIES = frozenset({"gemma3"})
+
+
+def _next_positions(kw: dict[str, Any]) -> tuple[Int[Tensor, " batch"], bool]:
+    """The position id of the first token generated after a prompt, per example, and whether
+    the model takes M-RoPE ids (``[3, batch, seq]``, the Qwen-VL families).
+
+    1-D RoPE: the last prompt position + 1. M-RoPE: the prompt's largest id (over the three
+    rows and the valid tokens) + 1, the same in all three rows, and + 1 per step after it --
+    what HF's generation computes as ``text position + rope_deltas`` (``get_rope_index``'s
+    ``rope_deltas = max(position) + 1 - n_valid``)."""
+    pos = kw.get("position_ids")
+    mask = kw["attention_mask"].bool()
+    if pos is None:
+        return mask.long().sum(-1), False
+    if pos.ndim == 3:
+        if pos.shape[0] != 3:
+            raise InputError(f"cached decoding expects [3, batch, seq] M-RoPE position ids, got "
+                             f"{tuple(pos.shape)}")
+        return pos.masked_fill(~mask[None], 0).amax(dim=(0, 2)) + 1, True
+    if pos.ndim != 2:
+        raise InputError(f"cached decoding expects [batch, seq] position ids, got "
+                         f"{tuple(pos.shape)}")
+    return pos[:, -1] + 1, False
+
+
+def _step_positions(positions: Int[Tensor, " batch"], mrope: bool) -> Tensor:
+    """``positions`` as the ``position_ids`` of a one-token step ([b, 1], or [3, b, 1])."""
+    p = positions[:, None]
+    return p[None].expand(3, -1, -1) if mrope else p
 
 
 def _check_family(model: Any, families: frozenset[str], what: str) -> None:
@@ -74,6 +116,14 @@ def _check_family(model: Any, families: frozenset[str], what: str) -> None:
 def _text_config(model: Any) -> Any:
     cfg = model.hf_model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _sliding_windows(model: Any) -> list[int | None]:
+    """Each decoder layer's own sliding window (HF's ``sliding_window``: row i sees keys
+    j > i - window), None for a full-attention layer."""
+    layers = getattr(getattr(model, "attention", None), "layers", [])
+    return [getattr(getattr(a, "original_component", a), "sliding_window", None)
+            for a in layers] or [None] * _text_config(model).num_hidden_layers
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -93,14 +143,23 @@ class _Plan:
     pool_last: Int[Tensor, "batch p"]
     pool_ok: Bool[Tensor, "batch p"]
     pool_bias: Tensor  # [batch, p] log(chunk size)
-    _block_mask: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+    block: Int[Tensor, "batch seq"] | None = None  # image block id (-1: none); None: causal
+    _block_mask: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
         return self.valid.shape[1]
 
 
-def _plan(vision: Tensor, valid: Tensor, n_sink: int, n_pooled: int) -> _Plan:
+def _image_blocks(vision: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
+    """HF's ``block_sequence_ids`` (Gemma 3): each run of consecutive image tokens is one block
+    (0, 1, ... per example), -1 elsewhere."""
+    start = vision & ~F.pad(vision, (1, 0))[:, :-1]
+    return torch.where(vision, start.long().cumsum(-1) - 1, -1)
+
+
+def _plan(vision: Tensor, valid: Tensor, n_sink: int, n_pooled: int,
+          bidirectional: bool = False) -> _Plan:
     vision, valid = vision.bool() & valid.bool(), valid.bool()
     b, t = valid.shape
     rank = valid.long().cumsum(-1) - 1
@@ -124,7 +183,8 @@ def _plan(vision: Tensor, valid: Tensor, n_sink: int, n_pooled: int) -> _Plan:
                     pool_bias[e, c] = math.log(len(chunk))
     dev = valid.device
     return _Plan(valid, vision, glob, glob_idx.to(dev), glob_ok.to(dev), pool_w.to(dev),
-                 pool_last.to(dev), pool_ok.to(dev), pool_bias.to(dev))
+                 pool_last.to(dev), pool_ok.to(dev), pool_bias.to(dev),
+                 _image_blocks(vision) if bidirectional else None)
 
 
 def _layout_masks(batch: MultimodalBatch, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -152,8 +212,10 @@ class HybridCache:
     text, pooled summaries and the last ``window`` prompt tokens (masked out as they leave the
     window). Generated tokens are text: every head keeps them."""
 
-    def __init__(self, n_layers: int, window: int) -> None:
+    def __init__(self, n_layers: int, window: int,
+                 sliding: Sequence[int | None] | None = None) -> None:
         self.window = window
+        self.sliding = list(sliding) if sliding is not None else [None] * n_layers
         self.kf: list[Tensor | None] = [None] * n_layers
         self.vf: list[Tensor | None] = [None] * n_layers
         self.ks: list[Tensor | None] = [None] * n_layers
@@ -164,22 +226,49 @@ class HybridCache:
         self.s_ok: Tensor | None = None
         self.s_bias: Tensor | None = None
         self.length = 0  # sequence length so far (the next token's index)
-        self.full_mask: Tensor | None = None
-        self.stream_mask: Tensor | None = None
+        self.masks: dict[int | None, tuple[Tensor, Tensor]] = {}  # per sliding window:
+        # this step's additive (full heads, streaming heads) masks
+        self.mrope = False  # the model takes [3, batch, 1] step positions (M-RoPE)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for ts in (self.kf, self.vf, self.ks, self.vs) for t in ts if t is not None)
+        """Bytes of the keys / values held (entries in use, not capacity ``reserve``d)."""
+        n = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
+             "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
+        return sum(t[:, :, :n[name]].numel() * t.element_size()
+                   for name in n for t in getattr(self, name) if t is not None)
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more tokens in every layer, so that decoding steps write in place
+        (no per-step copy of the whole cache, as a preallocated / static cache)."""
+        used = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
+                "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
+        for name, u in used.items():
+            ts = getattr(self, name)
+            for l, x in enumerate(ts):
+                if x is not None and x.shape[2] < u + n:
+                    buf = x.new_empty(*x.shape[:2], u + n, x.shape[3])
+                    buf[:, :, :u] = x[:, :, :u]
+                    ts[l] = buf
+
+    def _append(self, name: str, layer: int, x: Tensor, n: int) -> Tensor:
+        """Write the step's ``x`` as entry ``n - 1`` of ``name[layer]``; the first ``n``."""
+        ts = getattr(self, name)
+        buf = ts[layer]
+        if buf.shape[2] >= n:
+            buf[:, :, n - 1:n] = x
+            return buf[:, :, :n]
+        ts[layer] = torch.cat([buf[:, :, :n - 1], x], 2)
+        return ts[layer]
 
     def repeat(self, n: int) -> "HybridCache":
         """Each example repeated ``n`` times (``repeat_interleave`` over the batch)."""
-        out = HybridCache(len(self.kf), self.window)
+        out = HybridCache(len(self.kf), self.window, self.sliding)
         for name in ("kf", "vf", "ks", "vs"):
             setattr(out, name, [None if t is None else t.repeat_interleave(n, 0)
                                 for t in getattr(self, name)])
         for name in ("full_ok", "s_pos", "s_kind", "s_ok", "s_bias"):
             setattr(out, name, getattr(self, name).repeat_interleave(n, 0))
-        out.length = self.length
+        out.length, out.mrope = self.length, self.mrope
         return out
 
     def begin_step(self, dtype: torch.dtype) -> None:
@@ -196,9 +285,15 @@ class HybridCache:
         self.s_bias = torch.cat([self.s_bias, torch.zeros(b, 1, device=dev)], 1)
         self.length += 1
         neg = _neg(dtype)
-        self.full_mask = torch.where(self.full_ok, 0.0, neg).to(dtype)[:, None, None, :]
         seen = self.s_ok & ((self.s_kind != 1) | (self.s_pos >= i - self.window))
-        self.stream_mask = torch.where(seen, self.s_bias, neg).to(dtype)[:, None, None, :]
+        self.masks = {}
+        for sw in set(self.sliding):  # a sliding layer sees keys j > i - sliding_window
+            full, stream = self.full_ok, seen
+            if sw is not None:
+                full = full & (torch.arange(full.shape[1], device=dev) > i - sw)
+                stream = stream & (self.s_pos > i - sw)
+            self.masks[sw] = (torch.where(full, 0.0, neg).to(dtype)[:, None, None, :],
+                              torch.where(stream, self.s_bias, neg).to(dtype)[:, None, None, :])
 
 
 class HybridAttention:
@@ -221,6 +316,12 @@ class HybridAttention:
         self.n_kv = getattr(tc, "num_key_value_heads", None) or self.n_heads
         self.n_rep = self.n_heads // self.n_kv
         self.n_sink, self.window, self.n_pooled = n_sink, window, n_pooled
+        self.bidirectional = getattr(model.family, "name", None) in BIDIRECTIONAL_FAMILIES
+        self.sliding = _sliding_windows(model)
+        if n_pooled and (self.bidirectional or any(w is not None for w in self.sliding)):
+            raise InputError("pooled summaries (n_pooled > 0) are not defined for models with "
+                             "bidirectional image blocks or sliding-window layers; use "
+                             "n_pooled=0")
         self.heads = sorted({(int(l), int(h)) for l, h in heads})
         for l, h in self.heads:
             if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
@@ -270,8 +371,11 @@ class HybridAttention:
 
     def allowed(self, batch: MultimodalBatch, seq_len: int | None = None) -> list[Tensor]:
         """The per-head key mask equivalent to this hybrid (``n_pooled = 0``): per layer a bool
-        [batch, head, seq, seq] for ``model.attention.key_mask``; ``seq_len`` > the batch's
-        extends it with text tokens (generated ones). O(T^2): for tests and small inputs."""
+        [batch, head, seq, seq] for ``model.attention.key_mask``, which intersects it with the
+        model's own mask (causal, padding, bidirectional image blocks, sliding windows): the
+        streaming heads' sinks + text + the two-sided band ``|i - j| <= window``. ``seq_len`` >
+        the batch's extends it with text tokens (generated ones). O(T^2): for tests and small
+        inputs."""
         if self.n_pooled:
             raise InputError("pooled summaries are not keys of the sequence: no key mask")
         vision, valid = _layout_masks(batch, torch.device("cpu"))
@@ -284,7 +388,7 @@ class HybridAttention:
         glob = plan.glob
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
-        stream = ((j >= i - self.window) & (j <= i))[None] | glob[:, None, :]  # [b, t, t]
+        stream = ((j - i).abs() <= self.window)[None] | glob[:, None, :]  # [b, t, t]
         out = []
         for s in self.splits:
             m = torch.ones(len(valid), self.n_heads, t, t, dtype=torch.bool)
@@ -297,14 +401,13 @@ class HybridAttention:
     def attach(self, batch: MultimodalBatch | None = None) -> Iterator["HybridAttention"]:
         """Run the model's decoder attention as this hybrid within the block. With ``batch``,
         plan for it; without, plan for each ``MultimodalBatch`` the model is called on."""
-        dev = self.model.device
         handle = None
         if batch is not None:
-            self._plan = _plan(*_layout_masks(batch, dev), self.n_sink, self.n_pooled)
+            self._plan = self._plan_for(batch)
         else:
             def pre(module: Any, args: Any) -> None:
                 if args and isinstance(args[0], MultimodalBatch):
-                    self._plan = _plan(*_layout_masks(args[0], dev), self.n_sink, self.n_pooled)
+                    self._plan = self._plan_for(args[0])
 
             handle = self.model.register_forward_pre_hook(pre)
         try:
@@ -314,6 +417,10 @@ class HybridAttention:
             self._plan = None
             if handle is not None:
                 handle.remove()
+
+    def _plan_for(self, batch: MultimodalBatch) -> _Plan:
+        return _plan(*_layout_masks(batch, self.model.device), self.n_sink, self.n_pooled,
+                     self.bidirectional)
 
     def _kernel(self, call: KernelCall) -> Tensor | None:
         backend = self.model.attention
@@ -352,7 +459,8 @@ class HybridAttention:
         if len(split.stream_q):
             ks, vs = k[:, split.stream_kv], v[:, split.stream_kv]
             z[:, split.stream_q] = self._stream_prefill(q[:, split.stream_q], ks, vs,
-                                                        call.scaling, plan)
+                                                        call.scaling, plan,
+                                                        self.sliding[call.layer])
         if self._building:
             self._store(call.layer, split, k, v, plan)
         return z
@@ -366,27 +474,49 @@ class HybridAttention:
             vg = torch.cat([vg, torch.einsum("bpt,bhtd->bhpd", w, v)], 2)
         return kg, vg
 
-    def _block_mask(self, plan: _Plan, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Additive [batch * n_blocks, 1, W, n_global + n_pooled + 2W] mask of the banded
-        computation (built once per plan and dtype, shared by every layer)."""
-        key = (self.window, dtype)
+    def _block_mask(self, plan: _Plan, dtype: torch.dtype, device: torch.device,
+                    sliding: int | None = None) -> Tensor:
+        """Additive [batch * n_blocks, 1, W, n_global + n_pooled + S] mask of the banded
+        computation (S = 2W keys, 3W with bidirectional image blocks), built once per plan,
+        dtype and sliding window and shared by every layer: each key also needs the model's
+        own permission (causal or same image block, inside ``sliding`` if given, not
+        padding)."""
+        key = (self.window, dtype, sliding)
         if key in plan._block_mask:
             return plan._block_mask[key]
         w, t = self.window, plan.seq_len
+        ahead = w if plan.block is not None else 0
         nb = -(-t // w)
         b = plan.valid.shape[0]
-        i = torch.arange(nb * w, device=device).view(nb, w)  # query index per (block, row)
-        g = plan.glob_idx
-        glob = plan.glob_ok[:, None, None, :] & (g[:, None, None, :] < (i - w)[None, :, :, None])
-        pool = plan.pool_ok[:, None, None, :] & (
-            plan.pool_last[:, None, None, :] <= i[None, :, :, None])
-        j = (torch.arange(nb, device=device) * w - w)[:, None] + torch.arange(2 * w,
+        i = torch.arange(nb * w, device=device).view(nb, w)[None, :, :, None]  # query index
+        blk_q = plan.block[:, i[0, :, :, 0].clamp(max=t - 1)][..., None] \
+            if plan.block is not None else None  # [b, nb, w, 1]
+
+        def own(j: Tensor, blk_j: Tensor | None) -> Tensor:
+            """The model's own mask for keys j (broadcast against i)."""
+            ok = j <= i
+            if blk_q is not None:
+                ok = ok | ((blk_q == blk_j) & (blk_q >= 0))
+            if sliding is not None:
+                ok = ok & (j > i - sliding)
+            return ok
+
+        def band(j: Tensor) -> Tensor:
+            return (j >= i - w) & (j <= i + ahead)
+
+        g = plan.glob_idx[:, None, None, :]
+        blk_g = plan.block.gather(1, plan.glob_idx)[:, None, None, :] \
+            if plan.block is not None else None
+        glob = plan.glob_ok[:, None, None, :] & own(g, blk_g) & ~band(g)
+        pool = plan.pool_ok[:, None, None, :] & (plan.pool_last[:, None, None, :] <= i)
+        j = (torch.arange(nb, device=device) * w - w)[:, None] + torch.arange(2 * w + ahead,
                                                                                device=device)
         jc = j.clamp(0, t - 1)
         in_seq = (j >= 0) & (j < t)
-        valid_j = plan.valid[:, jc] & in_seq[None]  # [b, nb, 2w]
-        band = (j[:, None, :] <= i[:, :, None]) & (j[:, None, :] >= i[:, :, None] - w)
-        slab = valid_j[:, :, None, :] & band[None]
+        valid_j = (plan.valid[:, jc] & in_seq[None])[:, :, None, :]  # [b, nb, 1, S]
+        blk_j = plan.block[:, jc][:, :, None, :] if plan.block is not None else None
+        jj = j[None, :, None, :]
+        slab = valid_j & band(jj) & own(jj, blk_j)
         neg = _neg(dtype)
         parts = [torch.where(glob, 0.0, neg),
                  torch.where(pool, plan.pool_bias[:, None, None, :], neg),
@@ -396,10 +526,11 @@ class HybridAttention:
         return mask
 
     def _stream_prefill(self, q: Tensor, k: Tensor, v: Tensor, scaling: float,
-                        plan: _Plan) -> Tensor:
+                        plan: _Plan, sliding: int | None = None) -> Tensor:
         b, hs, t, d = q.shape
         kvs = k.shape[1]
         w = self.window
+        ahead = w if plan.block is not None else 0  # bidirectional blocks: a two-sided band
         nb = -(-t // w)
         tp = nb * w
         qb = F.pad(q, (0, 0, 0, tp - t)).view(b, hs, nb, w, d).transpose(1, 2)
@@ -408,12 +539,13 @@ class HybridAttention:
         n_g = kg.shape[2]
 
         def keys(x: Tensor, xg: Tensor) -> Tensor:
-            slab = F.pad(x, (0, 0, w, tp - t)).unfold(2, 2 * w, w)  # [b, kv, nb, d, 2w]
-            slab = slab.permute(0, 2, 1, 4, 3)  # [b, nb, kv, 2w, d]
+            n_s = 2 * w + ahead
+            slab = F.pad(x, (0, 0, w, tp - t + ahead)).unfold(2, n_s, w)  # [b, kv, nb, d, S]
+            slab = slab.permute(0, 2, 1, 4, 3)  # [b, nb, kv, S, d]
             glob = xg[:, None].expand(b, nb, kvs, n_g, d)
-            return torch.cat([glob, slab], 3).reshape(b * nb, kvs, n_g + 2 * w, d)
+            return torch.cat([glob, slab], 3).reshape(b * nb, kvs, n_g + n_s, d)
 
-        mask = self._block_mask(plan, q.dtype, q.device)
+        mask = self._block_mask(plan, q.dtype, q.device, sliding)
         z = F.scaled_dot_product_attention(qb, keys(k, kg), keys(v, vg), attn_mask=mask,
                                            scale=scaling, enable_gqa=hs != kvs)
         return z.view(b, nb, hs, w, d).transpose(1, 2).reshape(b, hs, tp, d)[:, :, :t]
@@ -430,7 +562,7 @@ class HybridAttention:
         c.vs[layer] = torch.cat([vg, _gather_heads(vs, tail)], 2)
 
     def _start_cache(self, plan: _Plan) -> HybridCache:
-        c = HybridCache(self.n_layers, self.window)
+        c = HybridCache(self.n_layers, self.window, self.sliding)
         b, t = plan.valid.shape
         dev = plan.valid.device
         c.length = t
@@ -459,52 +591,55 @@ class HybridAttention:
         l = call.layer
         b, h, _, d = q.shape
         z = q.new_empty(b, h, 1, d)
+        full_mask, stream_mask = c.masks[self.sliding[l]]
         if len(split.full_q):
-            c.kf[l] = torch.cat([c.kf[l], k[:, split.full_kv]], 2)
-            c.vf[l] = torch.cat([c.vf[l], v[:, split.full_kv]], 2)
-            zf = F.scaled_dot_product_attention(q[:, split.full_q], c.kf[l], c.vf[l],
-                                                attn_mask=c.full_mask, scale=call.scaling,
+            nf = c.full_ok.shape[1]
+            kf = c._append("kf", l, k[:, split.full_kv], nf)
+            vf = c._append("vf", l, v[:, split.full_kv], nf)
+            zf = F.scaled_dot_product_attention(q[:, split.full_q], kf, vf,
+                                                attn_mask=full_mask, scale=call.scaling,
                                                 enable_gqa=self.n_rep > 1)
             if len(split.stream_q) == 0:
                 return zf
             z[:, split.full_q] = zf
-        c.ks[l] = torch.cat([c.ks[l], k[:, split.stream_kv]], 2)
-        c.vs[l] = torch.cat([c.vs[l], v[:, split.stream_kv]], 2)
+        ns = c.s_pos.shape[1]
+        ks = c._append("ks", l, k[:, split.stream_kv], ns)
+        vs = c._append("vs", l, v[:, split.stream_kv], ns)
         z[:, split.stream_q] = F.scaled_dot_product_attention(
-            q[:, split.stream_q], c.ks[l], c.vs[l], attn_mask=c.stream_mask, scale=call.scaling,
+            q[:, split.stream_q], ks, vs, attn_mask=stream_mask, scale=call.scaling,
             enable_gqa=self.n_rep > 1)
         return z
 
     @torch.no_grad()
     def prefill(self, batch: MultimodalBatch) -> tuple[Tensor, HybridCache, Tensor]:
         """Run the prompt, building the hybrid cache: (last-position logits [b, vocab],
-        cache, next position ids [b])."""
+        cache, next position ids [b]: the first generated token's id; under M-RoPE the id all
+        three rows take, the prompt's largest + 1)."""
         _check_family(self.model, DECODE_FAMILIES, "hybrid cached decoding")
         ids, kw = self.model._inputs(batch)
-        pos = kw.get("position_ids")
-        if pos is None:
-            pos = kw["attention_mask"].long().cumsum(-1) - 1
-        if pos.ndim != 2:
-            raise InputError("hybrid cached decoding needs 1-D position ids per example")
-        plan = _plan(*_layout_masks(batch, self.model.device), self.n_sink, self.n_pooled)
+        nxt, mrope = _next_positions(kw)
+        plan = self._plan_for(batch)
         self._plan, self._cache, self._building = plan, self._start_cache(plan), True
         try:
             with self.model.attention.kernel(self._kernel):
                 out = self.model.hf_model(input_ids=ids, **kw, use_cache=False, logits_to_keep=1)
         finally:
             cache, self._cache, self._building, self._plan = self._cache, None, False, None
-        return out.logits[:, -1], cache, pos[:, -1] + 1
+        cache.mrope = mrope
+        return out.logits[:, -1], cache, nxt
 
     @torch.no_grad()
     def decode_step(self, tokens: Int[Tensor, " batch"], positions: Int[Tensor, " batch"],
                     cache: HybridCache) -> Tensor:
-        """One greedy step: feed ``tokens`` at ``positions``; returns logits [b, vocab]."""
+        """One greedy step: feed ``tokens`` at ``positions`` (one id per example; under M-RoPE
+        the same id in all three rows); returns logits [b, vocab]."""
         cache.begin_step(next(self.model.hf_model.parameters()).dtype)
         self._cache = cache
         try:
             with self.model.attention.kernel(self._kernel):
                 out = self.model.hf_model(input_ids=tokens[:, None],
-                                          position_ids=positions[:, None], use_cache=False)
+                                          position_ids=_step_positions(positions, cache.mrope),
+                                          use_cache=False)
         finally:
             self._cache = None
         return out.logits[:, -1]
@@ -515,6 +650,7 @@ class HybridAttention:
         """Greedy decoding with the hybrid KV cache: new token ids [b, n] (and the logits of
         every step, [b, n, vocab], if ``return_logits``)."""
         logits, cache, pos = self.prefill(batch)
+        cache.reserve(max_new_tokens - 1)
         toks, steps = [], []
         for s in range(max_new_tokens):
             steps.append(logits)

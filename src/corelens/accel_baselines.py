@@ -17,6 +17,9 @@ from corelens.accel import (
     HybridCache,
     _check_family,
     _layout_masks,
+    _next_positions,
+    _sliding_windows,
+    _step_positions,
     _text_config,
 )
 from corelens.batch import MultimodalBatch
@@ -125,37 +128,72 @@ class FastV:
             state.pop("keep")  # decoding steps that follow are not pruned
             return out
 
+        # Qwen3-VL's DeepStack adds features at the vision positions after early layers: after
+        # a pruning layer, only at the kept ones
+        deepstack = getattr(dec, "_deepstack_process", None)
+
+        def deepstack_kept(hidden: Tensor, masks: Tensor, embeds: Tensor) -> Tensor:
+            keep = state.get("keep")
+            pruned = keep is not None and hidden.shape[1] != masks.shape[1] == state["t"]
+            if pruned:
+                masks = masks.to(keep.device)
+                flags = torch.zeros_like(masks).scatter_(1, keep, True)
+                embeds = embeds[flags[masks].to(embeds.device)]  # embeds follow the mask's order
+                masks = masks.gather(1, keep)
+            return deepstack(hidden, masks, embeds)
+
         for layer in dec.layers[self.k:]:
             handles.append(layer.register_forward_pre_hook(prune, with_kwargs=True))
         handles.append(dec.register_forward_hook(unprune))
+        if deepstack is not None:
+            dec._deepstack_process = deepstack_kept
         try:
             with self.model.attention.tap(self.k - 1, tap):
                 yield self
         finally:
             for hnd in handles:
                 hnd.remove()
+            if deepstack is not None:
+                del dec._deepstack_process
 
     @torch.no_grad()
-    def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20) -> Tensor:
-        """Greedy decoding; layers >= k cache only the kept tokens."""
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20,
+                 return_logits: bool = False) -> Any:
+        """Greedy decoding; layers >= k cache only the kept tokens. New token ids [b, n] (and
+        the logits of every step, [b, n, vocab], if ``return_logits``). Decoding steps see
+        every cached key but the prompt's padding (a per-layer key mask: the cache of layers
+        ``k..`` is shorter)."""
+        if any(w is not None for w in _sliding_windows(self.model)):
+            raise InputError("FastV cached decoding is not supported on models with "
+                             "sliding-window layers (HF's sliding cache would keep the last "
+                             "kept tokens, not the last positions); use FastV.attach for "
+                             "prefill / teacher forcing")
         ids, kw = self.model._inputs(batch)
-        pos = kw.get("position_ids")
-        if pos is None:
-            pos = kw["attention_mask"].long().cumsum(-1) - 1
+        nxt, mrope = _next_positions(kw)
         with self.attach(batch):
             out = self.model.hf_model(input_ids=ids, **kw, use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1]
-        toks = []
-        nxt = pos[:, -1] + 1
-        for s in range(max_new_tokens):
-            tok = logits.argmax(-1)
-            toks.append(tok)
-            if s + 1 < max_new_tokens:
-                out = self.model.hf_model(input_ids=tok[:, None], position_ids=(nxt + s)[:, None],
-                                          past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1]
+        valid = kw["attention_mask"].bool()
+        kept = valid.gather(1, self.keep)
+        n_layers = _text_config(self.model).num_hidden_layers
+        toks, steps = [], []
+        with contextlib.ExitStack() as stack:
+            if not bool(valid.all()):  # keys added by later steps are not restricted
+                for layer in range(n_layers):
+                    m = valid if layer < self.k else kept
+                    stack.enter_context(self.model.attention.key_mask(layer, m[:, None, None]))
+            for s in range(max_new_tokens):
+                steps.append(logits)
+                tok = logits.argmax(-1)
+                toks.append(tok)
+                if s + 1 < max_new_tokens:
+                    out = self.model.hf_model(input_ids=tok[:, None],
+                                              position_ids=_step_positions(nxt + s, mrope),
+                                              past_key_values=cache, use_cache=True)
+                    cache, logits = out.past_key_values, out.logits[:, -1]
         self.last_cache = cache
-        return torch.stack(toks, 1)
+        out_toks = torch.stack(toks, 1)
+        return (out_toks, torch.stack(steps, 1)) if return_logits else out_toks
 
 
 def cache_nbytes(cache: Any) -> int:
