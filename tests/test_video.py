@@ -517,3 +517,49 @@ def test_greedy_generation_on_video_equals_hf(name, tiny_folder, tiny_model):
                            pad_token_id=model.tokenizer.pad_token_id)
     expected = model.tokenizer.batch_decode(out[:, batch.seq_len:], skip_special_tokens=False)
     assert got == expected
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
+    """CoRe-guided hybrid attention on a padded batch of two videos (an image beside a video in
+    a third example): the logits equal those of the model run with the per-head key mask
+    ``allowed`` (streaming heads: sinks + window + text, the video tokens counting as vision),
+    and that mask changes the logits. LLaVA-OneVision also decodes with the hybrid KV cache."""
+    from test_accel import TOL, _masked, _random_heads
+
+    from corelens.accel import HybridAttention
+
+    model = tiny_model(name)
+    (w0, h0), _ = FAMILIES[name].tiny_image_sizes()[:2]
+    videos = _videos(name)
+    batch = model.prepare([[], [], [noise_image(w0, h0, 7)]],
+                          PROMPTS + ["is <image> in <video> ?"], answers=ANSWERS + ["no"],
+                          videos=[[v] for v in videos] + [[videos[0]]])
+    assert batch.attention_mask.min() == 0 and "pixel_values_videos" in batch.inputs
+    vision = batch.layout.vision_mask()
+    for e in range(3):  # every video token is a vision token of the plan
+        assert vision[e, batch.layout.video(e, 0).vision_positions].all()
+    valid = batch.attention_mask.bool()
+    for seed, n in ((0, 1), (1, 3)):
+        hybrid = HybridAttention(model, _random_heads(model, n, seed), n_sink=2, window=5)
+        with torch.no_grad():
+            with hybrid.attach(batch):
+                got = model(batch)
+            with _masked(model, hybrid.allowed(batch)):
+                ref = model(batch)
+            plain = model(batch)
+        assert (got - ref)[valid].abs().max() < TOL, (name, seed)
+        assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
+    if name != "llava_onevision":
+        return
+    one = model.prepare(None, PROMPTS[:1], videos=[[videos[0]]])
+    n = 3
+    hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
+    toks, logits = hybrid.generate(one, max_new_tokens=n, return_logits=True)
+    ids = torch.cat([one.input_ids, toks[:, :-1]], 1)
+    t = one.seq_len
+    kw = {k: v for k, v in one.model_kwargs().items()
+          if k not in ("attention_mask", "position_ids")}
+    with torch.no_grad(), _masked(model, hybrid.allowed(one, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
