@@ -4,6 +4,7 @@ frame-range evidence and RAM on video batches."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -563,3 +564,36 @@ def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
     with torch.no_grad(), _masked(model, hybrid.allowed(one, seq_len=t + n - 1)):
         ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
+def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
+    """Qwen2-VL, a 6-frame 80x50 video: 3 frame spans of 3x5 tokens, each its own grid. Row 0:
+    nothing on span 0, 0.5 on one cell of span 1 (one blob: entropy 0), 0.125 on each of two
+    far-apart cells of span 2 (two blobs: ln 2), the rest on the sink: the mass-weighted mean is
+    (0.5 * 0 + 0.25 * ln 2) / 0.75 = ln 2 / 3 (the first span alone would say 0: nothing there).
+    Row 1: two blobs in span 0 only: ln 2. An example whose first input is an image keeps its
+    first view as the one grid."""
+    from corelens.ram import example_regions
+
+    model = tiny_model("qwen2_vl")
+    ex = GroundedExample([], "what is it ?", "red", videos=[noise_video(80, 50, 6, 0)],
+                         boxes=[Evidence.in_frames(0, (2, 4), (0, 0, 32, 20))])
+    batch = model.prepare_examples([ex])
+    reg = example_regions(batch, RamParams())[0]
+    vis = batch.layout.video(0, 0).vision_positions
+    assert len(reg.grids) == 3
+    for k, (pos, rr, cc, n_r, n_c) in enumerate(reg.grids):
+        assert pos.tolist() == vis[15 * k:15 * (k + 1)].tolist() and (n_r, n_c) == (3, 5)
+        assert rr.tolist() == [r for r in range(3) for _ in range(5)]
+        assert cc.tolist() == list(range(5)) * 3
+    rows = torch.zeros(1, 2, batch.seq_len)
+    rows[0, 0, reg.sink] = 0.25
+    rows[0, 0, vis[15 + 7]] = 0.5  # span 1, r1 c2
+    rows[0, 0, vis[30]] = rows[0, 0, vis[44]] = 0.125  # span 2, r0 c0 and r2 c4
+    rows[0, 1, vis[0]] = rows[0, 1, vis[14]] = 0.5  # span 0, r0 c0 and r2 c4
+    got = masses(rows, reg)["kang_spatial_entropy"][0]
+    assert got.tolist() == pytest.approx([math.log(2) / 3, math.log(2)])
+    mixed = model.prepare_examples(_video_examples("qwen2_vl")[1:])
+    (grid,) = example_regions(mixed, RamParams())[0].grids
+    img = mixed.layout.image(0, 0)
+    assert grid[0].tolist() == img.positions[(img.rows.kind == 0) & (img.rows.view == 0)].tolist()
