@@ -597,3 +597,16 @@ def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
     (grid,) = example_regions(mixed, RamParams())[0].grids
     img = mixed.layout.image(0, 0)
     assert grid[0].tolist() == img.positions[(img.rows.kind == 0) & (img.rows.view == 0)].tolist()
+
+
+def test_report_on_video_examples(tiny_model, tmp_path):
+    """The whole study (scores, ablation, overlays of the CoRe heads on the first example --
+    here a video) runs on video examples and writes its page."""
+    from corelens.report import run_study
+
+    model = tiny_model("qwen2_vl")
+    summary = run_study(model, _video_examples("qwen2_vl"), tmp_path, fracs=(0.05,),
+                        seeds=(0,), batch_size=2)
+    assert summary["n_examples"] == 2
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('class="corelens-image"') >= 1

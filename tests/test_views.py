@@ -474,3 +474,6 @@ def test_video_attention_overlay_is_the_planted_token(qwen_video):
     assert np.array_equal(np.asarray(got), np.asarray(ref))
     g = views.overlay_grid(model, batch, [(0, 0), (1, 1)], video=0, cell=64)
     assert not is_blank(views.png_bytes(g)) and g.size[1] > 2 * 64 and g.size[0] > 3 * 64
+    # an example with a video and no image paints its video by default
+    same = views.overlay_grid(model, batch, [(0, 0), (1, 1)], cell=64)
+    assert np.array_equal(np.asarray(same), np.asarray(g))

@@ -139,6 +139,14 @@ def _image_layout(batch: MultimodalBatch, example: int, image: int) -> ImageLayo
     return batch.layout._image(example, image)
 
 
+def _which_video(batch: MultimodalBatch, example: int, video: int | None) -> int | None:
+    """``video``, or 0 for an example that has videos and no image (its first visual input)."""
+    if video is not None:
+        return video
+    entries = batch.layout.images[example]
+    return 0 if entries and all(im.is_video for im in entries) else None
+
+
 def _entry(batch: MultimodalBatch, example: int, image: int, video: int | None) -> ImageLayout:
     return _image_layout(batch, example, image) if video is None else batch.layout.video(
         example, video)
@@ -190,7 +198,9 @@ def token_overlay(batch: MultimodalBatch, values: Tensor | Sequence[float], exam
 
     ``video=v``: on the frames of video v instead, a strip of ``video_overlays`` tiles
     (``cols`` per row, default all in one row; each tile's longer side ``cell`` px); ``frames``,
-    ``per``, ``shared_scale`` and ``frames_obj`` go to ``video_overlays``."""
+    ``per``, ``shared_scale`` and ``frames_obj`` go to ``video_overlays``. An example with
+    videos and no image paints its video 0 by default."""
+    video = _which_video(batch, example, video)
     if video is not None:
         tiles = video_overlays(batch, values, example, video, combine=combine,
                                draw_boxes=draw_boxes, **paint_kw)
@@ -361,7 +371,8 @@ def overlay_grid(
     Each tile is titled ``L{layer}H{head}`` and the head's attention mass on the image;
     colours are per head unless ``shared_scale``. ``video=v``: one row per head, one tile per
     frame span of video v (``video_overlays``; one colour scale per row, or for all rows with
-    ``shared_scale``)."""
+    ``shared_scale``; the default for an example with videos and no image)."""
+    video = _which_video(batch, example, video)
     heads = [(int(layer), int(h)) for layer, h in heads]
     queries = resolve_queries(batch, example, query_positions)
     layers = sorted({layer for layer, _ in heads})
