@@ -571,8 +571,8 @@ def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
     nothing on span 0, 0.5 on one cell of span 1 (one blob: entropy 0), 0.125 on each of two
     far-apart cells of span 2 (two blobs: ln 2), the rest on the sink: the mass-weighted mean is
     (0.5 * 0 + 0.25 * ln 2) / 0.75 = ln 2 / 3 (the first span alone would say 0: nothing there).
-    Row 1: two blobs in span 0 only: ln 2. An example whose first input is an image keeps its
-    first view as the one grid."""
+    Row 1: two blobs in span 0 only: ln 2. An example with an image (and a video) keeps the
+    image's first view as the one grid."""
     from corelens.ram import example_regions
 
     model = tiny_model("qwen2_vl")

@@ -73,7 +73,7 @@ class ExampleRegions:
     distractors: list[Int[Tensor, " d"]]
     sink: int  # first real token
     # token grids for kang_spatial_entropy, each (positions, rows, cols, n_rows, n_cols): the
-    # first image's first view, or -- for an example whose first visual input is a video --
+    # first image's first view, or -- for an example with videos and no image --
     # one grid per frame span of that video (``_first_view_grid``)
     grids: list[tuple[Tensor, Tensor, Tensor, int, int]] = field(default_factory=list)
 
@@ -97,10 +97,10 @@ def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRe
 
 def _first_view_grid(batch: MultimodalBatch, e: int) -> list[tuple]:
     """The token grids ``kang_spatial_entropy`` reads: the first view of the example's first
-    image (its first visual input; anyres tiles and other images are left out), or, when the
-    example's first visual input is a video, every frame span of that video (each span is one
-    frame -- LLaVA-OneVision -- or two -- Qwen's temporal patch -- seen as its own grid;
-    ``masses`` weighs their entropies by the attention mass on each span)."""
+    image (anyres tiles and other images are left out), or, when the example has videos and
+    no image, every frame span of its first video (each span is one frame -- LLaVA-OneVision --
+    or two -- Qwen's temporal patch -- seen as its own grid; ``masses`` weighs their entropies
+    by the attention mass on each span)."""
     if not batch.layout.images[e]:
         return []
     img = batch.layout.images[e][0]

@@ -140,7 +140,7 @@ def _image_layout(batch: MultimodalBatch, example: int, image: int) -> ImageLayo
 
 
 def _which_video(batch: MultimodalBatch, example: int, video: int | None) -> int | None:
-    """``video``, or 0 for an example that has videos and no image (its first visual input)."""
+    """``video``, or 0 for an example that has videos and no image (it has nothing else to show)."""
     if video is not None:
         return video
     entries = batch.layout.images[example]
