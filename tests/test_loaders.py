@@ -297,7 +297,7 @@ def test_refcoco_box_outside_and_images_dir(tmp_path):
 
 def test_refcoco_python2_pickle(tmp_path):
     """The public refs files are Python 2 pickles: their byte strings are UTF-8 text."""
-    from corelens.loaders import _load_refs
+    from corelens.loaders.refcoco import _load_refs
 
     p = tmp_path / "refs(umd).p"  # [{'sent': 'café'}] as Python 2 pickles it (SHORT_BINSTRING)
     p.write_bytes(b"\x80\x02]q\x00}q\x01U\x04sentq\x02U\x05caf\xc3\xa9q\x03sa.")

@@ -4,6 +4,7 @@ frame-range evidence and RAM on video batches."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -517,3 +518,95 @@ def test_greedy_generation_on_video_equals_hf(name, tiny_folder, tiny_model):
                            pad_token_id=model.tokenizer.pad_token_id)
     expected = model.tokenizer.batch_decode(out[:, batch.seq_len:], skip_special_tokens=False)
     assert got == expected
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
+    """CoRe-guided hybrid attention on a padded batch of two videos (an image beside a video in
+    a third example): the logits equal those of the model run with the per-head key mask
+    ``allowed`` (streaming heads: sinks + window + text, the video tokens counting as vision),
+    and that mask changes the logits. LLaVA-OneVision also decodes with the hybrid KV cache."""
+    from test_accel import TOL, _masked, _random_heads
+
+    from corelens.accel import HybridAttention
+
+    model = tiny_model(name)
+    (w0, h0), _ = FAMILIES[name].tiny_image_sizes()[:2]
+    videos = _videos(name)
+    batch = model.prepare([[], [], [noise_image(w0, h0, 7)]],
+                          PROMPTS + ["is <image> in <video> ?"], answers=ANSWERS + ["no"],
+                          videos=[[v] for v in videos] + [[videos[0]]])
+    assert batch.attention_mask.min() == 0 and "pixel_values_videos" in batch.inputs
+    vision = batch.layout.vision_mask()
+    for e in range(3):  # every video token is a vision token of the plan
+        assert vision[e, batch.layout.video(e, 0).vision_positions].all()
+    valid = batch.attention_mask.bool()
+    for seed, n in ((0, 1), (1, 3)):
+        hybrid = HybridAttention(model, _random_heads(model, n, seed), n_sink=2, window=5)
+        with torch.no_grad():
+            with hybrid.attach(batch):
+                got = model(batch)
+            with _masked(model, hybrid.allowed(batch)):
+                ref = model(batch)
+            plain = model(batch)
+        assert (got - ref)[valid].abs().max() < TOL, (name, seed)
+        assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
+    if name != "llava_onevision":
+        return
+    one = model.prepare(None, PROMPTS[:1], videos=[[videos[0]]])
+    n = 3
+    hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
+    toks, logits = hybrid.generate(one, max_new_tokens=n, return_logits=True)
+    ids = torch.cat([one.input_ids, toks[:, :-1]], 1)
+    t = one.seq_len
+    kw = {k: v for k, v in one.model_kwargs().items()
+          if k not in ("attention_mask", "position_ids")}
+    with torch.no_grad(), _masked(model, hybrid.allowed(one, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
+def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
+    """Qwen2-VL, a 6-frame 80x50 video: 3 frame spans of 3x5 tokens, each its own grid. Row 0:
+    nothing on span 0, 0.5 on one cell of span 1 (one blob: entropy 0), 0.125 on each of two
+    far-apart cells of span 2 (two blobs: ln 2), the rest on the sink: the mass-weighted mean is
+    (0.5 * 0 + 0.25 * ln 2) / 0.75 = ln 2 / 3 (the first span alone would say 0: nothing there).
+    Row 1: two blobs in span 0 only: ln 2. An example with an image (and a video) keeps the
+    image's first view as the one grid."""
+    from corelens.ram import example_regions
+
+    model = tiny_model("qwen2_vl")
+    ex = GroundedExample([], "what is it ?", "red", videos=[noise_video(80, 50, 6, 0)],
+                         boxes=[Evidence.in_frames(0, (2, 4), (0, 0, 32, 20))])
+    batch = model.prepare_examples([ex])
+    reg = example_regions(batch, RamParams())[0]
+    vis = batch.layout.video(0, 0).vision_positions
+    assert len(reg.grids) == 3
+    for k, (pos, rr, cc, n_r, n_c) in enumerate(reg.grids):
+        assert pos.tolist() == vis[15 * k:15 * (k + 1)].tolist() and (n_r, n_c) == (3, 5)
+        assert rr.tolist() == [r for r in range(3) for _ in range(5)]
+        assert cc.tolist() == list(range(5)) * 3
+    rows = torch.zeros(1, 2, batch.seq_len)
+    rows[0, 0, reg.sink] = 0.25
+    rows[0, 0, vis[15 + 7]] = 0.5  # span 1, r1 c2
+    rows[0, 0, vis[30]] = rows[0, 0, vis[44]] = 0.125  # span 2, r0 c0 and r2 c4
+    rows[0, 1, vis[0]] = rows[0, 1, vis[14]] = 0.5  # span 0, r0 c0 and r2 c4
+    got = masses(rows, reg)["kang_spatial_entropy"][0]
+    assert got.tolist() == pytest.approx([math.log(2) / 3, math.log(2)])
+    mixed = model.prepare_examples(_video_examples("qwen2_vl")[1:])
+    (grid,) = example_regions(mixed, RamParams())[0].grids
+    img = mixed.layout.image(0, 0)
+    assert grid[0].tolist() == img.positions[(img.rows.kind == 0) & (img.rows.view == 0)].tolist()
+
+
+def test_report_on_video_examples(tiny_model, tmp_path):
+    """The whole study (scores, ablation, overlays of the CoRe heads on the first example --
+    here a video) runs on video examples and writes its page."""
+    from corelens.report import run_study
+
+    model = tiny_model("qwen2_vl")
+    summary = run_study(model, _video_examples("qwen2_vl"), tmp_path, fracs=(0.05,),
+                        seeds=(0,), batch_size=2)
+    assert summary["n_examples"] == 2
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('class="corelens-image"') >= 1

@@ -347,3 +347,133 @@ def test_views_on_every_family(name, tiny_model):
     assert np.nanmax(heat) == pytest.approx(1.0)
     out = views.attention_overlay(model, batch, 0, 0, scale=1)
     assert out.size == img.size
+
+
+# --- video --------------------------------------------------------------------------------------
+# Qwen2-VL, a 6-frame 80x50 video at 2 fps: resized to 80x48, 3x5 tokens of 16 x 16.67 original
+# px per temporal slot of 2 frames; slots (frames [0, 2), [2, 4), [4, 6)) at vision-token
+# offsets 0, 15, 30; frame f shown at f / 2 seconds.
+
+
+def _frames(n, w, h):
+    """Flat frames, each its own grey, so a tile shows which frame it was painted on."""
+    return [flat_image(w, h, (40 + 30 * k,) * 3) for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def qwen_video(tiny_model):
+    from corelens import GroundedExample
+    from corelens.examples import Evidence, Video
+
+    model = tiny_model("qwen2_vl")
+    ex = [GroundedExample([], "what is it ?", "red", id="v", videos=[
+              Video(_frames(6, 80, 50), fps=2.0)],
+              boxes=[Evidence.in_frames(0, (2, 4), (0, 0, 32, 20))]),
+          GroundedExample([], "and here ?", "blue", [Evidence.in_frame(0, 0, (0, 0, 80, 50))],
+                          id="w", videos=[Video(_frames(4, 80, 50))])]
+    return model, model.prepare_examples(ex)
+
+
+def test_video_token_labels_name_frames_and_seconds(qwen_video, tiny_model):
+    model, batch = qwen_video
+    vis = batch.layout.video(0, 0).vision_positions.tolist()
+    assert len(vis) == 45
+    toks = model.to_str_tokens(batch, 0)
+    assert toks[vis[0]] == "<vid 0:f0-1,0-0.5s,r0,c0>"
+    assert toks[vis[15 + 5 + 2]] == "<vid 0:f2-3,1-1.5s,r1,c2>"
+    assert toks[vis[44]] == "<vid 0:f4-5,2-2.5s,r2,c4>"
+    for p in vis:  # the layout's own label says the same
+        assert batch.layout.token_info(0, p).label() == toks[p]
+    # no fps: frames only (example 1 is left-padded: labels of the real tokens)
+    toks1 = model.to_str_tokens(batch, 1)
+    off = int((batch.attention_mask[1] == 0).sum())
+    v1 = batch.layout.video(1, 0).vision_positions.tolist()
+    assert toks1[v1[16] - off] == "<vid 0:f2-3,r0,c1>"
+    # the views: labels as is, row groups per frame span
+    labels = views.token_labels(model, batch, 0)
+    assert labels[vis[22]] == "<vid 0:f2-3,1-1.5s,r1,c2>"
+    groups = views.token_groups(model, batch, 0, "row")
+    rows = [g for g in groups if g.label.startswith("<vid 0:")]
+    assert [g.label for g in rows[3:6]] == [f"<vid 0:f2-3,1-1.5s,r{r} x5>" for r in range(3)]
+    assert rows[4].positions == vis[20:25]
+    # LLaVA-OneVision: one frame per token, the newline after the frames is <vid 0:nl>
+    ov = tiny_model("llava_onevision")
+    from corelens.examples import Video
+
+    w, h = FAMILIES["llava_onevision"].tiny_image_sizes()[0]
+    b = ov.prepare(None, ["what is it ?"], videos=[[Video(_frames(3, w, h), fps=1.0)]])
+    lay = b.layout.video(0, 0)
+    t = ov.to_str_tokens(b, 0)
+    assert t[int(lay.vision_positions[-1])].startswith("<vid 0:f2,2s,r")
+    assert t[int(lay.positions[-1])] == "<vid 0:nl>"
+
+
+def _changed(tile, frame):
+    diff = np.abs(np.asarray(tile, dtype=int) - np.asarray(frame, dtype=int)).sum(-1)
+    return diff
+
+
+def test_video_overlay_paints_the_right_frames_and_cells(qwen_video):
+    """A value on token (slot 1, r1, c2) and half of it on (slot 2, r0, c0): each lands in its
+    cell of its span's tile, on that span's first frame; slot 0's tile is the frame untouched;
+    one colour scale across tiles (the half value paints weaker)."""
+    _, batch = qwen_video
+    lay = batch.layout.video(0, 0)
+    vals = torch.zeros(len(lay.vision_positions))
+    vals[22], vals[30] = 1.0, 0.5
+    frames = batch.videos[0][0].frames
+    tiles = views.video_overlays(batch, vals, 0, 0, scale=1, draw_boxes=False)
+    assert [t for t, _ in tiles] == ["f0-1,0-0.5s  sum 0", "f2-3,1-1.5s  sum 1",
+                                     "f4-5,2-2.5s  sum 0.5"]
+    d0, d1, d2 = (_changed(tile, frames[f]) for (_, tile), f in zip(tiles, (0, 2, 4)))
+    assert d0.max() == 0  # nothing in slot 0; painted on frame 0
+    for d, j in ((d1, 22), (d2, 30)):
+        x0, y0, x1, y1 = lay.boxes[j].tolist()
+        ys_, xs_ = np.nonzero(d)
+        assert xs_.min() >= np.floor(x0) and xs_.max() < np.ceil(x1)
+        assert ys_.min() >= np.floor(y0) and ys_.max() < np.ceil(y1)
+        inner = d[int(np.ceil(y0)):int(np.floor(y1)), int(np.ceil(x0)):int(np.floor(x1))]
+        assert inner.size and (inner == d.max()).all()
+    assert (x0, x1) == (0.0, 16.0)  # slot 2's token: row 0, col 0
+    assert d2.max() < d1.max()  # shared scale: 0.5 paints weaker than 1.0
+    # per frame: frames 2 and 3 each carry slot 1's cell; the strip is those tiles in a row
+    per = views.video_overlays(batch, vals, 0, 0, per="frame", frames=(2, 4), scale=1,
+                               draw_boxes=False)
+    assert [t for t, _ in per] == ["f2,1s  sum 1", "f3,1.5s  sum 1"]
+    for (_, tile), f in zip(per, (2, 3)):
+        assert np.array_equal(_changed(tile, frames[f]) > 0, d1 > 0)
+    strip = views.token_overlay(batch, vals, 0, video=0, scale=1, draw_boxes=False, cell=80)
+    ref = views.grid([t for _, t in tiles], [t for t, _ in tiles], cols=3, cell=80)
+    assert np.array_equal(np.asarray(strip), np.asarray(ref))
+    # the evidence (frames [2, 4)) is drawn on slot 1's tile only
+    boxed = views.video_overlays(batch, vals, 0, 0, scale=1)
+    assert tuple(np.asarray(boxed[1][1])[0, 5]) == views.overlay.EVIDENCE_COLOR
+    assert tuple(np.asarray(boxed[0][1])[0, 5]) != views.overlay.EVIDENCE_COLOR
+    with pytest.raises(InputError, match="outside the video's 6"):
+        views.video_overlays(batch, vals, 0, 0, frames=(4, 9))
+
+
+def test_video_attention_overlay_is_the_planted_token(qwen_video):
+    """All of one head's attention on one video token: the strip equals ``token_overlay`` of a
+    one-hot on that token, and ``overlay_grid`` puts one row of frame spans per head."""
+    model, batch = qwen_video
+    layer, head = 1, 0
+    target = int(batch.layout.video(0, 0).vision_positions[37])
+
+    def plant(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, head] = 0.0
+        pattern[:, head, :, target] = 1.0
+        return pattern
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", plant)]):
+        got = views.attention_overlay(model, batch, layer, head, video=0, scale=1)
+    onehot = torch.zeros(batch.seq_len)
+    onehot[target] = 1.0
+    ref = views.token_overlay(batch, onehot, 0, video=0, scale=1)
+    assert np.array_equal(np.asarray(got), np.asarray(ref))
+    g = views.overlay_grid(model, batch, [(0, 0), (1, 1)], video=0, cell=64)
+    assert not is_blank(views.png_bytes(g)) and g.size[1] > 2 * 64 and g.size[0] > 3 * 64
+    # an example with a video and no image paints its video by default
+    same = views.overlay_grid(model, batch, [(0, 0), (1, 1)], cell=64)
+    assert np.array_equal(np.asarray(same), np.asarray(g))

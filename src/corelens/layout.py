@@ -198,10 +198,27 @@ class TokenInfo:
     times: tuple[float, float] | None = None  # seconds of its first and last frame
 
     def label(self) -> str:
+        """``<img 0:r3,c5>``; a video token ``<vid 0:f2-3,1-1.5s,r3,c5>`` (its frames, and the
+        seconds of its first and last frame when the fps is known)."""
         if self.modality == "video" and self.frames is not None:
-            a, b = self.frames
-            return f"<vid {self.image}:f{a}-{b - 1},r{self.row},c{self.col}>"
+            span = span_label(self.frames, self.times)
+            return f"<vid {self.image}:{span},r{self.row},c{self.col}>"
         return f"<img {self.image}:r{self.row},c{self.col}>"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.2f}".rstrip("0").rstrip(".")
+
+
+def span_label(frames: tuple[int, int], times: tuple[float, float] | None = None) -> str:
+    """A video token's frames ``[a, b)`` as ``f{a}`` (one frame) or ``f{a}-{b - 1}``, with
+    ``,{t}s`` / ``,{t_first}-{t_last}s`` when the seconds are known (2 decimals at most)."""
+    a, b = frames
+    out = f"f{a}" if b == a + 1 else f"f{a}-{b - 1}"
+    if times is not None and all(math.isfinite(t) for t in times):
+        t0, t1 = _seconds(times[0]), _seconds(times[1])
+        out += f",{t0}s" if t0 == t1 else f",{t0}-{t1}s"
+    return out
 
 
 def box_overlap_fraction(

@@ -15,6 +15,7 @@ from corelens.attention import AttentionBackend
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
+from corelens.layout import span_label
 from corelens.prepare import prepare as _prepare
 
 ModelInput = MultimodalBatch | str | Sequence[str] | Tensor
@@ -247,20 +248,30 @@ class HookedMLLM(torch.nn.Module):
 
     # --- tokens -----------------------------------------------------------------------------
     def to_str_tokens(self, inp: ModelInput, example: int = 0) -> list[str]:
-        """Token strings; vision tokens read ``<img i:rR,cC>``, structural rows ``<img i:nl>``."""
+        """Token strings. Image tokens read ``<img i:rR,cC>`` (``<img i:rR,cC,VIEW>`` where the
+        image has several views: anyres tiles, base); video tokens ``<vid v:fA-B,S-Es,rR,cC>``
+        (the frames ``A..B`` the token sees, ``fA`` for one frame, and the seconds of the first
+        and last of them when the video's fps is known); structural rows ``<img i:nl>`` /
+        ``<vid v:nl>``. Padding is dropped."""
         if isinstance(inp, MultimodalBatch):
             ids = inp.input_ids[example].tolist()
             toks = self.tokenizer.convert_ids_to_tokens(ids)
             for img in inp.layout.images[example]:
-                rows = img.rows
+                rows, i = img.rows, img.image_index
+                tag = "vid" if img.is_video else "img"
                 for j, p in enumerate(img.positions.tolist()):
-                    if rows.kind[j] == 0:
-                        toks[p] = f"<img {img.image_index}:r{int(rows.row[j])},c{int(rows.col[j])}>"
-                        v = int(rows.view[j])
-                        if len(rows.views) > 1:
-                            toks[p] = toks[p][:-1] + f",{rows.views[v].name}>"
+                    if rows.kind[j] != 0:
+                        toks[p] = f"<{tag} {i}:nl>"
+                        continue
+                    geom = rows.views[int(rows.view[j])]
+                    cell = f"r{int(rows.row[j])},c{int(rows.col[j])}"
+                    if img.is_video:
+                        span = span_label(geom.frames or (0, 1), geom.times)
+                        toks[p] = f"<vid {i}:{span},{cell}>"
+                    elif len(rows.views) > 1:
+                        toks[p] = f"<img {i}:{cell},{geom.name}>"
                     else:
-                        toks[p] = f"<img {img.image_index}:nl>"
+                        toks[p] = f"<img {i}:{cell}>"
             mask = inp.attention_mask[example].bool().tolist()
             return [t for t, m in zip(toks, mask) if m] if not all(mask) else toks
         ids_t, _ = self._inputs(inp)

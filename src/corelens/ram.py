@@ -72,8 +72,10 @@ class ExampleRegions:
     vision: Int[Tensor, " v"]
     distractors: list[Int[Tensor, " d"]]
     sink: int  # first real token
-    # the first image's first view as a grid: (positions, rows, cols, n_rows, n_cols)
-    grid: tuple[Tensor, Tensor, Tensor, int, int] | None = None
+    # token grids for kang_spatial_entropy, each (positions, rows, cols, n_rows, n_cols): the
+    # first image's first view, or -- for an example with videos and no image --
+    # one grid per frame span of that video (``_first_view_grid``)
+    grids: list[tuple[Tensor, Tensor, Tensor, int, int]] = field(default_factory=list)
 
 
 def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRegions]:
@@ -93,15 +95,22 @@ def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRe
     return out
 
 
-def _first_view_grid(batch: MultimodalBatch, e: int) -> tuple | None:
+def _first_view_grid(batch: MultimodalBatch, e: int) -> list[tuple]:
+    """The token grids ``kang_spatial_entropy`` reads: the first view of the example's first
+    image (anyres tiles and other images are left out), or, when the example has videos and
+    no image, every frame span of its first video (each span is one frame -- LLaVA-OneVision --
+    or two -- Qwen's temporal patch -- seen as its own grid; ``masses`` weighs their entropies
+    by the attention mass on each span)."""
     if not batch.layout.images[e]:
-        return None
+        return []
     img = batch.layout.images[e][0]
-    sel = (img.rows.kind == 0) & (img.rows.view == 0)
-    if not sel.any():
-        return None
-    view = img.rows.views[0]
-    return (img.positions[sel].cpu(), img.rows.row[sel], img.rows.col[sel], view.rows, view.cols)
+    out = []
+    for v, view in enumerate(img.rows.views if img.is_video else img.rows.views[:1]):
+        sel = (img.rows.kind == 0) & (img.rows.view == v)
+        if sel.any():
+            out.append((img.positions[sel].cpu(), img.rows.row[sel], img.rows.col[sel],
+                        view.rows, view.cols))
+    return out
 
 
 def kang_spatial_entropy(values: Float[Tensor, "m n"], rows: Int[Tensor, " n"],
@@ -172,12 +181,22 @@ def masses(
     p = rows[..., vis]
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
     out["spatial_entropy"] = -(p * p.clamp(min=1e-12).log()).sum(-1)
-    if reg.grid is not None:
-        pos, rr, cc, n_r, n_c = reg.grid
-        vals = rows[..., pos.to(dev)]  # [head, q, n]
-        h, nq = vals.shape[:2]
-        out["kang_spatial_entropy"] = kang_spatial_entropy(
-            vals.reshape(h * nq, -1), rr, cc, n_r, n_c).view(h, nq).to(dev)
+    if reg.grids:
+        # one grid: its entropy; several (a video's frame spans): the mean of the spans'
+        # entropies weighted by the attention mass on each span (docs/ram.md)
+        ents, weights = [], []
+        for pos, rr, cc, n_r, n_c in reg.grids:
+            vals = rows[..., pos.to(dev)]  # [head, q, n]
+            h, nq = vals.shape[:2]
+            ents.append(kang_spatial_entropy(vals.reshape(h * nq, -1), rr, cc, n_r,
+                                             n_c).view(h, nq).to(dev))
+            weights.append(vals.sum(-1))
+        if len(ents) == 1:
+            out["kang_spatial_entropy"] = ents[0]
+        else:
+            w = torch.stack(weights)
+            out["kang_spatial_entropy"] = (torch.stack(ents) * w).sum(0) / w.sum(0).clamp(
+                min=1e-12)
     else:
         out["kang_spatial_entropy"] = torch.full_like(out["ram"], math.nan)
     if key_weight is not None:

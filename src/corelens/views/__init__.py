@@ -1,10 +1,12 @@
 """Views: circuitsvis attention / token views, image overlays and plots, all offline.
 
 - ``attention_heads``, ``attention_patterns``, ``colored_tokens``: circuitsvis views of a run,
-  token labels ``<img 0:r3,c5>`` for vision tokens, query-row choice and vision-token collapse
-  for long sequences; ``HTMLView`` objects whose HTML embeds circuitsvis's local bundle.
+  token labels ``<img 0:r3,c5>`` for image tokens and ``<vid 0:f2-3,1-1.5s,r3,c5>`` for video
+  tokens (frames, seconds), query-row choice and vision-token collapse for long sequences;
+  ``HTMLView`` objects whose HTML embeds circuitsvis's local bundle.
 - ``attention_overlay``, ``overlay_grid``, ``token_overlay``: values per vision token painted
-  on the original image through the ``VisionLayout`` boxes (PIL images).
+  on the original image through the ``VisionLayout`` boxes (PIL images); with ``video=v`` a
+  strip of frame-span tiles (``video_overlays``).
 - ``head_heatmap`` / ``ram_heatmap``, ``ablation_curves``, ``patching_heatmap``: matplotlib
   figures.
 - ``page`` / ``save_page``: one self-contained HTML page of views, images and figures;
@@ -35,6 +37,7 @@ from corelens.views.overlay import (
     overlay_grid,
     paint,
     token_overlay,
+    video_overlays,
 )
 from corelens.views.plots import ablation_curves, head_heatmap, patching_heatmap, ram_heatmap
 from corelens.views.tokens import TokenGroup, token_groups, token_labels
@@ -66,4 +69,5 @@ __all__ = [
     "token_labels",
     "token_overlay",
     "token_values",
+    "video_overlays",
 ]

@@ -8,6 +8,13 @@ that cover the pixel. Pixels no token covers (cropped away / padding) stay unpai
 Values are per token (an attention mass, a patching effect), not per pixel densities.
 ``paint`` blends a colormap over the image with opacity growing with the value's magnitude
 (zero = the image untouched) and draws the evidence (green) and distractor (orange) boxes.
+
+Videos: ``video_overlays`` paints a video's per-token values frame span by frame span (a
+token sees the frames ``[a, b)`` of its span: one frame for LLaVA-OneVision, two for Qwen-VL's
+temporal patch), one tile per span (on the span's first frame) or per frame, on one colour
+scale for the whole video so tiles compare across time; the evidence boxes of the frames a tile
+shows are drawn on it. ``token_overlay`` / ``attention_overlay`` / ``overlay_grid`` take
+``video=v`` and lay those tiles out in a strip (one row per head in ``overlay_grid``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from torch import Tensor
 
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
-from corelens.layout import ImageLayout
+from corelens.layout import ImageLayout, span_label
 from corelens.views.attention import Queries, query_patterns
 from corelens.views.tokens import resolve_queries
 
@@ -82,13 +89,16 @@ def paint(
     image: Image.Image, heat: np.ndarray, *, cmap: str | None = None, alpha: float = 0.75,
     vmin: float | None = None, vmax: float | None = None, evidence: Sequence[Box] = (),
     distractors: Sequence[Box] = (), scale: int | None = None, min_side: int = 256,
+    signed: bool | None = None,
 ) -> Image.Image:
     """Blend ``heat`` ([h, w], from ``heat_map``) over ``image``; draw the boxes.
 
     Non-negative values: ``inferno`` from ``vmin`` (default 0) to ``vmax`` (default the max).
-    Signed values: ``RdBu_r`` symmetric about 0. Opacity = ``alpha`` x the value's normalised
-    magnitude. The result is upscaled by ``scale`` (default: the integer factor that makes the
-    longer side at least ``min_side``) with nearest-neighbour, so cells stay sharp.
+    Signed values: ``RdBu_r`` symmetric about 0 (``signed``: force either scale; default:
+    signed when a value is negative and no ``vmin`` is given). Opacity = ``alpha`` x the
+    value's normalised magnitude. The result is upscaled by ``scale`` (default: the integer
+    factor that makes the longer side at least ``min_side``) with nearest-neighbour, so cells
+    stay sharp.
     """
     import matplotlib
 
@@ -96,9 +106,10 @@ def paint(
     if heat.shape != base.shape[:2]:
         raise InputError(f"heat map {heat.shape} != image (height, width) {base.shape[:2]}")
     finite = heat[np.isfinite(heat)]
-    signed = finite.size > 0 and finite.min() < 0 and vmin is None
+    if signed is None:
+        signed = finite.size > 0 and finite.min() < 0 and vmin is None
     if signed:
-        m = float(np.abs(finite).max()) if vmax is None else float(vmax)
+        m = (float(np.abs(finite).max()) if finite.size else 1.0) if vmax is None else float(vmax)
         lo, hi = -m, m
         strength = np.abs(np.nan_to_num(heat)) / (m if m > 0 else 1.0)
     else:
@@ -128,6 +139,19 @@ def _image_layout(batch: MultimodalBatch, example: int, image: int) -> ImageLayo
     return batch.layout._image(example, image)
 
 
+def _which_video(batch: MultimodalBatch, example: int, video: int | None) -> int | None:
+    """``video``, or 0 for an example that has videos and no image (it has nothing else to show)."""
+    if video is not None:
+        return video
+    entries = batch.layout.images[example]
+    return 0 if entries and all(im.is_video for im in entries) else None
+
+
+def _entry(batch: MultimodalBatch, example: int, image: int, video: int | None) -> ImageLayout:
+    return _image_layout(batch, example, image) if video is None else batch.layout.video(
+        example, video)
+
+
 def _source_image(batch: MultimodalBatch, example: int, image: int,
                   override: Image.Image | None) -> Image.Image:
     if override is not None:
@@ -143,14 +167,16 @@ def _boxes_of(items: Sequence[tuple[int, Box]] | None, image: int) -> list[Box]:
 
 
 def image_values(batch: MultimodalBatch, values: Tensor | Sequence[float], example: int = 0,
-                 image: int = 0) -> Float[Tensor, " v"]:
-    """The entries of ``values`` for image ``image``'s vision tokens, in layout order.
+                 image: int = 0, *, video: int | None = None) -> Float[Tensor, " v"]:
+    """The entries of ``values`` for image ``image``'s (or video ``video``'s) vision tokens, in
+    layout order.
 
     ``values``: one per sequence position ([seq_len]), one per vision token of the example
     (``layout.vision_positions(example)`` order, e.g. ``patching.patch_vision_tokens``), or
-    one per vision token of this image."""
+    one per vision token of this image / video."""
     v = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
-    img = _image_layout(batch, example, image)
+    img = _entry(batch, example, image, video)
+    what = f"image {image}" if video is None else f"video {video}"
     if len(v) == batch.seq_len:
         return v[img.vision_positions.cpu()]
     all_pos = batch.layout.vision_positions(example).cpu()
@@ -161,13 +187,25 @@ def image_values(batch: MultimodalBatch, values: Tensor | Sequence[float], examp
         return v
     raise InputError(f"{len(v)} values: expected {batch.seq_len} (one per position), "
                      f"{len(all_pos)} (per vision token of example {example}) or "
-                     f"{len(img.vision_positions)} (per vision token of image {image})")
+                     f"{len(img.vision_positions)} (per vision token of {what})")
 
 
 def token_overlay(batch: MultimodalBatch, values: Tensor | Sequence[float], example: int = 0,
                   image: int = 0, *, combine: Combine = "max", image_obj: Image.Image | None = None,
-                  draw_boxes: bool = True, **paint_kw: Any) -> Image.Image:
-    """Any per-vision-token values (attention, patching effects...) painted on the image."""
+                  draw_boxes: bool = True, video: int | None = None, cols: int | None = None,
+                  cell: int = 224, **paint_kw: Any) -> Image.Image:
+    """Any per-vision-token values (attention, patching effects...) painted on the image.
+
+    ``video=v``: on the frames of video v instead, a strip of ``video_overlays`` tiles
+    (``cols`` per row, default all in one row; each tile's longer side ``cell`` px); ``frames``,
+    ``per``, ``shared_scale`` and ``frames_obj`` go to ``video_overlays``. An example with
+    videos and no image paints its video 0 by default."""
+    video = _which_video(batch, example, video)
+    if video is not None:
+        tiles = video_overlays(batch, values, example, video, combine=combine,
+                               draw_boxes=draw_boxes, **paint_kw)
+        return grid([t for _, t in tiles], [title for title, _ in tiles],
+                    cols=cols or len(tiles), cell=cell)
     img = _image_layout(batch, example, image)
     vals = image_values(batch, values, example, image)
     source = _source_image(batch, example, image, image_obj)
@@ -183,6 +221,87 @@ def token_overlay(batch: MultimodalBatch, values: Tensor | Sequence[float], exam
     return paint(source, heat, **paint_kw)
 
 
+def _video_boxes(items: Sequence[Any] | None, video: int, frames: tuple[int, int]) -> list[Box]:
+    """Boxes of the video evidence entries (frame ranges, tracks) of ``video`` in ``frames``."""
+    out: list[Box] = []
+    for ev in items or []:
+        if getattr(ev, "video", None) != video:
+            continue
+        for (a, b), box in ev.parts():
+            if a < frames[1] and b > frames[0]:
+                out.append(box)
+    return out
+
+
+def video_overlays(
+    batch: MultimodalBatch, values: Tensor | Sequence[float], example: int = 0, video: int = 0,
+    *, frames: tuple[int, int] | None = None, per: Literal["span", "frame"] = "span",
+    combine: Combine = "max", frames_obj: Sequence[Image.Image] | None = None,
+    draw_boxes: bool = True, shared_scale: bool = True, **paint_kw: Any,
+) -> list[tuple[str, Image.Image]]:
+    """Per-vision-token ``values`` of video ``video`` painted on its frames: ``(title, tile)``
+    per frame span in time order (only the spans that see a frame of ``frames = (start, end)``
+    when given, end exclusive).
+
+    ``per="span"``: one tile per span of frames the tokens see, painted on the span's first
+    frame; ``per="frame"``: one tile per frame, each painted with its span's tokens (for Qwen's
+    2-frame spans both frames show the same values). Titles name the frames, their seconds when
+    the fps is known (``f2-3,1-1.5s``) and the sum of the tile's values. ``shared_scale``: one
+    colour scale (and one signed / unsigned choice) for every tile; ``values`` as in
+    ``image_values``; ``frames_obj``: frames to paint on instead of the batch's own.
+    """
+    if per not in ("span", "frame"):
+        raise InputError(f"per must be 'span' or 'frame', not {per!r}")
+    lay = batch.layout.video(example, video)
+    vals = image_values(batch, values, example, video=video)
+    if frames_obj is None:
+        if not batch.videos or len(batch.videos[example]) <= video:
+            raise InputError(f"example {example} carries no video {video}: pass frames_obj=")
+        frames_obj = batch.videos[example][video].frames
+    if len(frames_obj) != lay.n_frames or any(f.size != tuple(lay.size) for f in frames_obj):
+        got = f"{len(frames_obj)} frame(s) of size {frames_obj[0].size if frames_obj else None}"
+        raise InputError(f"{got}: the layout was built for {lay.n_frames} frame(s) of "
+                         f"{tuple(lay.size)}")
+    if frames is not None and not 0 <= frames[0] < frames[1] <= lay.n_frames:
+        raise InputError(f"frames={tuple(frames)} lies outside the video's {lay.n_frames} "
+                         "frame(s) (0-based, end exclusive)")
+    view_of = lay.rows.view[lay.vision_mask]
+    spans: dict[tuple[int, int], list[int]] = {}  # frames -> views that see them
+    for v, geom in enumerate(lay.views):
+        spans.setdefault(geom.frames or (0, lay.n_frames), []).append(v)
+    order = sorted(s for s in spans if frames is None or (s[0] < frames[1] and s[1] > frames[0]))
+    sel = {s: torch.isin(view_of, torch.tensor(spans[s])) for s in order}
+    shown = torch.cat([vals[sel[s]] for s in order]) if order else vals[:0]
+    finite = shown[torch.isfinite(shown)]
+    if shared_scale and finite.numel():
+        signed = bool(finite.min() < 0) and paint_kw.get("vmin") is None
+        paint_kw.setdefault("signed", signed)
+        paint_kw.setdefault("vmax", float(finite.abs().max() if signed else finite.max()))
+    stamps = batch.videos[example][video].timestamps if batch.videos and len(
+        batch.videos[example]) > video else None
+    out = []
+    for a, b in order:
+        keep = sel[(a, b)]
+        heat = heat_map(lay.size, lay.boxes[keep], vals[keep], view_of[keep], combine)
+        times = lay.views[spans[(a, b)][0]].times
+        total = f"sum {float(vals[keep].nansum()):.3g}"
+        shown_frames = [(a, b)] if per == "span" else [(f, f + 1) for f in range(a, b)]
+        for fa, fb in shown_frames:
+            kw = dict(paint_kw)
+            if draw_boxes:
+                kw.setdefault("evidence", _video_boxes(batch.boxes[example] if batch.boxes
+                                                       else None, video, (fa, fb)))
+                kw.setdefault("distractors", _video_boxes(
+                    batch.distractors[example] if batch.distractors else None, video, (fa, fb)))
+            if per == "span":
+                title = span_label((a, b), times)
+            else:
+                t = None if stamps is None else (stamps[fa], stamps[fa])
+                title = span_label((fa, fb), t)
+            out.append((f"{title}  {total}", paint(frames_obj[fa], heat, **kw)))
+    return out
+
+
 def _query_mass(rows: Tensor, head: int, reduce: str) -> Tensor:
     r = rows[head]  # [q, T]
     if reduce == "mean":
@@ -195,14 +314,16 @@ def _query_mass(rows: Tensor, head: int, reduce: str) -> Tensor:
 def attention_overlay(
     model: Any, batch: MultimodalBatch, layer: int, head: int, example: int = 0,
     image: int = 0, query_positions: Queries = "query", *, reduce: str = "mean",
-    combine: Combine = "max", cache: Any = None, **paint_kw: Any,
+    combine: Combine = "max", cache: Any = None, video: int | None = None, **paint_kw: Any,
 ) -> Image.Image:
     """Head ``(layer, head)``'s attention from the query positions (mean over them) to each
-    vision token of ``image``, painted on the original image with the evidence box drawn."""
+    vision token of ``image``, painted on the original image with the evidence box drawn
+    (``video=v``: on the frames of video v, a strip of frame-span tiles; see
+    ``token_overlay``)."""
     queries = resolve_queries(batch, example, query_positions)
     rows = query_patterns(model, batch, [layer], example, queries, cache)[layer]
     return token_overlay(batch, _query_mass(rows, head, reduce), example, image,
-                         combine=combine, **paint_kw)
+                         combine=combine, video=video, **paint_kw)
 
 
 def _font(size: int) -> Any:
@@ -244,19 +365,30 @@ def overlay_grid(
     model: Any, batch: MultimodalBatch, heads: Sequence[tuple[int, int]], example: int = 0,
     image: int = 0, query_positions: Queries = "query", *, cols: int = 4, cell: int = 224,
     reduce: str = "mean", combine: Combine = "max", shared_scale: bool = False,
-    cache: Any = None, **paint_kw: Any,
+    cache: Any = None, video: int | None = None, **paint_kw: Any,
 ) -> Image.Image:
     """``attention_overlay`` for each head (e.g. ``scores.top()``) in one grid, one forward.
     Each tile is titled ``L{layer}H{head}`` and the head's attention mass on the image;
-    colours are per head unless ``shared_scale``."""
+    colours are per head unless ``shared_scale``. ``video=v``: one row per head, one tile per
+    frame span of video v (``video_overlays``; one colour scale per row, or for all rows with
+    ``shared_scale``; the default for an example with videos and no image)."""
+    video = _which_video(batch, example, video)
     heads = [(int(layer), int(h)) for layer, h in heads]
     queries = resolve_queries(batch, example, query_positions)
     layers = sorted({layer for layer, _ in heads})
     rows = query_patterns(model, batch, layers, example, queries, cache)
-    masses = [image_values(batch, _query_mass(rows[layer], h, reduce), example, image)
-              for layer, h in heads]
+    masses = [image_values(batch, _query_mass(rows[layer], h, reduce), example, image,
+                           video=video) for layer, h in heads]
     if shared_scale:
         paint_kw.setdefault("vmax", max(float(m.max()) for m in masses))
+    if video is not None:
+        tiles, titles = [], []
+        for (layer, h), m in zip(heads, masses):
+            for title, tile in video_overlays(batch, m, example, video, combine=combine,
+                                              **paint_kw):
+                tiles.append(tile)
+                titles.append(f"L{layer}H{h} {title}")
+        return grid(tiles, titles, cols=len(tiles) // len(heads), cell=cell)
     tiles = [token_overlay(batch, m, example, image, combine=combine, **paint_kw)
              for m in masses]
     titles = [f"L{layer}H{h}  mass {float(m.sum()):.2f}" for (layer, h), m in zip(heads, masses)]

@@ -1,11 +1,14 @@
 """Token labels that say what each token is, and groups that collapse long vision spans.
 
-Labels: text tokens as text (the tokenizer's word-start marks turned into spaces), vision
-tokens ``<img 0:r3,c5>`` (``<img 0:r3,c5,base>`` where an image has several views), the
-structural rows between them ``<img 0:nl>``. Groups (``collapse``): ``"row"`` puts each image
-row's vision tokens (and the newline after it) in one group ``<img 0:r3 x8>``; ``"region"`` puts
-them in evidence / each distractor / other vision tokens (``<evidence x12>``...); text tokens
-stay one per group. Groups are listed in the order of their first position.
+Labels: text tokens as text (the tokenizer's word-start marks turned into spaces), image
+tokens ``<img 0:r3,c5>`` (``<img 0:r3,c5,base>`` where an image has several views), video
+tokens ``<vid 0:f2-3,1-1.5s,r3,c5>`` (the frames the token sees and, when the fps is known, the
+seconds of the first and last of them), the structural rows between them ``<img 0:nl>`` /
+``<vid 0:nl>``. Groups (``collapse``): ``"row"`` puts each grid row's vision tokens (and the
+newline after it) in one group ``<img 0:r3 x8>`` (per frame span for a video:
+``<vid 0:f2-3,1-1.5s,r3 x8>``); ``"region"`` puts them in evidence / each distractor / other
+vision tokens (``<evidence x12>``...); text tokens stay one per group. Groups are listed in the
+order of their first position.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
-from corelens.layout import KIND_VISION
+from corelens.layout import KIND_VISION, span_label
 
 Collapse = Literal["row", "region"] | None
 _SPACE_MARKS = {"\u2581": " ", "\u0120": " ", "\u010a": "\n", "\u0109": "\t"}
@@ -52,7 +55,7 @@ def token_labels(model: Any, batch: MultimodalBatch, example: int = 0) -> list[s
         toks = [toks[p] for p in valid]
     labels = [""] * len(mask)
     for p, t in zip(valid, toks):
-        labels[p] = t if t.startswith("<img ") else _text(t)
+        labels[p] = t if t.startswith(("<img ", "<vid ")) else _text(t)
     return labels
 
 
@@ -70,15 +73,19 @@ def token_groups(model: Any, batch: MultimodalBatch, example: int = 0,
     layout = batch.layout
     if collapse == "row":
         for img in layout.images[example]:
-            rows, prev = img.rows, None
+            rows, prev, i = img.rows, None, img.image_index
             multi = len(rows.views) > 1
+            tag = "vid" if img.is_video else "img"
             for j, p in enumerate(img.positions.tolist()):
                 if rows.kind[j] == KIND_VISION:
                     v = int(rows.view[j])
-                    view = f",{rows.views[v].name}" if multi else ""
-                    prev = (f"{img.image_index}/{v}/{int(rows.row[j])}",
-                            f"<img {img.image_index}:r{int(rows.row[j])}{view}")
-                key_of[p] = prev or (f"{img.image_index}/nl", f"<img {img.image_index}:nl")
+                    geom, r = rows.views[v], int(rows.row[j])
+                    if img.is_video:
+                        stem = f"<vid {i}:{span_label(geom.frames or (0, 1), geom.times)},r{r}"
+                    else:
+                        stem = f"<img {i}:r{r}" + (f",{geom.name}" if multi else "")
+                    prev = (f"{tag}{i}/{v}/{r}", stem)
+                key_of[p] = prev or (f"{tag}{i}/nl", f"<{tag} {i}:nl")
     elif collapse == "region":
         taken: set[int] = set()
         if batch.boxes and batch.boxes[example]:
