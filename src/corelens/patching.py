@@ -21,8 +21,8 @@ target corrupted, source clean; noising = the reverse.
 - ``path_patch``: sender heads -> receiver heads' q / k / v inputs, or -> logits (Wang et al.
   2022; Goldowsky-Dill et al. 2023); ``freeze_mlps`` chooses whether MLPs recompute. Under GQA a
   receiver's k/v input is shared by its KV group: k/v receivers are named by KV head.
-- ``attribute_heads``: attribution patching (gradient x activation difference) for all heads
-  in one backward pass (Nanda 2023; AtP of Kramar et al. 2024 without the QK fix / GradDrop).
+- ``attribute_heads``, ``atp_star``, ``edge_attribution`` (``EdgeScores``): gradient-based
+  attribution (AtP, AtP*, EAP, EAP-IG), defined in ``corelens.attribution`` and re-exported.
 """
 
 from __future__ import annotations
@@ -143,12 +143,20 @@ def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Te
 
 def patch_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, heads_per_forward: int = 8, progress: bool = False,
+    *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
+    progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
-    """Metric of the target run with one head's z (all positions) taken from the source."""
+    """Metric of the target run with one head's z (all positions) taken from the source.
+
+    ``node="q"`` patches a query head's query input instead (``hook_q``); ``"k"`` / ``"v"`` a
+    KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA)."""
     check_aligned(source, target)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    L = model.cfg.n_layers
+    if node not in ("z", "q", "k", "v"):
+        raise ValueError(f"node must be 'z', 'q', 'k' or 'v', not {node!r}")
+    H = model.cfg.n_heads if node in ("z", "q") else (model.cfg.n_key_value_heads
+                                                      or model.cfg.n_heads)
+    names = [f"blocks.{l}.attn.hook_{node}" for l in range(L)]
     src = _cache(model, source, names)
     heads = [(l, h) for l in range(L) for h in range(H)]
     out = torch.zeros(L, H)
@@ -335,34 +343,13 @@ def path_patch(
     return float(metric(logits, target).mean())
 
 
-# --- attribution patching -------------------------------------------------------------------
-def attribute_heads(
-    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-) -> Float[Tensor, "layer head"]:
-    """Attribution patching: for every head at once, grad(metric at target) . (z_source -
-    z_target), summed over positions and d_head, averaged over examples — the first-order
-    estimate of ``patch_heads`` (exact where the metric is linear in the head's output)."""
-    check_aligned(source, target)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    src = _cache(model, source, names)
-    acts: dict[str, Tensor] = {}
+# --- attribution (corelens.attribution, re-exported here) ---------------------------------
+_ATTRIBUTION = ("attribute_heads", "atp_star", "edge_attribution", "EdgeScores")
 
-    def keep(name: str):
-        def hook(z: Tensor, hook: Any) -> Tensor:
-            if not z.requires_grad:  # frozen weights: make the earliest z a leaf
-                z = z.detach().requires_grad_(True)
-            acts[name] = z  # later z stay in the graph: gradients are total derivatives
-            return z
-        return hook
 
-    with torch.enable_grad():
-        logits = model.run_with_hooks(target, fwd_hooks=[(n, keep(n)) for n in names])
-        value = metric(logits, target).mean()
-        grads = torch.autograd.grad(value, [acts[n] for n in names])
-    out = torch.zeros(L, H)
-    for l, (n, g) in enumerate(zip(names, grads)):
-        diff = (src[n] - acts[n].detach()).float()
-        # the gradient of the batch mean already carries 1/B: sum over examples
-        out[l] = (g.float() * diff).sum(dim=(0, 1, 3)).cpu()
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _ATTRIBUTION:
+        from corelens import attribution
+
+        return getattr(attribution, name)
+    raise AttributeError(f"module 'corelens.patching' has no attribute {name!r}")
