@@ -134,11 +134,11 @@ def _patterns(inp: Any, B: int, q: Tensor | None = None,
     optionally with other (rotated) queries or keys."""
     from corelens.attention import AttentionInputs
 
-    q = inp.q[:B] if q is None else q
-    k = inp.k[:B] if k is None else k
+    q = (inp.q[:B] if q is None else q).detach()
+    k = (inp.k[:B] if k is None else k).detach()
     mask = inp.mask
     if mask is not None:
-        mask = (mask[:B] if mask.shape[0] > 1 else mask).float()
+        mask = (mask[:B] if mask.shape[0] > 1 else mask).detach().float()
     a = AttentionInputs(inp.layer, q.float(), k.float(), inp.v, mask, inp.scaling)
     tq = q.shape[2]
     return torch.softmax(a.scores_rows(torch.arange(tq, device=q.device).expand(B, tq)), dim=-1)
