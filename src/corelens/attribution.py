@@ -128,6 +128,18 @@ def _grad_drop_edits(model: Any, drops: Sequence[int | None], B: int) -> list[tu
     return edits
 
 
+def _interpolate(src_emb: Tensor, alphas: Sequence[float], B: int) -> tuple[str, Callable]:
+    """An edit of the decoder input of stacked copies: copy i gets x_s + alpha_i (x - x_s),
+    on the straight line from the source's input embeddings (0) to the run's own (1)."""
+    a = torch.tensor(list(alphas))
+
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        s = src_emb.to(x.device, x.dtype).repeat(len(a), 1, 1)
+        w = a.to(x.device, x.dtype).repeat_interleave(B)[:, None, None]
+        return s + w * (x - s)
+    return ("blocks.0.hook_resid_pre", hook)
+
+
 def _patterns(inp: Any, B: int, q: Tensor | None = None,
               k: Tensor | None = None) -> Float[Tensor, "batch head q_pos k_pos"]:
     """Exact softmax pattern (fp32) of the first ``B`` examples of one layer's tapped inputs,
@@ -148,7 +160,7 @@ def _patterns(inp: Any, B: int, q: Tensor | None = None,
 def attribute_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, node: Node = "z", qk_fix: bool = False, grad_drop: bool = False,
-    copies_per_forward: int = 8,
+    ig_steps: int | None = None, copies_per_forward: int = 8,
 ) -> Float[Tensor, "layer head"]:
     """Attribution patching of every head (``node="z"``, ``"q"``: ``[layer, head]``) or KV head
     (``"k"``, ``"v"``: ``[layer, kv_head]``) in one backward pass.
@@ -159,6 +171,11 @@ def attribute_heads(
     ``grad_drop=True`` adds GradDrop: L + 1 gradients (none dropped, then each layer dropped)
     from ``copies_per_forward`` stacked copies per backward, combined as
     ``sum_l |c_l| / (L - 1)`` — a magnitude, ranking-only. ``atp_star`` sets both.
+    ``ig_steps=m`` integrates the gradient instead (as EAP-IG does for edges): the mean of the
+    gradients of m runs whose decoder input embeddings lie on the straight line from the
+    source's to the target's (k / m, k = 1..m), dotted with the same endpoint difference —
+    for effects that only appear once the patch is large enough (a flat start, where the
+    gradient at the target alone sees nothing; ``docs/causal.md``).
     """
     from corelens.patching import check_aligned
 
@@ -172,6 +189,14 @@ def attribute_heads(
     drops: list[int | None] = [None] + (list(range(L)) if grad_drop else [])
     if grad_drop and L < 2:
         raise InputError("GradDrop needs at least two layers (it averages over L - 1)")
+    if ig_steps is not None:
+        if qk_fix or grad_drop:
+            raise InputError("ig_steps integrates plain AtP; it does not combine with qk_fix "
+                             "or grad_drop")
+        if int(ig_steps) < 1:
+            raise InputError("ig_steps must be >= 1")
+        return _integrated(model, source, target, metric, names, int(ig_steps),
+                           copies_per_forward)
 
     # the patched quantity of every node: a_source - a_target, or pattern_patched - pattern
     if fixed:
@@ -213,6 +238,23 @@ def attribute_heads(
     if not grad_drop:
         return estimates[0]
     return estimates[1:].abs().sum(0) / (L - 1)
+
+
+def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+                names: list[str], m: int, per_forward: int) -> Tensor:
+    B, emb = len(target), "blocks.0.hook_resid_pre"
+    src = _cache(model, source, [emb, *names])
+    tgt = _cache(model, target, names)
+    alphas = [k / m for k in range(1, m + 1)]
+    total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]))
+    for start in range(0, m, per_forward):
+        part = alphas[start:start + per_forward]
+        _, grads = _backward(model, target, metric, names, copies=len(part),
+                             edits=[_interpolate(src[emb], part, B)])
+        for l, name in enumerate(names):
+            g = grads[name].float().view(len(part), B, *grads[name].shape[1:])
+            total[l] += torch.einsum("cbthd,bthd->h", g, (src[name] - tgt[name]).float()).cpu()
+    return total / m
 
 
 def atp_star(
@@ -371,14 +413,9 @@ def edge_attribution(
     total: dict[str, Tensor] = {}
     labels: list[str] = []
     for start in tqdm(range(0, m, steps_per_forward), disable=not progress, desc=method):
-        a = torch.tensor(alphas[start:start + steps_per_forward])
-        c = len(a)
-
-        def interpolate(x: Tensor, hook: Any, a: Tensor = a) -> Tensor:
-            s = src[emb].to(x.dtype).repeat(c, 1, 1)
-            w = a.to(x.device, x.dtype).repeat_interleave(B)[:, None, None]
-            return s + w * (x - s)  # x_k = x_s + alpha_k (x_t - x_s), differentiable in x
-        edits = [(emb, interpolate)] if m > 1 else []
+        part = alphas[start:start + steps_per_forward]
+        c = len(part)
+        edits = [_interpolate(src[emb], part, B)] if m > 1 else []
         acts, grads = _backward(model, target, metric, names, copies=c, edits=edits)
         per_layer = []
         labels = []
