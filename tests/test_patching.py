@@ -199,3 +199,27 @@ def test_path_patching_through_receivers(tiny_model):
     # a sender in the last layer reaches no later receiver: no effect through layer-1 inputs
     none = path_patch(model, clean, corrupt, answer_logprob, [(1, 0)], [(1, 0, "q")])
     assert none == pytest.approx(base, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_batched_sweep_runs_the_vision_tower_once(name, tiny_model):
+    """The stacked copies reuse the target's image features: the tower runs for the source's
+    cache and once for the target, not once per stacked forward — and the numbers match the
+    sweep that reruns it."""
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    vision = [n for n in model.hook_dict if n.startswith("vision") and n.endswith("hook_in")]
+    assert vision, "no vision hook to count tower runs with"
+    calls = []
+
+    def count(x, hook):
+        calls.append(x.shape[0])
+    with model.hooks(fwd_hooks=[(vision[0], count)]):
+        reused = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3)
+        n_reused = len(calls)
+        calls.clear()
+        rerun = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3,
+                            reuse_vision=False)
+    n_chunks = -(-model.cfg.n_layers * model.cfg.n_heads // 3)
+    assert n_reused == 2 and len(calls) == 1 + n_chunks
+    assert torch.allclose(reused, rerun, atol=1e-5)

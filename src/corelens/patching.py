@@ -27,6 +27,7 @@ target corrupted, source clean; noising = the reverse.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -141,15 +142,68 @@ def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Te
     return {n: cache[n].detach() for n in names}
 
 
+def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
+    """The batch's image encoder outputs (vision tower + projector, as the HF model's
+    ``get_image_features`` returns them), recorded from one forward; None when the model has no
+    such method or the batch no image."""
+    inner = getattr(getattr(model, "hf_model", None), "model", None)
+    fn = getattr(inner, "get_image_features", None)
+    if fn is None or batch.inputs.get("pixel_values") is None:
+        return None
+    got: dict[str, Any] = {}
+
+    def record(*args: Any, **kw: Any) -> Any:
+        got["out"] = fn(*args, **kw)
+        return got["out"]
+
+    inner.get_image_features = record
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        del inner.get_image_features
+    return got.get("out")
+
+
+def repeat_image_features(features: Any, k: int) -> Any:
+    """Image encoder outputs for ``repeat_batch(batch, k)``: per-image sequences repeated k
+    times, tensors (images or their tokens first) concatenated k times — copy-major, as
+    ``repeat_batch`` orders images."""
+    def rep(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return torch.cat([v] * k)
+        if isinstance(v, (list, tuple)):
+            if all(isinstance(e, Tensor) for e in v):  # one entry per image
+                return list(v) * k
+            return [rep(e) for e in v]  # e.g. per layer, then per image (deepstack)
+        return v
+    return type(features)(**{name: rep(v) for name, v in features.items()
+                             if name not in ("hidden_states", "attentions")})
+
+
+def _stacked(model: Any, batch: MultimodalBatch, k: int,
+             features: Any | None) -> tuple[MultimodalBatch, dict[str, Any]]:
+    """``repeat_batch(batch, k)`` and forward kwargs that hand it ``features`` (the vision
+    tower then does not run again)."""
+    big = repeat_batch(batch, k)
+    if features is None:
+        return big, {}
+    inputs = {n: t for n, t in big.inputs.items() if n != "pixel_values"}
+    return replace(big, inputs=inputs), {
+        "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
+
+
 def patch_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
-    progress: bool = False,
+    reuse_vision: bool = True, progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """Metric of the target run with one head's z (all positions) taken from the source.
 
     ``node="q"`` patches a query head's query input instead (``hook_q``); ``"k"`` / ``"v"`` a
-    KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA)."""
+    KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA).
+    ``reuse_vision``: the stacked copies reuse the target's image features (computed once)
+    instead of rerunning the vision tower per copy."""
     check_aligned(source, target)
     L = model.cfg.n_layers
     if node not in ("z", "q", "k", "v"):
@@ -161,11 +215,12 @@ def patch_heads(
     heads = [(l, h) for l in range(L) for h in range(H)]
     out = torch.zeros(L, H)
     B = len(target)
+    features = image_features(model, target) if reuse_vision and heads_per_forward > 1 else None
     for start in tqdm(range(0, len(heads), heads_per_forward), disable=not progress,
                       desc="patching heads"):
         chunk = heads[start:start + heads_per_forward]
         k = len(chunk)
-        big = repeat_batch(target, k)
+        big, extra = _stacked(model, target, k, features)
 
         def hook_for(layer: int):
             def hook(z: Tensor, hook: Any) -> Tensor:
@@ -179,7 +234,7 @@ def patch_heads(
         layers = sorted({l for l, _ in chunk})
         with torch.no_grad():
             logits = model.run_with_hooks(big, fwd_hooks=[(names[l], hook_for(l))
-                                                          for l in layers])
+                                                          for l in layers], **extra)
         values = metric(logits, big).view(k, B).mean(1)
         for i, (l, h) in enumerate(chunk):
             out[l, h] = values[i]
