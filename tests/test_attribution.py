@@ -351,3 +351,39 @@ def test_atp_misses_an_effect_with_a_flat_start_and_ig_finds_it():
     assert abs(float(atp[head])) < 0.1 * full
     ig = attribute_heads(model, clean, corrupt, metric, ig_steps=5, copies_per_forward=5)
     assert head in _top(ig, 5)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def test_patch_command_attribution_methods(tmp_path):
+    import json
+
+    from corelens import save_jsonl, zoo
+    from corelens.cli import main
+    from corelens.report import toy_pairs
+
+    pairs = toy_pairs(zoo.examples("toy-llava", 4, seed=3), zoo.task("toy-llava"))
+    save_jsonl([c for c, _ in pairs], tmp_path / "clean.jsonl")
+    save_jsonl([x for _, x in pairs], tmp_path / "corrupt.jsonl")
+    args = ["patch", "--model", str(zoo.path("toy-llava")), "--clean",
+            str(tmp_path / "clean.jsonl"), "--corrupted", str(tmp_path / "corrupt.jsonl")]
+    model, clean, corrupt, metric = _toy("toy-llava", 4, seed=3)
+    for method in ("atp", "atp*"):
+        out = tmp_path / f"{method}.json"
+        assert main(args + ["--method", method, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        fn = atp_star if method == "atp*" else attribute_heads
+        want = fn(model, clean, corrupt, metric)
+        assert torch.allclose(torch.tensor(res["attribution"]), want, atol=1e-5), method
+        assert res["method"] == method and res["baseline"] < 0  # corrupted run: wrong answer
+    out = tmp_path / "k.json"
+    assert main(args + ["--method", "atp", "--node", "k", "--out", str(out)]) == 0
+    assert torch.allclose(torch.tensor(json.loads(out.read_text())["attribution"]),
+                          attribute_heads(model, clean, corrupt, metric, node="k"), atol=1e-5)
+    for method in ("eap", "eap-ig"):
+        out = tmp_path / f"{method}.json"
+        assert main(args + ["--method", method, "--steps", "3", "--top", "5",
+                            "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        want = edge_attribution(model, clean, corrupt, metric, method=method, steps=3)
+        assert [e[:2] for e in res["top_edges"]] == [list(e[:2]) for e in want.top(5)]
+        assert res["edges"]["method"] == method
