@@ -408,50 +408,67 @@ def edge_attribution(
                                "attn.hook_v", "mlp.hook_in")]
     names = list(dict.fromkeys(names + ["ln_final.hook_in"]))
 
-    # sum over the m interpolation runs of the per-receiver gradients (EAP: m = 1, the target)
+    senders = ["embed"] + [f"L{l}H{h}" for l in range(L) for h in range(H)] + [
+        f"MLP{l}" for l in range(L)]
+    deltas = {"embed": (src[emb] - tgt[emb]).float()}
+    for l in range(L):
+        deltas[z_names[l]] = (src[z_names[l]] - tgt[z_names[l]]).float()
+        deltas[mlp_names[l]] = (src[mlp_names[l]] - tgt[mlp_names[l]]).float()
+    w_o = []
+    for l in range(L):
+        w = _weight(_blocks(model)[l].attn.o, 1, "W_O")[0]  # [d_model, H * d_head]
+        w_o.append(w.view(w.shape[0], H, -1))
+
+    def contract(g: Tensor, layer: int) -> Tensor:
+        """[sender, receiver] contributions of one receiver layer's gradients g
+        ([receiver, B, t, d_model]); ``layer`` = L for the logits. Scores are linear in g, so
+        the interpolation chunks add up; edges that do not exist are masked later."""
+        out = torch.zeros(len(senders), g.shape[0])
+        out[0] = torch.einsum("rbtd,btd->r", g, deltas["embed"].to(g.device)).cpu()
+        for l in range(min(layer + 1, L)):
+            take = g if l < layer else g[-1:]  # same layer: only its MLP reads its heads
+            per_head = torch.einsum("rbtd,dhk,bthk->hr", take, w_o[l].to(g.device),
+                                    deltas[z_names[l]].to(g.device)).cpu()
+            out[1 + l * H:1 + (l + 1) * H, g.shape[0] - take.shape[0]:] = per_head
+            if l < layer:
+                out[1 + L * H + l] = torch.einsum("rbtd,btd->r", g, deltas[mlp_names[l]].to(
+                    g.device)).cpu()
+        return out
+
+    # sum over the m interpolation runs of the per-receiver gradients (EAP: m = 1, the target),
+    # contracted with the senders one receiver layer at a time
     alphas = [k / m for k in range(1, m + 1)]
-    total: dict[str, Tensor] = {}
     labels: list[str] = []
+    scores: Tensor | None = None
     for start in tqdm(range(0, m, steps_per_forward), disable=not progress, desc=method):
         part = alphas[start:start + steps_per_forward]
         c = len(part)
         edits = [_interpolate(src[emb], part, B)] if m > 1 else []
         acts, grads = _backward(model, target, metric, names, copies=c, edits=edits)
-        per_layer = []
-        labels = []
-        for l in range(L):
-            lab, g = _receiver_grads(model, l, acts, grads)
+        labels, blocks = [], []
+        for l in range(L + 1):
+            if l < L:
+                lab, g = _receiver_grads(model, l, acts, grads)
+            else:
+                lab, g = ["logits"], grads["ln_final.hook_in"].float().unsqueeze(0)
             labels += lab
-            per_layer.append(g.view(g.shape[0], c, B, *g.shape[2:]).sum(1))
-        final = grads["ln_final.hook_in"].float()
-        per_layer.append(final.view(1, c, B, *final.shape[1:]).sum(1))
-        stacked = torch.cat(per_layer)
-        total["g"] = stacked if "g" not in total else total["g"] + stacked
-    labels.append("logits")
-    G = total["g"] / m  # [receiver, B, t, d_model]; the metric's 1/B is already inside
+            blocks.append(contract(g.view(g.shape[0], c, B, *g.shape[2:]).sum(1), l))
+            del g
+        part_scores = torch.cat(blocks, dim=1)
+        scores = part_scores if scores is None else scores + part_scores
+        del acts, grads
+    assert scores is not None
+    scores = scores / m  # the metric's 1/B is already inside the gradients
 
-    senders = ["embed"] + [f"L{l}H{h}" for l in range(L) for h in range(H)] + [
-        f"MLP{l}" for l in range(L)]
-    scores = torch.full((len(senders), len(labels)), math.nan)
     r_layer = [L if r == "logits" else int(r[3:] if r.startswith("MLP") else
                                             r[1:].replace("KV", "H").split("H")[0])
                for r in labels]
-    r_mlp = [r.startswith("MLP") for r in labels]
-    d_emb = (src[emb] - tgt[emb]).float()
-    scores[0] = torch.einsum("rbtd,btd->r", G, d_emb).cpu()
-    for l in range(L):
-        w_o = _weight(_blocks(model)[l].attn.o, 1, "W_O")[0]  # [d_model, H * d_head]
-        w_o = w_o.view(w_o.shape[0], H, -1).to(G.device)
-        dz = (src[z_names[l]] - tgt[z_names[l]]).float()
-        # heads of layer l feed receivers of later layers, the MLP of the same layer, logits
-        heads_ok = torch.tensor([rl > l or (rl == l and mlp) for rl, mlp in zip(r_layer, r_mlp)])
-        per_head = torch.einsum("rbtd,dhk,bthk->rh", G[heads_ok], w_o, dz).cpu()
-        rows = torch.arange(1 + l * H, 1 + (l + 1) * H)
-        cols = heads_ok.nonzero().flatten()
-        scores[rows[:, None], cols[None, :]] = per_head.T
-        mlp_ok = torch.tensor([rl > l for rl in r_layer])
-        d_mlp = (src[mlp_names[l]] - tgt[mlp_names[l]]).float()
-        scores[1 + L * H + l, mlp_ok] = torch.einsum("rbtd,btd->r", G[mlp_ok], d_mlp).cpu()
+    r_mlp = torch.tensor([r.startswith("MLP") for r in labels])
+    r_layer_t = torch.tensor(r_layer)
+    for l in range(L):  # no edge unless the receiver reads the sender's output
+        heads_ok = (r_layer_t > l) | ((r_layer_t == l) & r_mlp)
+        scores[1 + l * H:1 + (l + 1) * H, ~heads_ok] = math.nan
+        scores[1 + L * H + l, ~(r_layer_t > l)] = math.nan
     return EdgeScores(senders, labels, scores, method,
                       {"steps": m, "n_examples": B, "n_layers": L, "n_heads": H,
                        "n_kv_heads": _n_kv(model)})
