@@ -15,8 +15,9 @@ KV group under GQA).
   and only the step from the pattern to the metric is linearised,
   ``sum grad_pattern . (pattern_patched - pattern_target)``; and (b) GradDrop: for each layer l
   an estimate c_l with the gradient through layer l's residual contributions (attention and MLP
-  outputs) zeroed, combined as ``sum_l |c_l| / (L - 1)`` — a magnitude (nodes in layer l get
-  c_l = 0, hence L - 1). All L backward passes run as one batched backward (``repeat_batch``).
+  outputs) zeroed, combined per example as ``sum_l |c_l| / (L - 1)`` and averaged over
+  examples — a magnitude (nodes in layer l get c_l = 0, hence L - 1). All L backward passes
+  run as one batched backward (``repeat_batch``).
 - EAP (Syed et al. 2023): edges sender -> receiver, senders = the decoder's input embeddings
   (text and vision tokens), every head's output (z_h W_O_h), every MLP output; receivers = each
   query head's q input, each KV head's k and v inputs, each MLP's input, the logits. Score =
@@ -45,7 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from corelens.batch import MultimodalBatch, repeat_batch
+from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
 
 Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
@@ -90,8 +91,11 @@ def _backward(
     edits: Sequence[tuple[str, Callable]] = (), taps: dict[int, Any] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One forward of ``copies`` stacked copies of ``batch`` (``edits`` may treat copies
-    differently) and one backward of ``sum over copies of mean over examples of metric``.
-    Returns the activations and gradients at ``names`` ([copies * batch, ...], detached)."""
+    differently; the copies reuse the batch's image features) and one backward of ``sum over
+    copies of mean over examples of metric``. Returns the activations and gradients at
+    ``names`` ([copies * batch, ...], detached)."""
+    from corelens.patching import _stacked, image_features
+
     acts: dict[str, Tensor] = {}
 
     def keep(name: str) -> Callable:
@@ -100,11 +104,12 @@ def _backward(
             return x
         return hook
 
-    big = repeat_batch(batch, copies)
+    features = image_features(model, batch) if copies > 1 else None
+    big, extra = _stacked(model, batch, copies, features)
     hooks = [("blocks.0.hook_resid_pre", _make_leaf), *edits, *[(n, keep(n)) for n in names]]
     with torch.enable_grad(), (_taps(model, taps, range(model.cfg.n_layers))
                                if taps is not None else contextlib.nullcontext()):
-        logits = model.run_with_hooks(big, fwd_hooks=hooks)
+        logits = model.run_with_hooks(big, fwd_hooks=hooks, **extra)
         value = metric(logits, big).float().view(copies, len(batch)).mean(1).sum()
         grads = torch.autograd.grad(value, [acts[n] for n in names], allow_unused=True)
     return ({n: acts[n].detach() for n in names},
@@ -168,9 +173,10 @@ def attribute_heads(
     Plain AtP (the default) estimates ``patch_heads(..., node=node) - baseline`` and is exact
     where the metric is linear in the node. ``qk_fix=True`` recomputes the attention pattern
     exactly for q / k nodes (AtP*'s QK fix; z / v nodes are unchanged by it).
-    ``grad_drop=True`` adds GradDrop: L + 1 gradients (none dropped, then each layer dropped)
-    from ``copies_per_forward`` stacked copies per backward, combined as
-    ``sum_l |c_l| / (L - 1)`` — a magnitude, ranking-only. ``atp_star`` sets both.
+    ``grad_drop=True`` adds GradDrop: L gradients (each with one layer dropped) from
+    ``copies_per_forward`` stacked copies per backward, combined as the mean over examples of
+    ``sum_l |c_l(example)| / (L - 1)`` (Kramar et al.'s eq. 11) — a magnitude, for ranking.
+    ``atp_star`` sets both.
     ``ig_steps=m`` integrates the gradient instead (as EAP-IG does for edges): the mean of the
     gradients of m runs whose decoder input embeddings lie on the straight line from the
     source's to the target's (k / m, k = 1..m), dotted with the same endpoint difference —
@@ -186,7 +192,7 @@ def attribute_heads(
     fixed = qk_fix and node in ("q", "k")
     if fixed:
         names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    drops: list[int | None] = [None] + (list(range(L)) if grad_drop else [])
+    drops: list[int | None] = list(range(L)) if grad_drop else [None]
     if grad_drop and L < 2:
         raise InputError("GradDrop needs at least two layers (it averages over L - 1)")
     if ig_steps is not None:
@@ -205,7 +211,8 @@ def attribute_heads(
             model(source)
     else:
         src = _cache(model, source, names)
-    estimates = torch.zeros(len(drops), L, n_out)
+    # per drop, example, layer, node: the example's term (the batch mean's 1/B inside)
+    estimates = torch.zeros(len(drops), B, L, n_out)
     chunk = max(1, int(copies_per_forward))
     for start in range(0, len(drops), chunk):
         part = drops[start:start + chunk]
@@ -229,15 +236,16 @@ def attribute_heads(
                         k[:, i] = src_in[l].k[:, i]
                         heads = list(range(i * rep, (i + 1) * rep))
                         delta = _patterns(inp, B, k=k) - base
-                    estimates[start:start + len(part), l, i] = torch.einsum(
-                        "cbhqk,bhqk->c", g[:, :, heads], delta[:, heads]).cpu()
+                    estimates[start:start + len(part), :, l, i] = torch.einsum(
+                        "cbhqk,bhqk->cb", g[:, :, heads], delta[:, heads]).cpu()
             else:
                 diff = (src[name] - acts[name][:B]).float()
-                estimates[start:start + len(part), l] = torch.einsum(
-                    "cbthd,bthd->ch", g, diff).cpu()
+                estimates[start:start + len(part), :, l] = torch.einsum(
+                    "cbthd,bthd->cbh", g, diff).cpu()
     if not grad_drop:
-        return estimates[0]
-    return estimates[1:].abs().sum(0) / (L - 1)
+        return estimates[0].sum(0)
+    # Kramar et al. eq. 11: mean over examples of sum_l |c_l(example)| / (L - 1)
+    return estimates.abs().sum(dim=(0, 1)) / (L - 1)
 
 
 def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
