@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import FAMILY_NAMES, noise_image
 
 from corelens.attribution import EdgeScores, atp_star, attribute_heads, edge_attribution
 from corelens.families import FAMILIES
@@ -44,7 +44,9 @@ def _frozen(model, batch, names):
 
 def _linear_tail(model, batch):
     L = model.cfg.n_layers
-    return _frozen(model, batch, ["ln_final.hook_scale", f"blocks.{L - 1}.hook_mlp_out"])
+    names = ["ln_final.hook_scale", f"blocks.{L - 1}.hook_mlp_out"]
+    post = f"blocks.{L - 1}.ln1_post.hook_scale"  # sandwich norms (Gemma3): attention output
+    return _frozen(model, batch, names + ([post] if post in model.hook_dict else []))
 
 
 # --- AtP and AtP* ----------------------------------------------------------------------------
@@ -404,3 +406,32 @@ def test_patch_command_attribution_methods(tmp_path):
         want = edge_attribution(model, clean, corrupt, metric, method=method, steps=3)
         assert [e[:2] for e in res["top_edges"]] == [list(e[:2]) for e in want.top(5)]
         assert res["edges"]["method"] == method
+
+
+# --- every family ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_attribution_on_every_family(name, tiny_model):
+    """On each family's tiny model: AtP* (QK fix) equals exact patching of the last layer's q
+    and k nodes where the metric is linear in the pattern, and EAP (not for sandwich-norm
+    Gemma3) matches the slow per-receiver reference on the last layer's receivers."""
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    L = model.cfg.n_layers
+    with model.hooks(fwd_hooks=_linear_tail(model, corrupt)):
+        with torch.no_grad():
+            base = float(_first_answer_logit(model(corrupt), corrupt).mean())
+        for node in ("q", "k"):
+            exact = patch_heads(model, clean, corrupt, _first_answer_logit, node=node,
+                                heads_per_forward=4) - base
+            star = atp_star(model, clean, corrupt, _first_answer_logit, node=node,
+                            grad_drop=False)
+            assert torch.allclose(star[L - 1], exact[L - 1], atol=1e-6), (node, star, exact)
+    if name == "gemma3":
+        return  # EAP refuses it (test_eap_refuses_sandwich_norm_models)
+    eap = edge_attribution(model, clean, corrupt, answer_logprob)
+    receivers = [r for r in eap.receivers if r.startswith((f"L{L - 1}", f"MLP{L - 1}"))]
+    slow = _slow_scores(model, clean, corrupt, answer_logprob, receivers)
+    scale = max(abs(v) for v in slow.values())
+    for (s, r), v in slow.items():
+        if eap[(s, r)] == eap[(s, r)]:
+            assert abs(eap[(s, r)] - v) <= 1e-5 * max(1.0, scale), (s, r)
