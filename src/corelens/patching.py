@@ -10,9 +10,10 @@ Conventions (as in TransformerLens): the *target* run is patched with activation
 *source* run; ``metric(logits, batch) -> [batch]`` is averaged over examples. Denoising =
 target corrupted, source clean; noising = the reverse.
 
-- ``patch_heads``: each head's output z (all positions) -> ``[layer, head]``; computed as a
-  batched sweep (``heads_per_forward`` patched copies of the batch per forward), equal to the
-  one-head-per-forward loop.
+- ``patch_heads``: each head's output z (all positions) -> ``[layer, head]`` (or its q / k / v
+  input, ``node=``); computed as a batched sweep (``heads_per_forward`` patched copies of the
+  batch per forward, reusing the target's image features), equal to the one-head-per-forward
+  loop. The position-group, residual and vision-token sweeps below batch the same way.
 - ``patch_heads_by_group``: each head at each position group (vision tokens grouped per
   region: evidence / each distractor / other vision tokens; text tokens one by one).
 - ``patch_residual``: ``blocks.L.hook_resid_pre`` by layer x position group.
@@ -193,6 +194,43 @@ def _stacked(model: Any, batch: MultimodalBatch, k: int,
         "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
 
 
+Edit = Callable[[Tensor], None]  # edits one copy's rows of a hooked activation in place
+
+
+def _sweep(
+    model: Any, target: MultimodalBatch, metric: Metric, jobs: Sequence[Sequence[tuple[str, Edit]]],
+    *, per_forward: int, reuse_vision: bool = True, progress: bool = False, desc: str = "",
+) -> Float[Tensor, "job batch"]:
+    """The metric of the target run under each job (a list of (hook name, in-place edit of
+    that copy's rows)), ``per_forward`` jobs per forward as stacked copies of the target that
+    reuse its image features. Equal to running the jobs one forward each."""
+    B = len(target)
+    per_forward = max(1, int(per_forward))
+    features = image_features(model, target) if reuse_vision and per_forward > 1 else None
+    out = []
+    for start in tqdm(range(0, len(jobs), per_forward), disable=not progress, desc=desc):
+        chunk = jobs[start:start + per_forward]
+        big, extra = _stacked(model, target, len(chunk), features)
+        by_name: dict[str, list[tuple[int, Edit]]] = {}
+        for i, job in enumerate(chunk):
+            for name, edit in job:
+                by_name.setdefault(name, []).append((i, edit))
+
+        def hook_for(name: str) -> Callable:
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                x = x.clone()
+                for i, edit in by_name[name]:
+                    edit(x[i * B:(i + 1) * B])
+                return x
+            return hook
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
+                                          **extra)
+        out.append(metric(logits, big).float().view(len(chunk), B).cpu())
+    return torch.cat(out)
+
+
 def patch_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
@@ -202,8 +240,9 @@ def patch_heads(
 
     ``node="q"`` patches a query head's query input instead (``hook_q``); ``"k"`` / ``"v"`` a
     KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA).
-    ``reuse_vision``: the stacked copies reuse the target's image features (computed once)
-    instead of rerunning the vision tower per copy."""
+    ``heads_per_forward`` patched copies of the target run in one forward; ``reuse_vision``:
+    the copies reuse the target's image features (computed once) instead of rerunning the
+    vision tower per copy."""
     check_aligned(source, target)
     L = model.cfg.n_layers
     if node not in ("z", "q", "k", "v"):
@@ -212,110 +251,91 @@ def patch_heads(
                                                       or model.cfg.n_heads)
     names = [f"blocks.{l}.attn.hook_{node}" for l in range(L)]
     src = _cache(model, source, names)
-    heads = [(l, h) for l in range(L) for h in range(H)]
-    out = torch.zeros(L, H)
-    B = len(target)
-    features = image_features(model, target) if reuse_vision and heads_per_forward > 1 else None
-    for start in tqdm(range(0, len(heads), heads_per_forward), disable=not progress,
-                      desc="patching heads"):
-        chunk = heads[start:start + heads_per_forward]
-        k = len(chunk)
-        big, extra = _stacked(model, target, k, features)
 
-        def hook_for(layer: int):
-            def hook(z: Tensor, hook: Any) -> Tensor:
-                z = z.clone()
-                for i, (l, h) in enumerate(chunk):
-                    if l == layer:
-                        z[i * B:(i + 1) * B, :, h] = src[names[layer]][:, :, h]
-                return z
-            return hook
+    def job(l: int, h: int) -> list[tuple[str, Edit]]:
+        def edit(x: Tensor) -> None:
+            x[:, :, h] = src[names[l]][:, :, h]
+        return [(names[l], edit)]
 
-        layers = sorted({l for l, _ in chunk})
-        with torch.no_grad():
-            logits = model.run_with_hooks(big, fwd_hooks=[(names[l], hook_for(l))
-                                                          for l in layers], **extra)
-        values = metric(logits, big).view(k, B).mean(1)
-        for i, (l, h) in enumerate(chunk):
-            out[l, h] = values[i]
-    return out
+    values = _sweep(model, target, metric, [job(l, h) for l in range(L) for h in range(H)],
+                    per_forward=heads_per_forward, reuse_vision=reuse_vision,
+                    progress=progress, desc="patching heads")
+    return values.mean(1).view(L, H)
 
 
 def patch_heads_by_group(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, progress: bool = False,
+    *, per_forward: int = 8, progress: bool = False,
 ) -> tuple[Float[Tensor, "layer head group"], list[str]]:
     """Metric with one head's z at one position group (``position_groups``) taken from the
-    source."""
+    source (``per_forward`` patched copies per forward)."""
     check_aligned(source, target)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     groups = position_groups(target)
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     src = _cache(model, source, names)
-    out = torch.zeros(L, H, len(groups))
-    with tqdm(total=L * H * len(groups), disable=not progress, desc="patching") as bar:
-        for l in range(L):
-            for h in range(H):
-                for g, (_, per) in enumerate(groups):
-                    ex, pos = _index(per)
+    index = [_index(per) for _, per in groups]
 
-                    def hook(z: Tensor, hook: Any, h=h, ex=ex, pos=pos, l=l) -> Tensor:
-                        z = z.clone()
-                        z[ex, pos, h] = src[names[l]][ex, pos, h]
-                        return z
-                    with torch.no_grad():
-                        logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
-                    out[l, h, g] = metric(logits, target).mean()
-                    bar.update()
-    return out, [label for label, _ in groups]
+    def job(l: int, h: int, g: int) -> list[tuple[str, Edit]]:
+        ex, pos = index[g]
+
+        def edit(z: Tensor) -> None:
+            z[ex, pos, h] = src[names[l]][ex, pos, h]
+        return [(names[l], edit)]
+
+    jobs = [job(l, h, g) for l in range(L) for h in range(H) for g in range(len(groups))]
+    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+                    desc="patching")
+    return values.mean(1).view(L, H, len(groups)), [label for label, _ in groups]
 
 
 def patch_residual(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, progress: bool = False,
+    *, per_forward: int = 8, progress: bool = False,
 ) -> tuple[Float[Tensor, "layer group"], list[str]]:
-    """Metric with ``blocks.L.hook_resid_pre`` at one position group taken from the source."""
+    """Metric with ``blocks.L.hook_resid_pre`` at one position group taken from the source
+    (``per_forward`` patched copies per forward)."""
     check_aligned(source, target)
     L = model.cfg.n_layers
     groups = position_groups(target)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     src = _cache(model, source, names)
-    out = torch.zeros(L, len(groups))
-    for l in tqdm(range(L), disable=not progress, desc="patching residual"):
-        for g, (_, per) in enumerate(groups):
-            ex, pos = _index(per)
+    index = [_index(per) for _, per in groups]
 
-            def hook(x: Tensor, hook: Any, ex=ex, pos=pos, l=l) -> Tensor:
-                x = x.clone()
-                x[ex, pos] = src[names[l]][ex, pos]
-                return x
-            with torch.no_grad():
-                logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
-            out[l, g] = metric(logits, target).mean()
-    return out, [label for label, _ in groups]
+    def job(l: int, g: int) -> list[tuple[str, Edit]]:
+        ex, pos = index[g]
+
+        def edit(x: Tensor) -> None:
+            x[ex, pos] = src[names[l]][ex, pos]
+        return [(names[l], edit)]
+
+    jobs = [job(l, g) for l in range(L) for g in range(len(groups))]
+    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+                    desc="patching residual")
+    return values.mean(1).view(L, len(groups)), [label for label, _ in groups]
 
 
 def patch_vision_tokens(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, example: int = 0, progress: bool = False,
+    *, example: int = 0, per_forward: int = 8, progress: bool = False,
 ) -> Float[Tensor, " vision"]:
     """Metric with the LM input of one vision token (the projector's output, as it enters the
     decoder at ``blocks.0.hook_resid_pre``) taken from the source; ``example``'s vision tokens
-    in layout order (``layout.boxes(example)`` gives their boxes)."""
+    in layout order (``layout.boxes(example)`` gives their boxes); ``per_forward`` patched
+    copies per forward."""
     check_aligned(source, target)
     name = "blocks.0.hook_resid_pre"
     src = _cache(model, source, [name])[name]
-    vis = target.layout.vision_positions(example)
-    out = torch.zeros(len(vis))
-    for i, p in enumerate(tqdm(vis.tolist(), disable=not progress, desc="patching tokens")):
-        def hook(x: Tensor, hook: Any, p=p) -> Tensor:
-            x = x.clone()
+    vis = target.layout.vision_positions(example).tolist()
+
+    def job(p: int) -> list[tuple[str, Edit]]:
+        def edit(x: Tensor) -> None:
             x[example, p] = src[example, p]
-            return x
-        with torch.no_grad():
-            logits = model.run_with_hooks(target, fwd_hooks=[(name, hook)])
-        out[i] = metric(logits, target)[example]
-    return out
+        return [(name, edit)]
+
+    values = _sweep(model, target, metric, [job(p) for p in vis], per_forward=per_forward,
+                    progress=progress, desc="patching tokens")
+    return values[:, example]
 
 
 # --- path patching --------------------------------------------------------------------------
