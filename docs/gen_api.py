@@ -11,9 +11,9 @@ import inspect
 import sys
 from pathlib import Path
 
-MODULES = ["corelens", "corelens.ram", "corelens.patching", "corelens.ablation",
-           "corelens.views", "corelens.zoo", "corelens.loaders", "corelens.distributed",
-           "corelens.accel", "corelens.report"]
+MODULES = ["corelens", "corelens.ram", "corelens.patching", "corelens.attribution",
+           "corelens.ablation", "corelens.views", "corelens.zoo", "corelens.loaders",
+           "corelens.distributed", "corelens.accel", "corelens.report"]
 OUT = Path(__file__).with_name("api.md")
 
 

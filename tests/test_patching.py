@@ -199,3 +199,93 @@ def test_path_patching_through_receivers(tiny_model):
     # a sender in the last layer reaches no later receiver: no effect through layer-1 inputs
     none = path_patch(model, clean, corrupt, answer_logprob, [(1, 0)], [(1, 0, "q")])
     assert none == pytest.approx(base, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_batched_sweep_runs_the_vision_tower_once(name, tiny_model):
+    """The stacked copies reuse the target's image features: the tower runs for the source's
+    cache and once for the target, not once per stacked forward — and the numbers match the
+    sweep that reruns it."""
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    vision = [n for n in model.hook_dict if n.startswith("vision") and n.endswith("hook_in")]
+    assert vision, "no vision hook to count tower runs with"
+    calls = []
+
+    def count(x, hook):
+        calls.append(x.shape[0])
+    with model.hooks(fwd_hooks=[(vision[0], count)]):
+        reused = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3)
+        n_reused = len(calls)
+        calls.clear()
+        rerun = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3,
+                            reuse_vision=False)
+    n_chunks = -(-model.cfg.n_layers * model.cfg.n_heads // 3)
+    assert n_reused == 2 and len(calls) == 1 + n_chunks
+    assert torch.allclose(reused, rerun, atol=1e-5)
+
+
+def _one_forward_each(model, target, metric, name, src, edits):
+    """The obvious loop: one forward per edit (an in-place edit of the hooked tensor)."""
+    out = []
+    for edit in edits:
+        def hook(x, hook, edit=edit):
+            x = x.clone()
+            edit(x, src)
+            return x
+        with torch.no_grad():
+            out.append(metric(model.run_with_hooks(target, fwd_hooks=[(name(edit), hook)]),
+                              target))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_group_residual_and_token_sweeps_equal_one_forward_each(name, tiny_model):
+    from corelens.patching import _index
+
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    groups = position_groups(corrupt)
+    _, cache = model.run_with_cache(clean)
+
+    # residual stream by layer x group
+    resid, _ = patch_residual(model, clean, corrupt, answer_logprob, per_forward=5)
+    edits = []
+    for l in range(L):
+        for _, per in groups:
+            ex, pos = _index(per)
+
+            def edit(x, src, l=l, ex=ex, pos=pos):
+                x[ex, pos] = src[f"blocks.{l}.hook_resid_pre"][ex, pos]
+            edit.layer = l
+            edits.append(edit)
+    ref = _one_forward_each(model, corrupt, answer_logprob,
+                            lambda e: f"blocks.{e.layer}.hook_resid_pre", cache, edits)
+    assert torch.allclose(resid.flatten(), ref.mean(1), atol=1e-4)
+
+    # heads by group (layer 1 only, to keep it short)
+    by_group, _ = patch_heads_by_group(model, clean, corrupt, answer_logprob, per_forward=7)
+    edits = []
+    for h in range(H):
+        for _, per in groups:
+            ex, pos = _index(per)
+
+            def edit(z, src, h=h, ex=ex, pos=pos):
+                z[ex, pos, h] = src["blocks.1.attn.hook_z"][ex, pos, h]
+            edits.append(edit)
+    ref = _one_forward_each(model, corrupt, answer_logprob, lambda e: "blocks.1.attn.hook_z",
+                            cache, edits)
+    assert torch.allclose(by_group[1].flatten(), ref.mean(1), atol=1e-4)
+
+    # vision tokens of example 1
+    tokens = patch_vision_tokens(model, clean, corrupt, answer_logprob, example=1,
+                                 per_forward=6)
+    edits = []
+    for p in corrupt.layout.vision_positions(1).tolist():
+        def edit(x, src, p=p):
+            x[1, p] = src["blocks.0.hook_resid_pre"][1, p]
+        edits.append(edit)
+    ref = _one_forward_each(model, corrupt, answer_logprob, lambda e: "blocks.0.hook_resid_pre",
+                            cache, edits)
+    assert torch.allclose(tokens, ref[:, 1], atol=1e-4)

@@ -5,7 +5,7 @@ position of every vision token (``MultimodalBatch``, ``VisionLayout``), and run 
 attention backend that stays memory-efficient unless you hook the attention pattern.
 """
 
-from corelens import accel, patching, ram, views
+from corelens import accel, attribution, patching, ram, views
 from corelens.ablation import AblationCurve, ablate, ablation_curve, text_to_image_knockout
 from corelens.attention import AttentionBackend, AttentionInputs
 from corelens.batch import MultimodalBatch
@@ -26,6 +26,7 @@ __all__ = [
     "ablate",
     "ablation_curve",
     "accel",
+    "attribution",
     "patching",
     "ram",
     "text_to_image_knockout",

@@ -48,13 +48,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    """Activation patching of every head on example pairs, metric: logit(clean answer) -
+    """Causal analysis of every head on example pairs, metric: logit(clean answer) -
     logit(corrupted answer) at the answer position. Line i of --clean and of --corrupted form
-    a pair; their layouts must match."""
+    a pair; their layouts must match. ``--method exact`` patches each head (batched sweep);
+    ``atp`` / ``atp*`` estimate the same with gradients (``--node``); ``eap`` / ``eap-ig``
+    score every edge between embeddings, heads, MLPs and the logits."""
     import torch
 
     from corelens import HookedMLLM, load_jsonl
-    from corelens.patching import attribute_heads, logit_diff, patch_heads
+    from corelens.attribution import atp_star, attribute_heads, edge_attribution
+    from corelens.patching import logit_diff, patch_heads
 
     torch.set_num_threads(args.threads)
     model = HookedMLLM.from_pretrained(args.model, device=args.device)
@@ -63,14 +66,26 @@ def _patch(args: argparse.Namespace) -> int:
     source, target = (clean, corrupt) if args.direction == "denoise" else (corrupt, clean)
     metric = logit_diff(torch.stack([a[0] for a in clean.answer_tokens]),
                         torch.stack([a[0] for a in corrupt.answer_tokens]))
-    effects = patch_heads(model, source, target, metric,
-                          heads_per_forward=args.heads_per_forward, progress=True)
     with torch.no_grad():
         base = float(metric(model(target), target).mean())
     out = {"metric": "logit_diff(clean answer, corrupted answer)", "direction": args.direction,
-           "baseline": base, "patched": effects.tolist()}
-    if args.attribution:
-        out["attribution"] = attribute_heads(model, source, target, metric).tolist()
+           "method": args.method, "baseline": base}
+    if args.method == "exact":
+        out["patched"] = patch_heads(model, source, target, metric, node=args.node,
+                                     heads_per_forward=args.heads_per_forward,
+                                     progress=True).tolist()
+        if args.attribution:  # kept for scripts written before --method
+            out["attribution"] = attribute_heads(model, source, target, metric,
+                                                 node=args.node).tolist()
+    elif args.method in ("atp", "atp*"):
+        fn = atp_star if args.method == "atp*" else attribute_heads
+        out["node"] = args.node
+        out["attribution"] = fn(model, source, target, metric, node=args.node).tolist()
+    else:
+        edges = edge_attribution(model, source, target, metric, method=args.method,
+                                 steps=args.steps, progress=True)
+        out["edges"] = edges.to_dict()
+        out["top_edges"] = [list(e) for e in edges.top(args.top)]
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return 0
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--skip-invalid", action="store_true")
     rep.add_argument("--threads", type=int, default=1)
     rep.set_defaults(func=_report)
-    patch = sub.add_parser("patch", help="activation patching of every head on example pairs")
+    patch = sub.add_parser("patch", help="activation patching / attribution (AtP, AtP*, EAP, "
+                           "EAP-IG) of every head or edge on example pairs")
     patch.add_argument("--model", required=True, help="model folder or hub id")
     patch.add_argument("--clean", required=True, help="JSONL of clean examples")
     patch.add_argument("--corrupted", required=True, help="JSONL of corrupted partners, "
@@ -149,7 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     patch.add_argument("--out", default="patching.json")
     patch.add_argument("--direction", choices=["denoise", "noise"], default="denoise",
                        help="denoise: patch clean activations into the corrupted run")
-    patch.add_argument("--attribution", action="store_true", help="also attribution patching")
+    patch.add_argument("--method", choices=["exact", "atp", "atp*", "eap", "eap-ig"],
+                       default="exact", help="exact: activation patching of every head; atp / "
+                       "atp*: attribution of every head (atp*: QK fix + GradDrop, a "
+                       "magnitude); eap / eap-ig: edge attribution")
+    patch.add_argument("--node", choices=["z", "q", "k", "v"], default="z",
+                       help="what a head contributes: output z, or its q / k / v input")
+    patch.add_argument("--steps", type=int, default=5, help="eap-ig interpolation steps")
+    patch.add_argument("--top", type=int, default=20, help="eap: edges listed in top_edges")
+    patch.add_argument("--attribution", action="store_true",
+                       help="with --method exact: also plain AtP")
     patch.add_argument("--heads-per-forward", type=int, default=8)
     patch.add_argument("--device", default=None)
     patch.add_argument("--threads", type=int, default=1)

@@ -10,9 +10,10 @@ Conventions (as in TransformerLens): the *target* run is patched with activation
 *source* run; ``metric(logits, batch) -> [batch]`` is averaged over examples. Denoising =
 target corrupted, source clean; noising = the reverse.
 
-- ``patch_heads``: each head's output z (all positions) -> ``[layer, head]``; computed as a
-  batched sweep (``heads_per_forward`` patched copies of the batch per forward), equal to the
-  one-head-per-forward loop.
+- ``patch_heads``: each head's output z (all positions) -> ``[layer, head]`` (or its q / k / v
+  input, ``node=``); computed as a batched sweep (``heads_per_forward`` patched copies of the
+  batch per forward, reusing the target's image features), equal to the one-head-per-forward
+  loop. The position-group, residual and vision-token sweeps below batch the same way.
 - ``patch_heads_by_group``: each head at each position group (vision tokens grouped per
   region: evidence / each distractor / other vision tokens; text tokens one by one).
 - ``patch_residual``: ``blocks.L.hook_resid_pre`` by layer x position group.
@@ -21,12 +22,13 @@ target corrupted, source clean; noising = the reverse.
 - ``path_patch``: sender heads -> receiver heads' q / k / v inputs, or -> logits (Wang et al.
   2022; Goldowsky-Dill et al. 2023); ``freeze_mlps`` chooses whether MLPs recompute. Under GQA a
   receiver's k/v input is shared by its KV group: k/v receivers are named by KV head.
-- ``attribute_heads``: attribution patching (gradient x activation difference) for all heads
-  in one backward pass (Nanda 2023; AtP of Kramar et al. 2024 without the QK fix / GradDrop).
+- ``attribute_heads``, ``atp_star``, ``edge_attribution`` (``EdgeScores``): gradient-based
+  attribution (AtP, AtP*, EAP, EAP-IG), defined in ``corelens.attribution`` and re-exported.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -141,118 +143,199 @@ def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Te
     return {n: cache[n].detach() for n in names}
 
 
-def patch_heads(
-    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, heads_per_forward: int = 8, progress: bool = False,
-) -> Float[Tensor, "layer head"]:
-    """Metric of the target run with one head's z (all positions) taken from the source."""
-    check_aligned(source, target)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    src = _cache(model, source, names)
-    heads = [(l, h) for l in range(L) for h in range(H)]
-    out = torch.zeros(L, H)
-    B = len(target)
-    for start in tqdm(range(0, len(heads), heads_per_forward), disable=not progress,
-                      desc="patching heads"):
-        chunk = heads[start:start + heads_per_forward]
-        k = len(chunk)
-        big = repeat_batch(target, k)
+def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
+    """The batch's image encoder outputs (vision tower + projector, as the HF model's
+    ``get_image_features`` returns them), recorded from one forward; None when the model has no
+    such method or the batch no image."""
+    inner = getattr(getattr(model, "hf_model", None), "model", None)
+    fn = getattr(inner, "get_image_features", None)
+    if fn is None or batch.inputs.get("pixel_values") is None:
+        return None
+    got: dict[str, Any] = {}
 
-        def hook_for(layer: int):
-            def hook(z: Tensor, hook: Any) -> Tensor:
-                z = z.clone()
-                for i, (l, h) in enumerate(chunk):
-                    if l == layer:
-                        z[i * B:(i + 1) * B, :, h] = src[names[layer]][:, :, h]
-                return z
+    def record(*args: Any, **kw: Any) -> Any:
+        got["out"] = fn(*args, **kw)
+        return got["out"]
+
+    inner.get_image_features = record
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        del inner.get_image_features
+    return got.get("out")
+
+
+def repeat_image_features(features: Any, k: int) -> Any:
+    """Image encoder outputs for ``repeat_batch(batch, k)``: per-image sequences repeated k
+    times, tensors (images or their tokens first) concatenated k times — copy-major, as
+    ``repeat_batch`` orders images."""
+    def rep(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return torch.cat([v] * k)
+        if isinstance(v, (list, tuple)):
+            if all(isinstance(e, Tensor) for e in v):  # one entry per image
+                return list(v) * k
+            return [rep(e) for e in v]  # e.g. per layer, then per image (deepstack)
+        return v
+    return type(features)(**{name: rep(v) for name, v in features.items()
+                             if name not in ("hidden_states", "attentions")})
+
+
+def _stacked(model: Any, batch: MultimodalBatch, k: int,
+             features: Any | None) -> tuple[MultimodalBatch, dict[str, Any]]:
+    """``repeat_batch(batch, k)`` and forward kwargs that hand it ``features`` (the vision
+    tower then does not run again)."""
+    big = repeat_batch(batch, k)
+    if features is None:
+        return big, {}
+    inputs = {n: t for n, t in big.inputs.items() if n != "pixel_values"}
+    return replace(big, inputs=inputs), {
+        "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
+
+
+Edit = Callable[[Tensor], None]  # edits one copy's rows of a hooked activation in place
+
+
+def _sweep(
+    model: Any, target: MultimodalBatch, metric: Metric, jobs: Sequence[Sequence[tuple[str, Edit]]],
+    *, per_forward: int, reuse_vision: bool = True, progress: bool = False, desc: str = "",
+) -> Float[Tensor, "job batch"]:
+    """The metric of the target run under each job (a list of (hook name, in-place edit of
+    that copy's rows)), ``per_forward`` jobs per forward as stacked copies of the target that
+    reuse its image features. Equal to running the jobs one forward each."""
+    B = len(target)
+    per_forward = max(1, int(per_forward))
+    features = image_features(model, target) if reuse_vision and per_forward > 1 else None
+    out = []
+    for start in tqdm(range(0, len(jobs), per_forward), disable=not progress, desc=desc):
+        chunk = jobs[start:start + per_forward]
+        big, extra = _stacked(model, target, len(chunk), features)
+        by_name: dict[str, list[tuple[int, Edit]]] = {}
+        for i, job in enumerate(chunk):
+            for name, edit in job:
+                by_name.setdefault(name, []).append((i, edit))
+
+        def hook_for(name: str) -> Callable:
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                x = x.clone()
+                for i, edit in by_name[name]:
+                    edit(x[i * B:(i + 1) * B])
+                return x
             return hook
 
-        layers = sorted({l for l, _ in chunk})
         with torch.no_grad():
-            logits = model.run_with_hooks(big, fwd_hooks=[(names[l], hook_for(l))
-                                                          for l in layers])
-        values = metric(logits, big).view(k, B).mean(1)
-        for i, (l, h) in enumerate(chunk):
-            out[l, h] = values[i]
-    return out
+            logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
+                                          **extra)
+        out.append(metric(logits, big).float().view(len(chunk), B).cpu())
+    return torch.cat(out)
+
+
+def patch_heads(
+    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
+    *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
+    reuse_vision: bool = True, progress: bool = False,
+) -> Float[Tensor, "layer head"]:
+    """Metric of the target run with one head's z (all positions) taken from the source.
+
+    ``node="q"`` patches a query head's query input instead (``hook_q``); ``"k"`` / ``"v"`` a
+    KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA).
+    ``heads_per_forward`` patched copies of the target run in one forward; ``reuse_vision``:
+    the copies reuse the target's image features (computed once) instead of rerunning the
+    vision tower per copy."""
+    check_aligned(source, target)
+    L = model.cfg.n_layers
+    if node not in ("z", "q", "k", "v"):
+        raise ValueError(f"node must be 'z', 'q', 'k' or 'v', not {node!r}")
+    H = model.cfg.n_heads if node in ("z", "q") else (model.cfg.n_key_value_heads
+                                                      or model.cfg.n_heads)
+    names = [f"blocks.{l}.attn.hook_{node}" for l in range(L)]
+    src = _cache(model, source, names)
+
+    def job(l: int, h: int) -> list[tuple[str, Edit]]:
+        def edit(x: Tensor) -> None:
+            x[:, :, h] = src[names[l]][:, :, h]
+        return [(names[l], edit)]
+
+    values = _sweep(model, target, metric, [job(l, h) for l in range(L) for h in range(H)],
+                    per_forward=heads_per_forward, reuse_vision=reuse_vision,
+                    progress=progress, desc="patching heads")
+    return values.mean(1).view(L, H)
 
 
 def patch_heads_by_group(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, progress: bool = False,
+    *, per_forward: int = 8, progress: bool = False,
 ) -> tuple[Float[Tensor, "layer head group"], list[str]]:
     """Metric with one head's z at one position group (``position_groups``) taken from the
-    source."""
+    source (``per_forward`` patched copies per forward)."""
     check_aligned(source, target)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     groups = position_groups(target)
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     src = _cache(model, source, names)
-    out = torch.zeros(L, H, len(groups))
-    with tqdm(total=L * H * len(groups), disable=not progress, desc="patching") as bar:
-        for l in range(L):
-            for h in range(H):
-                for g, (_, per) in enumerate(groups):
-                    ex, pos = _index(per)
+    index = [_index(per) for _, per in groups]
 
-                    def hook(z: Tensor, hook: Any, h=h, ex=ex, pos=pos, l=l) -> Tensor:
-                        z = z.clone()
-                        z[ex, pos, h] = src[names[l]][ex, pos, h]
-                        return z
-                    with torch.no_grad():
-                        logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
-                    out[l, h, g] = metric(logits, target).mean()
-                    bar.update()
-    return out, [label for label, _ in groups]
+    def job(l: int, h: int, g: int) -> list[tuple[str, Edit]]:
+        ex, pos = index[g]
+
+        def edit(z: Tensor) -> None:
+            z[ex, pos, h] = src[names[l]][ex, pos, h]
+        return [(names[l], edit)]
+
+    jobs = [job(l, h, g) for l in range(L) for h in range(H) for g in range(len(groups))]
+    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+                    desc="patching")
+    return values.mean(1).view(L, H, len(groups)), [label for label, _ in groups]
 
 
 def patch_residual(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, progress: bool = False,
+    *, per_forward: int = 8, progress: bool = False,
 ) -> tuple[Float[Tensor, "layer group"], list[str]]:
-    """Metric with ``blocks.L.hook_resid_pre`` at one position group taken from the source."""
+    """Metric with ``blocks.L.hook_resid_pre`` at one position group taken from the source
+    (``per_forward`` patched copies per forward)."""
     check_aligned(source, target)
     L = model.cfg.n_layers
     groups = position_groups(target)
     names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     src = _cache(model, source, names)
-    out = torch.zeros(L, len(groups))
-    for l in tqdm(range(L), disable=not progress, desc="patching residual"):
-        for g, (_, per) in enumerate(groups):
-            ex, pos = _index(per)
+    index = [_index(per) for _, per in groups]
 
-            def hook(x: Tensor, hook: Any, ex=ex, pos=pos, l=l) -> Tensor:
-                x = x.clone()
-                x[ex, pos] = src[names[l]][ex, pos]
-                return x
-            with torch.no_grad():
-                logits = model.run_with_hooks(target, fwd_hooks=[(names[l], hook)])
-            out[l, g] = metric(logits, target).mean()
-    return out, [label for label, _ in groups]
+    def job(l: int, g: int) -> list[tuple[str, Edit]]:
+        ex, pos = index[g]
+
+        def edit(x: Tensor) -> None:
+            x[ex, pos] = src[names[l]][ex, pos]
+        return [(names[l], edit)]
+
+    jobs = [job(l, g) for l in range(L) for g in range(len(groups))]
+    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+                    desc="patching residual")
+    return values.mean(1).view(L, len(groups)), [label for label, _ in groups]
 
 
 def patch_vision_tokens(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-    *, example: int = 0, progress: bool = False,
+    *, example: int = 0, per_forward: int = 8, progress: bool = False,
 ) -> Float[Tensor, " vision"]:
     """Metric with the LM input of one vision token (the projector's output, as it enters the
     decoder at ``blocks.0.hook_resid_pre``) taken from the source; ``example``'s vision tokens
-    in layout order (``layout.boxes(example)`` gives their boxes)."""
+    in layout order (``layout.boxes(example)`` gives their boxes); ``per_forward`` patched
+    copies per forward."""
     check_aligned(source, target)
     name = "blocks.0.hook_resid_pre"
     src = _cache(model, source, [name])[name]
-    vis = target.layout.vision_positions(example)
-    out = torch.zeros(len(vis))
-    for i, p in enumerate(tqdm(vis.tolist(), disable=not progress, desc="patching tokens")):
-        def hook(x: Tensor, hook: Any, p=p) -> Tensor:
-            x = x.clone()
+    vis = target.layout.vision_positions(example).tolist()
+
+    def job(p: int) -> list[tuple[str, Edit]]:
+        def edit(x: Tensor) -> None:
             x[example, p] = src[example, p]
-            return x
-        with torch.no_grad():
-            logits = model.run_with_hooks(target, fwd_hooks=[(name, hook)])
-        out[i] = metric(logits, target)[example]
-    return out
+        return [(name, edit)]
+
+    values = _sweep(model, target, metric, [job(p) for p in vis], per_forward=per_forward,
+                    progress=progress, desc="patching tokens")
+    return values[:, example]
 
 
 # --- path patching --------------------------------------------------------------------------
@@ -335,34 +418,13 @@ def path_patch(
     return float(metric(logits, target).mean())
 
 
-# --- attribution patching -------------------------------------------------------------------
-def attribute_heads(
-    model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-) -> Float[Tensor, "layer head"]:
-    """Attribution patching: for every head at once, grad(metric at target) . (z_source -
-    z_target), summed over positions and d_head, averaged over examples — the first-order
-    estimate of ``patch_heads`` (exact where the metric is linear in the head's output)."""
-    check_aligned(source, target)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    src = _cache(model, source, names)
-    acts: dict[str, Tensor] = {}
+# --- attribution (corelens.attribution, re-exported here) ---------------------------------
+_ATTRIBUTION = ("attribute_heads", "atp_star", "edge_attribution", "EdgeScores")
 
-    def keep(name: str):
-        def hook(z: Tensor, hook: Any) -> Tensor:
-            if not z.requires_grad:  # frozen weights: make the earliest z a leaf
-                z = z.detach().requires_grad_(True)
-            acts[name] = z  # later z stay in the graph: gradients are total derivatives
-            return z
-        return hook
 
-    with torch.enable_grad():
-        logits = model.run_with_hooks(target, fwd_hooks=[(n, keep(n)) for n in names])
-        value = metric(logits, target).mean()
-        grads = torch.autograd.grad(value, [acts[n] for n in names])
-    out = torch.zeros(L, H)
-    for l, (n, g) in enumerate(zip(names, grads)):
-        diff = (src[n] - acts[n].detach()).float()
-        # the gradient of the batch mean already carries 1/B: sum over examples
-        out[l] = (g.float() * diff).sum(dim=(0, 1, 3)).cpu()
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _ATTRIBUTION:
+        from corelens import attribution
+
+        return getattr(attribution, name)
+    raise AttributeError(f"module 'corelens.patching' has no attribute {name!r}")
