@@ -109,7 +109,7 @@ def test_vision_tokens_up_to_1024():
 # --- the shipped model ---------------------------------------------------------------------
 
 
-SHIPPED = ["toy-llava", "toy-llava-dense", "toy-qwen-vl"]
+SHIPPED = ["toy-llava", "toy-llava-dense", "toy-llava-deep", "toy-qwen-vl"]
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
@@ -168,6 +168,27 @@ def test_toy_model_reads_the_image(name, toy, held_out):
     assert maj_acc <= chance + tol
     # ... and with the image blanked the model answers (nearly) the same for every question
     assert len(set(blank.predictions)) <= 3
+
+
+def test_deep_toy_model_retrieves_after_layer_k():
+    # toy-llava-deep was trained with text -> image attention knocked out in layers < K (then
+    # penalised); shipped with plain attention, its text rows still put (almost) no mass on
+    # the image there, and its retrieval heads (RAM, from the answer position) lie in layers >= K
+    from corelens.ram import score_heads
+    from corelens.zoo.reference import _batches, attention_masses, load_plain
+
+    import json
+
+    name = "toy-llava-deep"
+    k = json.loads((zoo.path(name) / "train_log.json").read_text())["recipe"]["late_retrieval"]
+    assert k >= 2
+    examples = zoo.examples(name, 48, seed=5)
+    hf, proc = load_plain(zoo.path(name))
+    ref = attention_masses(hf, _batches(hf, proc, examples, 48))
+    assert float(ref["vision"][:k].max()) < 0.01  # the answer row reads no image before K
+    ram = score_heads(zoo.load(name), examples, "ram", progress=False)
+    assert all(layer >= k for layer, _ in ram.top(frac=0.1))
+    assert float(ram.scores[k:].max()) > 0.5
 
 
 # --- the recipe ------------------------------------------------------------------------------
@@ -248,6 +269,27 @@ def test_late_retrieval_knockout_and_penalty(tmp_path):
 
     m = HookedMLLM.from_pretrained(tmp_path / "run")
     assert m.hf_model.config.text_config._attn_implementation != "corelens_knockout"
+
+
+def test_init_from_shipped_starts_as_the_shipped_model(tmp_path):
+    # toy-llava-deep's start: toy-llava's decoder at layers 4-7, four identity layers below,
+    # so before training it computes what toy-llava computes (same tokens, same logits)
+    from corelens.zoo import train as T
+    from corelens.zoo.reference import load_plain
+
+    recipe = T.RECIPES["toy-llava-deep"]
+    model, proc = T.build(tmp_path, recipe, seed=0)
+    T.init_from_shipped(model, recipe)
+    src, src_proc = load_plain(zoo.path(recipe.init_from))
+    exs = make_examples(recipe.task, 8, seed=3)
+    b, bs = T.encode(model, proc, exs), T.encode(src, src_proc, exs)
+    assert torch.equal(b.input_ids, bs.input_ids)
+    with torch.no_grad():
+        got, want = T.forward_answers(model.eval(), b)[0], T.forward_answers(src, bs)[0]
+    assert torch.allclose(got, want, atol=1e-4)
+    bad = T.Recipe(layers=6, heads=4, init_from="toy-llava", init_offset=4)
+    with pytest.raises(ValueError, match="offset"):
+        T.init_from_shipped(T.build(tmp_path / "bad", bad, seed=0)[0], bad)
 
 
 def test_qwen_recipe_is_patch_local_and_trains(tmp_path):

@@ -81,6 +81,11 @@ class Recipe:
     late_tol: float = 0.0  # mass per (layer, head, text row) below which there is no penalty
     late_mode: str = "penalty"  # or "knockout": text -> image attention masked out in training
     late_release: int = 0  # knockout: from this step on, plain attention + the penalty
+    late_start: int = 0  # no knockout before this step ...
+    init_from: str = ""  # a shipped toy model whose weights start this one (same task, widths)
+    init_offset: int = 0  # ... its decoder layers become layers offset.. ; the ones below start
+    # as the identity (attention and MLP output projections zero)
+    late_every: int = 0  # ... then K grows by 1 every this many steps (0: all K layers at once)
     curriculum_steps: int = 400  # steps per curriculum stage (max objects 2, 3, ... final)
     eval_every: int = 250
     eval_examples: int = 256  # held-out examples per evaluation (twice as many at the end)
@@ -103,13 +108,12 @@ RECIPES: dict[str, Recipe] = {
     "toy-qwen-vl": Recipe(task=SceneTask(image_size=128, n_objects=(2, 4)),
                           family="qwen2_5_vl", kv_heads=2, sparsity=0.05, steps=2000,
                           sparsity_ramp=500),
-    # deeper and wider (8 layers x 8 heads, head dim 16): 5-10% of the heads is 4-7 heads; text
-    # rows cannot read image tokens in layers 0-3 (``late_retrieval``: knocked out until step
-    # 3,250, then plain attention with that mass penalised), so the query-driven retrieval
-    # forms mid-depth (layers >= 4), as MLLM information-flow studies find
-    "toy-llava-deep": Recipe(layers=8, heads=8, intermediate=128, steps=4000, sparsity=0.05,
-                             sparsity_start=2000, late_retrieval=4, late_mode="knockout",
-                             late_release=3250),
+    # toy-llava's decoder moved to layers 4-7 under 4 new layers, trained on with text rows'
+    # attention to the image penalised in layers 0-3 (``late_retrieval``): retrieval mid-depth
+    "toy-llava-deep": Recipe(layers=8, heads=4, intermediate=256, init_from="toy-llava",
+                             init_offset=4, late_retrieval=4, late_mode="penalty", steps=1000,
+                             lr=5e-4, warmup=50, curriculum_steps=0, sparsity=0.05,
+                             sparsity_start=0, sparsity_ramp=1),
 }
 
 
@@ -221,6 +225,35 @@ def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[An
     proc.save_pretrained(folder)
     task.save(folder / "task.json")
     return model, proc
+
+
+@torch.no_grad()
+def init_from_shipped(model: Any, recipe: Recipe) -> None:
+    """Copy shipped model ``recipe.init_from`` into ``model`` (LLaVA): vision tower, projector,
+    embeddings, final norm and LM head as they are; its decoder layer ``i`` into layer
+    ``i + init_offset``; the layers below the offset keep their random init but with zero
+    ``o_proj`` and ``down_proj``, so at step 0 the model computes exactly what the shipped one
+    does (they add nothing to the residual stream until training moves them)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from corelens import zoo
+
+    src = LlavaForConditionalGeneration.from_pretrained(zoo.path(recipe.init_from))
+    sm, dm = src.model, model.model
+    for name in ("vision_tower", "multi_modal_projector"):
+        getattr(dm, name).load_state_dict(getattr(sm, name).state_dict())
+    dm.language_model.embed_tokens.load_state_dict(sm.language_model.embed_tokens.state_dict())
+    dm.language_model.norm.load_state_dict(sm.language_model.norm.state_dict())
+    model.lm_head.load_state_dict(src.lm_head.state_dict())
+    layers, off = dm.language_model.layers, recipe.init_offset
+    if off + len(sm.language_model.layers) != len(layers):
+        raise ValueError(f"init_from {recipe.init_from!r}: {len(sm.language_model.layers)} "
+                         f"layers + offset {off} != {len(layers)} layers")
+    for i, layer in enumerate(sm.language_model.layers):
+        layers[i + off].load_state_dict(layer.state_dict())
+    for layer in layers[:off]:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
 
 
 def curriculum(recipe: Recipe, step: int) -> SceneTask:
@@ -352,6 +385,8 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc = build(out, recipe, seed)
+    if recipe.init_from:
+        init_from_shipped(model, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]  # patch_local: proj frozen
     opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.98))
@@ -391,6 +426,13 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     def knocking(step: int) -> bool:  # text -> image attention masked out at this step
         return knock and step < recipe.late_release
 
+    def k_at(step: int) -> int:  # layers knocked out at this step (progressive from late_start)
+        if step < recipe.late_start:
+            return 0
+        if recipe.late_every <= 0:
+            return late_k
+        return min(late_k, 1 + (step - recipe.late_start) // recipe.late_every)
+
     def plain_phase() -> None:  # eager attention, the penalty reads its probabilities
         model.set_attn_implementation("eager")
         for layer in model.model.language_model.layers[:late_k]:
@@ -416,7 +458,7 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         probs.clear()
         if knock and step == recipe.late_release and step > start:
             plain_phase()  # the knockout ends: plain attention from here on
-        _knockout(batch, late_k if knocking(step) else 0)
+        _knockout(batch, k_at(step) if knocking(step) else 0)
         logits, ans = forward_answers(model, batch)
         _KNOCKOUT.clear()
         loss = torch.nn.functional.cross_entropy(logits, ans)
@@ -447,7 +489,7 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         done = step + 1
         if done % recipe.eval_every == 0 or done == recipe.steps:
             acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples,
-                           knockout=late_k if knocking(step) else 0)
+                           knockout=k_at(step) if knocking(step) else 0)
             log["evals"].append({"step": done, "accuracy": acc, "loss": ema,
                                  "seconds": round(time.time() - t0, 1)})
             bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})")
