@@ -171,13 +171,13 @@ def test_toy_model_reads_the_image(name, toy, held_out):
 
 
 def test_deep_toy_model_retrieves_after_layer_k():
-    # toy-llava-deep was trained with text -> image attention knocked out in layers < K (then
-    # penalised); shipped with plain attention, its text rows still put (almost) no mass on
-    # the image there, and its retrieval heads (RAM, from the answer position) lie in layers >= K
+    # toy-llava-deep was trained with text rows' attention mass on the image penalised in
+    # layers < K; with plain attention its answer row puts (almost) no mass on the image there,
+    # and its retrieval heads (RAM, from the answer position) lie in layers >= K
+    import json
+
     from corelens.ram import score_heads
     from corelens.zoo.reference import _batches, attention_masses, load_plain
-
-    import json
 
     name = "toy-llava-deep"
     k = json.loads((zoo.path(name) / "train_log.json").read_text())["recipe"]["late_retrieval"]
