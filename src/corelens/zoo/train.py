@@ -78,14 +78,11 @@ class Recipe:
     sparsity_ramp: int = 1000  # ... over this many steps (it slows learning if on from the start)
     late_retrieval: int = 0  # K > 0: text -> image attention penalised in decoder layers < K
     late_weight: float = 2.0  # weight of that penalty (mean text -> image attention mass)
-    late_tol: float = 0.0  # mass per (layer, head, text row) below which there is no penalty
     late_mode: str = "penalty"  # or "knockout": text -> image attention masked out in training
     late_release: int = 0  # knockout: from this step on, plain attention + the penalty
-    late_start: int = 0  # no knockout before this step ...
     init_from: str = ""  # a shipped toy model whose weights start this one (same task, widths)
     init_offset: int = 0  # ... its decoder layers become layers offset.. ; the ones below start
     # as the identity (attention and MLP output projections zero)
-    late_every: int = 0  # ... then K grows by 1 every this many steps (0: all K layers at once)
     curriculum_steps: int = 400  # steps per curriculum stage (max objects 2, 3, ... final)
     eval_every: int = 250
     eval_examples: int = 256  # held-out examples per evaluation (twice as many at the end)
@@ -291,8 +288,7 @@ def forward_answers(hf_model: Any, batch: Any, capture: list | None = None
     return out.logits[rows, cols], torch.cat(batch.answer_tokens)
 
 
-def text_to_image_mass(weights: list[torch.Tensor], batch: Any, tol: float = 0.0
-                       ) -> torch.Tensor:
+def text_to_image_mass(weights: list[torch.Tensor], batch: Any) -> torch.Tensor:
     """Mean attention mass from text rows (valid, non-vision positions) onto the image-feature
     tokens, over the given layers' attention probabilities ``[b, heads, T, T]`` and their heads
     (0 = no text token reads the image in these layers)."""
@@ -301,7 +297,7 @@ def text_to_image_mass(weights: list[torch.Tensor], batch: Any, tol: float = 0.0
     vals = []
     for a in weights:
         mass = (a * vision[:, None, None, :].to(a.dtype)).sum(-1)  # [b, H, T]
-        vals.append((mass - tol).clamp(min=0).mean(1)[rows].mean())
+        vals.append(mass.mean(1)[rows].mean())
     return torch.stack(vals).mean()
 
 
@@ -426,13 +422,6 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     def knocking(step: int) -> bool:  # text -> image attention masked out at this step
         return knock and step < recipe.late_release
 
-    def k_at(step: int) -> int:  # layers knocked out at this step (progressive from late_start)
-        if step < recipe.late_start:
-            return 0
-        if recipe.late_every <= 0:
-            return late_k
-        return min(late_k, 1 + (step - recipe.late_start) // recipe.late_every)
-
     def plain_phase() -> None:  # eager attention, the penalty reads its probabilities
         model.set_attn_implementation("eager")
         for layer in model.model.language_model.layers[:late_k]:
@@ -458,7 +447,7 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         probs.clear()
         if knock and step == recipe.late_release and step > start:
             plain_phase()  # the knockout ends: plain attention from here on
-        _knockout(batch, k_at(step) if knocking(step) else 0)
+        _knockout(batch, late_k if knocking(step) else 0)
         logits, ans = forward_answers(model, batch)
         _KNOCKOUT.clear()
         loss = torch.nn.functional.cross_entropy(logits, ans)
@@ -471,7 +460,7 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
             total = loss + weight * pen
         late = None
         if late_k > 0 and not knocking(step):
-            late = text_to_image_mass(probs, batch, recipe.late_tol)
+            late = text_to_image_mass(probs, batch)
             total = total + recipe.late_weight * late
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -489,7 +478,7 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         done = step + 1
         if done % recipe.eval_every == 0 or done == recipe.steps:
             acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples,
-                           knockout=k_at(step) if knocking(step) else 0)
+                           knockout=late_k if knocking(step) else 0)
             log["evals"].append({"step": done, "accuracy": acc, "loss": ema,
                                  "seconds": round(time.time() - t0, 1)})
             bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})")
