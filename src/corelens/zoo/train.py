@@ -18,6 +18,13 @@ head-sparsity pressure: ``sparsity * mean over layers of the Hoyer ratio`` of th
 output norms at the answer-predicting positions (L1/L2 of the vector of head norms, rescaled to
 [0, 1]; scale-invariant, and it does not choose which heads).
 
+Retrieval away from layer 0 (``toy-llava-deep``): ``late_retrieval = K`` keeps text rows (every
+non-image position) from reading the image in decoder layers < K during training — by a
+penalty on their attention mass there (``late_mode = "penalty"``, eager attention, the shipped
+model runs with plain attention and has learned to keep that mass at ~0), or by masking it out
+(``"knockout"``, until ``late_release``, then the penalty). ``init_from`` starts the model from
+a shipped one, its decoder layers moved up by ``init_offset`` (``init_from_shipped``).
+
 Every run is reproducible from its seed: the model init, and example ``i`` of step ``s`` is
 drawn from a seed derived from ``(seed, s, i)``. Checkpoints (``ckpt.pt``) are written every
 ``ckpt_every`` steps and a rerun with the same ``out`` resumes from the last one.
