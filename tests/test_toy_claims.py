@@ -15,7 +15,8 @@ from corelens.zoo import reference
 N = 96
 
 
-@pytest.fixture(scope="module", params=["toy-llava", "toy-llava-dense", "toy-qwen-vl"])
+@pytest.fixture(scope="module",
+                params=["toy-llava", "toy-llava-dense", "toy-llava-deep", "toy-qwen-vl"])
 def toy(request):
     name = request.param
     return name, zoo.load(name), zoo.examples(name, N, seed=4242)

@@ -109,7 +109,7 @@ def test_vision_tokens_up_to_1024():
 # --- the shipped model ---------------------------------------------------------------------
 
 
-SHIPPED = ["toy-llava", "toy-llava-dense", "toy-qwen-vl"]
+SHIPPED = ["toy-llava", "toy-llava-dense", "toy-llava-deep", "toy-qwen-vl"]
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
@@ -170,6 +170,27 @@ def test_toy_model_reads_the_image(name, toy, held_out):
     assert len(set(blank.predictions)) <= 3
 
 
+def test_deep_toy_model_retrieves_after_layer_k():
+    # toy-llava-deep was trained with text rows' attention mass on the image penalised in
+    # layers < K; with plain attention its answer row puts (almost) no mass on the image there,
+    # and its retrieval heads (RAM, from the answer position) lie in layers >= K
+    import json
+
+    from corelens.ram import score_heads
+    from corelens.zoo.reference import _batches, attention_masses, load_plain
+
+    name = "toy-llava-deep"
+    k = json.loads((zoo.path(name) / "train_log.json").read_text())["recipe"]["late_retrieval"]
+    assert k >= 2
+    examples = zoo.examples(name, 48, seed=5)
+    hf, proc = load_plain(zoo.path(name))
+    ref = attention_masses(hf, _batches(hf, proc, examples, 48))
+    assert float(ref["vision"][:k].max()) < 0.01  # the answer row reads no image before K
+    ram = score_heads(zoo.load(name), examples, "ram", progress=False)
+    assert all(layer >= k for layer, _ in ram.top(frac=0.1))
+    assert float(ram.scores[k:].max()) > 0.5
+
+
 # --- the recipe ------------------------------------------------------------------------------
 
 
@@ -193,6 +214,82 @@ def test_train_checkpoints_and_resumes(tmp_path):
 
     m = HookedMLLM.from_pretrained(tmp_path / "b")  # the folder is a complete checkpoint
     assert m.cfg.n_layers == 1 and full["final_accuracy"] >= 0
+
+
+def test_late_retrieval_knockout_and_penalty(tmp_path):
+    # the training-time constraint of toy-llava-deep: text rows cannot read image tokens in
+    # decoder layers < K (knockout), later the mass they put there is penalised; checked
+    # against plain eager attention and a loop over rows
+    from corelens.zoo import train as T
+
+    task = SceneTask(image_size=32, n_objects=(1, 2))
+    recipe = T.Recipe(task=task, hidden=32, heads=2, layers=3, intermediate=32,
+                      vision_hidden=16, batch_size=4, steps=4, eval_every=2, ckpt_every=2,
+                      eval_examples=8, late_retrieval=2, late_mode="knockout", late_release=2)
+    model, proc = T.build(tmp_path / "m", recipe, seed=0)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("corelens_knockout", T._knockout_attention)
+    batch = T.encode(model, proc, make_examples(task, 3, seed=0))
+    vis = batch.layout.vision_mask().bool()
+    text = batch.attention_mask.bool() & ~vis
+    after = text & (vis.long().cumsum(-1) > 0)  # text rows after the image
+    model.model.language_model.set_attn_implementation("eager")
+    plain = model(input_ids=batch.input_ids, **batch.model_kwargs(), output_attentions=True)
+    model.model.language_model.set_attn_implementation("corelens_knockout")
+    with torch.no_grad():
+        same = model(input_ids=batch.input_ids, **batch.model_kwargs()).logits
+        T._knockout(batch, 2)
+        knocked = model(input_ids=batch.input_ids, **batch.model_kwargs(),
+                        output_attentions=True)
+        T._knockout(batch, 0)
+    assert torch.allclose(same, plain.logits, atol=1e-5)  # no knockout: plain attention
+    for layer, att in enumerate(knocked.attentions):  # [b, H, T, T]
+        mass = (att * vis[:, None, None, :]).sum(-1)  # [b, H, T]
+        if layer < 2:
+            assert mass.permute(0, 2, 1)[text].abs().max() == 0  # text rows read no image
+        else:
+            assert mass.permute(0, 2, 1)[after].min() > 0
+        # image rows come before the text: untouched in every layer
+        assert torch.allclose(att.permute(0, 2, 1, 3)[vis],
+                              plain.attentions[layer].permute(0, 2, 1, 3)[vis], atol=1e-5)
+    # the penalty: mean over layers, heads and text rows of the mass on image tokens
+    probs = [a.detach() for a in plain.attentions[:2]]
+    want = []
+    for a in probs:
+        rows = [float(a[e, h, i][vis[e]].sum()) for e in range(len(a)) for i in range(a.shape[2])
+                if text[e, i] for h in range(a.shape[1])]
+        want.append(sum(rows) / len(rows))
+    got = T.text_to_image_mass(probs, batch)
+    assert abs(float(got) - sum(want) / len(want)) < 1e-6 and float(got) > 0
+    # a run: knockout for 2 steps, then plain attention + penalty; saved with plain attention
+    log = T.train("k", tmp_path / "run", seed=0, recipe=recipe, progress=False)
+    assert [e["step"] for e in log["evals"]] == [2, 4]
+    from corelens import HookedMLLM
+
+    m = HookedMLLM.from_pretrained(tmp_path / "run")
+    assert m.hf_model.config.text_config._attn_implementation != "corelens_knockout"
+
+
+def test_init_from_shipped_starts_as_the_shipped_model(tmp_path):
+    # toy-llava-deep's start: toy-llava's decoder at layers 4-7, four identity layers below,
+    # so before training it computes what toy-llava computes (same tokens, same logits)
+    from corelens.zoo import train as T
+    from corelens.zoo.reference import load_plain
+
+    recipe = T.RECIPES["toy-llava-deep"]
+    model, proc = T.build(tmp_path, recipe, seed=0)
+    T.init_from_shipped(model, recipe)
+    src, src_proc = load_plain(zoo.path(recipe.init_from))
+    exs = make_examples(recipe.task, 8, seed=3)
+    b, bs = T.encode(model, proc, exs), T.encode(src, src_proc, exs)
+    assert torch.equal(b.input_ids, bs.input_ids)
+    with torch.no_grad():
+        got, want = T.forward_answers(model.eval(), b)[0], T.forward_answers(src, bs)[0]
+    assert torch.allclose(got, want, atol=1e-4)
+    bad = T.Recipe(layers=6, heads=4, init_from="toy-llava", init_offset=4)
+    with pytest.raises(ValueError, match="offset"):
+        T.init_from_shipped(T.build(tmp_path / "bad", bad, seed=0)[0], bad)
 
 
 def test_qwen_recipe_is_patch_local_and_trains(tmp_path):

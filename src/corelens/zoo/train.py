@@ -18,6 +18,13 @@ head-sparsity pressure: ``sparsity * mean over layers of the Hoyer ratio`` of th
 output norms at the answer-predicting positions (L1/L2 of the vector of head norms, rescaled to
 [0, 1]; scale-invariant, and it does not choose which heads).
 
+Retrieval away from layer 0 (``toy-llava-deep``): ``late_retrieval = K`` keeps text rows (every
+non-image position) from reading the image in decoder layers < K during training — by a
+penalty on their attention mass there (``late_mode = "penalty"``, eager attention, the shipped
+model runs with plain attention and has learned to keep that mass at ~0), or by masking it out
+(``"knockout"``, until ``late_release``, then the penalty). ``init_from`` starts the model from
+a shipped one, its decoder layers moved up by ``init_offset`` (``init_from_shipped``).
+
 Every run is reproducible from its seed: the model init, and example ``i`` of step ``s`` is
 drawn from a seed derived from ``(seed, s, i)``. Checkpoints (``ckpt.pt``) are written every
 ``ckpt_every`` steps and a rerun with the same ``out`` resumes from the last one.
@@ -76,6 +83,13 @@ class Recipe:
     sparsity: float = 0.0  # weight of the Hoyer head-sparsity pressure (0 = off)
     sparsity_start: int = 1000  # the pressure ramps up linearly from this step ...
     sparsity_ramp: int = 1000  # ... over this many steps (it slows learning if on from the start)
+    late_retrieval: int = 0  # K > 0: text -> image attention penalised in decoder layers < K
+    late_weight: float = 2.0  # weight of that penalty (mean text -> image attention mass)
+    late_mode: str = "penalty"  # or "knockout": text -> image attention masked out in training
+    late_release: int = 0  # knockout: from this step on, plain attention + the penalty
+    init_from: str = ""  # a shipped toy model whose weights start this one (same task, widths)
+    init_offset: int = 0  # ... its decoder layers become layers offset.. ; the ones below start
+    # as the identity (attention and MLP output projections zero)
     curriculum_steps: int = 400  # steps per curriculum stage (max objects 2, 3, ... final)
     eval_every: int = 250
     eval_examples: int = 256  # held-out examples per evaluation (twice as many at the end)
@@ -98,6 +112,12 @@ RECIPES: dict[str, Recipe] = {
     "toy-qwen-vl": Recipe(task=SceneTask(image_size=128, n_objects=(2, 4)),
                           family="qwen2_5_vl", kv_heads=2, sparsity=0.05, steps=2000,
                           sparsity_ramp=500),
+    # toy-llava's decoder moved to layers 4-7 under 4 new layers, trained on with text rows'
+    # attention to the image penalised in layers 0-3 (``late_retrieval``): retrieval mid-depth
+    "toy-llava-deep": Recipe(layers=8, heads=4, intermediate=256, init_from="toy-llava",
+                             init_offset=4, late_retrieval=4, late_mode="penalty", steps=1000,
+                             lr=5e-4, warmup=50, curriculum_steps=0, sparsity=0.05,
+                             sparsity_start=0, sparsity_ramp=1),
 }
 
 
@@ -211,6 +231,35 @@ def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[An
     return model, proc
 
 
+@torch.no_grad()
+def init_from_shipped(model: Any, recipe: Recipe) -> None:
+    """Copy shipped model ``recipe.init_from`` into ``model`` (LLaVA): vision tower, projector,
+    embeddings, final norm and LM head as they are; its decoder layer ``i`` into layer
+    ``i + init_offset``; the layers below the offset keep their random init but with zero
+    ``o_proj`` and ``down_proj``, so at step 0 the model computes exactly what the shipped one
+    does (they add nothing to the residual stream until training moves them)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from corelens import zoo
+
+    src = LlavaForConditionalGeneration.from_pretrained(zoo.path(recipe.init_from))
+    sm, dm = src.model, model.model
+    for name in ("vision_tower", "multi_modal_projector"):
+        getattr(dm, name).load_state_dict(getattr(sm, name).state_dict())
+    dm.language_model.embed_tokens.load_state_dict(sm.language_model.embed_tokens.state_dict())
+    dm.language_model.norm.load_state_dict(sm.language_model.norm.state_dict())
+    model.lm_head.load_state_dict(src.lm_head.state_dict())
+    layers, off = dm.language_model.layers, recipe.init_offset
+    if off + len(sm.language_model.layers) != len(layers):
+        raise ValueError(f"init_from {recipe.init_from!r}: {len(sm.language_model.layers)} "
+                         f"layers + offset {off} != {len(layers)} layers")
+    for i, layer in enumerate(sm.language_model.layers):
+        layers[i + off].load_state_dict(layer.state_dict())
+    for layer in layers[:off]:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
 def curriculum(recipe: Recipe, step: int) -> SceneTask:
     lo, hi = recipe.task.n_objects
     cur_hi = min(hi, 2 + step // max(1, recipe.curriculum_steps))
@@ -246,6 +295,51 @@ def forward_answers(hf_model: Any, batch: Any, capture: list | None = None
     return out.logits[rows, cols], torch.cat(batch.answer_tokens)
 
 
+def text_to_image_mass(weights: list[torch.Tensor], batch: Any) -> torch.Tensor:
+    """Mean attention mass from text rows (valid, non-vision positions) onto the image-feature
+    tokens, over the given layers' attention probabilities ``[b, heads, T, T]`` and their heads
+    (0 = no text token reads the image in these layers)."""
+    vision = batch.layout.vision_mask().to(weights[0].device)  # [b, T]
+    rows = batch.attention_mask.bool().to(vision.device) & ~vision
+    vals = []
+    for a in weights:
+        mass = (a * vision[:, None, None, :].to(a.dtype)).sum(-1)  # [b, H, T]
+        vals.append(mass.mean(1)[rows].mean())
+    return torch.stack(vals).mean()
+
+
+_KNOCKOUT: dict[str, Any] = {}  # the batch's [b, T] text-row and vision-key masks, layers < K
+
+
+def _knockout_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                        **kw: Any) -> Any:
+    """Eager attention, with text rows' attention to image-feature keys masked out in decoder
+    layers < ``_KNOCKOUT['k']`` (training only)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    neg = torch.finfo(query.dtype).min
+    t, n = key.shape[2], query.shape[2]
+    if attention_mask is None:  # this interface is not given a mask: build the causal one
+        attention_mask = torch.zeros(1, 1, n, t, dtype=query.dtype).masked_fill(
+            torch.arange(t)[None, :] > torch.arange(t - n, t)[:, None], neg)
+    else:
+        attention_mask = attention_mask[..., :t]
+    if _KNOCKOUT and getattr(module, "layer_idx", 1 << 30) < _KNOCKOUT["k"]:
+        block = _KNOCKOUT["rows"][:, None, :, None] & _KNOCKOUT["vision"][:, None, None, :]
+        attention_mask = attention_mask.masked_fill(block, neg)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout,
+                                   **kw)
+
+
+def _knockout(batch: Any, k: int) -> None:
+    """Mask text rows' attention to the batch's image tokens in layers < k (k = 0: none)."""
+    _KNOCKOUT.clear()
+    if k > 0:
+        vis = batch.layout.vision_mask().bool()
+        _KNOCKOUT.update(k=k, vision=vis, rows=batch.attention_mask.bool() & ~vis)
+
+
 def hoyer_penalty(acts: list[torch.Tensor], batch: Any, heads: int) -> torch.Tensor:
     """Mean over layers of the rescaled Hoyer ratio (L1/L2 - 1) / (sqrt(H) - 1) of the per-head
     output norms at the query positions (1 = all heads alike, 0 = one head)."""
@@ -262,7 +356,7 @@ def hoyer_penalty(acts: list[torch.Tensor], batch: Any, heads: int) -> torch.Ten
 
 @torch.no_grad()
 def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed: int = 12345,
-             batch_size: int = 64) -> float:
+             batch_size: int = 64, knockout: int = 0) -> float:
     from corelens.zoo.scenes import make_examples
 
     hf_model.eval()
@@ -270,7 +364,9 @@ def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed:
     good = 0
     for i in range(0, n, batch_size):
         b = encode(hf_model, processor, exs[i:i + batch_size])
+        _knockout(b, knockout)
         logits, ans = forward_answers(hf_model, b)
+        _KNOCKOUT.clear()
         hit = (logits.argmax(-1) == ans)
         # an example is right when all its answer tokens are
         k = 0
@@ -292,6 +388,8 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc = build(out, recipe, seed)
+    if recipe.init_from:
+        init_from_shipped(model, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]  # patch_local: proj frozen
     opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
                             betas=(0.9, 0.98))
@@ -324,6 +422,27 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
             hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
                 lambda mod, args: acts.append(args[0])))
 
+    probs: list[torch.Tensor] = []
+    late_k = recipe.late_retrieval
+    knock = late_k > 0 and recipe.late_mode == "knockout"
+
+    def knocking(step: int) -> bool:  # text -> image attention masked out at this step
+        return knock and step < recipe.late_release
+
+    def plain_phase() -> None:  # eager attention, the penalty reads its probabilities
+        model.set_attn_implementation("eager")
+        for layer in model.model.language_model.layers[:late_k]:
+            hooks.append(layer.self_attn.register_forward_hook(
+                lambda mod, args, out: probs.append(out[1])))
+
+    if knocking(start):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("corelens_knockout", _knockout_attention)
+        model.model.language_model.set_attn_implementation("corelens_knockout")
+    elif late_k > 0:
+        plain_phase()
+
     t0 = time.time() - log["seconds"]
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=name,
                disable=not progress)
@@ -332,7 +451,12 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         model.train()
         batch = encode(model, proc, step_examples(recipe, seed, step))
         acts.clear()
+        probs.clear()
+        if knock and step == recipe.late_release and step > start:
+            plain_phase()  # the knockout ends: plain attention from here on
+        _knockout(batch, late_k if knocking(step) else 0)
         logits, ans = forward_answers(model, batch)
+        _KNOCKOUT.clear()
         loss = torch.nn.functional.cross_entropy(logits, ans)
         total = loss
         pen = None
@@ -341,6 +465,10 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         if recipe.sparsity > 0:
             pen = hoyer_penalty(acts, batch, heads)
             total = loss + weight * pen
+        late = None
+        if late_k > 0 and not knocking(step):
+            late = text_to_image_mass(probs, batch)
+            total = total + recipe.late_weight * late
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -351,10 +479,13 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         post = {"loss": f"{ema:.3f}", "objs": curriculum(recipe, step).n_objects[1]}
         if pen is not None:
             post["hoyer"] = f"{float(pen.detach()):.2f}"
+        if late is not None:
+            post["t2i"] = f"{float(late.detach()):.3f}"
         bar.set_postfix(post)
         done = step + 1
         if done % recipe.eval_every == 0 or done == recipe.steps:
-            acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples)
+            acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples,
+                           knockout=late_k if knocking(step) else 0)
             log["evals"].append({"step": done, "accuracy": acc, "loss": ema,
                                  "seconds": round(time.time() - t0, 1)})
             bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})")
@@ -364,6 +495,8 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
                         "sched": sched.state_dict(), "step": done, "log": log}, ckpt)
     for h in hooks:
         h.remove()
+    if recipe.late_retrieval > 0:
+        model.set_attn_implementation("sdpa")  # the shipped model runs with plain attention
     log["seconds"] = round(time.time() - t0, 1)
     log["final_accuracy"] = accuracy(model, proc, recipe.task, n=2 * recipe.eval_examples,
                                      seed=777)
