@@ -282,8 +282,8 @@ def test_fastv_generate_caches_only_kept_tokens(model):
     cache = fastv.last_cache
     t = batch.seq_len
     n_drop = int(batch.layout.vision_mask().sum()) // 2
-    assert cache.layers[0].keys.shape[2] == t + 2
-    assert cache.layers[1].keys.shape[2] == t - n_drop + 2
+    assert cache.k[0].shape[2] == t + 2
+    assert cache.k[1].shape[2] == t - n_drop + 2
     # the first token equals the masked reference's argmax
     with fastv.attach(batch), torch.no_grad():
         logits = _run(model, batch)
@@ -560,10 +560,7 @@ def test_gemma3_cached_decoding_equals_masked_reference(tiny_model, seed):
 
 def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
     """FastV on Gemma 3 (prefill): kept rows = Gemma's own attention (bidirectional blocks,
-    sliding windows in original positions) with the dropped keys masked out of layers k..;
-    cached FastV decoding refuses the sliding-window layers."""
-    from corelens.errors import InputError
-
+    sliding windows in original positions) with the dropped keys masked out of layers k.."""
     model = tiny_model("gemma3")
     batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
                           ["what is the color ?", "what color is the square at left ?"])
@@ -580,8 +577,63 @@ def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
     kept.scatter_(1, fastv.dropped, False)
     assert (got - ref)[kept].abs().max() < TOL
     assert (plain - ref)[kept].abs().max() > 1e-3
-    with pytest.raises(InputError, match="sliding"):
-        fastv.generate(batch, 2)
+
+
+@pytest.fixture(scope="module")
+def gemma3_deep(tiny_folder, tmp_path_factory):
+    """The tiny Gemma 3 with three decoder layers, sliding / sliding / full: FastV at k=1
+    prunes a sliding-window layer."""
+    from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration
+
+    src = tiny_folder("gemma3")
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.text_config.num_hidden_layers = 3
+    cfg.text_config.layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        hf.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.1)
+    folder = tmp_path_factory.mktemp("tiny-gemma3-deep")
+    hf.save_pretrained(folder)
+    AutoProcessor.from_pretrained(src).save_pretrained(folder)
+    return HookedMLLM.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gemma3_fastv_decoding_equals_masked_reference(gemma3_deep, k):
+    """Cached FastV decoding on Gemma 3, past the sliding window, on a left-padded batch = the
+    longer sequence under Gemma's own mask (bidirectional
+    blocks, sliding windows by original position) with the dropped keys masked out of layers
+    k..; sliding layers hold at most ``sliding_window`` keys while decoding."""
+    model = gemma3_deep
+    batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
+                          ["what is the color ?", "what color is the square at left ?"])
+    assert not batch.attention_mask.bool().all()
+    sw = model.hf_model.config.text_config.sliding_window
+    n = sw + 3  # the last steps see none of the prompt on sliding layers
+    fastv = FastV(model, k=k, ratio=0.5)
+    toks, logits = fastv.generate(batch, max_new_tokens=n, return_logits=True)
+    ids, kw = _extended(model, batch, toks)
+    t = batch.seq_len
+    allowed = torch.ones(len(batch), 1, 1, t + n - 1, dtype=torch.bool)
+    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for layer in range(k, model.cfg.n_layers):
+            stack.enter_context(model.attention.key_mask(layer, allowed))
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    with torch.no_grad():
+        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3
+    cache = fastv.last_cache
+    kv, d = model.hf_model.config.text_config.num_key_value_heads, model.cfg.d_head
+    per_key = 2 * len(batch) * kv * d * cache.k[0].element_size()
+    for layer in (0, 1):  # sliding: the window, by position
+        assert cache.k[layer].shape[2] <= sw
+        assert (cache.pos[layer] > t + n - 2 - sw).all()
+        assert cache.nbytes([layer]) <= sw * per_key
+    n_kept = t - fastv.dropped.shape[1]
+    assert cache.k[2].shape[2] == n_kept + n - 1  # full layer, pruned: every kept token
 
 
 def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):

@@ -43,11 +43,12 @@ the least attention from the last prompt position, averaged over heads; the late
 compute them, and their KV cache never holds them).
 
 Supported families: ``PREFILL_FAMILIES`` (hybrid prefill and FastV prefill) and
-``DECODE_FAMILIES`` (hybrid cached decoding): every registered family. FastV cached decoding:
-every family but those with sliding-window layers (Gemma 3). Under M-RoPE (Qwen-VL) a generated
-token's position id is the prompt's largest id + 1 (+ 1 per step), the same in all three rows,
-as HF's ``rope_deltas`` give; FastV's kept tokens keep their own (3-D) ids, and Qwen3-VL's
-DeepStack features reach only the kept tokens after the pruning layer.
+``DECODE_FAMILIES`` (hybrid and FastV cached decoding): every registered family. FastV decodes
+on its own ``FastVCache`` (each cached key keeps its original sequence index, so Gemma 3's
+sliding windows apply by position on a pruned layer, and expired keys are freed). Under
+M-RoPE (Qwen-VL) a generated token's position id is the prompt's largest id + 1 (+ 1 per
+step), the same in all three rows, as HF's ``rope_deltas`` give; FastV's kept tokens keep their
+own (3-D) ids, and Qwen3-VL's DeepStack features reach only the kept tokens after the pruning layer.
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def _layout_masks(batch: MultimodalBatch, device: torch.device) -> tuple[Tensor,
     vision = batch.layout.vision_mask().to(device)
     valid = batch.attention_mask.to(device).bool()
     return vision, valid
+
+
+def _alive_index(alive: Bool[Tensor, "batch n"]) -> Int[Tensor, "batch m"]:
+    """Per example, the indices of its ``alive`` entries in order, padded (with dead ones) to
+    the batch's largest count: the compaction that frees a sliding layer's expired keys."""
+    n = int(alive.sum(-1).max()) if alive.numel() else 0
+    return torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :n]
 
 
 def _gather_heads(x: Tensor, idx: Tensor) -> Tensor:
@@ -663,7 +671,7 @@ class HybridAttention:
         return (out, torch.stack(steps, 1)) if return_logits else out
 
 
-from corelens.accel_baselines import FastV, cache_nbytes, main_accelerate  # noqa: E402
+from corelens.accel_baselines import FastV, FastVCache, cache_nbytes, main_accelerate  # noqa: E402
 
-__all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "FastV", "HybridAttention", "HybridCache",
-           "cache_nbytes", "main_accelerate"]
+__all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "FastV", "FastVCache", "HybridAttention",
+           "HybridCache", "cache_nbytes", "main_accelerate"]

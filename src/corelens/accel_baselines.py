@@ -9,19 +9,24 @@ import math
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from corelens.accel import (
     DECODE_FAMILIES,
     HybridAttention,
     HybridCache,
+    _alive_index,
     _check_family,
+    _gather_heads,
     _layout_masks,
+    _neg,
     _next_positions,
     _sliding_windows,
     _step_positions,
     _text_config,
 )
+from corelens.attention import KernelCall
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
 
@@ -159,29 +164,34 @@ class FastV:
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20,
                  return_logits: bool = False) -> Any:
-        """Greedy decoding; layers >= k cache only the kept tokens. New token ids [b, n] (and
-        the logits of every step, [b, n, vocab], if ``return_logits``). Decoding steps see
-        every cached key but the prompt's padding (a per-layer key mask: the cache of layers
-        ``k..`` is shorter)."""
-        if any(w is not None for w in _sliding_windows(self.model)):
-            raise InputError("FastV cached decoding is not supported on models with "
-                             "sliding-window layers (HF's sliding cache would keep the last "
-                             "kept tokens, not the last positions); use FastV.attach for "
-                             "prefill / teacher forcing")
+        """Greedy decoding on a ``FastVCache``: layers >= k cache only the kept tokens. New
+        token ids [b, n] (and the logits of every step, [b, n, vocab], if ``return_logits``).
+        A decoding step at sequence index ``i`` sees every cached key but the prompt's padding,
+        and on a sliding-window layer (Gemma 3) only keys whose ORIGINAL index ``j > i -
+        sliding_window``; those that leave the window are freed."""
         ids, kw = self.model._inputs(batch)
         nxt, mrope = _next_positions(kw)
-        with self.attach(batch):
-            out = self.model.hf_model(input_ids=ids, **kw, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
         valid = kw["attention_mask"].bool()
-        kept = valid.gather(1, self.keep)
-        n_layers = _text_config(self.model).num_hidden_layers
+        cache = FastVCache(_sliding_windows(self.model))
+
+        def record(call: KernelCall) -> None:  # the prompt's keys / values, after pruning
+            cache.k[call.layer], cache.v[call.layer] = call.k, call.v
+            return None
+
+        with self.attach(batch), self.model.attention.kernel(record):
+            out = self.model.hf_model(input_ids=ids, **kw, use_cache=False, logits_to_keep=1)
+        logits, t = out.logits[:, -1], valid.shape[1]
+        full = torch.arange(t, device=valid.device)[None].expand(len(valid), t)
+        for layer in range(len(cache.k)):
+            if cache.k[layer] is None:
+                raise InputError(f"FastV decoding: layer {layer} did not reach corelens's "
+                                 "attention backend (an eager / hooked layer?)")
+            pos = full if layer < self.k else self.keep
+            cache.pos[layer], cache.ok[layer] = pos, valid.gather(1, pos)
+        cache.length = t
+        cache.trim()
         toks, steps = [], []
-        with contextlib.ExitStack() as stack:
-            if not bool(valid.all()):  # keys added by later steps are not restricted
-                for layer in range(n_layers):
-                    m = valid if layer < self.k else kept
-                    stack.enter_context(self.model.attention.key_mask(layer, m[:, None, None]))
+        with self.model.attention.kernel(cache.attend):
             for s in range(max_new_tokens):
                 steps.append(logits)
                 tok = logits.argmax(-1)
@@ -189,16 +199,70 @@ class FastV:
                 if s + 1 < max_new_tokens:
                     out = self.model.hf_model(input_ids=tok[:, None],
                                               position_ids=_step_positions(nxt + s, mrope),
-                                              past_key_values=cache, use_cache=True)
-                    cache, logits = out.past_key_values, out.logits[:, -1]
+                                              use_cache=False)
+                    logits = out.logits[:, -1]
+                    cache.length += 1
+                    cache.trim()
         self.last_cache = cache
         out_toks = torch.stack(toks, 1)
         return (out_toks, torch.stack(steps, 1)) if return_logits else out_toks
 
 
+class FastVCache:
+    """FastV's KV cache: per layer the keys / values of the tokens it computed (layers >= k:
+    the kept ones) and of the generated tokens, each with its original sequence index
+    (``pos``) and validity (``ok``: not padding). Sliding-window layers keep only the keys
+    that the next query (index ``length``) can still see, ``pos > length - sliding_window``:
+    the window is applied by original position, not by slot."""
+
+    def __init__(self, sliding: list[int | None]) -> None:
+        n = len(sliding)
+        self.sliding = sliding
+        self.k: list[Tensor | None] = [None] * n
+        self.v: list[Tensor | None] = [None] * n
+        self.pos: list[Tensor] = [torch.empty(0)] * n  # [b, n_l] sequence index
+        self.ok: list[Tensor] = [torch.empty(0)] * n  # [b, n_l] key valid
+        self.length = 0  # the next token's sequence index
+
+    def nbytes(self, layers: Any = None) -> int:
+        """Bytes of the keys / values held (of ``layers``, default all)."""
+        layers = range(len(self.k)) if layers is None else layers
+        return sum(t.numel() * t.element_size() for l in layers for t in (self.k[l], self.v[l]))
+
+    def trim(self) -> None:
+        """Free the entries of sliding-window layers that the next query no longer sees."""
+        for l, sw in enumerate(self.sliding):
+            if sw is None:
+                continue
+            idx = _alive_index(self.pos[l] > self.length - sw)
+            if idx.shape[1] < self.pos[l].shape[1]:
+                self.k[l], self.v[l] = (_gather_heads(x, idx) for x in (self.k[l], self.v[l]))
+                self.pos[l], self.ok[l] = self.pos[l].gather(1, idx), self.ok[l].gather(1, idx)
+
+    def attend(self, call: KernelCall) -> Tensor:
+        """The decoding kernel: append the step's key / value, attend over the layer's cache."""
+        l, q = call.layer, call.q
+        if q.shape[2] != 1:
+            raise InputError("FastV cached decoding runs one token per step")
+        b = q.shape[0]
+        i = self.length
+        self.k[l] = torch.cat([self.k[l], call.k], 2)
+        self.v[l] = torch.cat([self.v[l], call.v], 2)
+        self.pos[l] = torch.cat([self.pos[l], torch.full((b, 1), i, device=q.device)], 1)
+        self.ok[l] = torch.cat([self.ok[l], torch.ones(b, 1, dtype=torch.bool,
+                                                        device=q.device)], 1)
+        seen = self.ok[l]
+        if self.sliding[l] is not None:
+            seen = seen & (self.pos[l] > i - self.sliding[l])
+        mask = torch.where(seen, 0.0, _neg(q.dtype)).to(q.dtype)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, self.k[l], self.v[l], attn_mask=mask,
+                                              scale=call.scaling,
+                                              enable_gqa=q.shape[1] != call.k.shape[1])
+
+
 def cache_nbytes(cache: Any) -> int:
-    """Bytes held by an HF cache (``DynamicCache``) or a ``HybridCache``."""
-    if isinstance(cache, HybridCache):
+    """Bytes held by an HF cache (``DynamicCache``), a ``HybridCache`` or a ``FastVCache``."""
+    if isinstance(cache, (HybridCache, FastVCache)):
         return cache.nbytes()
     total = 0
     for layer in getattr(cache, "layers", []):
