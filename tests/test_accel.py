@@ -558,6 +558,41 @@ def test_gemma3_cached_decoding_equals_masked_reference(tiny_model, seed):
     assert (plain - ref)[:, t - 1:].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gemma3_hybrid_cache_frees_sliding_entries(tiny_model, seed):
+    """Decoding past the sliding window: every step, a sliding layer holds at most
+    ``sliding_window`` entries per head kind (full / streaming), all inside the window by
+    original position, while the full-attention layer keeps every token; the logits equal the
+    per-head-masked reference over the longer sequence."""
+    model = tiny_model("gemma3")
+    batch = _gemma_batch(model)
+    sw = model.hf_model.config.text_config.sliding_window
+    t, n = batch.seq_len, sw + 4
+    assert t > 3 * sw
+    hybrid = HybridAttention(model, _random_heads(model, 2 + seed, 30 + seed), n_sink=2,
+                             window=[3, 10][seed])
+    tc = model.hf_model.config.text_config
+    per_entry = 2 * len(batch) * tc.num_key_value_heads * model.cfg.d_head * 4  # k + v, fp32
+    logits, cache, pos = hybrid.prefill(batch)
+    cache.reserve(n - 1)
+    steps = [logits]
+    for s_ in range(n - 1):
+        logits = hybrid.decode_step(logits.argmax(-1), pos + s_, cache)
+        steps.append(logits)
+        i = cache.length - 1  # the step's own index
+        sl = cache.slots[sw]
+        assert sl.f_pos.shape[1] <= sw and sl.s_pos.shape[1] <= sw
+        assert (sl.f_pos[sl.f_ok] > i - sw).all()
+        assert cache.nbytes([0]) <= sw * per_entry
+        assert cache.slots[None].f_pos.shape[1] == i + 1
+    logits = torch.stack(steps, 1)
+    toks = logits.argmax(-1)
+    ids, kw = _extended(model, batch, toks)
+    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
+    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+
+
 def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
     """FastV on Gemma 3 (prefill): kept rows = Gemma's own attention (bidirectional blocks,
     sliding windows in original positions) with the dropped keys masked out of layers k.."""
@@ -657,4 +692,4 @@ def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):
     assert (grow - res).abs().max() < TOL
     assert grow_bytes == res_bytes and res_ptrs == 1
     t = batch.seq_len
-    assert cache.kf[0].shape[2] == t + 3 and cache.full_ok.shape[1] == t + 3
+    assert cache.kf[0].shape[2] == t + 3 and cache.slots[None].f_ok.shape[1] == t + 3

@@ -34,8 +34,8 @@ summaries, then the window as a band: queries in blocks of ``window`` rows again
 ``2 * window`` keys, ``3 * window`` with bidirectional image blocks), never as full attention
 with a mask. In cached decoding (``generate`` / ``prefill`` + ``decode_step``) the vision keys /
 values are stored only for full KV heads; streaming KV heads keep sinks, text, summaries and the
-last ``window`` prompt tokens. (Sliding-window layers keep them too, masked by position: the
-cache is not trimmed to the layer's window.)
+last ``window`` prompt tokens. Sliding-window layers hold only what the next token can still
+see (original index ``> i - sliding_window``): the others are freed, as in Gemma's own cache.
 
 Baselines: ``full`` (the model as is), ``HybridAttention.random`` (random KV heads at the same
 KV-head budget) and ``FastV`` (after layer ``k``, drop ``ratio`` of the vision tokens that get
@@ -215,10 +215,44 @@ class _LayerSplit:
     stream_kv: Tensor
 
 
+@dataclass
+class _Slots:
+    """What the entries of a hybrid cache hold, for the layers of one sliding window (or the
+    full-attention layers): full-head entries ``f_*`` and streaming-head entries ``s_*``, each
+    with its original sequence index (a summary: its chunk's last token)."""
+
+    f_pos: Int[Tensor, "batch n"]
+    f_ok: Bool[Tensor, "batch n"]  # key valid (not padding)
+    s_pos: Int[Tensor, "batch m"]
+    s_kind: Int[Tensor, "batch m"]  # 0 kept for good, 1 window-only, 2 summary
+    s_ok: Bool[Tensor, "batch m"]
+    s_bias: Tensor  # [batch, m] score bias (log chunk size of a summary)
+
+    def repeat(self, n: int) -> "_Slots":
+        return _Slots(*(getattr(self, f).repeat_interleave(n, 0) for f in
+                        ("f_pos", "f_ok", "s_pos", "s_kind", "s_ok", "s_bias")))
+
+    def append(self, i: int) -> None:
+        """One new (text) token at sequence index ``i``: every head keeps it."""
+        b, dev = self.f_ok.shape[0], self.f_ok.device
+        one = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
+        self.f_pos, self.f_ok = torch.cat([self.f_pos, pos], 1), torch.cat([self.f_ok, one], 1)
+        self.s_pos = torch.cat([self.s_pos, pos], 1)
+        self.s_kind = torch.cat([self.s_kind, torch.zeros_like(pos)], 1)
+        self.s_ok = torch.cat([self.s_ok, one], 1)
+        self.s_bias = torch.cat([self.s_bias, torch.zeros(b, 1, device=dev)], 1)
+
+
 class HybridCache:
     """The hybrid KV cache: full KV heads keep every token; streaming KV heads keep sinks,
     text, pooled summaries and the last ``window`` prompt tokens (masked out as they leave the
-    window). Generated tokens are text: every head keeps them."""
+    window). Generated tokens are text: every head keeps them. On a sliding-window layer
+    (Gemma 3) only the entries the next query can still see are held — original sequence index
+    ``> i - sliding_window`` (and, for window-only entries, inside the hybrid window): the
+    others are freed before each step (and after prefill), so such a layer holds at most
+    ``sliding_window`` entries per head kind. ``slots[w]`` describes the entries of the layers
+    with sliding window ``w`` (``None``: full-attention layers)."""
 
     def __init__(self, n_layers: int, window: int,
                  sliding: Sequence[int | None] | None = None) -> None:
@@ -228,32 +262,33 @@ class HybridCache:
         self.vf: list[Tensor | None] = [None] * n_layers
         self.ks: list[Tensor | None] = [None] * n_layers
         self.vs: list[Tensor | None] = [None] * n_layers
-        self.full_ok: Tensor | None = None  # [b, n] key valid
-        self.s_pos: Tensor | None = None  # [b, m] sequence index (-1: summary)
-        self.s_kind: Tensor | None = None  # 0 kept for good, 1 window-only, 2 summary
-        self.s_ok: Tensor | None = None
-        self.s_bias: Tensor | None = None
+        self.slots: dict[int | None, _Slots] = {}
         self.length = 0  # sequence length so far (the next token's index)
         self.masks: dict[int | None, tuple[Tensor, Tensor]] = {}  # per sliding window:
         # this step's additive (full heads, streaming heads) masks
         self.mrope = False  # the model takes [3, batch, 1] step positions (M-RoPE)
 
-    def nbytes(self) -> int:
-        """Bytes of the keys / values held (entries in use, not capacity ``reserve``d)."""
-        n = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
-             "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
-        return sum(t[:, :, :n[name]].numel() * t.element_size()
-                   for name in n for t in getattr(self, name) if t is not None)
+    def _used(self, name: str, layer: int) -> int:
+        sl = self.slots[self.sliding[layer]]
+        return (sl.f_pos if name in ("kf", "vf") else sl.s_pos).shape[1]
+
+    def nbytes(self, layers: Sequence[int] | None = None) -> int:
+        """Bytes of the keys / values held (entries in use, not capacity ``reserve``d), of
+        ``layers`` (default: all)."""
+        layers = range(len(self.kf)) if layers is None else layers
+        return sum(t[:, :, :self._used(name, l)].numel() * t.element_size()
+                   for name in ("kf", "vf", "ks", "vs") for l in layers
+                   if (t := getattr(self, name)[l]) is not None)
 
     def reserve(self, n: int) -> None:
-        """Room for ``n`` more tokens in every layer, so that decoding steps write in place
-        (no per-step copy of the whole cache, as a preallocated / static cache)."""
-        used = {"kf": self.full_ok.shape[1], "vf": self.full_ok.shape[1],
-                "ks": self.s_pos.shape[1], "vs": self.s_pos.shape[1]}
-        for name, u in used.items():
+        """Room for ``n`` more tokens in every full-attention layer, so that decoding steps
+        write in place (no per-step copy of the whole cache, as a preallocated / static cache).
+        Sliding-window layers are rewritten, at most ``sliding_window`` entries, each step."""
+        for name in ("kf", "vf", "ks", "vs"):
             ts = getattr(self, name)
             for l, x in enumerate(ts):
-                if x is not None and x.shape[2] < u + n:
+                u = self._used(name, l)
+                if x is not None and self.sliding[l] is None and x.shape[2] < u + n:
                     buf = x.new_empty(*x.shape[:2], u + n, x.shape[3])
                     buf[:, :, :u] = x[:, :, :u]
                     ts[l] = buf
@@ -274,34 +309,61 @@ class HybridCache:
         for name in ("kf", "vf", "ks", "vs"):
             setattr(out, name, [None if t is None else t.repeat_interleave(n, 0)
                                 for t in getattr(self, name)])
-        for name in ("full_ok", "s_pos", "s_kind", "s_ok", "s_bias"):
-            setattr(out, name, getattr(self, name).repeat_interleave(n, 0))
+        out.slots = {sw: sl.repeat(n) for sw, sl in self.slots.items()}
         out.length, out.mrope = self.length, self.mrope
         return out
 
-    def begin_step(self, dtype: torch.dtype) -> None:
-        """Register one new (text) token for every example, and build this step's masks."""
-        b = self.full_ok.shape[0]
-        dev = self.full_ok.device
+    def trim(self) -> None:
+        """Free the entries of sliding-window layers that the next token (index ``length``)
+        and all later ones can no longer see (one slot-compacting copy per layer, at most
+        ``sliding_window`` entries)."""
         i = self.length
-        one = torch.ones(b, 1, dtype=torch.bool, device=dev)
-        self.full_ok = torch.cat([self.full_ok, one], 1)
-        self.s_pos = torch.cat([self.s_pos, torch.full((b, 1), i, device=dev)], 1)
-        self.s_kind = torch.cat([self.s_kind, torch.zeros(b, 1, dtype=torch.long, device=dev)],
-                                1)
-        self.s_ok = torch.cat([self.s_ok, one], 1)
-        self.s_bias = torch.cat([self.s_bias, torch.zeros(b, 1, device=dev)], 1)
+        for sw, sl in self.slots.items():
+            if sw is None:
+                continue
+            layers = [l for l, w in enumerate(self.sliding) if w == sw]
+            f_idx = _alive_index(sl.f_ok & (sl.f_pos > i - sw))
+            if f_idx.shape[1] < sl.f_pos.shape[1]:
+                sl.f_pos, sl.f_ok = sl.f_pos.gather(1, f_idx), sl.f_ok.gather(1, f_idx)
+                self._compact(("kf", "vf"), layers, f_idx)
+            s_alive = sl.s_ok & (sl.s_pos > i - sw) & ((sl.s_kind != 1)
+                                                        | (sl.s_pos >= i - self.window))
+            s_idx = _alive_index(s_alive)
+            if s_idx.shape[1] < sl.s_pos.shape[1]:
+                for f in ("s_pos", "s_kind", "s_ok", "s_bias"):
+                    setattr(sl, f, getattr(sl, f).gather(1, s_idx))
+                self._compact(("ks", "vs"), layers, s_idx)
+
+    def _compact(self, names: tuple[str, str], layers: list[int], idx: Tensor) -> None:
+        """Keep entries ``idx`` of ``names`` in ``layers``, with room for one more."""
+        for name in names:
+            ts = getattr(self, name)
+            for l in layers:
+                x = ts[l]
+                if x is None:
+                    continue
+                buf = x.new_empty(*x.shape[:2], idx.shape[1] + 1, x.shape[3])
+                buf[:, :, :idx.shape[1]] = _gather_heads(x, idx)
+                ts[l] = buf
+
+    def begin_step(self, dtype: torch.dtype) -> None:
+        """Free what the new token cannot see, register it (a text token) for every example,
+        and build this step's masks."""
+        self.trim()
+        i = self.length
+        for sl in self.slots.values():
+            sl.append(i)
         self.length += 1
         neg = _neg(dtype)
-        seen = self.s_ok & ((self.s_kind != 1) | (self.s_pos >= i - self.window))
         self.masks = {}
-        for sw in set(self.sliding):  # a sliding layer sees keys j > i - sliding_window
-            full, stream = self.full_ok, seen
+        for sw, sl in self.slots.items():  # a sliding layer sees keys j > i - sliding_window
+            full = sl.f_ok
+            stream = sl.s_ok & ((sl.s_kind != 1) | (sl.s_pos >= i - self.window))
             if sw is not None:
-                full = full & (torch.arange(full.shape[1], device=dev) > i - sw)
-                stream = stream & (self.s_pos > i - sw)
+                full = full & (sl.f_pos > i - sw)
+                stream = stream & (sl.s_pos > i - sw)
             self.masks[sw] = (torch.where(full, 0.0, neg).to(dtype)[:, None, None, :],
-                              torch.where(stream, self.s_bias, neg).to(dtype)[:, None, None, :])
+                              torch.where(stream, sl.s_bias, neg).to(dtype)[:, None, None, :])
 
 
 class HybridAttention:
@@ -574,7 +636,6 @@ class HybridAttention:
         b, t = plan.valid.shape
         dev = plan.valid.device
         c.length = t
-        c.full_ok = plan.valid.clone()
         # window-only entries: the last `window` prompt tokens that are not kept for good
         tail = torch.arange(max(t - self.window, 0), t, device=dev)[None].expand(b, -1)
         glob = plan.glob
@@ -583,12 +644,15 @@ class HybridAttention:
         order = torch.argsort((~tail_ok).to(torch.int8), dim=1, stable=True)[:, :n_tail]
         tail, tail_ok = tail.gather(1, order), tail_ok.gather(1, order)
         c._tail_idx = tail.contiguous()  # type: ignore[attr-defined]
-        c.s_pos = torch.cat([plan.glob_idx, plan.pool_last, tail], 1)
-        c.s_kind = torch.cat([torch.zeros_like(plan.glob_idx), torch.full_like(plan.pool_last, 2),
-                              torch.ones_like(tail)], 1)
-        c.s_ok = torch.cat([plan.glob_ok, plan.pool_ok, tail_ok], 1)
-        c.s_bias = torch.cat([torch.zeros(b, plan.glob_idx.shape[1], device=dev),
-                              plan.pool_bias, torch.zeros(b, tail.shape[1], device=dev)], 1)
+        slots = _Slots(
+            f_pos=torch.arange(t, device=dev)[None].expand(b, t), f_ok=plan.valid.clone(),
+            s_pos=torch.cat([plan.glob_idx, plan.pool_last, tail], 1),
+            s_kind=torch.cat([torch.zeros_like(plan.glob_idx), torch.full_like(plan.pool_last, 2),
+                              torch.ones_like(tail)], 1),
+            s_ok=torch.cat([plan.glob_ok, plan.pool_ok, tail_ok], 1),
+            s_bias=torch.cat([torch.zeros(b, plan.glob_idx.shape[1], device=dev),
+                              plan.pool_bias, torch.zeros(b, tail.shape[1], device=dev)], 1))
+        c.slots = {sw: slots.repeat(1) for sw in set(self.sliding)}
         return c
 
     def _decode(self, call: KernelCall, split: _LayerSplit) -> Tensor:
@@ -600,8 +664,9 @@ class HybridAttention:
         b, h, _, d = q.shape
         z = q.new_empty(b, h, 1, d)
         full_mask, stream_mask = c.masks[self.sliding[l]]
+        slots = c.slots[self.sliding[l]]
         if len(split.full_q):
-            nf = c.full_ok.shape[1]
+            nf = slots.f_pos.shape[1]
             kf = c._append("kf", l, k[:, split.full_kv], nf)
             vf = c._append("vf", l, v[:, split.full_kv], nf)
             zf = F.scaled_dot_product_attention(q[:, split.full_q], kf, vf,
@@ -610,7 +675,7 @@ class HybridAttention:
             if len(split.stream_q) == 0:
                 return zf
             z[:, split.full_q] = zf
-        ns = c.s_pos.shape[1]
+        ns = slots.s_pos.shape[1]
         ks = c._append("ks", l, k[:, split.stream_kv], ns)
         vs = c._append("vs", l, v[:, split.stream_kv], ns)
         z[:, split.stream_q] = F.scaled_dot_product_attention(
@@ -634,6 +699,7 @@ class HybridAttention:
         finally:
             cache, self._cache, self._building, self._plan = self._cache, None, False, None
         cache.mrope = mrope
+        cache.trim()
         return out.logits[:, -1], cache, nxt
 
     @torch.no_grad()
