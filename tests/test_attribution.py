@@ -101,6 +101,43 @@ def test_atp_star_is_exact_on_last_layer_nodes_where_the_metric_is_linear(toy_pa
 
 
 
+def test_per_position_atp_is_exact_per_position_where_linear(toy_pair):
+    """``per_position=True`` splits AtP over sequence positions: summed over them it is the
+    per-head result, and where the metric is linear in the last layer's z (final norm and last
+    MLP frozen) each (head, position) entry equals patching that head at that position only."""
+    model, clean, corrupt, _, _ = toy_pair
+    L, name = model.cfg.n_layers, f"blocks.{model.cfg.n_layers - 1}.attn.hook_z"
+    per_pos = attribute_heads(model, clean, corrupt, _first_answer_logit, per_position=True)
+    assert per_pos.shape == (L, model.cfg.n_heads, corrupt.inputs["input_ids"].shape[1])
+    whole = attribute_heads(model, clean, corrupt, _first_answer_logit)
+    assert torch.allclose(per_pos.sum(-1), whole, atol=1e-5)
+    ig = attribute_heads(model, clean, corrupt, _first_answer_logit, ig_steps=2)
+    ig_pos = attribute_heads(model, clean, corrupt, _first_answer_logit, ig_steps=2,
+                             per_position=True)
+    assert torch.allclose(ig_pos.sum(-1), ig, atol=1e-5)
+    with pytest.raises(Exception, match="per_position"):
+        attribute_heads(model, clean, corrupt, _first_answer_logit, per_position=True,
+                        qk_fix=True, node="q")
+
+    z_src = model.run_with_cache(clean, names_filter=name)[1][name]
+    with model.hooks(fwd_hooks=_linear_tail(model, corrupt)):
+        est = attribute_heads(model, clean, corrupt, _first_answer_logit, per_position=True)[L - 1]
+        with torch.no_grad():
+            base = float(_first_answer_logit(model(corrupt), corrupt).mean())
+        top = est.abs().flatten().topk(3).indices.tolist() + [0]  # 3 largest + one of ~0
+        for i in top:
+            h, t = divmod(i, est.shape[1])
+
+            def patch(z, hook, h=h, t=t):
+                z = z.clone()
+                z[:, t, h] = z_src[:, t, h]
+                return z
+            with torch.no_grad():
+                logits = model.run_with_hooks(corrupt, fwd_hooks=[(name, patch)])
+            exact = float(_first_answer_logit(logits, corrupt).mean()) - base
+            assert abs(float(est[h, t]) - exact) < 1e-5, (h, t, float(est[h, t]), exact)
+        assert est.abs().max() > 1e-2  # some single positions matter
+
 def test_grad_drop_follows_its_definition(tiny_model):
     """Kramar et al.'s eq. 11: the mean over examples of sum_l |c_l(example)| / (L - 1), c_l
     being AtP with layer l's residual contributions cut from the backward pass — checked

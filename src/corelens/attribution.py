@@ -165,10 +165,15 @@ def _patterns(inp: Any, B: int, q: Tensor | None = None,
 def attribute_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, node: Node = "z", qk_fix: bool = False, grad_drop: bool = False,
-    ig_steps: int | None = None, copies_per_forward: int = 8,
-) -> Float[Tensor, "layer head"]:
+    ig_steps: int | None = None, copies_per_forward: int = 8, per_position: bool = False,
+) -> Float[Tensor, "layer head"] | Float[Tensor, "layer head pos"]:
     """Attribution patching of every head (``node="z"``, ``"q"``: ``[layer, head]``) or KV head
     (``"k"``, ``"v"``: ``[layer, kv_head]``) in one backward pass.
+
+    ``per_position=True`` keeps the sequence axis (``[layer, head, pos]``, positions of the
+    padded target batch, summed over examples as the batch-mean metric weighs them): the
+    estimate of patching the node at one position only; summed over ``pos`` it is the default
+    result. Plain AtP and ``ig_steps`` only (the QK fix and GradDrop are per node).
 
     Plain AtP (the default) estimates ``patch_heads(..., node=node) - baseline`` and is exact
     where the metric is linear in the node. ``qk_fix=True`` recomputes the attention pattern
@@ -193,6 +198,9 @@ def attribute_heads(
     if fixed:
         names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
     drops: list[int | None] = list(range(L)) if grad_drop else [None]
+    if per_position and (qk_fix or grad_drop):
+        raise InputError("per_position works with plain AtP and ig_steps, not with qk_fix or "
+                         "grad_drop (they score whole nodes)")
     if grad_drop and L < 2:
         raise InputError("GradDrop needs at least two layers (it averages over L - 1)")
     if ig_steps is not None:
@@ -202,7 +210,7 @@ def attribute_heads(
         if int(ig_steps) < 1:
             raise InputError("ig_steps must be >= 1")
         return _integrated(model, source, target, metric, names, int(ig_steps),
-                           copies_per_forward)
+                           copies_per_forward, per_position)
 
     # the patched quantity of every node: a_source - a_target, or pattern_patched - pattern
     if fixed:
@@ -212,7 +220,8 @@ def attribute_heads(
     else:
         src = _cache(model, source, names)
     # per drop, example, layer, node: the example's term (the batch mean's 1/B inside)
-    estimates = torch.zeros(len(drops), B, L, n_out)
+    T = target.inputs["input_ids"].shape[1]
+    estimates = torch.zeros(len(drops), B, L, n_out, *((T,) if per_position else ()))
     chunk = max(1, int(copies_per_forward))
     for start in range(0, len(drops), chunk):
         part = drops[start:start + chunk]
@@ -241,7 +250,7 @@ def attribute_heads(
             else:
                 diff = (src[name] - acts[name][:B]).float()
                 estimates[start:start + len(part), :, l] = torch.einsum(
-                    "cbthd,bthd->cbh", g, diff).cpu()
+                    "cbthd,bthd->cbht" if per_position else "cbthd,bthd->cbh", g, diff).cpu()
     if not grad_drop:
         return estimates[0].sum(0)
     # Kramar et al. eq. 11: mean over examples of sum_l |c_l(example)| / (L - 1)
@@ -249,19 +258,22 @@ def attribute_heads(
 
 
 def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
-                names: list[str], m: int, per_forward: int) -> Tensor:
+                names: list[str], m: int, per_forward: int, per_position: bool = False) -> Tensor:
     B, emb = len(target), "blocks.0.hook_resid_pre"
     src = _cache(model, source, [emb, *names])
     tgt = _cache(model, target, names)
     alphas = [k / m for k in range(1, m + 1)]
-    total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]))
+    T = target.inputs["input_ids"].shape[1]
+    total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]),
+                        *((T,) if per_position else ()))
     for start in range(0, m, per_forward):
         part = alphas[start:start + per_forward]
         _, grads = _backward(model, target, metric, names, copies=len(part),
                              edits=[_interpolate(src[emb], part, B)])
         for l, name in enumerate(names):
             g = grads[name].float().view(len(part), B, *grads[name].shape[1:])
-            total[l] += torch.einsum("cbthd,bthd->h", g, (src[name] - tgt[name]).float()).cpu()
+            total[l] += torch.einsum("cbthd,bthd->ht" if per_position else "cbthd,bthd->h", g,
+                                     (src[name] - tgt[name]).float()).cpu()
     return total / m
 
 
