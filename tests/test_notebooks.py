@@ -81,6 +81,8 @@ def execute(path: Path, tmp_path: Path, timeout: int = 300):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYDEVD_DISABLE_FILE_VALIDATION="1")
+    # the notebook imports the corelens of this checkout, not whichever one is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("MPLBACKEND", None)  # ipykernel then picks its inline backend: figures render
     client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=timeout,
                             resources={"metadata": {"path": str(tmp_path)}})
@@ -91,7 +93,8 @@ def execute(path: Path, tmp_path: Path, timeout: int = 300):
 
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    for expected in ("01_quickstart.ipynb", "02_core_heads.ipynb", "03_causal.ipynb"):
+    for expected in ("01_quickstart.ipynb", "02_core_heads.ipynb", "03_causal.ipynb",
+                     "04_acceleration.ipynb", "05_circuits.ipynb", "06_video.ipynb"):
         assert expected in names
 
 
