@@ -478,7 +478,7 @@ def edge_attribution(
         scores = part_scores if scores is None else scores + part_scores
         del acts, grads
     assert scores is not None
-    scores = scores / m  # the metric's 1/B is already inside the gradients
+    scores = (scores / m).detach()  # the metric's 1/B is already inside the gradients
 
     r_layer = [L if r == "logits" else int(r[3:] if r.startswith("MLP") else
                                             r[1:].replace("KV", "H").split("H")[0])
