@@ -289,3 +289,20 @@ def test_group_residual_and_token_sweeps_equal_one_forward_each(name, tiny_model
     ref = _one_forward_each(model, corrupt, answer_logprob, lambda e: "blocks.0.hook_resid_pre",
                             cache, edits)
     assert torch.allclose(tokens, ref[:, 1], atol=1e-4)
+
+
+def test_pairs_with_the_same_token_count_but_another_image_shape_are_refused(tiny_model):
+    """80x50 and 50x80 images can give the same number of vision tokens at the same positions;
+    the tokens then cover other grid cells (and other M-RoPE ids): patching between them would
+    move activations between image cells, so check_aligned refuses it."""
+    from corelens.errors import LayoutError
+    from corelens.patching import check_aligned
+
+    model = tiny_model("qwen2_5_vl")
+    kw = dict(prompts=["what is the color ?"], answers=["red"])
+    wide = model.prepare([noise_image(80, 48, 0)], **kw)
+    tall = model.prepare([noise_image(48, 80, 1)], **kw)
+    assert torch.equal(wide.layout.vision_positions(0), tall.layout.vision_positions(0))
+    with pytest.raises(LayoutError, match="grid cells"):
+        check_aligned(wide, tall)
+    check_aligned(wide, model.prepare([noise_image(80, 48, 2)], **kw))  # same shape: fine

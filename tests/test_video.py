@@ -142,6 +142,25 @@ def test_qwen2_5_vl_mrope_temporal_ids_follow_token_times(tiny_model):
     assert len(set(temporal.tolist())) == 3  # three temporal slots
 
 
+@pytest.mark.parametrize("total", [None, 1000])
+def test_qwen2_5_vl_temporal_ids_follow_sparse_frames_from_a_segment(total, tiny_model):
+    """Frames every 10th source frame from a segment of a longer video (VidSTG-style): the
+    temporal ids still follow the frames' own times (HF would take 5 / total * fps as the
+    sampling rate; corelens hands it the frames' own)."""
+    model = tiny_model("qwen2_5_vl")
+    rng = np.random.RandomState(0)
+    video = Video(rng.randint(0, 256, (5, 48, 64, 3), dtype=np.uint8), fps=10.0,
+                  frame_indices=[100, 110, 120, 130, 140], total_frames=total)
+    batch = model.prepare(None, PROMPTS[:1], videos=[[video]])
+    assert batch.inputs["second_per_grid_ts"].tolist() == [2.0]  # 2 frames, one per second
+    tps = model.hf_model.config.vision_config.tokens_per_second
+    lay = batch.layout.video(0, 0)
+    temporal = batch.inputs["position_ids"][0, 0, lay.vision_positions.to(model.device)].cpu()
+    times = lay.time_ranges[:, 0]
+    assert times[0] == 10.0
+    assert torch.equal(temporal - temporal[0], ((times - times[0]) * tps).long())
+
+
 @pytest.mark.parametrize("name", VIDEO)
 def test_image_and_videos_in_one_example(name, tiny_folder, tiny_model):
     """An image and a video in one example, two videos in another: layouts in prompt order,
@@ -327,6 +346,8 @@ def test_video_evidence_errors(tiny_model):
     batch = model.prepare([[img]], ["<image> <video> ?"], videos=[[vid]])
     with pytest.raises(LayoutError, match=r"video 0: frame range \[0, 9\) lies outside .* 6 "):
         batch.layout.positions_in_box(0, (0, 0, 5, 5), video=0, frames=(0, 9))
+    with pytest.raises(LayoutError, match=r"video 0: frame range \[3, 3\) is empty"):
+        batch.layout.positions_in_box(0, (0, 0, 5, 5), video=0, frames=(3, 3))
     with pytest.raises(LayoutError, match="needs a video"):
         batch.layout.positions_in_box(0, (0, 0, 5, 5), image=0, frames=(0, 1))
     with pytest.raises(LayoutError, match="has 1 video"):
@@ -610,3 +631,44 @@ def test_report_on_video_examples(tiny_model, tmp_path):
     assert summary["n_examples"] == 2
     html = (tmp_path / "report.html").read_text()
     assert html.count('class="corelens-image"') >= 1
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_batched_patching_of_an_image_and_a_video_equals_one_patch_per_forward(name, tiny_model):
+    """The batched sweeps reuse image features only for image-only batches (HF takes encoder
+    outputs in place of ALL pixel inputs): with an image and a video in one example the head
+    sweep and the stacked attribution copies still run, equal to one head per forward."""
+    from corelens.attribution import atp_star
+    from corelens.patching import answer_logprob, patch_heads
+
+    model = tiny_model(name)
+    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+
+    def pair(seed):
+        return model.prepare([[noise_image(w0, h0, seed)]], ["compare <image> with <video> ?"],
+                             answers=["red"], videos=[[noise_video(w1, h1, 4, seed)]])
+    clean, corrupt = pair(0), pair(1)
+    batched = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3)
+    loop = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=1)
+    assert torch.allclose(batched, loop, atol=1e-5)
+    assert (batched - batched.mean()).abs().max() > 1e-4  # the heads differ
+    star = atp_star(model, clean, corrupt, answer_logprob, copies_per_forward=2)
+    assert star.shape == batched.shape and torch.isfinite(star).all()
+
+
+def test_qwen3_vl_refuses_a_one_frame_video_clearly(tiny_model):
+    model = tiny_model("qwen3_vl")
+    one = noise_video(40, 40, 1, 0, fps=1.0)
+    with pytest.raises(InputError, match="at least 2 frames"):
+        model.prepare(None, ["a ?"], videos=[[one]])
+
+
+def test_generate_wants_at_least_one_new_token(tiny_model):
+    from corelens.accel import FastV, HybridAttention
+
+    model = tiny_model("llava")
+    w, h = FAMILIES["llava"].tiny_image_sizes()[0]
+    batch = model.prepare([noise_image(w, h, 0)], ["what is it ?"])
+    for accel in (HybridAttention(model, [(0, 0)]), FastV(model, k=1)):
+        with pytest.raises(InputError, match="max_new_tokens must be >= 1"):
+            accel.generate(batch, max_new_tokens=0)

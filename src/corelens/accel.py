@@ -723,6 +723,8 @@ class HybridAttention:
                  return_logits: bool = False) -> Any:
         """Greedy decoding with the hybrid KV cache: new token ids [b, n] (and the logits of
         every step, [b, n, vocab], if ``return_logits``)."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         logits, cache, pos = self.prefill(batch)
         cache.reserve(max_new_tokens - 1)
         toks, steps = [], []

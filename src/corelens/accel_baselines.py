@@ -169,6 +169,8 @@ class FastV:
         A decoding step at sequence index ``i`` sees every cached key but the prompt's padding,
         and on a sliding-window layer (Gemma 3) only keys whose ORIGINAL index ``j > i -
         sliding_window``; those that leave the window are freed."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids, kw = self.model._inputs(batch)
         nxt, mrope = _next_positions(kw)
         valid = kw["attention_mask"].bool()

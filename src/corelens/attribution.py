@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -81,9 +82,20 @@ def _taps(model: Any, store: dict[int, Any], layers: Iterable[int]) -> contextli
     return stack
 
 
+def _warn_side_inputs(model: Any, what: str) -> None:
+    """Vision features injected past the decoder input (Qwen3-VL's DeepStack) are not on the
+    interpolation path nor an EAP sender."""
+    if any("deepstack" in name for name in model.hook_dict):
+        warnings.warn(f"{what}: this model injects vision features after the decoder input "
+                      "(DeepStack); they stay the target's, so the interpolation path does not "
+                      "end at the source run and no edge carries them (docs/causal.md)",
+                      stacklevel=3)
+
+
 def _make_leaf(x: Tensor, hook: Any) -> Tensor:
-    """Frozen weights leave the forward out of the graph: start it at the decoder input."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
+    """Start the graph at the decoder input: nothing needs gradients through the vision tower
+    and embeddings, and keeping their activations for the backward would cost memory."""
+    return x.detach().requires_grad_(True)
 
 
 def _backward(
@@ -259,6 +271,7 @@ def attribute_heads(
 
 def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
                 names: list[str], m: int, per_forward: int, per_position: bool = False) -> Tensor:
+    _warn_side_inputs(model, "ig_steps")
     B, emb = len(target), "blocks.0.hook_resid_pre"
     src = _cache(model, source, [emb, *names])
     tgt = _cache(model, target, names)
@@ -266,6 +279,7 @@ def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, me
     T = target.inputs["input_ids"].shape[1]
     total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]),
                         *((T,) if per_position else ()))
+    per_forward = max(1, int(per_forward))
     for start in range(0, m, per_forward):
         part = alphas[start:start + per_forward]
         _, grads = _backward(model, target, metric, names, copies=len(part),
@@ -417,6 +431,7 @@ def edge_attribution(
     m = 1 if method == "eap" else int(steps)
     if m < 1:
         raise InputError("EAP-IG needs steps >= 1")
+    _warn_side_inputs(model, method)
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(target)
     emb = "blocks.0.hook_resid_pre"
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
@@ -460,6 +475,7 @@ def edge_attribution(
     alphas = [k / m for k in range(1, m + 1)]
     labels: list[str] = []
     scores: Tensor | None = None
+    steps_per_forward = max(1, int(steps_per_forward))
     for start in tqdm(range(0, m, steps_per_forward), disable=not progress, desc=method):
         part = alphas[start:start + steps_per_forward]
         c = len(part)

@@ -37,6 +37,8 @@ class Video:
     shown at ``frame_indices[i] / fps`` seconds (``timestamps``). ``total_frames``: the source
     length (default: the last index + 1). Processors get these as HF ``video_metadata``
     (Qwen2.5-VL derives ``second_per_grid_ts`` from them, Qwen3-VL its ``<t seconds>`` text).
+    Without ``fps`` corelens reports times as unknown, but HF's processors assume 24 fps
+    (Qwen2.5-VL's temporal ids, Qwen3-VL's timestamps): pass the real ``fps`` for video work.
     """
 
     frames: list[Image.Image]
@@ -98,10 +100,21 @@ class Video:
         return np.stack([np.asarray(f) for f in self.frames])
 
     def metadata(self) -> dict[str, Any]:
-        """HF ``VideoMetadata`` fields for this video."""
+        """HF ``VideoMetadata`` fields for this video.
+
+        HF takes the sampling rate to be ``len(frames_indices) / total_num_frames * fps`` (it
+        assumes frames spread evenly over the whole source; Qwen2.5-VL's
+        ``second_per_grid_ts`` comes from it), which is wrong for frames from a segment or
+        sparsely sampled. So ``total_num_frames`` is the length that makes that rate the
+        frames' own: their count times their mean spacing (``total_frames`` for one frame)."""
         w, h = self.size
-        return {"total_num_frames": self.total_frames, "fps": self.fps,
-                "frames_indices": list(self.frame_indices or []), "width": w, "height": h}
+        idx = list(self.frame_indices or [])
+        n = len(idx)
+        span = n * (idx[-1] - idx[0]) / (n - 1) if n > 1 else self.total_frames
+        if float(span).is_integer():
+            span = int(span)
+        return {"total_num_frames": span, "fps": self.fps, "frames_indices": idx,
+                "width": w, "height": h}
 
     @classmethod
     def coerce(cls, v: Any) -> "Video":

@@ -434,6 +434,9 @@ class VisionLayout:
         if frames is None:
             return img, torch.ones(len(img.vision_positions)), where
         a, b = int(frames[0]), int(frames[1])
+        if b <= a:
+            raise LayoutError(f"{where}: frame range [{a}, {b}) is empty (0-based, end "
+                              f"exclusive: frames [a, a + 1) is frame a alone)")
         if not 0 <= a < b <= img.n_frames:
             raise LayoutError(f"{where}: frame range [{a}, {b}) lies outside the video's "
                               f"{img.n_frames} frame(s) (0-based, end exclusive)")

@@ -90,6 +90,16 @@ def check_aligned(a: MultimodalBatch, b: MultimodalBatch) -> None:
                               "positions in the two batches (different image sizes?)")
         if not torch.equal(a.query_positions[e].cpu(), b.query_positions[e].cpu()):
             raise LayoutError(f"cannot patch: example {e}'s answer positions differ")
+        ia, ib = a.layout.images[e], b.layout.images[e]
+        same_grid = len(ia) == len(ib) and all(
+            torch.equal(x.rows.kind, y.rows.kind) and torch.equal(x.rows.view, y.rows.view)
+            and torch.equal(x.rows.row, y.rows.row) and torch.equal(x.rows.col, y.rows.col)
+            for x, y in zip(ia, ib))
+        if not same_grid:
+            raise LayoutError(f"cannot patch: example {e}'s vision tokens cover different grid "
+                              "cells in the two batches (same token count, different image "
+                              "shape: token i sits at another row/col and position id); build "
+                              "pairs with the same image sizes")
 
 
 def position_groups(batch: MultimodalBatch) -> list[tuple[str, list[Tensor]]]:
@@ -151,6 +161,8 @@ def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
     fn = getattr(inner, "get_image_features", None)
     if fn is None or batch.inputs.get("pixel_values") is None:
         return None
+    if batch.inputs.get("pixel_values_videos") is not None:
+        return None  # HF takes encoder outputs only in place of ALL pixel inputs: run the tower
     got: dict[str, Any] = {}
 
     def record(*args: Any, **kw: Any) -> Any:

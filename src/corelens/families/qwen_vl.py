@@ -350,6 +350,14 @@ class Qwen3_VL(QwenVL):
     model_types = ("qwen3_vl",)
     modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
 
+    def check_videos(self, lengths: list[int]) -> None:
+        from corelens.errors import InputError
+
+        if any(n < 2 for n in lengths):
+            raise InputError(f"{self.name}: its video processor needs at least 2 frames per video "
+                             f"(one temporal patch), got frame counts {lengths}; repeat the "
+                             "frame or pass it as an image")
+
     def _tiny_config(self, tok):
         from transformers import Qwen3VLConfig
 
