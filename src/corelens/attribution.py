@@ -101,11 +101,13 @@ def _make_leaf(x: Tensor, hook: Any) -> Tensor:
 def _backward(
     model: Any, batch: MultimodalBatch, metric: Metric, names: Sequence[str], *, copies: int = 1,
     edits: Sequence[tuple[str, Callable]] = (), taps: dict[int, Any] | None = None,
+    features: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One forward of ``copies`` stacked copies of ``batch`` (``edits`` may treat copies
     differently; the copies reuse the batch's image features) and one backward of ``sum over
     copies of mean over examples of metric``. Returns the activations and gradients at
-    ``names`` ([copies * batch, ...], detached)."""
+    ``names`` ([copies * batch, ...], detached). ``features``: a dict shared by the calls of one
+    loop, so the image features are computed once for all of them."""
     from corelens.patching import _stacked, image_features
 
     acts: dict[str, Tensor] = {}
@@ -116,8 +118,10 @@ def _backward(
             return x
         return hook
 
-    features = image_features(model, batch) if copies > 1 else None
-    big, extra = _stacked(model, batch, copies, features)
+    store = {} if features is None else features
+    if copies > 1 and "image" not in store:
+        store["image"] = image_features(model, batch)
+    big, extra = _stacked(model, batch, copies, store.get("image") if copies > 1 else None)
     hooks = [("blocks.0.hook_resid_pre", _make_leaf), *edits, *[(n, keep(n)) for n in names]]
     with torch.enable_grad(), (_taps(model, taps, range(model.cfg.n_layers))
                                if taps is not None else contextlib.nullcontext()):
@@ -157,10 +161,11 @@ def _interpolate(src_emb: Tensor, alphas: Sequence[float], B: int) -> tuple[str,
     return ("blocks.0.hook_resid_pre", hook)
 
 
-def _patterns(inp: Any, B: int, q: Tensor | None = None,
-              k: Tensor | None = None) -> Float[Tensor, "batch head q_pos k_pos"]:
+def _patterns(inp: Any, B: int, q: Tensor | None = None, k: Tensor | None = None,
+              heads: Sequence[int] | None = None) -> Float[Tensor, "batch head q_pos k_pos"]:
     """Exact softmax pattern (fp32) of the first ``B`` examples of one layer's tapped inputs,
-    optionally with other (rotated) queries or keys."""
+    optionally with other (rotated) queries or keys, for the query heads ``heads`` only (one
+    KV group at most; default: every head)."""
     from corelens.attention import AttentionInputs
 
     q = (inp.q[:B] if q is None else q).detach()
@@ -168,6 +173,14 @@ def _patterns(inp: Any, B: int, q: Tensor | None = None,
     mask = inp.mask
     if mask is not None:
         mask = (mask[:B] if mask.shape[0] > 1 else mask).detach().float()
+    if heads is not None:
+        rep = q.shape[1] // k.shape[1]
+        groups = sorted({h // rep for h in heads})
+        if len(groups) != 1:
+            raise ValueError(f"heads {list(heads)} span KV groups {groups}")
+        q, k = q[:, list(heads)], k[:, groups]
+        if mask is not None and mask.shape[1] > 1:
+            mask = mask[:, list(heads)]
     a = AttentionInputs(inp.layer, q.float(), k.float(), inp.v, mask, inp.scaling)
     tq = q.shape[2]
     return torch.softmax(a.scores_rows(torch.arange(tq, device=q.device).expand(B, tq)), dim=-1)
@@ -235,30 +248,32 @@ def attribute_heads(
     T = target.inputs["input_ids"].shape[1]
     estimates = torch.zeros(len(drops), B, L, n_out, *((T,) if per_position else ()))
     chunk = max(1, int(copies_per_forward))
+    features: dict[str, Any] = {}
     for start in range(0, len(drops), chunk):
         part = drops[start:start + chunk]
         taps: dict[int, Any] | None = {} if fixed else None
         acts, grads = _backward(model, target, metric, names, copies=len(part),
-                                edits=_grad_drop_edits(model, part, B), taps=taps)
+                                edits=_grad_drop_edits(model, part, B), taps=taps,
+                                features=features)
         for l, name in enumerate(names):
             g = grads[name].float().view(len(part), B, *grads[name].shape[1:])
             if fixed:
                 inp = taps[l]  # copy 0 of the stacked run: every copy's forward is the same
-                base = _patterns(inp, B)
                 rep = inp.q.shape[1] // inp.k.shape[1]
-                for i in range(n_out):
+                for i in range(n_out):  # only the heads the node feeds are recomputed
                     if node == "q":
                         q = inp.q[:B].clone()
                         q[:, i] = src_in[l].q[:, i]
                         heads = [i]
-                        delta = _patterns(inp, B, q=q) - base
+                        patched = _patterns(inp, B, q=q, heads=heads)
                     else:
                         k = inp.k[:B].clone()
                         k[:, i] = src_in[l].k[:, i]
                         heads = list(range(i * rep, (i + 1) * rep))
-                        delta = _patterns(inp, B, k=k) - base
+                        patched = _patterns(inp, B, k=k, heads=heads)
+                    delta = patched - _patterns(inp, B, heads=heads)
                     estimates[start:start + len(part), :, l, i] = torch.einsum(
-                        "cbhqk,bhqk->cb", g[:, :, heads], delta[:, heads]).cpu()
+                        "cbhqk,bhqk->cb", g[:, :, heads], delta).cpu()
             else:
                 diff = (src[name] - acts[name][:B]).float()
                 estimates[start:start + len(part), :, l] = torch.einsum(
@@ -280,10 +295,11 @@ def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, me
     total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]),
                         *((T,) if per_position else ()))
     per_forward = max(1, int(per_forward))
+    features: dict[str, Any] = {}
     for start in range(0, m, per_forward):
         part = alphas[start:start + per_forward]
         _, grads = _backward(model, target, metric, names, copies=len(part),
-                             edits=[_interpolate(src[emb], part, B)])
+                             edits=[_interpolate(src[emb], part, B)], features=features)
         for l, name in enumerate(names):
             g = grads[name].float().view(len(part), B, *grads[name].shape[1:])
             total[l] += torch.einsum("cbthd,bthd->ht" if per_position else "cbthd,bthd->h", g,
@@ -476,11 +492,13 @@ def edge_attribution(
     labels: list[str] = []
     scores: Tensor | None = None
     steps_per_forward = max(1, int(steps_per_forward))
+    features: dict[str, Any] = {}
     for start in tqdm(range(0, m, steps_per_forward), disable=not progress, desc=method):
         part = alphas[start:start + steps_per_forward]
         c = len(part)
         edits = [_interpolate(src[emb], part, B)] if m > 1 else []
-        acts, grads = _backward(model, target, metric, names, copies=c, edits=edits)
+        acts, grads = _backward(model, target, metric, names, copies=c, edits=edits,
+                                features=features)
         labels, blocks = [], []
         for l in range(L + 1):
             if l < L:
