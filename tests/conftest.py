@@ -49,6 +49,27 @@ def tiny_model(tiny_folder):
     return make
 
 
+def hf_reference(name: str, folder: str):
+    """The plain HF model of family ``name``, loaded from the same folder (eval mode)."""
+    from transformers import AutoConfig
+
+    return FAMILIES[name].hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(
+        folder).eval()
+
+
+def assert_matches_hf(model, ref, batch, tol: float = 1e-4) -> torch.Tensor:
+    """The HookedMLLM's logits equal the plain HF model's on every real (non-padding)
+    position, under both attention paths (SDPA and eager); returns HF's logits."""
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        expected = ref(**batch.inputs).logits
+        for mode in ("sdpa", "eager"):
+            with model.attention.use(mode):
+                got = model(batch)
+            assert (got - expected)[real].abs().max() < tol, mode
+    return expected
+
+
 def noise_image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))

@@ -224,15 +224,9 @@ def test_fastv_drops_lowest_attention_and_equals_masked_reference(model):
         kept_vision[dropped[e]] = False
         assert vision[e, dropped[e]].all()
         assert att[dropped[e]].max() <= att[kept_vision].min()
-    allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
-    allowed.scatter_(3, dropped[:, None, None, :], False)
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        for layer in range(k, model.cfg.n_layers):
-            stack.enter_context(model.attention.key_mask(layer, allowed))
+    with torch.no_grad(), _without_dropped(model, fastv, batch.seq_len):
         ref = _run(model, batch)
-    kept = batch.attention_mask.bool().clone()
-    kept.scatter_(1, dropped, False)
-    assert (got - ref)[kept].abs().max() < TOL
+    assert (got - ref)[_kept_rows(batch, fastv)].abs().max() < TOL
 
 
 @pytest.mark.parametrize("name", QWEN)
@@ -241,17 +235,7 @@ def test_fastv_qwen_kept_rows_equal_masked_reference(tiny_model, name):
     keys masked out of layers k.."""
     model = tiny_model(name)
     batch = _two(model, same_size=True)
-    fastv = FastV(model, k=1, ratio=0.5)
-    with torch.no_grad():
-        with fastv.attach(batch):
-            got = model(batch)
-        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
-        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
-        with model.attention.key_mask(1, allowed):
-            ref = model(batch)
-        plain = model(batch)
-    kept = batch.attention_mask.bool().clone()
-    kept.scatter_(1, fastv.dropped, False)
+    got, ref, plain, kept = _fastv_prefill(model, batch, FastV(model, k=1, ratio=0.5))
     assert (got - ref)[kept].abs().max() < TOL
     assert (plain - ref)[kept].abs().max() > 1e-3
 
@@ -268,9 +252,7 @@ def test_fastv_decoding_equals_masked_reference(tiny_model, name):
     toks, logits = fastv.generate(batch, max_new_tokens=n, return_logits=True)
     ids, kw = _extended(model, batch, toks)
     t = batch.seq_len
-    allowed = torch.ones(len(batch), 1, 1, t + n - 1, dtype=torch.bool)
-    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
-    with torch.no_grad(), model.attention.key_mask(1, allowed):
+    with torch.no_grad(), _without_dropped(model, fastv, t + n - 1):
         ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
 
@@ -327,6 +309,36 @@ def _extended(model, batch, toks):
         if name in kw:
             kw[name] = torch.cat([kw[name], torch.zeros_like(ones, dtype=kw[name].dtype)], 1)
     return ids, kw
+
+
+@contextlib.contextmanager
+def _without_dropped(model, fastv, seq_len):
+    """FastV's reference: full attention with the dropped vision keys masked out of layers
+    ``k..`` (sequences of ``seq_len``)."""
+    allowed = torch.ones(len(fastv.dropped), 1, 1, seq_len, dtype=torch.bool)
+    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
+    with contextlib.ExitStack() as stack:
+        for layer in range(fastv.k, model.cfg.n_layers):
+            stack.enter_context(model.attention.key_mask(layer, allowed))
+        yield
+
+
+def _kept_rows(batch, fastv):
+    """The real positions FastV keeps: the rows comparable with the reference."""
+    kept = batch.attention_mask.bool().clone()
+    kept.scatter_(1, fastv.dropped, False)
+    return kept
+
+
+def _fastv_prefill(model, batch, fastv):
+    """FastV's logits, the reference's, the plain model's, and the kept rows."""
+    with torch.no_grad():
+        with fastv.attach(batch):
+            got = model(batch)
+        with _without_dropped(model, fastv, batch.seq_len):
+            ref = model(batch)
+        plain = model(batch)
+    return got, ref, plain, _kept_rows(batch, fastv)
 
 
 def _two(model, same_size=False):
@@ -451,16 +463,7 @@ def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
     fam._tiny_processor(tok).save_pretrained(tmp_path)
     model = HookedMLLM.from_pretrained(str(tmp_path))
     batch = _two(model, same_size=True)
-    fastv = FastV(model, k=1, ratio=0.5)
-    with torch.no_grad():
-        with fastv.attach(batch):
-            got = model(batch)
-        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
-        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
-        with model.attention.key_mask(1, allowed), model.attention.key_mask(2, allowed):
-            ref = model(batch)
-    kept = batch.attention_mask.bool().clone()
-    kept.scatter_(1, fastv.dropped, False)
+    got, ref, _, kept = _fastv_prefill(model, batch, FastV(model, k=1, ratio=0.5))
     assert (got - ref)[kept].abs().max() < TOL
 
 
@@ -599,17 +602,7 @@ def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):
     model = tiny_model("gemma3")
     batch = model.prepare([noise_image(80, 50, 0), noise_image(40, 70, 1)],
                           ["what is the color ?", "what color is the square at left ?"])
-    fastv = FastV(model, k=1, ratio=0.5)
-    with torch.no_grad():
-        with fastv.attach(batch):
-            got = model(batch)
-        allowed = torch.ones(len(batch), 1, 1, batch.seq_len, dtype=torch.bool)
-        allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
-        with model.attention.key_mask(1, allowed):
-            ref = model(batch)
-        plain = model(batch)
-    kept = batch.attention_mask.bool().clone()
-    kept.scatter_(1, fastv.dropped, False)
+    got, ref, plain, kept = _fastv_prefill(model, batch, FastV(model, k=1, ratio=0.5))
     assert (got - ref)[kept].abs().max() < TOL
     assert (plain - ref)[kept].abs().max() > 1e-3
 
@@ -650,11 +643,7 @@ def test_gemma3_fastv_decoding_equals_masked_reference(gemma3_deep, k):
     toks, logits = fastv.generate(batch, max_new_tokens=n, return_logits=True)
     ids, kw = _extended(model, batch, toks)
     t = batch.seq_len
-    allowed = torch.ones(len(batch), 1, 1, t + n - 1, dtype=torch.bool)
-    allowed.scatter_(3, fastv.dropped[:, None, None, :], False)
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        for layer in range(k, model.cfg.n_layers):
-            stack.enter_context(model.attention.key_mask(layer, allowed))
+    with torch.no_grad(), _without_dropped(model, fastv, t + n - 1):
         ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
     with torch.no_grad():

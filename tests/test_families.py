@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, flat_image, noise_image
+from conftest import FAMILY_NAMES, assert_matches_hf, flat_image, hf_reference, noise_image
 
 from corelens.families import FAMILIES
 from corelens.layout import box_overlap_fraction
@@ -20,27 +20,14 @@ def _batch(model, name, blank=False):
     return model.prepare(imgs, PROMPTS, answers=ANSWERS)
 
 
-def _reference(name, folder):
-    """The plain HF model, loaded from the same folder."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(folder)
-    return FAMILIES[name].hf_class(cfg).from_pretrained(folder).eval()
-
-
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_parity_with_hf_batched_padded(name, tiny_folder, tiny_model):
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     batch = _batch(model, name)
     assert batch.attention_mask.min() == 0, "the batch must be padded to test padding"
-    real = batch.attention_mask.bool()
+    expected = assert_matches_hf(model, ref, batch)
     with torch.no_grad():
-        expected = ref(**batch.inputs).logits
-        for mode in ("sdpa", "eager"):
-            with model.attention.use(mode):
-                got = model(batch)
-            assert (got - expected)[real].abs().max() < 1e-4, mode
         blank = model(_batch(model, name, blank=True))
     # a dropped image cannot pass: the image moves the logits far beyond the tolerance
     q = torch.stack([torch.tensor(e) for e in range(len(batch))])
@@ -149,7 +136,7 @@ def test_pattern_edit_propagates(name, tiny_model):
 def test_multi_image_example_parity_and_layout(name, tiny_folder, tiny_model):
     """One example with two images, one with one: a layout per image, logits equal to HF's."""
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
     imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w1, h1, 2)]]
     batch = model.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],

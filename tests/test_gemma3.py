@@ -6,18 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image
+from conftest import assert_matches_hf, hf_reference, noise_image
 from PIL import Image
 
 from corelens.families import FAMILIES
 
 
 def test_token_type_ids_bidirectional_image_blocks(tiny_folder, tiny_model):
-    from transformers import AutoConfig
 
     model = tiny_model("gemma3")
     folder = tiny_folder("gemma3")
-    ref = FAMILIES["gemma3"].hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder)
+    ref = hf_reference("gemma3", folder)
     (w0, h0), (w1, h1) = FAMILIES["gemma3"].tiny_image_sizes()[:2]
     imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w1, h1, 2)]]
     batch = model.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],
@@ -108,15 +107,14 @@ PAS_SIZES = [(80, 30), (30, 70), (40, 40), (90, 28)]
 @pytest.fixture(scope="module")
 def pas_model(tiny_folder):
     """The tiny Gemma 3 (patch-local tower too) with a pan-and-scan processor."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     from corelens import HookedMLLM
 
     def make(patch_local=False):
         folder = tiny_folder("gemma3", patch_local)
-        hf = FAMILIES["gemma3"].hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(
-            folder).eval()
-        return HookedMLLM.from_hf(hf, AutoProcessor.from_pretrained(folder, **PAS))
+        return HookedMLLM.from_hf(hf_reference("gemma3", folder),
+                                  AutoProcessor.from_pretrained(folder, **PAS))
 
     return make
 
@@ -140,12 +138,10 @@ def test_pan_and_scan_crops_follow_hf():
 
 
 def test_pan_and_scan_parity_and_token_counts(pas_model, tiny_folder):
-    from transformers import AutoConfig
 
     model = pas_model()
     folder = tiny_folder("gemma3")
-    ref = FAMILIES["gemma3"].hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(
-        folder).eval()
+    ref = hf_reference("gemma3", folder)
     imgs = [[noise_image(w, h, i)] for i, (w, h) in enumerate(PAS_SIZES[:3])]
     batch = model.prepare(imgs, ["what is it ?", "what color is the square at left ?", "q ?"],
                           answers=["red", "blue green", "x"])
@@ -157,12 +153,7 @@ def test_pan_and_scan_parity_and_token_counts(pas_model, tiny_folder):
         assert [v.name for v in img.views] == ["image"] + [f"crop{k}" for k in range(n_views - 1)]
         slots = (batch.input_ids[e] == tid).nonzero().flatten().cpu()
         assert torch.equal(slots, img.positions) and len(slots) == 16 * n_views
-    real = batch.attention_mask.bool()
-    with torch.no_grad():
-        expected = ref(**batch.inputs).logits
-        for mode in ("sdpa", "eager"):
-            with model.attention.use(mode):
-                assert (model(batch) - expected)[real].abs().max() < 1e-4, mode
+    assert_matches_hf(model, ref, batch)
 
 
 def _ramp(w, h):

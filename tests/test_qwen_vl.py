@@ -6,19 +6,12 @@ import importlib
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import hf_reference, noise_image
 
 from corelens.families import FAMILIES
 
 QWEN = [n for n in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") if n in FAMILIES]
 PROMPTS = ["what is the color ?", "what color is the square at left of the circle ?"]
-
-
-def _reference(name, folder):
-    from transformers import AutoConfig
-
-    fam = FAMILIES[name]
-    return fam.hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder).eval()
 
 
 def _batch(model, name):
@@ -31,7 +24,7 @@ def _batch(model, name):
 def test_position_ids_equal_hf_own(name, tiny_folder, tiny_model):
     """The ids corelens passes are the ones HF computes itself, and give the same logits."""
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     batch = _batch(model, name)
     assert batch.attention_mask.min() == 0
     seen = []
@@ -59,7 +52,7 @@ def test_position_ids_equal_hf_own(name, tiny_folder, tiny_model):
 def test_rot_q_sees_mrope_rotated_queries(name, tiny_folder, tiny_model):
     """``hook_rot_q`` = HF's own q_proj (+ q_norm) + M-RoPE, recomputed from the HF modules."""
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     batch = _batch(model, name)
     names = ["blocks.0.attn.hook_in", "blocks.0.attn.hook_rot_q"]
     with torch.no_grad():

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_NAMES, noise_image
+from conftest import FAMILY_NAMES, assert_matches_hf, hf_reference, noise_image
 
 from corelens import GroundedExample
 from corelens.errors import InputError, LayoutError
@@ -49,27 +49,15 @@ def _videos(name, blank=False):
             noise_video(w1, h1, n1, 1)]
 
 
-def _reference(name, folder):
-    from transformers import AutoConfig
-
-    return FAMILIES[name].hf_class(AutoConfig.from_pretrained(folder)).from_pretrained(
-        folder).eval()
-
-
 @pytest.mark.parametrize("name", VIDEO)
 def test_video_parity_with_hf_batched_padded(name, tiny_folder, tiny_model):
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     batch = model.prepare(None, PROMPTS, answers=ANSWERS, videos=[[v] for v in _videos(name)])
     assert batch.attention_mask.min() == 0, "the batch must be padded to test padding"
     assert "pixel_values_videos" in batch.inputs and "pixel_values" not in batch.inputs
-    real = batch.attention_mask.bool()
+    expected = assert_matches_hf(model, ref, batch)
     with torch.no_grad():
-        expected = ref(**batch.inputs).logits
-        for mode in ("sdpa", "eager"):
-            with model.attention.use(mode):
-                got = model(batch)
-            assert (got - expected)[real].abs().max() < 1e-4, mode
         blank = model(model.prepare(None, PROMPTS, answers=ANSWERS,
                                     videos=[[v] for v in _videos(name, blank=True)]))
     # a dropped video cannot pass: the frames move the logits far beyond the tolerance
@@ -166,7 +154,7 @@ def test_image_and_videos_in_one_example(name, tiny_folder, tiny_model):
     """An image and a video in one example, two videos in another: layouts in prompt order,
     images first in ``layout.images``, logits equal to HF's."""
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
     n = 4
     v0, v1, v2 = (noise_video(w, h, n, s) for s, (w, h) in enumerate([(w1, h1), (w0, h0),
@@ -530,7 +518,7 @@ def test_video_geometry_at_real_settings(name):
 @pytest.mark.parametrize("name", VIDEO)
 def test_greedy_generation_on_video_equals_hf(name, tiny_folder, tiny_model):
     model = tiny_model(name)
-    ref = _reference(name, tiny_folder(name))
+    ref = hf_reference(name, tiny_folder(name))
     batch = model.prepare(None, PROMPTS, videos=[[v] for v in _videos(name)])
     got = model.generate(batch, max_new_tokens=4, skip_special_tokens=False)
     inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
