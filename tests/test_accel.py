@@ -65,12 +65,7 @@ def test_prefill_equals_masked_reference(model, seed):
     valid = batch.attention_mask.bool()
     n = [1, 3, 5][seed]
     hybrid = HybridAttention(model, _random_heads(model, n, seed), n_sink=2, window=7)
-    with torch.no_grad():
-        with hybrid.attach(batch):
-            got = _run(model, batch)
-        with _masked(model, hybrid.allowed(batch)):
-            ref = _run(model, batch)
-        plain = _run(model, batch)
+    got, ref, plain = _hybrid_prefill(model, batch, hybrid, lambda b: _run(model, b))
     assert (got - ref)[valid].abs().max() < TOL
     assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
 
@@ -284,12 +279,31 @@ def test_prefill_other_families(tiny_model, name):
                           ["what is the color ?", "what color is the square at left ?"])
     valid = batch.attention_mask.bool()
     hybrid = HybridAttention(model, _random_heads(model, 2, 0), n_sink=2, window=5)
+    got, ref, _ = _hybrid_prefill(model, batch, hybrid)
+    assert (got - ref)[valid].abs().max() < TOL
+
+
+def _hybrid_prefill(model, batch, hybrid, forward=None):
+    """The hybrid's logits, the per-head-masked reference's and the plain model's."""
+    forward = forward or model
     with torch.no_grad():
         with hybrid.attach(batch):
-            got = model(batch)
+            got = forward(batch)
         with _masked(model, hybrid.allowed(batch)):
-            ref = model(batch)
-    assert (got - ref)[valid].abs().max() < TOL
+            ref = forward(batch)
+        plain = forward(batch)
+    return got, ref, plain
+
+
+def _decode_reference(model, batch, hybrid, toks, masked=True):
+    """Full-sequence logits at the generated steps (prompt + ``toks[:, :-1]``), under the
+    hybrid's per-head key mask (or plain attention)."""
+    ids, kw = _extended(model, batch, toks)
+    t, n = batch.seq_len, toks.shape[1]
+    mask = (_masked(model, hybrid.allowed(batch, seq_len=t + n - 1)) if masked
+            else contextlib.nullcontext())
+    with torch.no_grad(), mask:
+        return model.hf_model(input_ids=ids, **kw, use_cache=False).logits[:, t - 1:]
 
 
 def _extended(model, batch, toks):
@@ -357,14 +371,10 @@ def test_decode_other_families(tiny_model, name):
     n = 4
     hybrid = HybridAttention(model, _random_heads(model, 2, 1), n_sink=2, window=5)
     toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
-    ids, kw = _extended(model, batch, toks)
-    t = batch.seq_len
-    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
-        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
-    assert (logits - ref[:, t - 1:]).abs().max() < TOL
-    with torch.no_grad():
-        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
-    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3  # the restriction did something
+    ref = _decode_reference(model, batch, hybrid, toks)
+    assert (logits - ref).abs().max() < TOL
+    plain = _decode_reference(model, batch, hybrid, toks, masked=False)
+    assert (plain - ref).abs().max() > 1e-3  # the restriction did something
 
 
 @pytest.mark.parametrize("name", QWEN)
@@ -488,12 +498,7 @@ def test_gemma3_prefill_equals_masked_reference(tiny_model, seed):
     hybrid = HybridAttention(model, _random_heads(model, [1, 3, 5][seed], seed), n_sink=2,
                              window=[3, 5, 9][seed])
     assert hybrid.sliding == [model.hf_model.config.text_config.sliding_window, None]
-    with torch.no_grad():
-        with hybrid.attach(batch):
-            got = model(batch)
-        with _masked(model, hybrid.allowed(batch)):
-            ref = model(batch)
-        plain = model(batch)
+    got, ref, plain = _hybrid_prefill(model, batch, hybrid)
     assert (got - ref)[valid].abs().max() < TOL
     assert (plain - ref)[valid].abs().max() > 1e-3
 
@@ -551,14 +556,10 @@ def test_gemma3_cached_decoding_equals_masked_reference(tiny_model, seed):
     hybrid = HybridAttention(model, _random_heads(model, 2 + seed, 20 + seed), n_sink=2,
                              window=[3, 10][seed])
     toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
-    ids, kw = _extended(model, batch, toks)
-    t = batch.seq_len
-    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
-        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
-    assert (logits - ref[:, t - 1:]).abs().max() < TOL
-    with torch.no_grad():
-        plain = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
-    assert (plain - ref)[:, t - 1:].abs().max() > 1e-3
+    ref = _decode_reference(model, batch, hybrid, toks)
+    assert (logits - ref).abs().max() < TOL
+    plain = _decode_reference(model, batch, hybrid, toks, masked=False)
+    assert (plain - ref).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -589,11 +590,8 @@ def test_gemma3_hybrid_cache_frees_sliding_entries(tiny_model, seed):
         assert cache.nbytes([0]) <= sw * per_entry
         assert cache.slots[None].f_pos.shape[1] == i + 1
     logits = torch.stack(steps, 1)
-    toks = logits.argmax(-1)
-    ids, kw = _extended(model, batch, toks)
-    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
-        ref = model.hf_model(input_ids=ids, **kw, use_cache=False).logits
-    assert (logits - ref[:, t - 1:]).abs().max() < TOL
+    ref = _decode_reference(model, batch, hybrid, logits.argmax(-1))
+    assert (logits - ref).abs().max() < TOL
 
 
 def test_gemma3_fastv_kept_rows_equal_masked_reference(tiny_model):

@@ -535,7 +535,7 @@ def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
     a third example): the logits equal those of the model run with the per-head key mask
     ``allowed`` (streaming heads: sinks + window + text, the video tokens counting as vision),
     and that mask changes the logits. LLaVA-OneVision also decodes with the hybrid KV cache."""
-    from test_accel import TOL, _masked, _random_heads
+    from test_accel import TOL, _hybrid_prefill, _masked, _random_heads
 
     from corelens.accel import HybridAttention
 
@@ -552,12 +552,7 @@ def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
     valid = batch.attention_mask.bool()
     for seed, n in ((0, 1), (1, 3)):
         hybrid = HybridAttention(model, _random_heads(model, n, seed), n_sink=2, window=5)
-        with torch.no_grad():
-            with hybrid.attach(batch):
-                got = model(batch)
-            with _masked(model, hybrid.allowed(batch)):
-                ref = model(batch)
-            plain = model(batch)
+        got, ref, plain = _hybrid_prefill(model, batch, hybrid)
         assert (got - ref)[valid].abs().max() < TOL, (name, seed)
         assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
     if name != "llava_onevision":
