@@ -13,9 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models on 2 cores run 10-30x faster single-threaded
 
+from corelens import compat  # noqa: E402
 from corelens.families import FAMILIES  # noqa: E402
 
 FAMILY_NAMES = sorted(FAMILIES)
+
+
+def pytest_report_header(config):
+    """The versions a green (or red) run was measured on, first thing in the output."""
+    return "corelens against " + ", ".join(f"{k} {v}" for k, v in compat.versions().items())
 
 
 @pytest.fixture(scope="session")

@@ -504,7 +504,7 @@ class HybridAttention:
         if plan is None:
             raise InputError("hybrid attention needs the batch's vision layout: attach(batch), "
                              "or call the model on a MultimodalBatch inside attach()")
-        hf_cache = call.kwargs.get("past_key_values")
+        hf_cache = call.hf_cache
         if hf_cache is not None:  # a plain forward with use_cache: fill HF's cache as usual
             if hf_cache.get_seq_length(call.layer) > 0:
                 raise InputError("hybrid attention decodes with its own KV cache: use "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from corelens import compat
 from corelens.accel import (
     DECODE_FAMILIES,
     HybridAttention,
@@ -135,7 +136,7 @@ class FastV:
 
         # Qwen3-VL's DeepStack adds features at the vision positions after early layers: after
         # a pruning layer, only at the kept ones
-        deepstack = getattr(dec, "_deepstack_process", None)
+        deepstack = compat.qwen3_vl_deepstack(dec)
 
         def deepstack_kept(hidden: Tensor, masks: Tensor, embeds: Tensor) -> Tensor:
             keep = state.get("keep")
@@ -150,16 +151,15 @@ class FastV:
         for layer in dec.layers[self.k:]:
             handles.append(layer.register_forward_pre_hook(prune, with_kwargs=True))
         handles.append(dec.register_forward_hook(unprune))
-        if deepstack is not None:
-            dec._deepstack_process = deepstack_kept
-        try:
-            with self.model.attention.tap(self.k - 1, tap):
-                yield self
-        finally:
-            for hnd in handles:
-                hnd.remove()
+        with contextlib.ExitStack() as stack:
             if deepstack is not None:
-                del dec._deepstack_process
+                stack.enter_context(compat.replace_qwen3_vl_deepstack(dec, deepstack_kept))
+            try:
+                with self.model.attention.tap(self.k - 1, tap):
+                    yield self
+            finally:
+                for hnd in handles:
+                    hnd.remove()
 
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20,

@@ -22,7 +22,6 @@ own forward, which is always eager.
 from __future__ import annotations
 
 import contextlib
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
@@ -30,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion import (
-    BaseTensorConversion,
-)
 from transformer_lens.hook_points import HookPoint
+
+from corelens import compat
 
 Mode = Literal["auto", "sdpa", "eager"]
 
@@ -110,14 +108,19 @@ class KernelCall:
     scaling: float
     kwargs: dict[str, Any]
 
+    @property
+    def hf_cache(self) -> Any | None:
+        """The HF ``Cache`` this call was handed (None: no cache)."""
+        return compat.kv_cache(self.kwargs)
+
     def update_cache(self) -> tuple[Tensor, Tensor]:
-        return self.attn._update_kv_cache(self.k, self.v, **self.kwargs)
+        return compat.update_kv_cache(self.attn.original_component, self.k, self.v, self.kwargs)
 
 
 Kernel = Callable[[KernelCall], "Tensor | None"]
 
 
-class _HeadsToPosition(BaseTensorConversion):
+class _HeadsToPosition(compat.BaseTensorConversion):
     """Hooks on ``hook_rot_q/k`` see TransformerLens's [batch, pos, head, d_head]."""
 
     def handle_conversion(self, x: Tensor, *context: Any) -> Tensor:
@@ -125,11 +128,6 @@ class _HeadsToPosition(BaseTensorConversion):
 
     def revert(self, x: Tensor, *context: Any) -> Tensor:
         return x.transpose(1, 2) if x.ndim == 4 else x
-
-
-def _has_hooks(hp: HookPoint) -> bool:
-    return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
-                or getattr(hp, "_backward_pre_hooks", None))
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> Tensor | None:
@@ -168,8 +166,7 @@ class AttentionBackend:
             attn._corelens_layer = layer
             attn._corelens_backend = self
             attn._corelens_original_forward = attn.forward
-            # object.__setattr__: the bridge forwards a plain ``forward =`` to the HF module
-            object.__setattr__(attn, "forward", types.MethodType(_forward, attn))
+            compat.replace_forward(attn, _forward)
             self.layers.append(attn)
         if hf_config is not None:
             # The bridge forced eager attention, so HF builds a float [b, 1, T, T] mask for the
@@ -178,12 +175,10 @@ class AttentionBackend:
             # O(T^2) mask is gone. Vision towers keep eager (their pattern hooks need it).
             text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
             if text is not None and text is not hf_config:
-                text._attn_implementation = "sdpa"
+                compat.set_attn_implementation(text, "sdpa")
         self._vision_switch(bridge)
         if added:  # let the bridge's hook registry see the hook points it lacked
-            bridge.clear_hook_registry()
-            if hasattr(bridge, "_initialize_hook_registry"):
-                bridge._initialize_hook_registry()
+            compat.refresh_hook_registry(bridge)
 
     def _vision_switch(self, bridge: Any) -> None:
         """The vision tower runs SDPA too, and eager only while one of its pattern hooks is
@@ -195,13 +190,13 @@ class AttentionBackend:
                  and name.endswith(("hook_pattern", "hook_attn_scores"))]
         configs = {id(c): c for m in tower.modules()
                    if (c := getattr(m, "config", None)) is not None
-                   and hasattr(c, "_attn_implementation")
+                   and compat.has_attn_implementation(c)
                    and not type(c).__name__.startswith("TransformerBridge")}
 
         def switch(module: Any, args: Any) -> None:
-            eager = self.mode == "eager" or any(_has_hooks(hp) for hp in hooks)
+            eager = self.mode == "eager" or any(compat.has_hooks(hp) for hp in hooks)
             for c in configs.values():
-                c._attn_implementation = "eager" if eager else "sdpa"
+                compat.set_attn_implementation(c, "eager" if eager else "sdpa")
 
         tower.register_forward_pre_hook(switch)
 
@@ -255,7 +250,7 @@ class AttentionBackend:
             return True
         if self.mode == "sdpa":
             return False
-        return _has_hooks(attn.hook_pattern) or _has_hooks(attn.hook_attn_scores)
+        return compat.has_hooks(attn.hook_pattern) or compat.has_hooks(attn.hook_attn_scores)
 
     def _mask(self, layer: int, base: Tensor | None, dtype: torch.dtype, tq: int, tk: int,
               device: torch.device) -> Tensor | None:
@@ -324,8 +319,7 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     if position_embeddings is not None:
-        if hasattr(attn, "_apply_position_embedding_hooks"):
-            position_embeddings = attn._apply_position_embedding_hooks(position_embeddings)
+        position_embeddings = compat.apply_position_embedding_hooks(attn, position_embeddings)
         cos, sin = position_embeddings
         q, k = backend.rotary(q, k, cos, sin, hf_attn)
     q = attn.hook_rot_q(q)
@@ -335,7 +329,7 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
         z = backend._kernel(KernelCall(attn, layer, q, k, v, mask, scaling, kwargs))
         if z is not None:
             return _output(attn, z, b, t), None
-    k, v = attn._update_kv_cache(k, v, **kwargs)
+    k, v = compat.update_kv_cache(hf_attn, k, v, kwargs)
 
     tq, tk = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]

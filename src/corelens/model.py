@@ -11,6 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from corelens import compat
 from corelens.attention import AttentionBackend
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
@@ -23,14 +24,12 @@ Positions = str | Tensor | Sequence[Tensor] | None
 
 
 def _build_bridge(hf_model: Any, processor: Any, family: Family) -> Any:
-    # Straight to the module builder: TransformerBridge.boot_transformers may pip-install.
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
+    compat.require()
     family.prepare_hf_model(hf_model)
-    return build_bridge_from_module(
+    return compat.build_bridge_from_module(
         hf_model, family.bridge_architecture(hf_model.config), hf_config=hf_model.config,
         tokenizer=getattr(processor, "tokenizer", processor),
-        model_name=getattr(hf_model.config, "_name_or_path", "") or "external",
+        model_name=getattr(hf_model.config, "name_or_path", "") or "external",
     )
 
 
@@ -111,8 +110,7 @@ class HookedMLLM(torch.nn.Module):
         """Where inputs go: the device of the input embedding (under a ``device_map`` the
         model's first stage; the vision tower may sit elsewhere, accelerate moves its input)."""
         emb = self.hf_model.get_input_embeddings()
-        hook = getattr(emb, "_hf_hook", None)
-        dev = getattr(hook, "execution_device", None)
+        dev = compat.accelerate_execution_device(emb)
         if dev is not None:  # accelerate-offloaded: weights live elsewhere, compute here
             return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
         weight = getattr(emb, "weight", None)
@@ -206,8 +204,8 @@ class HookedMLLM(torch.nn.Module):
         return logits, cache
 
     def _names(self, names_filter: Any) -> list[str]:
-        gated = getattr(self.bridge, "_gated_hook_reason", lambda n: None)
-        names = [n for n, hp in self.hook_dict.items() if gated(hp.name or n) is None]
+        names = [n for n, hp in self.hook_dict.items()
+                 if compat.gated_hook_reason(self.bridge, hp.name or n) is None]
         if names_filter is None:
             return names
         if isinstance(names_filter, str):

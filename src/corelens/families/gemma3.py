@@ -14,7 +14,7 @@ delimiters are text.
 Pan-and-scan (``do_pan_and_scan=True``, off by default; e.g. ``AutoProcessor.from_pretrained(
 ..., do_pan_and_scan=True)`` -- the processor passes its own ``images_kwargs`` at call time, so
 setting the attribute on the image processor alone does nothing, and corelens reads the
-settings the same way, through the processor's ``_merge_kwargs``): an image whose
+settings the same way, through ``compat.processor_images_kwargs``): an image whose
 aspect ratio reaches ``pan_and_scan_min_ratio_to_activate`` is also cut, along its long side,
 into 2 .. ``pan_and_scan_max_num_crops`` equal crops (``ceil(side / n)`` px each, the last one
 clipped at the edge; none if a crop would be under ``pan_and_scan_min_crop_size``), and every
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from corelens import compat
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, resize_output_size
 from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
@@ -107,11 +108,8 @@ class Gemma3(Family):
                 "pan_and_scan_min_ratio_to_activate")
         # what the processor's call passes the image processor (its own merge of processor
         # attributes, tokenizer init kwargs and defaults); None: the image processor's own
-        try:
-            tok = getattr(processor, "tokenizer", None)
-            merged = processor._merge_kwargs(
-                tokenizer_init_kwargs=getattr(tok, "init_kwargs", None))["images_kwargs"]
-        except (AttributeError, TypeError, KeyError):
+        merged = compat.processor_images_kwargs(processor)
+        if merged is None:
             merged = getattr(processor, "images_kwargs", {}) or {}
         kw = {k: merged[k] if merged.get(k) is not None else getattr(ip, k, None) for k in keys}
         if not kw.pop("do_pan_and_scan"):

@@ -52,6 +52,7 @@ from transformer_lens.model_bridge.generalized_components.vision_encoder import 
 )
 from transformer_lens.model_bridge.supported_architectures.llava import LlavaArchitectureAdapter
 
+from corelens import compat
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, size_dict
 from corelens.layout import FeatureRows, ViewGeometry
@@ -154,11 +155,8 @@ class InternVL(Family):
         ip = processor.image_processor
         out = {k: getattr(ip, k, None) for k in ("size", "crop_to_patches", "min_patches",
                                                    "max_patches", "do_resize")}
-        try:
-            merged = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)
-            out.update({k: v for k, v in merged["images_kwargs"].items() if k in out})
-        except Exception:  # noqa: BLE001 -- private API; fall back to the attributes
-            pass
+        merged = compat.processor_images_kwargs(processor) or {}
+        out.update({k: v for k, v in merged.items() if k in out})
         return out
 
     def views(self, processor: Any, size: tuple[int, int]) -> list[tuple[str, Affine]]:

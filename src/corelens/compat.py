@@ -1,0 +1,240 @@
+"""Every private TransformerLens / transformers / torch name corelens touches, in one place.
+
+corelens owns the decoder attention forward of a TransformerLens ``TransformerBridge`` and meets
+HF's KV cache there, so it leans on names that neither library promises to keep. Each one is
+used only through a function of this module, and listed in ``PRIVATE_NAMES`` with the signature
+corelens expects; ``problems()`` checks them all (``tests/test_compat.py`` asserts it is empty,
+and ``HookedMLLM`` calls ``require()`` when it builds a bridge), so an upgrade that drops or
+changes one fails loudly here, naming the name, instead of silently somewhere in a forward.
+
+Tested range: see ``pyproject.toml`` (transformers, transformer-lens upper bounds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Iterator
+
+import torch
+import transformers
+from torch import Tensor
+from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion import (
+    BaseTensorConversion,
+)
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.sources import _bridge_builder
+from transformers.cache_utils import Cache
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+from transformers.processing_utils import ProcessorMixin
+
+from corelens.errors import CorelensError
+
+__all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateName",
+           "accelerate_execution_device", "apply_position_embedding_hooks",
+           "build_bridge_from_module", "gated_hook_reason", "has_attn_implementation", "has_hooks",
+           "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
+           "refresh_hook_registry", "replace_forward", "replace_qwen3_vl_deepstack", "require",
+           "set_attn_implementation", "update_kv_cache", "versions"]
+
+# HF's decoder layers hand their attention the KV cache as ``cache=`` since transformers 5.24
+# (``past_key_values=`` before; deprecated until 5.40). TransformerLens 4.3's
+# ``_update_kv_cache`` only knows the old names, so on 5.24+ it silently skips the update and
+# every decoding step attends to itself alone: corelens reads either name itself.
+KV_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the libraries whose internals corelens depends on."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "transformer_lens": metadata.version("transformer-lens")}
+
+
+# --- the private names, each behind one function -----------------------------------------------
+def build_bridge_from_module(model: Any, architecture: str, **kw: Any) -> Any:
+    """A ``TransformerBridge`` around an already-loaded HF module (TL's private builder: the
+    public ``TransformerBridge.boot_transformers`` may pip-install and loads by name)."""
+    return _bridge_builder.build_bridge_from_module(model, architecture, **kw)
+
+
+def refresh_hook_registry(bridge: Any) -> None:
+    """Let the bridge's hook registry see hook points added to its components after build."""
+    bridge.clear_hook_registry()
+    bridge._initialize_hook_registry()
+
+
+def gated_hook_reason(bridge: Any, name: str) -> str | None:
+    """Why the bridge refuses to fire hook ``name`` (None: it fires)."""
+    return bridge._gated_hook_reason(name)
+
+
+def apply_position_embedding_hooks(attn: Any, position_embeddings: Any) -> Any:
+    """Fire the bridge's ``hook_cos`` / ``hook_sin`` on an attention call's (cos, sin)."""
+    if isinstance(attn, position_embedding_hooks_mixin.PositionEmbeddingHooksMixin):
+        return attn._apply_position_embedding_hooks(position_embeddings)
+    return position_embeddings
+
+
+def replace_forward(component: Any, fn: Callable[..., Any]) -> None:
+    """Make ``fn(component, ...)`` the bridge component's forward. A plain ``forward =`` on a
+    bridge component is forwarded to the HF module it wraps, hence ``object.__setattr__``."""
+    object.__setattr__(component, "forward", types.MethodType(fn, component))
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether any forward / backward hook is registered on ``module`` (torch keeps no public
+    accessor for this)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def has_attn_implementation(config: Any) -> bool:
+    """Whether ``config`` is one HF dispatches attention on."""
+    return hasattr(config, "_attn_implementation")
+
+
+def set_attn_implementation(config: Any, name: str) -> None:
+    """Switch the attention implementation HF dispatches on for the modules of ``config``
+    (``PreTrainedConfig.set_attn_implementation`` would re-validate and walk sub-configs)."""
+    config._attn_implementation = name
+
+
+def processor_images_kwargs(processor: Any) -> dict[str, Any] | None:
+    """The image-processor kwargs a processor call really passes (its own merge of class
+    defaults, processor attributes and tokenizer init kwargs); None where this processor does
+    not merge that way."""
+    tok = getattr(processor, "tokenizer", None)
+    try:
+        merged = processor._merge_kwargs(tokenizer_init_kwargs=getattr(tok, "init_kwargs", None))
+        return dict(merged["images_kwargs"])
+    except (AttributeError, TypeError, KeyError):
+        return None
+
+
+def qwen3_vl_deepstack(decoder: Any) -> Callable[..., Tensor] | None:
+    """Qwen3-VL's DeepStack step (adds vision features at the vision positions after early
+    decoder layers), or None for decoders without one."""
+    return getattr(decoder, "_deepstack_process", None)
+
+
+@contextlib.contextmanager
+def replace_qwen3_vl_deepstack(decoder: Any, fn: Callable[..., Tensor]) -> Iterator[None]:
+    """Within the block, ``decoder`` runs ``fn(hidden, masks, embeds)`` as its DeepStack step."""
+    decoder._deepstack_process = fn
+    try:
+        yield
+    finally:
+        del decoder._deepstack_process
+
+
+def accelerate_execution_device(module: torch.nn.Module) -> Any | None:
+    """Where accelerate runs an offloaded module (its ``_hf_hook``); None if not offloaded."""
+    return getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+
+
+def kv_cache(kwargs: dict[str, Any]) -> Any | None:
+    """The HF ``Cache`` an attention call was handed, whichever name this transformers uses."""
+    for name in KV_CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def update_kv_cache(hf_attn: Any, k: Tensor, v: Tensor,
+                    kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Append this call's rotated keys / values to the HF cache it was handed (if any) and
+    return every key / value the call attends to. HF's own attention does the same
+    (``cache.update(k, v, self.layer_idx)``)."""
+    cache = kv_cache(kwargs)
+    if cache is None:
+        return k, v
+    layer_idx = getattr(hf_attn, "layer_idx", None)
+    if layer_idx is None:
+        raise CorelensError(f"{type(hf_attn).__name__} has no layer_idx: corelens cannot place "
+                            "its keys in the KV cache")
+    return cache.update(k, v, layer_idx)
+
+
+# --- the contract --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrivateName:
+    """One private name corelens uses: where it lives and the parameters it must accept."""
+
+    owner: Any
+    name: str
+    params: tuple[str, ...] = ()  # parameter names that must exist (callables only)
+
+    @property
+    def where(self) -> str:
+        owner = self.owner
+        if isinstance(owner, types.ModuleType):
+            return f"{owner.__name__}.{self.name}"
+        if not isinstance(owner, type):
+            owner = type(owner)
+        return f"{owner.__module__}.{owner.__qualname__}.{self.name}"
+
+    def problem(self) -> str | None:
+        target = getattr(self.owner, self.name, None)
+        if target is None:
+            return f"{self.where} is gone"
+        if not self.params:
+            return None
+        try:
+            sig = inspect.signature(target)
+        except (TypeError, ValueError):
+            return f"{self.where} has no readable signature"
+        missing = [p for p in self.params if p not in sig.parameters]
+        if missing:
+            return f"{self.where}{sig} lacks parameter(s) {', '.join(missing)}"
+        return None
+
+
+def _private_names() -> tuple[PrivateName, ...]:
+    module = torch.nn.Module()  # torch's hook dicts are instance attributes
+    mixin = position_embedding_hooks_mixin.PositionEmbeddingHooksMixin
+    return (
+        PrivateName(_bridge_builder, "build_bridge_from_module",
+                    ("model", "architecture", "hf_config", "tokenizer", "model_name")),
+        PrivateName(TransformerBridge, "_initialize_hook_registry", ("self",)),
+        PrivateName(TransformerBridge, "clear_hook_registry", ("self",)),
+        PrivateName(TransformerBridge, "_gated_hook_reason",
+                    ("self", "hook_point_name")),
+        PrivateName(mixin, "_apply_position_embedding_hooks", ("self", "position_embeddings")),
+        PrivateName(GeneralizedComponent, "original_component"),
+        PrivateName(GeneralizedComponent, "__setattr__", ("self", "name", "value")),
+        PrivateName(BaseTensorConversion, "handle_conversion"),
+        PrivateName(BaseTensorConversion, "revert"),
+        PrivateName(ProcessorMixin, "_merge_kwargs", ("tokenizer_init_kwargs",)),
+        PrivateName(modeling_qwen3_vl.Qwen3VLTextModel, "_deepstack_process",
+                    ("hidden_states", "visual_pos_masks", "visual_embeds")),
+        PrivateName(Cache, "update", ("key_states", "value_states", "layer_idx")),
+        PrivateName(Cache, "get_seq_length"),
+        PrivateName(module, "_forward_hooks"),
+        PrivateName(module, "_forward_pre_hooks"),
+        PrivateName(module, "_backward_hooks"),
+    )
+
+
+PRIVATE_NAMES: tuple[PrivateName, ...] = _private_names()
+
+
+def problems() -> list[str]:
+    """What of ``PRIVATE_NAMES`` is missing or changed in the installed libraries."""
+    return [p for name in PRIVATE_NAMES if (p := name.problem()) is not None]
+
+
+def require() -> None:
+    """Raise a ``CorelensError`` naming every private name the installed libraries lack."""
+    found = problems()
+    if found:
+        v = ", ".join(f"{k} {val}" for k, val in versions().items())
+        raise CorelensError(
+            "corelens depends on internals that the installed libraries changed (" + v + "):\n  "
+            + "\n  ".join(found) + "\ninstall the tested versions: `pip install -r "
+            "requirements.lock` (or the ranges in corelens's pyproject.toml)")

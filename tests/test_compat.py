@@ -1,0 +1,99 @@
+"""The version contract: every private TransformerLens / transformers / torch name corelens
+touches lives in corelens/compat.py, exists in the installed libraries with the signature
+corelens expects, and an upgrade that drops one fails loudly, naming it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformer_lens.model_bridge.generalized_components.position_embedding_hooks_mixin import (
+    PositionEmbeddingHooksMixin,
+)
+from transformers.cache_utils import Cache, DynamicCache
+
+from corelens import HookedMLLM, compat
+from corelens.errors import CorelensError
+
+SRC = Path(compat.__file__).parent
+
+
+def test_every_private_name_exists_with_its_signature():
+    assert len(compat.PRIVATE_NAMES) >= 10
+    assert compat.problems() == []
+    compat.require()
+
+
+def test_no_private_name_is_used_outside_compat():
+    """A private name used elsewhere escapes the contract: grep every other module for each
+    private name the contract lists (and for the bridge's forward-replacement trick)."""
+    names = {p.name for p in compat.PRIVATE_NAMES if p.name.startswith("_")
+             and not p.name.startswith("__")}
+    names |= {"_update_kv_cache", "_bridge_builder", "_attn_implementation", "_hf_hook"}
+    pattern = re.compile(r"\.(%s)\b|\b(%s)\b" % ("|".join(names), "|".join(names)))
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "compat.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line) or "object.__setattr__" in line:
+                offenders.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+    assert offenders == []
+
+
+def test_a_missing_private_name_fails_loudly(monkeypatch):
+    monkeypatch.delattr(PositionEmbeddingHooksMixin, "_apply_position_embedding_hooks")
+    found = compat.problems()
+    assert len(found) == 1 and "_apply_position_embedding_hooks is gone" in found[0]
+    with pytest.raises(CorelensError, match="_apply_position_embedding_hooks is gone"):
+        compat.require()
+
+
+def test_a_changed_signature_fails_loudly(monkeypatch):
+    def update(self, key_states, value_states, *args, **kwargs):  # layer_idx dropped
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(Cache, "update", update)
+    found = compat.problems()
+    assert len(found) == 1 and "Cache.update" in found[0] and "layer_idx" in found[0]
+
+
+def test_building_a_model_refuses_changed_internals(monkeypatch, tiny_folder):
+    monkeypatch.delattr(PositionEmbeddingHooksMixin, "_apply_position_embedding_hooks")
+    with pytest.raises(CorelensError, match="requirements.lock"):
+        HookedMLLM.from_pretrained(tiny_folder("llava"))
+
+
+class _Attn:
+    layer_idx = 1
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_kv_cache_is_updated_under_either_kwarg_name(name):
+    """transformers >= 5.24 hands attention ``cache=``, older releases ``past_key_values=``:
+    both must append to the cache (a skipped update decodes every step on itself alone)."""
+    cache = DynamicCache()
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    cache.update(k0, v0, 0)  # layer 0 filled, so layer 1 is a real second layer
+    cache.update(k0, v0, 1)
+    k1, v1 = torch.randn(1, 2, 1, 4, generator=g), torch.randn(1, 2, 1, 4, generator=g)
+    k, v = compat.update_kv_cache(_Attn(), k1, v1, {name: cache, "use_cache": True})
+    assert torch.equal(k, torch.cat([k0, k1], 2)) and torch.equal(v, torch.cat([v0, v1], 2))
+    assert cache.get_seq_length(1) == 6 and cache.get_seq_length(0) == 5
+    assert compat.kv_cache({name: cache}) is cache
+
+
+def test_no_cache_leaves_keys_alone():
+    k = torch.zeros(1, 1, 3, 2)
+    out_k, out_v = compat.update_kv_cache(_Attn(), k, k, {"use_cache": False})
+    assert out_k is k and out_v is k
+
+
+def test_versions_name_the_libraries():
+    v = compat.versions()
+    assert set(v) == {"torch", "transformers", "transformer_lens"}
+    assert v["transformers"] == transformers.__version__
