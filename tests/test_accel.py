@@ -161,7 +161,7 @@ def test_pooled_summaries_cache_equals_prefill(tiny_model):
     pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
     vision = torch.cat([batch.layout.vision_mask(), torch.zeros(len(batch), n - 1,
                                                                 dtype=torch.bool)], 1)
-    from corelens.accel import _plan
+    from corelens.accel.hybrid import _plan
 
     with torch.no_grad(), model.attention.kernel(hybrid._kernel):
         hybrid._plan = _plan(vision, mask.bool(), 2, 3)
@@ -380,7 +380,7 @@ def test_decode_other_families(tiny_model, name):
 @pytest.mark.parametrize("name", QWEN)
 def test_mrope_decode_positions(tiny_model, name):
     """Text after the image continues from the prompt's largest M-RoPE id + 1, per example."""
-    from corelens.accel import _next_positions
+    from corelens.accel.hybrid import _next_positions
 
     model = tiny_model(name)
     batch = _two(model)

@@ -18,8 +18,15 @@ def demo_out(tmp_path_factory):
 
 
 def test_demo_summary_shows_the_causal_claim(demo_out):
+    """Heads chosen on the scoring set; the claim holds on the separate evaluation set."""
     s = json.loads((demo_out / "summary.json").read_text())
     assert s["core_heads"] and all(len(h) == 2 for h in s["core_heads"])
+    scoring, evaluation = s["scoring"], s["evaluation"]
+    assert scoring["n"] == evaluation["n"] == 96
+    assert len(set(scoring["ids"])) == 96 and len(set(evaluation["ids"])) == 96
+    assert not set(scoring["ids"]) & set(evaluation["ids"])
+    assert {c for c, _ in evaluation["pairs"]} <= set(evaluation["ids"])
+    assert "seed=2026" in scoring["source"] and "seed=2027" in evaluation["source"]
     ab = s["ablation"]
     assert ab["frac"] == 0.05 and ab["seeds"] >= 8
     assert ab["none"] >= 0.95
@@ -117,3 +124,20 @@ def test_accelerate_command(tmp_path):
     text = json.dumps(rep)
     for variant in ("full", "hybrid", "random", "fastv"):
         assert variant in text, variant
+
+
+def test_a_study_splits_and_refuses_in_sample_claims(tmp_path):
+    from corelens import zoo
+    from corelens.errors import InputError
+    from corelens.report import run_study, split_examples
+
+    examples = zoo.examples("toy-llava", 10, seed=3)
+    scoring, evaluation = split_examples(examples)
+    assert len(scoring) == len(evaluation) == 5
+    assert {e.id for e in scoring}.isdisjoint({e.id for e in evaluation})
+    assert {e.id for e in scoring} | {e.id for e in evaluation} == {e.id for e in examples}
+    assert [e.id for e in split_examples(examples)[1]] == [e.id for e in evaluation]  # seeded
+    with pytest.raises(InputError, match="leave one empty"):
+        split_examples(examples[:1])
+    with pytest.raises(InputError, match="in-sample"):
+        run_study(None, scoring, tmp_path, eval_examples=[scoring[0], *evaluation])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
 import corelens
 
-HEAVY = ("transformer_lens", "matplotlib", "circuitsvis", "datasets", "pandas", "jaxtyping")
+HEAVY = ("transformer_lens", "matplotlib", "circuitsvis", "datasets", "pandas", "PIL")
 
 
 def test_import_loads_no_heavy_dependency():
@@ -25,6 +26,8 @@ def test_every_public_name_resolves():
     assert set(corelens.__all__) <= set(dir(corelens))
     assert corelens.HookedMLLM.__module__ == "corelens.model"
     assert corelens.ram.__name__ == "corelens.ram"
+    importlib.import_module("corelens.evaluate")  # a submodule named like its function
+    assert corelens.evaluate is sys.modules["corelens.evaluate"].evaluate
 
 
 def test_unknown_name_is_an_attribute_error():
@@ -34,3 +37,21 @@ def test_unknown_name_is_an_attribute_error():
         assert "HookedTransformer" in str(e)
     else:
         raise AssertionError("corelens.HookedTransformer resolved")
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """No module relies on another having been imported before it (an import cycle that only
+    resolves in one order fails here)."""
+    import pkgutil
+
+    names = [m.name for m in pkgutil.walk_packages(corelens.__path__, "corelens.")
+             if ".zoo.models" not in m.name]
+    code = ("import importlib, sys\nbad = []\nfor n in sys.argv[1:]:\n"
+            "    for m in [k for k in sys.modules if k.startswith('corelens')]:\n"
+            "        del sys.modules[m]\n"
+            "    try:\n        importlib.import_module(n)\n"
+            "    except Exception as e:\n        bad.append(f'{n}: {e!r}')\n"
+            "print('\\n'.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code, *names], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert len(names) > 30 and out == ""

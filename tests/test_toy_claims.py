@@ -51,7 +51,6 @@ def test_core_heads_concentrate_ram_and_are_stable(toy, scores):
     b = score_all(model, examples[N // 2:], batch_size=32, progress=False)["ram"]
     assert a.top(frac=0.05) == b.top(frac=0.05) == top
     lo, hi = ram.bootstrap(n=500)
-    assert ((lo <= ram.scores + 1e-6) & (ram.scores <= hi + 1e-6)).all()
     # the two retrieval heads' intervals sit above every other head's (they overlap each other)
     first, second, *rest = ram.rank()
     assert min(lo[first], lo[second]) > max(hi[h] for h in rest)
@@ -60,8 +59,10 @@ def test_core_heads_concentrate_ram_and_are_stable(toy, scores):
 
 
 def test_ablating_core_heads_hurts_far_more_than_random(toy, scores):
-    _, model, examples = toy
-    curve = ablation_curve(model, examples, scores["ram"], fracs=(0.05,),
+    """Heads chosen on the scoring set (seed 4242), the ablation measured on another (4243)."""
+    name, model, _ = toy
+    held_out = zoo.examples(name, N, seed=4243)
+    curve = ablation_curve(model, held_out, scores["ram"], fracs=(0.05,),
                            seeds=range(8), batch_size=48, progress=False)
     acc = curve.to_dict("accuracy")
     top, none, bottom = acc["top"][0], acc["none"], acc["bottom"][0]

@@ -8,15 +8,69 @@ import pytest
 import torch
 
 from corelens import zoo
+from corelens.errors import InputError
 from corelens.zoo.scenes import (
+    SEED_STRIDE,
+    TRAIN_SEEDS_END,
+    TRAIN_SEEDS_START,
     SceneTask,
     blank_like,
+    iter_examples,
     make_example,
     make_examples,
     swap_images,
 )
 
 # --- the generator ------------------------------------------------------------------------
+
+
+def test_generator_refuses_seeds_that_reach_the_training_streams():
+    # seed 1000 drew examples 1,000,003,000 + i: toy-llava-deep's training stream
+    task = zoo.task("toy-llava-deep")
+    with pytest.raises(InputError, match=r"seed 1000 with n=150 .* Held-out seeds for "
+                                         r"n=150: 0\.\.999 or >= 2,000"):
+        make_examples(task, 150, seed=1000)
+    with pytest.raises(InputError, match="reserved for training"):
+        zoo.examples("toy-llava-deep", 150, seed=1000)
+    with pytest.raises(InputError, match="reserved for training"):
+        make_examples(task, 2, seed=-1)
+    # the last safe set below the range, and the first above it
+    last = (TRAIN_SEEDS_START - 150) // SEED_STRIDE
+    assert last * SEED_STRIDE + 150 <= TRAIN_SEEDS_START
+    with pytest.raises(InputError):
+        make_examples(task, 150 + SEED_STRIDE, seed=last)
+    first = -(-TRAIN_SEEDS_END // SEED_STRIDE)
+    assert len(make_examples(task, 2, seed=first)) == 2
+    with pytest.raises(InputError):
+        make_examples(task, 2, seed=first - 1)
+
+
+def test_an_endless_stream_stops_at_the_training_range(monkeypatch):
+    from corelens.zoo import scenes
+
+    monkeypatch.setattr(scenes, "TRAIN_SEEDS_START", 5)  # the edge, 5 examples away
+    it = iter_examples(zoo.task("toy-llava"), seed=0)
+    assert [next(it).metadata["seed"] for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match="reserved for training"):
+        next(it)
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_shipped_training_stream_lies_in_the_reserved_range(name):
+    """Each shipped model's own log (seed, steps, batch size; and its warm start's) puts its
+    training examples inside the range the held-out generator refuses."""
+    import json
+
+    from corelens.zoo.train import Recipe, step_seeds
+
+    log = json.loads((zoo.path(name) / "train_log.json").read_text())
+    recipe = Recipe(steps=log["recipe"]["steps"], batch_size=log["recipe"]["batch_size"])
+    if log["recipe"].get("init_from"):  # its warm start trained on that model's stream
+        assert log["recipe"]["init_from"] in zoo.names()
+    first = step_seeds(recipe, log["seed"], 0)
+    last = step_seeds(recipe, log["seed"], recipe.steps - 1)
+    assert TRAIN_SEEDS_START <= first.start and last.stop <= TRAIN_SEEDS_END
+    assert last.stop - first.start == recipe.steps * recipe.batch_size
 
 
 def test_scenes_are_deterministic_and_valid():

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
 
+# bound eagerly: ``evaluate`` is also the name of its module, and importing that module later
+# (from anywhere) would rebind ``corelens.evaluate`` to the module
+from corelens.evaluate import EvalResult, evaluate
+
 __version__ = "0.1.0"
 
 _SUBMODULES = ("accel", "attribution", "patching", "ram", "views")
@@ -27,8 +31,6 @@ _EXPORTS = {
     "AttentionBackend": "corelens.attention",
     "AttentionInputs": "corelens.attention",
     "MultimodalBatch": "corelens.batch",
-    "EvalResult": "corelens.evaluate",
-    "evaluate": "corelens.evaluate",
     "Evidence": "corelens.examples",
     "GroundedExample": "corelens.examples",
     "Video": "corelens.examples",
@@ -108,7 +110,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     )
     from corelens.attention import AttentionBackend, AttentionInputs  # noqa: F401
     from corelens.batch import MultimodalBatch  # noqa: F401
-    from corelens.evaluate import EvalResult, evaluate  # noqa: F401
     from corelens.examples import Evidence, GroundedExample, Video  # noqa: F401
     from corelens.families import FAMILIES, family_for_config, get_family  # noqa: F401
     from corelens.head_scores import HeadScores  # noqa: F401

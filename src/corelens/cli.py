@@ -18,13 +18,19 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model = zoo.load(args.model)
-    examples = zoo.examples(args.model, args.n, seed=args.seed)
-    pairs = toy_pairs(examples[: args.pairs], zoo.task(args.model))
+    # two disjoint held-out sets: heads are chosen on the first, every claim measured on the second
+    scoring = zoo.examples(args.model, args.n, seed=args.seed)
+    evaluation = zoo.examples(args.model, args.n, seed=args.seed + 1)
+    pairs = toy_pairs(evaluation[: args.pairs], zoo.task(args.model))
     # the toy image is 64 tokens: a window of 8 and 2 sinks keep streaming heads really local
-    summary = run_study(model, examples, args.out, pairs=pairs,
+    summary = run_study(model, scoring, args.out, eval_examples=evaluation, pairs=pairs,
                         title=f"corelens demo: {args.model}",
                         accel={"frac": 0.125, "n_sink": 2, "window": 8},
-                        extra={"model": args.model, "random_model": False})
+                        extra={"model": args.model, "random_model": False, "sources": {
+                            "scoring": f"zoo.examples({args.model!r}, {args.n}, "
+                                       f"seed={args.seed})",
+                            "evaluation": f"zoo.examples({args.model!r}, {args.n}, "
+                                          f"seed={args.seed + 1})"}})
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'report.html'} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -40,9 +46,14 @@ def _report(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model = HookedMLLM.from_pretrained(args.model, device=args.device)
     examples = load_jsonl(args.data, skip_invalid=args.skip_invalid)
-    summary = run_study(model, examples, args.out, title=f"corelens report: {args.model}",
-                        batch_size=args.batch_size, extra={"model": str(args.model),
-                                                           "data": str(args.data)})
+    evaluation, sources = None, {}
+    if args.eval_data:
+        evaluation = load_jsonl(args.eval_data, skip_invalid=args.skip_invalid)
+        sources = {"scoring": str(args.data), "evaluation": str(args.eval_data)}
+    summary = run_study(model, examples, args.out, eval_examples=evaluation,
+                        title=f"corelens report: {args.model}", batch_size=args.batch_size,
+                        extra={"model": str(args.model), "data": str(args.data),
+                               "sources": sources})
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -95,7 +106,7 @@ def _accelerate(args: argparse.Namespace) -> int:
     """Accuracy and wall time of full attention, CoRe hybrid, random hybrid and FastV."""
     import torch
 
-    from corelens.accel_baselines import main_accelerate
+    from corelens.accel import main_accelerate
 
     torch.set_num_threads(args.threads)
     main_accelerate(args)
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the whole study on the shipped toy model -> report.html")
     demo.add_argument("--out", default="corelens-demo", help="output folder")
     demo.add_argument("--model", default="toy-llava", help="a shipped toy model (zoo list)")
-    demo.add_argument("--n", type=int, default=128, help="examples to score and ablate on")
+    demo.add_argument("--n", type=int, default=128, help="examples in each of the scoring "
+                      "and the evaluation set (two disjoint held-out sets)")
     demo.add_argument("--pairs", type=int, default=16, help="clean/corrupted pairs to patch")
     demo.add_argument("--seed", type=int, default=2026)
     demo.add_argument("--threads", type=int, default=1)
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="the whole study on a model + JSONL data -> report.html")
     rep.add_argument("--model", required=True, help="model folder or hub id")
     rep.add_argument("--data", required=True, help="grounded examples (JSONL, docs/data.md)")
+    rep.add_argument("--eval-data", default=None, help="a separate JSONL to measure the "
+                     "ablation on (default: a seeded half of --data; the other half scores)")
     rep.add_argument("--out", default="corelens-report")
     rep.add_argument("--device", default=None)
     rep.add_argument("--batch-size", type=int, default=16)

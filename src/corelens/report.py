@@ -10,6 +10,7 @@ circuitsvis view) -> ``OUT/report.html`` (self-contained) and ``OUT/summary.json
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,7 +18,31 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from corelens.errors import InputError
+
 Pairs = Callable[[Sequence[Any]], list[tuple[Any, Any]]]
+
+
+def split_examples(examples: Sequence[Any], eval_frac: float = 0.5, seed: int = 0
+                   ) -> tuple[list[Any], list[Any]]:
+    """A seeded split into a scoring set (to choose heads with) and an evaluation set (to
+    measure every claim about them on); both non-empty and disjoint."""
+    n = len(examples)
+    n_eval = round(n * eval_frac)
+    if n < 2 or not 0 < n_eval < n:
+        raise InputError(f"a study needs a scoring and an evaluation set: {n} examples with "
+                         f"eval_frac={eval_frac} leave one empty; pass more examples or "
+                         "eval_examples=")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    ev = set(order[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in ev],
+            [ex for i, ex in enumerate(examples) if i in ev])
+
+
+def _record(examples: Sequence[Any], source: str) -> dict[str, Any]:
+    return {"n": len(examples), "source": source,
+            "ids": [getattr(ex, "id", None) for ex in examples]}
 
 
 def run_study(
@@ -25,6 +50,7 @@ def run_study(
     examples: Sequence[Any],
     out: str | Path,
     *,
+    eval_examples: Sequence[Any] | None = None,
     pairs: Sequence[tuple[Any, Any]] = (),
     title: str = "corelens report",
     fracs: Sequence[float] = (0.05, 0.1, 0.2),
@@ -33,8 +59,25 @@ def run_study(
     accel: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the study; ``pairs``: (clean, corrupted) ``GroundedExample`` pairs with matching
-    layouts for patching (skipped when empty). Returns the summary (also written to disk)."""
+    """Run the study. Heads are chosen on ``examples`` (the scoring set); the ablation curve,
+    the hybrid's accuracy and the patching effects are measured on ``eval_examples`` (the
+    evaluation set; default: a seeded half of ``examples``, ``split_examples``), never on the
+    examples that chose the heads. ``pairs``: (clean, corrupted) ``GroundedExample`` pairs with
+    matching layouts for patching (skipped when empty), drawn from the evaluation set by the
+    caller. Both sets (ids) are recorded in ``summary.json``. Returns the summary."""
+    sources = extra.get("sources", {}) if extra else {}
+    if eval_examples is None:
+        examples, eval_examples = split_examples(examples)
+        sources = {"scoring": "split_examples(seed 0)", "evaluation": "split_examples(seed 0)"}
+    examples, eval_examples = list(examples), list(eval_examples)
+    ids = {getattr(ex, "id", None) for ex in examples} - {None}
+    shared = ids & ({getattr(ex, "id", None) for ex in eval_examples}
+                    | {getattr(c, "id", None) for c, _ in pairs})
+    if shared:
+        raise InputError(f"the scoring set shares {len(shared)} example id(s) with the "
+                         "evaluation set or the patching pairs "
+                         f"(e.g. {sorted(shared)[0]!r}): a claim measured on the examples that "
+                         "chose the heads is in-sample")
     from corelens import views
     from corelens.ablation import ablation_curve
     from corelens.patching import logit_diff, patch_heads, path_patch
@@ -52,7 +95,7 @@ def run_study(
     core = ram.top(frac=0.05)
     steps.update()
 
-    curve = ablation_curve(model, list(examples), ram, fracs=fracs, seeds=seeds,
+    curve = ablation_curve(model, eval_examples, ram, fracs=fracs, seeds=seeds,
                            batch_size=batch_size)
     curve.save(out / "ablation.json")
     acc = curve.to_dict("accuracy")
@@ -87,15 +130,17 @@ def run_study(
         hybrid = HybridAttention(model, ram.top(frac=accel.get("frac", 0.1)), **kw)
         rand = HybridAttention.random(model, len(hybrid.full_kv_heads), seed=0, **kw)
         accel_result = {"frac": accel.get("frac", 0.1), "kv_budget": hybrid.kv_budget, **kw,
-                        "full": evaluate(model, examples, progress=False).accuracy}
+                        "full": evaluate(model, eval_examples, progress=False).accuracy}
         for name, h in (("core_hybrid", hybrid), ("random_hybrid", rand)):
             with h.attach():
-                accel_result[name] = evaluate(model, examples, progress=False).accuracy
+                accel_result[name] = evaluate(model, eval_examples, progress=False).accuracy
 
-    show = model.prepare_examples(list(examples[:1]))
+    show = model.prepare_examples(eval_examples[:1])
     items: list[Any] = [
-        f"<h1>{title}</h1><p>{len(examples)} examples; CoRe heads (top 5% by RAM): "
-        f"{', '.join(f'L{l}H{h}' for l, h in core)}.</p>",
+        f"<h1>{title}</h1><p>CoRe heads (top 5% by RAM on the scoring set, {len(examples)} "
+        f"examples): {', '.join(f'L{l}H{h}' for l, h in core)}. Ablation, patching and "
+        f"acceleration are measured on the evaluation set ({len(eval_examples)} other "
+        f"examples{f', {len(pairs)} clean/corrupted pairs' if pairs else ''}).</p>",
         views.head_heatmap(ram, title="RAM (Retrieval Attention Mass)"),
     ]
     if "selectivity" in scores:
@@ -128,9 +173,12 @@ def run_study(
                              for l, h in ram.top(k=5)],
         "path_patching": path_effects,
         "acceleration": accel_result,
-        "n_examples": len(examples),
+        "scoring": _record(examples, sources.get("scoring", "examples")),
+        "evaluation": {**_record(eval_examples, sources.get("evaluation", "eval_examples")),
+                       "pairs": [[getattr(c, "id", None), getattr(k, "id", None)]
+                                 for c, k in pairs]},
         "seconds": round(time.time() - t0, 1),
-        **(extra or {}),
+        **{k: v for k, v in (extra or {}).items() if k != "sources"},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     steps.update()

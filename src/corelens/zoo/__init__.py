@@ -47,7 +47,9 @@ def load(name: str, device: Any = None, **kw: Any) -> Any:
 
 
 def examples(name: str, n: int, seed: int = 0) -> list[Any]:
-    """``n`` fresh examples of model ``name``'s task (held out: training used other seeds)."""
+    """``n`` fresh examples of model ``name``'s task. Held out: training streams draw from a
+    reserved seed range that this generator refuses (``scenes.check_held_out``), and sets of
+    different seeds are disjoint, so score on one seed and evaluate on another."""
     from corelens.zoo.scenes import make_examples
 
     return make_examples(task(name), n, seed=seed)

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
+from corelens.errors import InputError
 from corelens.examples import GroundedExample
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -249,15 +250,43 @@ def _draw_objects(task: SceneTask, rng: random.Random, n: int, qtype: str) -> An
     return objects, target, question, answer
 
 
+# Example seeds in [TRAIN_SEEDS_START, TRAIN_SEEDS_END) are reserved for training streams: every
+# training example of corelens.zoo.train is drawn there, and make_examples / iter_examples (the
+# scoring and evaluation sets) refuse any seed that reaches into it.
+TRAIN_SEEDS_START = 1_000_000_000
+TRAIN_SEEDS_END = 2_000_000_000
+SEED_STRIDE = 1_000_003  # example i of set ``seed`` is make_example(task, seed * SEED_STRIDE + i)
+
+
+def check_held_out(seed: int, n: int) -> None:
+    """Refuse a set whose example seeds ``seed * SEED_STRIDE + [0, n)`` can collide with a
+    training stream, naming the seeds that are safe for ``n`` examples."""
+    lo, hi = seed * SEED_STRIDE, seed * SEED_STRIDE + n
+    if seed < 0 or (lo < TRAIN_SEEDS_END and hi > TRAIN_SEEDS_START):
+        below = (TRAIN_SEEDS_START - n) // SEED_STRIDE
+        above = -(-TRAIN_SEEDS_END // SEED_STRIDE)
+        raise InputError(
+            f"seed {seed} with n={n} draws example seeds {lo:,}..{hi - 1:,}, which reach into "
+            f"the range reserved for training streams [{TRAIN_SEEDS_START:,}, "
+            f"{TRAIN_SEEDS_END:,}): a toy model may have trained on these examples. Held-out "
+            f"seeds for n={n}: 0..{below} or >= {above:,}")
+
+
 def make_examples(task: SceneTask, n: int, seed: int = 0) -> list[GroundedExample]:
-    """``n`` examples; example ``i`` is ``make_example(task, seed * 1_000_003 + i)``."""
-    return [make_example(task, seed * 1_000_003 + i) for i in range(n)]
+    """``n`` held-out examples; example ``i`` is ``make_example(task, seed * SEED_STRIDE + i)``.
+    Sets of different seeds are disjoint for ``n < SEED_STRIDE``; a seed whose examples reach
+    into the training streams' range is refused (``check_held_out``)."""
+    check_held_out(seed, n)
+    return [make_example(task, seed * SEED_STRIDE + i) for i in range(n)]
 
 
 def iter_examples(task: SceneTask, seed: int = 0) -> Iterator[GroundedExample]:
+    """Held-out examples of set ``seed``, endlessly (refused where they would reach the
+    training streams' range)."""
     i = 0
     while True:
-        yield make_example(task, seed * 1_000_003 + i)
+        check_held_out(seed, i + 1)
+        yield make_example(task, seed * SEED_STRIDE + i)
         i += 1
 
 

@@ -43,7 +43,13 @@ from typing import Any
 
 import torch
 
-from corelens.zoo.scenes import SceneTask, make_example
+from corelens.errors import InputError
+from corelens.zoo.scenes import (
+    TRAIN_SEEDS_END,
+    TRAIN_SEEDS_START,
+    SceneTask,
+    make_example,
+)
 
 # a minimal chat template: the prompt is "<image> question" and the answer follows it, so the
 # query word is the last prompt token (no role words after it)
@@ -57,7 +63,6 @@ TOY_CHAT_TEMPLATE = (
 QWEN_TOY_CHAT_TEMPLATE = TOY_CHAT_TEMPLATE.replace(
     "<image> ", "<|vision_start|><|image_pad|><|vision_end|> ")
 
-TRAIN_SEED_BASE = 1_000_000_000  # training examples use seeds above this; held-out ones below
 
 
 @dataclass
@@ -268,10 +273,20 @@ def curriculum(recipe: Recipe, step: int) -> SceneTask:
     return t
 
 
+def step_seeds(recipe: Recipe, seed: int, step: int) -> range:
+    """The example seeds of training step ``step``: inside the range reserved for training
+    streams, which the held-out generators (``make_examples``) refuse."""
+    base = TRAIN_SEEDS_START + (seed * 100_003 + step) * recipe.batch_size
+    seeds = range(base, base + recipe.batch_size)
+    if seeds.stop > TRAIN_SEEDS_END:
+        raise InputError(f"training seed {seed} at step {step} leaves the range reserved for "
+                         f"training streams (< {TRAIN_SEEDS_END:,}): use a smaller seed")
+    return seeds
+
+
 def step_examples(recipe: Recipe, seed: int, step: int) -> list:
     task = curriculum(recipe, step)
-    base = TRAIN_SEED_BASE + (seed * 100_003 + step) * recipe.batch_size
-    return [make_example(task, base + i) for i in range(recipe.batch_size)]
+    return [make_example(task, s) for s in step_seeds(recipe, seed, step)]
 
 
 def encode(hf_model: Any, processor: Any, examples: list) -> Any:

@@ -1,4 +1,4 @@
-"""FastV, KV-byte counting and the ``corelens accelerate`` command (all re-exported by
+"""FastV, KV-byte counting and the ``corelens accelerate`` command (re-exported by
 ``corelens.accel``, whose docstring defines the variants)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from corelens import compat
-from corelens.accel import (
+from corelens.accel.hybrid import (
     DECODE_FAMILIES,
     HybridAttention,
     HybridCache,
@@ -294,7 +294,9 @@ def _load(args: Any) -> tuple[Any, Any, list[Any], Any]:
         parts = data.split(":")
         n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
         examples = zoo.examples(name, n, seed=seed)
-        score_examples = zoo.examples(name, max(n // 2, 32), seed=seed + 1000)  # disjoint
+        # scored on the next seed's set: disjoint from the evaluation set, and (as every
+        # zoo.examples set) from the model's training stream
+        score_examples = zoo.examples(name, max(n // 2, 32), seed=seed + 1)
     else:
         examples = load_jsonl(data)
     limit = getattr(args, "limit", None)

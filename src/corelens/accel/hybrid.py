@@ -1,55 +1,5 @@
-"""CoRe-guided hybrid attention, and its baselines (full attention, FastV, random heads).
-
-``HybridAttention(model, heads)`` runs the decoder with two kinds of heads:
-
-- **full heads** — the CoRe heads (a list of ``(layer, head)``, e.g. ``HeadScores.top(0.1)``)
-  attend to every token, exactly like the model's own attention. Under GQA the unit is a KV head:
-  a KV head is full if ANY of its query heads is a CoRe head, and then all of its query heads
-  attend fully (they read the same keys; restricting them would save neither compute nor cache).
-- **streaming heads** — every other head. For EVERY query row ``i`` (vision rows included in
-  prefill; ``i`` = index in the sequence, padding included), a streaming head sees exactly the
-  keys ``j`` that the model's own attention lets row ``i`` see (causal, not padding; Gemma 3:
-  also later tokens of ``i``'s own image block, and only ``j > i - sliding_window`` on a
-  sliding-window layer) and that are
-
-  1. a sink: one of the first ``n_sink`` non-padding tokens of the example;
-  2. in the window: ``|i - j| <= window`` (under a causal mask: the query itself and the
-     ``window`` tokens before it; inside a Gemma 3 image block also the ``window`` tokens after
-     it, as its own attention is bidirectional there);
-  3. a text token: any token that is not an image-feature token of the batch's ``VisionLayout``
-     (delimiters, prompt, answer and generated tokens are all text);
-
-  plus, if ``n_pooled > 0`` (causal models without sliding windows only), ``n_pooled``
-  summaries of each example's vision tokens (minus sinks): those tokens, in sequence order,
-  split into ``n_pooled`` contiguous chunks; a summary's key / value is the mean of its chunk's
-  (rotated) keys / values, its score gets ``+ log(chunk size)`` (it stands for that many
-  tokens), and row ``i`` sees it once the chunk's last token is ``<= i``. A summary is seen in
-  addition to any of its tokens that are in the window.
-
-  So on a sliding-window layer a streaming head sees the sinks and text only while they are
-  inside the layer's own window: it never sees a key its full-attention self would not.
-
-The saving is real: streaming heads are computed over a gathered key set (sinks + text +
-summaries, then the window as a band: queries in blocks of ``window`` rows against a slab of
-``2 * window`` keys, ``3 * window`` with bidirectional image blocks), never as full attention
-with a mask. In cached decoding (``generate`` / ``prefill`` + ``decode_step``) the vision keys /
-values are stored only for full KV heads; streaming KV heads keep sinks, text, summaries and the
-last ``window`` prompt tokens. Sliding-window layers hold only what the next token can still
-see (original index ``> i - sliding_window``): the others are freed, as in Gemma's own cache.
-
-Baselines: ``full`` (the model as is), ``HybridAttention.random`` (random KV heads at the same
-KV-head budget) and ``FastV`` (after layer ``k``, drop ``ratio`` of the vision tokens that get
-the least attention from the last prompt position, averaged over heads; the later layers never
-compute them, and their KV cache never holds them).
-
-Supported families: ``PREFILL_FAMILIES`` (hybrid prefill and FastV prefill) and
-``DECODE_FAMILIES`` (hybrid and FastV cached decoding): every registered family. FastV decodes
-on its own ``FastVCache`` (each cached key keeps its original sequence index, so Gemma 3's
-sliding windows apply by position on a pruned layer, and expired keys are freed). Under
-M-RoPE (Qwen-VL) a generated token's position id is the prompt's largest id + 1 (+ 1 per
-step), the same in all three rows, as HF's ``rope_deltas`` give; FastV's kept tokens keep their
-own (3-D) ids, and Qwen3-VL's DeepStack features reach only the kept tokens after the pruning layer.
-"""
+"""CoRe-guided hybrid attention and its KV cache (the variants are defined in
+``corelens.accel``'s docstring)."""
 
 from __future__ import annotations
 
@@ -739,7 +689,4 @@ class HybridAttention:
         return (out, torch.stack(steps, 1)) if return_logits else out
 
 
-from corelens.accel_baselines import FastV, FastVCache, cache_nbytes, main_accelerate  # noqa: E402
-
-__all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "FastV", "FastVCache", "HybridAttention",
-           "HybridCache", "cache_nbytes", "main_accelerate"]
+__all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "HybridAttention", "HybridCache"]
