@@ -26,11 +26,11 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_study(model, scoring, args.out, eval_examples=evaluation, pairs=pairs,
                         title=f"corelens demo: {args.model}",
                         accel={"frac": 0.125, "n_sink": 2, "window": 8},
-                        extra={"model": args.model, "random_model": False, "sources": {
+                        extra={"model": args.model, "random_model": False}, sources={
                             "scoring": f"zoo.examples({args.model!r}, {args.n}, "
                                        f"seed={args.seed})",
                             "evaluation": f"zoo.examples({args.model!r}, {args.n}, "
-                                          f"seed={args.seed + 1})"}})
+                                          f"seed={args.seed + 1})"})
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'report.html'} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -52,8 +52,8 @@ def _report(args: argparse.Namespace) -> int:
         sources = {"scoring": str(args.data), "evaluation": str(args.eval_data)}
     summary = run_study(model, examples, args.out, eval_examples=evaluation,
                         title=f"corelens report: {args.model}", batch_size=args.batch_size,
-                        extra={"model": str(args.model), "data": str(args.data),
-                               "sources": sources})
+                        extra={"model": str(args.model), "data": str(args.data)},
+                        sources=sources)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -58,6 +58,7 @@ def run_study(
     batch_size: int = 32,
     accel: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the study. Heads are chosen on ``examples`` (the scoring set); the ablation curve,
     the hybrid's accuracy and the patching effects are measured on ``eval_examples`` (the
@@ -65,7 +66,7 @@ def run_study(
     examples that chose the heads. ``pairs``: (clean, corrupted) ``GroundedExample`` pairs with
     matching layouts for patching (skipped when empty), drawn from the evaluation set by the
     caller. Both sets (ids) are recorded in ``summary.json``. Returns the summary."""
-    sources = extra.get("sources", {}) if extra else {}
+    sources = dict(sources or {})
     if eval_examples is None:
         examples, eval_examples = split_examples(examples)
         sources = {"scoring": "split_examples(seed 0)", "evaluation": "split_examples(seed 0)"}
@@ -178,7 +179,7 @@ def run_study(
                        "pairs": [[getattr(c, "id", None), getattr(k, "id", None)]
                                  for c, k in pairs]},
         "seconds": round(time.time() - t0, 1),
-        **{k: v for k, v in (extra or {}).items() if k != "sources"},
+        **(extra or {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     steps.update()
