@@ -1,4 +1,4 @@
-"""CoRe-guided hybrid attention vs full attention vs FastV: prefill time, decode speed, KV bytes.
+"""Hybrid attention vs full attention vs FastV: prefill time, decode speed, KV bytes.
 
 Pinned config: a random LLaVA (bench/common.py) whose Llama decoder has d_model 512, 8 layers,
 8 heads — MHA, and the GQA variant with 2 KV heads — at 576, 2,304 and 8,192 vision tokens (16-px
@@ -14,10 +14,13 @@ runs in its own subprocess; ratios are measured side by side in one run.
   inflated every decode ratio;
 - ``corelens_full``: the HookedMLLM with its owned attention, no acceleration (bridge overhead),
   on the same preallocated cache;
-- ``core_hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7``; on a
-  random model any 7 heads cost the same: a fixed seeded draw stands in for a RAM ranking),
-  ``n_sink=4, window=64``;
-- ``random_hybrid``: random KV heads at the same KV budget;
+- ``hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7``),
+  ``n_sink=4, window=64``. The model has random weights, so there are no CoRe heads to find:
+  the full heads are a fixed seeded draw (``heads_draw(0)``). Speed depends on how many heads
+  are full, not on which: ``hybrid_other_heads`` checks that;
+- ``hybrid_other_heads``: another seeded draw of KV heads at the same KV budget. Which heads to
+  keep decides accuracy, measured on a trained model with RAM-selected heads by
+  ``bench/accel_toy.py`` (CoRe vs random heads);
 - ``fastv``: K=2, R=50%, decoding on the same preallocated cache (its layers ``k..`` hold fewer
   tokens: a per-layer ``key_mask`` hides their unfilled slots).
 
@@ -54,7 +57,7 @@ from common import build_llava, run_isolated, threads, timed  # noqa: E402
 
 TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
 PATCH = 16
-VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "core_hybrid", "random_hybrid", "fastv")
+VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "hybrid", "hybrid_other_heads", "fastv")
 KV_TOUCH = {"hf_dynamic": 3}  # KV bytes touched per step / KV bytes (default 1)
 FRAC, N_SINK, WINDOW, FASTV_K, FASTV_R = 0.1, 4, 64, 2, 0.5
 D_MODEL, LAYERS, HEADS, FF = 512, 8, 8, int(512 * 2.6875)
@@ -78,7 +81,7 @@ def _batch(folder: str, tokens: int):
                    ["describe the picture in detail please ."])
 
 
-def core_heads(seed: int = 0) -> list[tuple[int, int]]:
+def heads_draw(seed: int = 0) -> list[tuple[int, int]]:
     import random
 
     pool = [(l, h) for l in range(LAYERS) for h in range(HEADS)]
@@ -110,10 +113,10 @@ def _setup(folder: str, variant: str, mb, shared: dict | None = None):
     from corelens.accel import FastV, HybridAttention
 
     hybrid = None
-    if variant == "core_hybrid":
-        hybrid = HybridAttention(model, core_heads(0), n_sink=N_SINK, window=WINDOW)
-    elif variant == "random_hybrid":
-        core = HybridAttention(model, core_heads(0))
+    if variant == "hybrid":
+        hybrid = HybridAttention(model, heads_draw(0), n_sink=N_SINK, window=WINDOW)
+    elif variant == "hybrid_other_heads":
+        core = HybridAttention(model, heads_draw(0))
         hybrid = HybridAttention.random(model, len(core.full_kv_heads), seed=1, n_sink=N_SINK,
                                         window=WINDOW)
     fastv = FastV(model, k=FASTV_K, ratio=FASTV_R) if variant == "fastv" else None

@@ -8,10 +8,20 @@ process:
 - ``hf_forward``: the plain HF model's forward (SDPA attention, no hooks) — the baseline;
 - ``corelens_ram``: a HookedMLLM forward with ``RamMetric`` attached (rows for the 3 query
   positions only; SDPA everywhere);
-- ``tl_cache``: the TransformerLens way — a bridge built by TransformerLens,
-  ``run_with_cache`` of every ``hook_pattern``, then the same reduction.
+- ``tl_cache``: the TransformerLens way as the tutorials write it — a bridge built by
+  TransformerLens, ``run_with_cache`` of every ``hook_pattern``, then the same reduction;
+- ``tl_hook_reduce``: the TransformerLens way as a careful user writes it — the same bridge,
+  ``run_with_hooks`` with a forward hook on each layer's ``hook_pattern`` that reduces it to
+  the RAM rows at once and keeps nothing else, so no more than one layer's pattern is alive
+  (the bridge's attention is eager either way: that cost is TransformerLens's).
+
+The RAM values of both TL variants are checked against ``corelens_ram`` (max |diff| reported,
+asserted < 1e-5). ``tl_cache`` is skipped above ``--tl-max-tokens`` (default 4,096; at 8,192 its
+peak measured +19.4 GB); its memory ratio is then a lower bound: the cached patterns alone,
+layers * heads * T^2 * 4 bytes, over the RAM run's measured peak.
 
     python bench/ram.py --json
+    python bench/ram.py --json --tokens 8192 --variants corelens_ram tl_hook_reduce
 """
 
 from __future__ import annotations
@@ -80,21 +90,41 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
             with torch.no_grad(), metric.attach(batch):
                 model(batch)
             result["ram"] = metric.example_level()["ram"][0]
-    elif variant == "tl_cache":
+    elif variant in ("tl_cache", "tl_hook_reduce"):
+        from functools import partial
+
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
         bridge = build_bridge_from_module(hf, "LlavaForConditionalGeneration", hf_config=hf.config,
                                           tokenizer=AutoProcessor.from_pretrained(folder).tokenizer)
+        n_layers = hf.config.text_config.num_hidden_layers
 
-        def fn():
-            with torch.no_grad():
-                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith(
-                    "hook_pattern") and n.startswith("blocks."), **kw)
-                result["ram"] = torch.stack([
-                    cache[f"blocks.{l}.attn.hook_pattern"][0][:, q][..., ev].sum(-1).mean(-1)
-                    for l in range(hf.config.text_config.num_hidden_layers)])
+        def reduce(pattern):  # [batch, head, q, k] -> RAM per head
+            return pattern[0][:, q][..., ev].sum(-1).mean(-1)
+
+        if variant == "tl_cache":
+            def fn():
+                with torch.no_grad():
+                    _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith(
+                        "hook_pattern") and n.startswith("blocks."), **kw)
+                    result["ram"] = torch.stack([
+                        reduce(cache[f"blocks.{l}.attn.hook_pattern"]) for l in range(n_layers)])
+        else:
+            rows: list = [None] * n_layers
+
+            def reduce_hook(pattern, hook, layer):
+                rows[layer] = reduce(pattern)  # keep 3 x |evidence| entries, not the pattern
+                # returning None leaves the activation as it is
+
+            hooks = [(f"blocks.{l}.attn.hook_pattern", partial(reduce_hook, layer=l))
+                     for l in range(n_layers)]
+
+            def fn():
+                with torch.no_grad():
+                    bridge.run_with_hooks(ids, fwd_hooks=hooks, **kw)
+                result["ram"] = torch.stack(rows)
     else:
         raise ValueError(variant)
     out = timed(fn, repeats)
@@ -104,60 +134,89 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     return out
 
 
+VARIANTS = ("hf_forward", "corelens_ram", "tl_cache", "tl_hook_reduce")
+LAYERS, HEADS = 8, 8  # build_llava's decoder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[576, 2304, 8192])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="corelens_ram always runs (every ratio is to it or from it)")
     ap.add_argument("--tl-max-tokens", type=int, default=4096,
-                    help="skip the TransformerLens-way variant above this many tokens (its "
-                    "cached patterns need layers * heads * T^2 * 4 bytes: 17 GB at 8,192)")
+                    help="skip tl_cache above this many tokens (its cached patterns need "
+                    "layers * heads * T^2 * 4 bytes: 17 GB at 8,192, +19.4 GB peak measured); "
+                    "tl_hook_reduce always runs")
     ap.add_argument("--_variant")
     ap.add_argument("--_folder")
     args = ap.parse_args()
     if args._variant:
         print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats)))
         return
+    import torch
+
     report = {"tokens": [], "throughput_ratio_vs_forward": [], "peak_mem_ratio_vs_forward": [],
               "peak_mem_ratio_cache_baseline_vs_ram": [], "max_abs_ram_diff_vs_tl": [],
+              "peak_mem_ratio_hook_reduce_vs_ram": [], "max_abs_ram_diff_vs_tl_hook_reduce": [],
+              "time_ratio_cache_baseline_vs_ram": [], "time_ratio_hook_reduce_vs_ram": [],
               "rows": []}
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / max(b, 1e-9), 3)
+
     for tokens in args.tokens:
         side, _ = TOKENS[tokens]
         folder = tempfile.mkdtemp(prefix=f"corelens-bench-ram-{tokens}-")
         build_llava(folder, image_size=side * PATCH, patch=PATCH)  # the same decoder weights
         rows = {}
-        variants = ["hf_forward", "corelens_ram"]
-        if tokens <= args.tl_max_tokens:
-            variants.append("tl_cache")
+        variants = [v for v in VARIANTS if v in args.variants or v == "corelens_ram"]
+        if tokens > args.tl_max_tokens and "tl_cache" in variants:
+            variants.remove("tl_cache")
         for v in variants:
             rows[v] = run_isolated(__file__, "--_variant", v, "--_folder", folder,
                                    "--tokens", str(tokens), "--repeats", str(args.repeats))
-        base, ram = rows["hf_forward"], rows["corelens_ram"]
-        tl = rows.get("tl_cache")
+        ram = rows["corelens_ram"]
+        base = rows.get("hf_forward")
         report["tokens"].append(tokens)
-        report["throughput_ratio_vs_forward"].append(round(base["seconds"] / ram["seconds"], 3))
+        report["throughput_ratio_vs_forward"].append(
+            ratio(base["seconds"], ram["seconds"]) if base else None)
         report["peak_mem_ratio_vs_forward"].append(
-            round(ram["peak_rss_delta_mb"] / max(base["peak_rss_delta_mb"], 1e-9), 3))
-        import torch
-
-        if tl is not None:
-            report["peak_mem_ratio_cache_baseline_vs_ram"].append(
-                round(tl["peak_rss_delta_mb"] / max(ram["peak_rss_delta_mb"], 1e-9), 3))
-            report["max_abs_ram_diff_vs_tl"].append(
-                float((torch.tensor(ram["ram"]) - torch.tensor(tl["ram"])).abs().max()))
-        else:  # not run: the lower bound is the cached patterns alone
-            patterns_mb = 8 * 8 * base["seq_len"] ** 2 * 4 / 2**20
-            report["peak_mem_ratio_cache_baseline_vs_ram"].append(
-                f">= {patterns_mb / max(ram['peak_rss_delta_mb'], 1e-9):.1f} (not run: "
-                f"{patterns_mb / 1024:.1f} GB of patterns)")
-            report["max_abs_ram_diff_vs_tl"].append(None)
+            ratio(ram["peak_rss_delta_mb"], base["peak_rss_delta_mb"]) if base else None)
+        for v, mem_key, diff_key, time_key in (
+                ("tl_cache", "peak_mem_ratio_cache_baseline_vs_ram", "max_abs_ram_diff_vs_tl",
+                 "time_ratio_cache_baseline_vs_ram"),
+                ("tl_hook_reduce", "peak_mem_ratio_hook_reduce_vs_ram",
+                 "max_abs_ram_diff_vs_tl_hook_reduce", "time_ratio_hook_reduce_vs_ram")):
+            tl = rows.get(v)
+            if tl is not None:
+                diff = float((torch.tensor(ram["ram"]) - torch.tensor(tl["ram"])).abs().max())
+                assert diff < 1e-5, f"{v} computes other RAM values (max |diff| {diff})"
+                report[mem_key].append(ratio(tl["peak_rss_delta_mb"], ram["peak_rss_delta_mb"]))
+                report[diff_key].append(diff)
+                report[time_key].append(ratio(tl["seconds"], ram["seconds"]))
+            elif v == "tl_cache" and v in args.variants:
+                # not run: a lower bound is its cached patterns alone over RAM's measured peak
+                patterns_mb = LAYERS * HEADS * ram["seq_len"] ** 2 * 4 / 2**20
+                report[mem_key].append(
+                    f">= {patterns_mb / max(ram['peak_rss_delta_mb'], 1e-9):.1f} (not run: "
+                    f"{LAYERS}*{HEADS}*{ram['seq_len']}^2*4 B = {patterns_mb:.0f} MB of cached "
+                    f"patterns / RAM's peak {ram['peak_rss_delta_mb']:.0f} MB)")
+                report[diff_key].append(None)
+                report[time_key].append(None)
+            else:
+                for key in (mem_key, diff_key, time_key):
+                    report[key].append(None)
         report["rows"].append({"tokens": tokens, **{k: {kk: vv for kk, vv in r.items()
                                                          if kk != "ram"}
                                                      for k, r in rows.items()}})
         if not args.json:
-            print(f"tokens={tokens} seq={base['seq_len']}: " + "  ".join(
+            print(f"tokens={tokens} seq={ram['seq_len']}: " + "  ".join(
                 f"{k} {r['seconds']:.3f}s +{r['peak_rss_delta_mb']:.0f}MB"
                 for k, r in rows.items()))
+            print(f"  max |RAM diff| vs tl_cache {report['max_abs_ram_diff_vs_tl'][-1]}, "
+                  f"vs tl_hook_reduce {report['max_abs_ram_diff_vs_tl_hook_reduce'][-1]}")
     print(json.dumps(report, indent=1 if args.json else None))
 
 

@@ -147,7 +147,9 @@ def pairs(model, noising_prompt: bool = False):
     if noising_prompt:
         other = model.prepare([scene(RED)], [OTHER_PROMPT], answers=["red"], boxes=boxes)
     else:
-        other = model.prepare([scene(GREEN)], [PROMPT], answers=["green"], boxes=boxes)
+        # teacher-forces the clean answer too (patching refuses pairs that force different
+        # answers: the target's would be scored); the metric reads red - green at the query
+        other = model.prepare([scene(GREEN)], [PROMPT], answers=["red"], boxes=boxes)
     return clean, other
 
 

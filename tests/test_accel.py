@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from conftest import noise_image
+from masks_reference import hybrid_reference, own_masks
 
 from corelens import HookedMLLM
 from corelens.accel import FastV, HybridAttention, cache_nbytes
@@ -106,7 +107,7 @@ def test_cached_decoding_equals_masked_reference(model, seed):
     ids = torch.cat([batch.input_ids, toks[:, :-1]], 1)
     mask = torch.cat([kw["attention_mask"], torch.ones(len(batch), n - 1, dtype=torch.long)], 1)
     pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
-    with torch.no_grad(), _masked(model, hybrid.allowed(batch, seq_len=t + n - 1)):
+    with torch.no_grad(), _masked(model, _reference(model, batch, hybrid, t + n - 1)):
         ref = _run(model, batch, ids, mask, pos)
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
     assert torch.equal(toks, ref[:, t - 1:].argmax(-1))
@@ -170,8 +171,8 @@ def test_pooled_summaries_cache_equals_prefill(tiny_model):
         finally:
             hybrid._plan = None
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
-    with torch.no_grad(), _masked(model, HybridAttention(model, [(1, 2)], n_sink=2,
-                                                         window=5).allowed(batch)):
+    with torch.no_grad(), _masked(model, hybrid_reference(model, batch, [(1, 2)], n_sink=2,
+                                                          window=5)):
         no_pool = _run(model, batch)
     assert (ref[:, :t] - no_pool)[batch.attention_mask.bool()].abs().max() > 1e-4
 
@@ -224,13 +225,20 @@ def test_fastv_drops_lowest_attention_and_equals_masked_reference(model):
     assert (got - ref)[_kept_rows(batch, fastv)].abs().max() < TOL
 
 
-@pytest.mark.parametrize("name", QWEN)
-def test_fastv_qwen_kept_rows_equal_masked_reference(tiny_model, name):
-    """Kept tokens keep their own M-RoPE ids: kept rows = full attention with the dropped
-    keys masked out of layers k.."""
+@pytest.mark.parametrize("name", QWEN + ["idefics3", "internvl", "llava_next",
+                                         "llava_onevision", "smolvlm"])
+def test_fastv_kept_rows_equal_masked_reference(tiny_model, name):
+    """FastV prefill on the other families (docs/accel.md's table): kept rows = full attention
+    with the dropped keys masked out of layers k.. (Qwen-VL: kept tokens keep their own M-RoPE
+    ids), on a left-padded batch of two prompts."""
     model = tiny_model(name)
     batch = _two(model, same_size=True)
-    got, ref, plain, kept = _fastv_prefill(model, batch, FastV(model, k=1, ratio=0.5))
+    assert not batch.attention_mask.bool().all()
+    fastv = FastV(model, k=1, ratio=0.5)
+    got, ref, plain, kept = _fastv_prefill(model, batch, fastv)
+    vision = batch.layout.vision_mask()
+    assert fastv.dropped.shape == (len(batch), int(vision[0].sum()) // 2)
+    assert vision.gather(1, fastv.dropped).all()
     assert (got - ref)[kept].abs().max() < TOL
     assert (plain - ref)[kept].abs().max() > 1e-3
 
@@ -279,8 +287,84 @@ def test_prefill_other_families(tiny_model, name):
                           ["what is the color ?", "what color is the square at left ?"])
     valid = batch.attention_mask.bool()
     hybrid = HybridAttention(model, _random_heads(model, 2, 0), n_sink=2, window=5)
-    got, ref, _ = _hybrid_prefill(model, batch, hybrid)
+    got, ref, plain = _hybrid_prefill(model, batch, hybrid)
     assert (got - ref)[valid].abs().max() < TOL
+    assert (plain - ref)[valid].abs().max() > 1e-3  # the restriction did something
+
+
+def _reference(model, batch, hybrid, seq_len=None):
+    """The per-head key mask the hybrid must equal, built from first principles
+    (tests/masks_reference.py: sinks + window + text within the model's own mask), not from
+    ``HybridAttention.allowed`` / ``_plan``, which the kernel itself uses."""
+    return hybrid_reference(model, batch, hybrid.heads, hybrid.n_sink, hybrid.window, seq_len)
+
+
+def _mask_case(tiny_model, name, sinks_in_image=True):
+    """A left-padded batch with two images or more (LLaVA: one per example; Gemma 3: two in the
+    first example, one in the second), a GQA head set with a full KV group, and ``n_sink``
+    reaching two tokens into each example's image (sinks that are image tokens), or 1."""
+    model = tiny_model(name)
+    batch = _gemma_batch(model) if name == "gemma3" else _batch(model)
+    assert not batch.attention_mask.bool().all()
+    assert sum(len(ex) for ex in batch.layout.images) >= 2
+    first_valid = batch.attention_mask.long().argmax(-1)
+    first_image = torch.tensor([int(ex[0].vision_positions[0]) for ex in batch.layout.images])
+    n_sink = int((first_image - first_valid).max()) + 2 if sinks_in_image else 1
+    hybrid = HybridAttention(model, [(0, 1), (1, 2)], n_sink=n_sink, window=3)
+    return model, batch, hybrid
+
+
+@pytest.mark.parametrize("sinks_in_image", [True, False])
+@pytest.mark.parametrize("extra", [0, 4])
+@pytest.mark.parametrize("name", ["llava", "gemma3"])
+def test_first_principles_mask_equals_allowed(tiny_model, name, extra, sinks_in_image):
+    """The tests' reference mask (tests/masks_reference.py, built from the rules in
+    docs/accel.md without ``_plan``) against ``HybridAttention.allowed`` elementwise, wherever
+    the model's own mask lets a key through (``allowed`` leaves that part to the model);
+    ``extra`` generated tokens extend the sequence as in cached decoding."""
+    model, batch, hybrid = _mask_case(tiny_model, name, sinks_in_image)
+    t = batch.seq_len + extra
+    ref = _reference(model, batch, hybrid, t)
+    own = own_masks(model, batch, t)
+    allowed = hybrid.allowed(batch, seq_len=t)
+    vision = batch.layout.vision_mask()
+    rank = batch.attention_mask.long().cumsum(-1) - 1
+    sink_images = ((rank >= 0) & (rank < hybrid.n_sink) & vision).any(-1)
+    assert sink_images.all() if sinks_in_image else not sink_images.any()
+    assert len(ref) == len(allowed) == model.cfg.n_layers
+    for layer, (r, a, o) in enumerate(zip(ref, allowed, own)):
+        assert r.shape == a.shape == (len(batch), model.cfg.n_heads, t, t)
+        bad = (r != (a & o[:, None])).nonzero()
+        assert len(bad) == 0, f"layer {layer}: (example, head, i, j) {bad[:8].tolist()}"
+        stream = [h for h in range(model.cfg.n_heads) if (layer, h) not in hybrid.full_heads]
+        assert stream and (r[:, stream] != o[:, None]).any()  # the restriction is live
+        full = [h for h in range(model.cfg.n_heads) if (layer, h) in hybrid.full_heads]
+        assert full and (r[:, full] == o[:, None]).all()
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3"])
+def test_first_principles_masks_are_what_the_model_attends(tiny_model, name):
+    """The reference's own-mask part is the model's real attention (a key gets probability > 0
+    exactly where it allows: causal, padding, Gemma 3's image blocks and sliding window), and
+    under the reference key mask every head attends exactly where the reference says."""
+    model, batch, hybrid = _mask_case(tiny_model, name)
+    t = batch.seq_len
+    rows = torch.arange(t)[None].expand(len(batch), t)
+    valid = batch.attention_mask.bool()
+    ref = _reference(model, batch, hybrid)
+    own = own_masks(model, batch)
+    for masks, ctx in ((own, contextlib.nullcontext()), (ref, _masked(model, ref))):
+        seen = {}
+        with torch.no_grad(), ctx, contextlib.ExitStack() as stack:
+            for layer in range(model.cfg.n_layers):
+                stack.enter_context(model.attention.tap(
+                    layer, lambda inputs: seen.__setitem__(inputs.layer,
+                                                           inputs.pattern_rows(rows) > 0)))
+            model(batch)
+        for layer, m in enumerate(masks):
+            m = m if m.ndim == 4 else m[:, None].expand(-1, model.cfg.n_heads, -1, -1)
+            got = seen[layer].permute(0, 2, 1, 3)[valid]  # [valid rows, head, key]
+            assert torch.equal(got, m.permute(0, 2, 1, 3)[valid]), layer
 
 
 def _hybrid_prefill(model, batch, hybrid, forward=None):
@@ -289,7 +373,7 @@ def _hybrid_prefill(model, batch, hybrid, forward=None):
     with torch.no_grad():
         with hybrid.attach(batch):
             got = forward(batch)
-        with _masked(model, hybrid.allowed(batch)):
+        with _masked(model, _reference(model, batch, hybrid)):
             ref = forward(batch)
         plain = forward(batch)
     return got, ref, plain
@@ -300,7 +384,7 @@ def _decode_reference(model, batch, hybrid, toks, masked=True):
     hybrid's per-head key mask (or plain attention)."""
     ids, kw = _extended(model, batch, toks)
     t, n = batch.seq_len, toks.shape[1]
-    mask = (_masked(model, hybrid.allowed(batch, seq_len=t + n - 1)) if masked
+    mask = (_masked(model, _reference(model, batch, hybrid, t + n - 1)) if masked
             else contextlib.nullcontext())
     with torch.no_grad(), mask:
         return model.hf_model(input_ids=ids, **kw, use_cache=False).logits[:, t - 1:]
@@ -437,23 +521,85 @@ def test_kernel_hook_falls_through_and_skips_eager_layers(tiny_model):
 
 
 def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
+    """``corelens accelerate``'s report, every number recomputed independently: the same 24
+    examples (zoo:24:3), RAM scored on the next seed's 32, each hybrid as the first-principles
+    per-head key mask (tests/masks_reference.py), FastV as its definition (attention of the
+    last prompt row in layer k - 1, the dropped keys masked out of layers k..), each scored
+    with ``score_logits`` in batches of 16. toy-llava-deep retrieves in layer 4, so FastV at
+    90% after layer 2 changes its answers (on toy-llava, retrieving in layer 0, no FastV
+    setting would: the check could not fail)."""
     import json
     import types
 
     from corelens import zoo
     from corelens.accel import main_accelerate
+    from corelens.evaluate import score_logits
+    from corelens.ram import score_heads
 
-    if "toy-llava" not in zoo.names():
-        pytest.skip("toy-llava is not shipped in this checkout")
+    name = "toy-llava-deep"
+    if name not in zoo.names():
+        pytest.skip(f"{name} is not shipped in this checkout")
     out = tmp_path / "accel.json"
-    args = types.SimpleNamespace(model="toy-llava", scores="ram", data="zoo:24:3", window=8,
-                                 n_sink=2, frac=0.1, out=str(out))
+    args = types.SimpleNamespace(model=name, scores="ram", data="zoo:24:3", window=8,
+                                 n_sink=2, frac=0.1, fastv_k=2, fastv_ratio=0.9, out=str(out))
     report = main_accelerate(args)
     assert json.loads(out.read_text()) == report
     assert set(report["variants"]) == {"full", "core_hybrid", "random_hybrid", "fastv"}
-    assert report["kv_budget"] == 2 / 16 and len(report["random_kv_heads"]) == 2
-    for v in report["variants"].values():
-        assert 0.0 <= v["accuracy"] <= 1.0
+    assert report["kv_budget"] == 4 / 32 and len(report["random_kv_heads"]) == 4
+
+    model = zoo.load(name)
+    examples = zoo.examples(name, 24, seed=3)
+    scoring = zoo.examples(name, 32, seed=4)
+    assert report["evaluation"]["ids"] == [e.id for e in examples]
+    assert report["scoring"]["ids"] == [e.id for e in scoring]
+    core = score_heads(model, scoring, "ram", progress=False).top(frac=0.1)
+    assert report["core_heads"] == [f"L{l}H{h}" for l, h in sorted(core)]
+    rep = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    rand = [tuple(int(x) for x in kv[1:].split("KV")) for kv in report["random_kv_heads"]]
+    rand = [(l, g * rep) for l, g in rand]
+
+    def hybrid_ref(heads):
+        return lambda batch: _masked(model, hybrid_reference(model, batch, heads, n_sink=2,
+                                                               window=8))
+
+    def fastv_ref(batch, k=2, ratio=0.9):
+        vision = batch.layout.vision_mask()
+        seen = {}
+
+        def tap(inputs):
+            rows = batch.last_prompt_positions[:, None]
+            seen["att"] = inputs.pattern_rows(rows)[:, :, 0].mean(1)  # [batch, key]
+
+        with model.attention.tap(k - 1, tap):
+            model(batch)
+        n_drop = int(int(vision[0].sum()) * ratio)
+        dropped = seen["att"].masked_fill(~vision, float("inf")).argsort(-1)[:, :n_drop]
+        assert vision.gather(1, dropped).all()
+        return _without_dropped(model, types.SimpleNamespace(dropped=dropped, k=k),
+                                batch.seq_len)
+
+    refs = {"full": lambda batch: contextlib.nullcontext(), "core_hybrid": hybrid_ref(core),
+            "random_hybrid": hybrid_ref(rand), "fastv": fastv_ref}
+    for variant, ctx in refs.items():
+        correct, logprobs = [], []
+        for i in range(0, len(examples), 16):
+            batch = model.prepare_examples(examples[i:i + 16])
+            with torch.no_grad(), ctx(batch):
+                lp, ok, _ = score_logits(model(batch), batch)
+            correct += ok.tolist()
+            logprobs += lp.tolist()
+        got = report["variants"][variant]
+        # (float32 means: 1e-6 is far below one example's 1/24)
+        assert abs(got["accuracy"] - sum(correct) / len(correct)) < 1e-6, variant
+        assert abs(got["mean_logprob"] - sum(logprobs) / len(logprobs)) < 1e-4, variant
+        assert got["accuracy_vs_full"] == got["accuracy"] / report["variants"]["full"]["accuracy"]
+    acc = {variant: v["accuracy"] for variant, v in report["variants"].items()}
+    lp = {variant: v["mean_logprob"] for variant, v in report["variants"].items()}
+    # the trained toy reads the image; every restriction is live (random streaming heads lose
+    # the answer, FastV at 90% loses log-prob), and the CoRe heads keep most of it
+    assert acc["full"] >= 0.9 and acc["random_hybrid"] < acc["full"] - 0.3, acc
+    assert acc["core_hybrid"] > acc["random_hybrid"] + 0.3, acc
+    assert lp["fastv"] < lp["full"] - 0.1, lp
 
 
 def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
@@ -517,8 +663,9 @@ def test_gemma3_streaming_heads_see_a_two_sided_band_in_image_blocks(tiny_model)
 
     first, second = (img.vision_positions for img in batch.layout.images[0])
     p0 = int(first[0])
-    allowed = hybrid.allowed(batch)[1]
-    with torch.no_grad(), _masked(model, hybrid.allowed(batch)), model.attention.tap(1, tap):
+    reference = _reference(model, batch, hybrid)
+    allowed = reference[1]
+    with torch.no_grad(), _masked(model, reference), model.attention.tap(1, tap):
         model(batch)
     p = seen["p"][0]  # head 0
     assert allowed[0, 0, p0, p0 + w] and not allowed[0, 0, p0, p0 + w + 1]

@@ -55,14 +55,15 @@ def toy_pair(request):
     """A trained toy model (sharp attention, so the softmax is far from linear) and clean /
     recoloured pairs."""
     from corelens import zoo
+    from corelens.patching import prepare_pair
     from corelens.report import toy_pairs
 
     name = request.param
     model = zoo.load(name)
     pairs = toy_pairs(zoo.examples(name, 4, seed=11), zoo.task(name))
-    return (model, model.prepare_examples([c for c, _ in pairs]),
-            model.prepare_examples([x for _, x in pairs]),
-            model.prepare_examples([pairs[0][0]]), model.prepare_examples([pairs[0][1]]))
+    both = prepare_pair(model, [c for c, _ in pairs], [x for _, x in pairs])
+    one = prepare_pair(model, [pairs[0][0]], [pairs[0][1]])
+    return model, both.clean, both.corrupted, one.clean, one.corrupted
 
 
 def test_atp_star_is_exact_on_last_layer_nodes_where_the_metric_is_linear(toy_pair):
@@ -241,6 +242,61 @@ def _slow_scores(model, source, target, metric, receivers, steps=1):
     return out
 
 
+def _layer_of(node):
+    """(layer, kind) of an EAP node name: "embed" (-1, "embed"), "L3H1" (3, "head"),
+    "MLP2" (2, "mlp"), "L1H2.q" / "L1KV0.k" / "L1KV0.v" (1, "attn_in"), "logits" (inf)."""
+    if node == "embed":
+        return -1, "embed"
+    if node == "logits":
+        return float("inf"), "logits"
+    if node.startswith("MLP"):
+        return int(node[3:]), "mlp"
+    layer = int(node[1:].split("H")[0].split("KV")[0])
+    return layer, "attn_in" if "." in node else "head"
+
+
+def _is_edge(sender, receiver):
+    """Whether ``receiver`` reads ``sender``'s output in a pre-norm residual stream, from the
+    architecture alone: the embeddings feed everything; a head of layer l feeds layer l's MLP
+    and every later layer; an MLP of layer l feeds every later layer; all feed the logits."""
+    ls, ks = _layer_of(sender)
+    lr, kr = _layer_of(receiver)
+    if ks == "embed":
+        return True
+    if ks == "head":
+        return lr > ls or (lr == ls and kr == "mlp")
+    return lr > ls  # an MLP
+
+
+def _compare_edges(scores, slow, tol):
+    """Compare every (sender, receiver) of ``slow`` that is an edge with the scores, and check
+    that exactly the non-edges are NaN; returns how many edges were compared."""
+    n = 0
+    for (s, r), v in slow.items():
+        got = scores[(s, r)]
+        if not _is_edge(s, r):
+            assert got != got, (s, r, got)  # NaN: the receiver does not read the sender
+            continue
+        assert got == got, (s, r)  # an edge never scores NaN
+        assert abs(got - v) <= tol, (s, r, got, v)
+        n += 1
+    return n
+
+
+def test_edge_rule_counts():
+    """The architecture rule above, counted by hand on a 2-layer, 2-head, 1-KV-head model:
+    receivers L0H0.q L0H1.q L0KV0.k L0KV0.v MLP0, the same for layer 1, and logits."""
+    senders = ["embed", "L0H0", "L0H1", "L1H0", "L1H1", "MLP0", "MLP1"]
+    layer = ["H0.q", "H1.q", "KV0.k", "KV0.v"]
+    receivers = [f"L{l}{x}" for l in range(2) for x in layer] + ["MLP0", "MLP1", "logits"]
+    edges = {(s, r) for s in senders for r in receivers if _is_edge(s, r)}
+    # embed: 11; each layer-0 head: 4 (layer 1) + 2 (MLPs) + 1 = 7; each layer-1 head:
+    # MLP1 + logits = 2; MLP0: 4 + MLP1 + logits = 6; MLP1: logits = 1
+    assert len(edges) == 11 + 2 * 7 + 2 * 2 + 6 + 1
+    assert ("L0H0", "MLP0") in edges and ("MLP0", "MLP0") not in edges
+    assert ("L1H0", "L1H1.q") not in edges and ("L1H0", "L0KV0.k") not in edges
+
+
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_eap_equals_the_slow_per_receiver_reference(name, tiny_model):
     model = tiny_model(name)
@@ -252,14 +308,14 @@ def test_eap_equals_the_slow_per_receiver_reference(name, tiny_model):
     assert len(eap.senders) == 1 + L * H + L
     slow = _slow_scores(model, clean, corrupt, answer_logprob, eap.receivers)
     scale = max(abs(v) for v in slow.values())
-    n_edges = 0
-    for (s, r), v in slow.items():
-        got = eap[(s, r)]
-        if got != got:  # NaN: not an edge (the receiver is not downstream of the sender)
-            continue
-        n_edges += 1
-        assert abs(got - v) <= 1e-5 * max(1.0, scale), (s, r, got, v)
-    assert n_edges == len(eap.edges())
+    n_edges = _compare_edges(eap, slow, 1e-5 * max(1.0, scale))
+    # every sender-receiver pair the architecture connects: embed -> all; a layer-l head ->
+    # its MLP, the later layers and the logits; a layer-l MLP -> the later layers and logits
+    per_layer = H + 2 * kv + 1
+    n_recv = L * per_layer + 1
+    want = n_recv + sum(H * ((L - 1 - l) * per_layer + 2) + (L - 1 - l) * per_layer + 1
+                        for l in range(L))
+    assert n_edges == want == len(eap.edges())
     # no edge runs backwards: a layer-1 head never feeds a layer-0 or layer-1 q input
     import math
 
@@ -276,9 +332,10 @@ def test_eap_ig_equals_the_slow_reference_and_reduces_to_eap(tiny_model):
     receivers = ["L1H2.q", "L1KV1.k", "MLP0", "logits"]
     slow = _slow_scores(model, clean, corrupt, answer_logprob, receivers, steps=3)
     scale = max(abs(v) for v in slow.values())
-    for (s, r), v in slow.items():
-        if ig[(s, r)] == ig[(s, r)]:
-            assert abs(ig[(s, r)] - v) <= 1e-5 * max(1.0, scale), (s, r)
+    n_edges = _compare_edges(ig, slow, 1e-5 * max(1.0, scale))
+    # 2 layers, 4 heads: L1H2.q and L1KV1.k read embed, L0's 4 heads and MLP0 (6 each); MLP0
+    # reads embed and L0's heads (5); the logits read all 1 + 8 + 2 senders (11)
+    assert n_edges == 6 + 6 + 5 + 11
     one = edge_attribution(model, clean, corrupt, answer_logprob, method="eap-ig", steps=1)
     eap = edge_attribution(model, clean, corrupt, answer_logprob)
     assert torch.allclose(one.scores, eap.scores, equal_nan=True)
@@ -329,16 +386,13 @@ def test_eap_refuses_sandwich_norm_models(tiny_model):
 # --- AtP against exact patching on the shipped toy models -------------------------------------
 def _toy(name, n, seed):
     from corelens import zoo
-    from corelens.patching import logit_diff
+    from corelens.patching import prepare_pair
     from corelens.report import toy_pairs
 
     model = zoo.load(name)
     pairs = toy_pairs(zoo.examples(name, n, seed=seed), zoo.task(name))
-    clean = model.prepare_examples([c for c, _ in pairs])
-    corrupt = model.prepare_examples([x for _, x in pairs])
-    metric = logit_diff(torch.stack([a[0] for a in clean.answer_tokens]),
-                        torch.stack([a[0] for a in corrupt.answer_tokens]))
-    return model, clean, corrupt, metric
+    pair = prepare_pair(model, [c for c, _ in pairs], [x for _, x in pairs])
+    return model, pair.clean, pair.corrupted, pair.logit_diff
 
 
 def _exact(model, source, target, metric):
@@ -469,6 +523,11 @@ def test_attribution_on_every_family(name, tiny_model):
     receivers = [r for r in eap.receivers if r.startswith((f"L{L - 1}", f"MLP{L - 1}"))]
     slow = _slow_scores(model, clean, corrupt, answer_logprob, receivers)
     scale = max(abs(v) for v in slow.values())
-    for (s, r), v in slow.items():
-        if eap[(s, r)] == eap[(s, r)]:
-            assert abs(eap[(s, r)] - v) <= 1e-5 * max(1.0, scale), (s, r)
+    n_edges = _compare_edges(eap, slow, 1e-5 * max(1.0, scale))
+    # the last layer's receivers (H q, 2 kv k / v: embed, the L - 1 earlier layers' heads and
+    # MLPs) and its MLP (the same + its own layer's H heads)
+    H = model.cfg.n_heads
+    kv = model.cfg.n_key_value_heads or H
+    earlier = 1 + (L - 1) * (H + 1)
+    assert len(receivers) == H + 2 * kv + 1
+    assert n_edges == (H + 2 * kv) * earlier + earlier + H

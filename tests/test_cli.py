@@ -121,9 +121,29 @@ def test_accelerate_command(tmp_path):
     assert main(["accelerate", "--model", "toy-llava", "--data", "zoo:24:5", "--frac", "0.125",
                  "--window", "8", "--n-sink", "2", "--limit", "24", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
-    text = json.dumps(rep)
-    for variant in ("full", "hybrid", "random", "fastv"):
-        assert variant in text, variant
+    assert set(rep["variants"]) == {"full", "core_hybrid", "random_hybrid", "fastv"}
+    assert rep["evaluation"]["n"] == 24 and "seed=5" in rep["evaluation"]["source"]
+    assert rep["scoring"]["n"] == 32 and "seed=6" in rep["scoring"]["source"]
+    assert not set(rep["evaluation"]["ids"]) & set(rep["scoring"]["ids"])
+
+
+def test_accelerate_on_a_jsonl_scores_on_one_half_and_evaluates_the_other(tmp_path):
+    from corelens import save_jsonl, zoo
+    from corelens.errors import InputError
+
+    save_jsonl(zoo.examples("toy-llava", 12, seed=8), tmp_path / "d.jsonl")
+    out = tmp_path / "accel.json"
+    assert main(["accelerate", "--model", "toy-llava", "--data", str(tmp_path / "d.jsonl"),
+                 "--frac", "0.125", "--window", "8", "--n-sink", "2", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    ev, sc = set(rep["evaluation"]["ids"]), set(rep["scoring"]["ids"])
+    assert len(ev) == len(sc) == 6 and not ev & sc
+    assert "evaluation half" in rep["evaluation"]["source"]
+    # a scoring set that overlaps the evaluation set is refused
+    save_jsonl(zoo.examples("toy-llava", 4, seed=8), tmp_path / "s.jsonl")
+    with pytest.raises(InputError, match="share"):
+        main(["accelerate", "--model", "toy-llava", "--data", str(tmp_path / "d.jsonl"),
+              "--score-data", str(tmp_path / "s.jsonl"), "--out", str(out)])
 
 
 def test_a_study_splits_and_refuses_in_sample_claims(tmp_path):

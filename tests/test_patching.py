@@ -20,6 +20,7 @@ from corelens.patching import (
     patch_vision_tokens,
     path_patch,
     position_groups,
+    prepare_pair,
 )
 
 
@@ -103,6 +104,73 @@ def test_misaligned_pairs_are_refused(tiny_model):
                           answers=["red", "blue green"])
     with pytest.raises(LayoutError, match="cannot patch"):
         check_aligned(clean, other)
+
+
+def _toy_pairs(n=4, seed=3):
+    from corelens import zoo
+    from corelens.zoo.scenes import recolor_target
+
+    task = zoo.task("toy-llava")
+    clean = zoo.examples("toy-llava", n, seed=seed)
+    corrupted = [recolor_target(e, next(c for c in task.colors if c != e.answer),
+                                task.background) for e in clean]
+    return clean, corrupted
+
+
+def test_patching_refuses_pairs_that_teacher_force_different_answers():
+    # the trap: a corrupted batch prepared with its own answer makes answer_logprob (scored on
+    # the target) score the corrupted answer
+    from corelens import zoo
+
+    model = zoo.load("toy-llava")
+    clean, corrupted = _toy_pairs()
+    a, b = model.prepare_examples(clean), model.prepare_examples(corrupted)
+    with pytest.raises(LayoutError, match="teacher-forces different answers.*prepare_pair"):
+        patch_heads(model, a, b, answer_logprob)
+    with pytest.raises(LayoutError, match="prepare_pair"):
+        attribute_heads(model, a, b, answer_logprob)
+
+
+def test_prepare_pair_forces_the_clean_answer_and_keeps_the_corrupted_one_as_wrong_ids():
+    from corelens import zoo
+
+    model = zoo.load("toy-llava")
+    clean, corrupted = _toy_pairs()
+    pair = prepare_pair(model, clean, corrupted)
+    tok = model.tokenizer
+    # the corrupted batch teacher-forces the clean answer, and its images are the corrupted ones
+    answers = [e.answer for e in clean]
+    assert [tok.decode(t).strip() for t in pair.corrupted.answer_tokens] == answers
+    pixels = "pixel_values"
+    assert not torch.equal(pair.clean.inputs[pixels], pair.corrupted.inputs[pixels])
+    assert [tok.decode(int(i)).strip() for i in pair.answer_ids] == [e.answer for e in clean]
+    assert [tok.decode(int(i)).strip() for i in pair.wrong_ids] == [e.answer for e in corrupted]
+    # answer_logprob on the corrupted run = log p(clean answer), computed by hand
+    with torch.no_grad():
+        logits = model(pair.corrupted)
+    lp = torch.log_softmax(logits.float(), -1)
+    q = pair.corrupted.last_prompt_positions
+    by_hand = lp[torch.arange(len(q)), q, pair.answer_ids]
+    assert torch.allclose(answer_logprob(logits, pair.corrupted), by_hand, atol=1e-5)
+    # ... which the recolouring makes unlikely: the trained model reads the new colour
+    assert (by_hand < lp[torch.arange(len(q)), q, pair.wrong_ids]).all()
+    diff = pair.logit_diff(logits, pair.corrupted)
+    assert torch.allclose(diff, logits[torch.arange(len(q)), q, pair.answer_ids]
+                          - logits[torch.arange(len(q)), q, pair.wrong_ids])
+    assert pair.source_target("noise") == (pair.corrupted, pair.clean)
+
+
+def test_prepare_pair_refuses_unchanged_answers_and_unequal_lengths():
+    from dataclasses import replace
+
+    from corelens import zoo
+
+    model = zoo.load("toy-llava")
+    clean, corrupted = _toy_pairs(2)
+    with pytest.raises(LayoutError, match="same clean and corrupted answer"):
+        prepare_pair(model, clean, [replace(k, answer=c.answer) for c, k in zip(clean, corrupted)])
+    with pytest.raises(LayoutError, match="as many corrupted"):
+        prepare_pair(model, clean, corrupted[:1])
 
 
 def test_position_groups_and_group_patching(tiny_model):

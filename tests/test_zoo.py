@@ -225,9 +225,15 @@ def test_toy_model_reads_the_image(name, toy, held_out):
 
 
 def test_deep_toy_model_retrieves_after_layer_k():
-    # toy-llava-deep was trained with text rows' attention mass on the image penalised in
-    # layers < K; with plain attention its answer row puts (almost) no mass on the image there,
-    # and its retrieval heads (RAM, from the answer position) lie in layers >= K
+    """The training constraint of toy-llava-deep held: the recipe penalised text rows'
+    attention mass on the image in layers < K (``late_retrieval``), and with plain attention
+    the shipped model's answer row indeed puts (almost) no mass on the image there, and its
+    RAM retrieval heads lie in layers >= K.
+
+    This checks that the imposed constraint was met, NOT that retrieval emerges mid-depth:
+    the depth is forced by the recipe (and the model starts as toy-llava's decoder moved to
+    layers 4-7), so this model is no evidence about where retrieval happens in models trained
+    without such a penalty."""
     import json
 
     from corelens.ram import score_heads
@@ -267,7 +273,44 @@ def test_train_checkpoints_and_resumes(tmp_path):
     from corelens import HookedMLLM
 
     m = HookedMLLM.from_pretrained(tmp_path / "b")  # the folder is a complete checkpoint
-    assert m.cfg.n_layers == 1 and full["final_accuracy"] >= 0
+    assert m.cfg.n_layers == 1
+    # 4 steps from a random init train nothing (such a 1-layer toy is still at chance after 150
+    # steps): no bound above chance here (test_train_from_a_trained_start_logs_its_accuracy
+    # has one). The logged accuracies are the run's own, interrupted or not, and the final one
+    # is what the saved model scores, recomputed through another path (corelens.evaluate on the
+    # HookedMLLM) on the log's final set (2 * eval_examples examples, seed 777)
+    assert [e["accuracy"] for e in resumed["evals"]] == [e["accuracy"] for e in full["evals"]]
+    assert resumed["final_accuracy"] == full["final_accuracy"]
+    _assert_final_accuracy(tmp_path / "a", full, recipe(4))
+    _assert_final_accuracy(tmp_path / "b", resumed, recipe(4))
+
+
+def _assert_final_accuracy(folder, log, recipe):
+    """The log's ``final_accuracy`` = corelens.evaluate of the saved model on the final set."""
+    from corelens import HookedMLLM, evaluate
+
+    final = make_examples(recipe.task, 2 * recipe.eval_examples, seed=777)
+    res = evaluate(HookedMLLM.from_pretrained(folder), final, progress=False)
+    assert abs(res.accuracy - log["final_accuracy"]) < 1e-6, (folder, res, log["final_accuracy"])
+    return res
+
+
+def test_train_from_a_trained_start_logs_its_accuracy(tmp_path):
+    """A run that starts from toy-llava's weights (``init_from``, no offset) and takes 2 small
+    steps stays a trained toy: its logged final accuracy is far above chance (1/6), and it is
+    what the saved model scores (so a log that reports a wrong or constant number fails)."""
+    import dataclasses
+
+    from corelens.zoo.train import RECIPES, train
+
+    recipe = dataclasses.replace(RECIPES["toy-llava"], init_from="toy-llava", init_offset=0,
+                                 steps=2, batch_size=4, lr=1e-5, warmup=1, sparsity=0.0,
+                                 eval_every=2, ckpt_every=2, eval_examples=16)
+    log = train("t", tmp_path, seed=0, recipe=recipe, progress=False)
+    chance = 1 / len(recipe.task.colors)
+    assert log["final_accuracy"] >= chance + 0.6, log["final_accuracy"]
+    assert log["evals"][-1]["accuracy"] >= chance + 0.6, log["evals"]
+    _assert_final_accuracy(tmp_path, log, recipe)
 
 
 def test_late_retrieval_knockout_and_penalty(tmp_path):

@@ -61,22 +61,21 @@ def _report(args: argparse.Namespace) -> int:
 def _patch(args: argparse.Namespace) -> int:
     """Causal analysis of every head on example pairs, metric: logit(clean answer) -
     logit(corrupted answer) at the answer position. Line i of --clean and of --corrupted form
-    a pair; their layouts must match. ``--method exact`` patches each head (batched sweep);
-    ``atp`` / ``atp*`` estimate the same with gradients (``--node``); ``eap`` / ``eap-ig``
-    score every edge between embeddings, heads, MLPs and the logits."""
+    a pair, each line with its own answer; their layouts must match and both runs
+    teacher-force the clean answer (``patching.prepare_pair``). ``--method exact`` patches each
+    head (batched sweep); ``atp`` / ``atp*`` estimate the same with gradients (``--node``);
+    ``eap`` / ``eap-ig`` score every edge between embeddings, heads, MLPs and the logits."""
     import torch
 
     from corelens import HookedMLLM, load_jsonl
     from corelens.attribution import atp_star, attribute_heads, edge_attribution
-    from corelens.patching import logit_diff, patch_heads
+    from corelens.patching import patch_heads, prepare_pair
 
     torch.set_num_threads(args.threads)
     model = HookedMLLM.from_pretrained(args.model, device=args.device)
-    clean = model.prepare_examples(load_jsonl(args.clean))
-    corrupt = model.prepare_examples(load_jsonl(args.corrupted))
-    source, target = (clean, corrupt) if args.direction == "denoise" else (corrupt, clean)
-    metric = logit_diff(torch.stack([a[0] for a in clean.answer_tokens]),
-                        torch.stack([a[0] for a in corrupt.answer_tokens]))
+    pair = prepare_pair(model, load_jsonl(args.clean), load_jsonl(args.corrupted))
+    source, target = pair.source_target(args.direction)
+    metric = pair.logit_diff
     with torch.no_grad():
         base = float(metric(model(target), target).mean())
     out = {"metric": "logit_diff(clean answer, corrupted answer)", "direction": args.direction,
@@ -199,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     acc.add_argument("--scores", default="ram", help="HeadScores JSON, or a RAM metric name "
                      "to score heads first")
     acc.add_argument("--data", required=True, help="JSONL, or zoo:N[:SEED] for toy examples")
+    acc.add_argument("--score-data", default=None,
+                     help="examples to score heads on (JSONL or zoo:N:SEED); default: "
+                     "zoo:N//2:SEED+1 with zoo data, else a seeded half of --data (the other "
+                     "half is evaluated)")
     for flag, typ in (("--frac", float), ("--n-sink", int), ("--window", int),
                       ("--n-pooled", int), ("--fastv-k", int), ("--fastv-ratio", float),
                       ("--limit", int), ("--seed", int), ("--batch-size", int)):

@@ -16,6 +16,7 @@ ranges are ``(start, end)`` over the video's given frames, end exclusive.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -375,3 +376,20 @@ class GroundedExample:
 def _entry(b: Any) -> Evidence:
     """Accept ``(x0, y0, x1, y1)`` (image 0), ``(image, (x0, y0, x1, y1))`` or an ``Evidence``."""
     return Evidence.coerce(b)
+
+
+def split_examples(examples: Sequence[Any], eval_frac: float = 0.5, seed: int = 0
+                   ) -> tuple[list[Any], list[Any]]:
+    """A seeded split into a scoring set (to choose heads with) and an evaluation set (to
+    measure every claim about them on); both non-empty and disjoint."""
+    n = len(examples)
+    n_eval = round(n * eval_frac)
+    if n < 2 or not 0 < n_eval < n:
+        raise InputError(f"a study needs a scoring and an evaluation set: {n} examples with "
+                         f"eval_frac={eval_frac} leave one empty; pass more examples or "
+                         "eval_examples=")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    ev = set(order[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in ev],
+            [ex for i, ex in enumerate(examples) if i in ev])

@@ -6,6 +6,13 @@ handed a bare token tensor, silently run MLLMs without their image; handed a Hoo
 batch they work too). Patching moves activations between two batches, so their positions must
 line up: ``check_aligned`` fails with a clear error when the two layouts differ.
 
+Which answer a metric scores: ``answer_logprob`` scores the answer the batch teacher-forces
+(its ``answer_tokens``), ``logit_diff`` the ids it is given. A corrupted example's own answer
+differs from the clean one (the queried object was recoloured: its answer is the new colour),
+so ``prepare_pair`` builds BOTH batches with the clean answer and keeps the corrupted answer as
+``wrong_ids``; ``check_aligned`` refuses two batches that teacher-force different answers (the
+target's answer would be scored, silently the corrupted one).
+
 Conventions (as in TransformerLens): the *target* run is patched with activations from the
 *source* run; ``metric(logits, batch) -> [batch]`` is averaged over examples. Denoising =
 target corrupted, source clean; noising = the reverse.
@@ -28,11 +35,11 @@ target corrupted, source clean; noising = the reverse.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -45,7 +52,10 @@ Head = tuple[int, int]
 
 # --- metrics -------------------------------------------------------------------------------
 def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " batch"]:
-    """Sum over answer tokens of their log-probability (teacher forcing); differentiable."""
+    """Sum over answer tokens of their log-probability (teacher forcing); differentiable.
+
+    Scores the answer ``batch`` teacher-forces: in a patching run the target's, which for a
+    ``prepare_pair`` pair is the clean answer on both sides."""
     from corelens.evaluate import score_logits
 
     return score_logits(logits, batch)[0]
@@ -74,9 +84,67 @@ def normalised_effect(patched: Tensor, clean: float, corrupted: float) -> Tensor
     return (patched - corrupted) / (clean - corrupted)
 
 
+# --- pairs ---------------------------------------------------------------------------------
+@dataclass
+class ContrastPair:
+    """A clean and a corrupted batch that line up token for token and teacher-force the same
+    (clean) answer; ``answer_ids`` / ``wrong_ids``: the first token of each example's clean /
+    corrupted answer, tokenized in the example's context."""
+
+    clean: MultimodalBatch
+    corrupted: MultimodalBatch
+    answer_ids: Int[Tensor, " batch"]
+    wrong_ids: Int[Tensor, " batch"]
+
+    @property
+    def logit_diff(self) -> Metric:
+        """``logit_diff(answer_ids, wrong_ids)``: clean answer minus corrupted answer."""
+        return logit_diff(self.answer_ids, self.wrong_ids)
+
+    def source_target(self, direction: Literal["denoise", "noise"] = "denoise"
+                      ) -> tuple[MultimodalBatch, MultimodalBatch]:
+        """Denoising patches clean activations into the corrupted run; noising the reverse."""
+        if direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+        return ((self.clean, self.corrupted) if direction == "denoise"
+                else (self.corrupted, self.clean))
+
+
+def prepare_pair(model: Any, clean: Sequence[Any], corrupted: Sequence[Any]) -> ContrastPair:
+    """Batches for patching from ``GroundedExample`` pairs: ``corrupted[i]`` is ``clean[i]``
+    changed (same layout) with its own answer. Both batches teacher-force the clean answers; the
+    corrupted answers become ``wrong_ids``. Refuses pairs whose answers are equal (a logit
+    difference of a token with itself) and pairs that do not line up (``check_aligned``)."""
+    clean, corrupted = list(clean), list(corrupted)
+    if len(clean) != len(corrupted) or not clean:
+        raise LayoutError(f"prepare_pair needs as many corrupted examples as clean ones (>= 1), "
+                          f"got {len(clean)} clean and {len(corrupted)} corrupted")
+    same = [i for i, (c, k) in enumerate(zip(clean, corrupted))
+            if str(c.answer).strip() == str(k.answer).strip()]
+    if same:
+        raise LayoutError(f"pairs {same[:5]} have the same clean and corrupted answer "
+                          f"({clean[same[0]].answer!r}): a corrupted example must change the "
+                          "answer (its `answer` is the corrupted answer)")
+    clean_batch = model.prepare_examples(clean)
+    own = model.prepare_examples(corrupted)  # tokenizes the corrupted answers in context
+    forced = model.prepare_examples([replace(k, answer=c.answer)
+                                     for c, k in zip(clean, corrupted)])
+    check_aligned(clean_batch, forced)
+    right = torch.stack([a[0] for a in clean_batch.answer_tokens])
+    wrong = torch.stack([a[0] for a in own.answer_tokens])
+    tie = (right == wrong).nonzero().flatten().tolist()
+    if tie:
+        raise LayoutError(f"pairs {tie[:5]}: the clean and corrupted answers start with the same "
+                          f"token ({clean[tie[0]].answer!r} vs {corrupted[tie[0]].answer!r}), so "
+                          "the logit difference at the answer position is 0; use answers that "
+                          "differ in their first token")
+    return ContrastPair(clean_batch, forced, right, wrong)
+
+
 # --- alignment -----------------------------------------------------------------------------
 def check_aligned(a: MultimodalBatch, b: MultimodalBatch) -> None:
-    """Both batches must put the same kind of token at every position."""
+    """Both batches must put the same kind of token at every position and teacher-force the
+    same answer tokens (else ``answer_logprob`` on the target scores another answer)."""
     if a.input_ids.shape != b.input_ids.shape:
         raise LayoutError(f"cannot patch between batches of shapes {tuple(a.input_ids.shape)} "
                           f"and {tuple(b.input_ids.shape)}: build pairs with the same prompt "
@@ -90,6 +158,14 @@ def check_aligned(a: MultimodalBatch, b: MultimodalBatch) -> None:
                               "positions in the two batches (different image sizes?)")
         if not torch.equal(a.query_positions[e].cpu(), b.query_positions[e].cpu()):
             raise LayoutError(f"cannot patch: example {e}'s answer positions differ")
+        if not torch.equal(a.answer_tokens[e].cpu(), b.answer_tokens[e].cpu()):
+            raise LayoutError(
+                f"cannot patch: example {e} teacher-forces different answers in the two batches "
+                f"(tokens {a.answer_tokens[e].tolist()} vs {b.answer_tokens[e].tolist()}): a "
+                "metric such as answer_logprob would score the target's answer, for a corrupted "
+                "target the corrupted one. Build the pair with patching.prepare_pair(model, "
+                "clean, corrupted), which gives both batches the clean answer and keeps the "
+                "corrupted one as wrong_ids")
         ia, ib = a.layout.images[e], b.layout.images[e]
         same_grid = len(ia) == len(ib) and all(
             torch.equal(x.rows.kind, y.rows.kind) and torch.equal(x.rows.view, y.rows.view)

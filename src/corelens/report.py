@@ -10,7 +10,6 @@ circuitsvis view) -> ``OUT/report.html`` (self-contained) and ``OUT/summary.json
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,25 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from corelens.errors import InputError
+from corelens.examples import split_examples
 
 Pairs = Callable[[Sequence[Any]], list[tuple[Any, Any]]]
-
-
-def split_examples(examples: Sequence[Any], eval_frac: float = 0.5, seed: int = 0
-                   ) -> tuple[list[Any], list[Any]]:
-    """A seeded split into a scoring set (to choose heads with) and an evaluation set (to
-    measure every claim about them on); both non-empty and disjoint."""
-    n = len(examples)
-    n_eval = round(n * eval_frac)
-    if n < 2 or not 0 < n_eval < n:
-        raise InputError(f"a study needs a scoring and an evaluation set: {n} examples with "
-                         f"eval_frac={eval_frac} leave one empty; pass more examples or "
-                         "eval_examples=")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    ev = set(order[:n_eval])
-    return ([ex for i, ex in enumerate(examples) if i not in ev],
-            [ex for i, ex in enumerate(examples) if i in ev])
 
 
 def _record(examples: Sequence[Any], source: str) -> dict[str, Any]:
@@ -81,7 +64,7 @@ def run_study(
                          "chose the heads is in-sample")
     from corelens import views
     from corelens.ablation import ablation_curve
-    from corelens.patching import logit_diff, patch_heads, path_patch
+    from corelens.patching import patch_heads, path_patch, prepare_pair
     from corelens.ram import score_all
 
     t0 = time.time()
@@ -105,11 +88,8 @@ def run_study(
 
     patch_fig, path_effects = None, {}
     if pairs:
-        clean = model.prepare_examples([c for c, _ in pairs])
-        corrupt = model.prepare_examples([k for _, k in pairs])
-        right = torch.stack([a[0] for a in clean.answer_tokens])
-        wrong = torch.stack([a[0] for a in corrupt.answer_tokens])
-        metric = logit_diff(right, wrong)
+        pair = prepare_pair(model, [c for c, _ in pairs], [k for _, k in pairs])
+        clean, corrupt, metric = pair.clean, pair.corrupted, pair.logit_diff
         effects = patch_heads(model, clean, corrupt, metric)
         with torch.no_grad():
             base = float(metric(model(corrupt), corrupt).mean())

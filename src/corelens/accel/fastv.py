@@ -276,55 +276,83 @@ def cache_nbytes(cache: Any) -> int:
 
 
 # --- the `corelens accelerate` command ---------------------------------------------------------
-def _load(args: Any) -> tuple[Any, Any, list[Any], Any]:
+def _data(model_name: str, data: str) -> tuple[list[Any], str]:
+    """``zoo:N[:SEED]`` (fresh examples of a shipped model's task) or a corelens JSONL."""
     from corelens import zoo
-    from corelens.head_scores import HeadScores
     from corelens.loaders import load_jsonl
+
+    if not data.startswith("zoo:"):
+        return load_jsonl(data), data
+    if model_name not in zoo.names():
+        raise InputError("zoo:N data needs --model to be a shipped toy model "
+                         f"({', '.join(zoo.names())})")
+    parts = data.split(":")
+    n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    return zoo.examples(model_name, n, seed=seed), f"zoo.examples({model_name!r}, {n}, seed={seed})"
+
+
+def _load(args: Any) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """The model, its head scores, the evaluation examples and where each set came from.
+
+    Heads are never scored on the examples the claims are measured on: with ``zoo:N:SEED``
+    data they are scored on ``zoo:max(N // 2, 32):SEED+1`` (disjoint, and held out from the
+    training streams like every ``zoo.examples`` set), with ``--score-data`` on that set, and
+    with a JSONL alone on a seeded half of it (``split_examples``), the other half evaluated."""
+    from corelens import zoo
+    from corelens.examples import split_examples
+    from corelens.head_scores import HeadScores
     from corelens.model import HookedMLLM
-    from corelens.ram import score_heads
+    from corelens.ram import MEAN_METRICS, RATIO_METRICS, score_heads
 
     name = str(args.model)
     model = zoo.load(name) if name in zoo.names() else HookedMLLM.from_pretrained(name)
-    data = str(args.data)
-    score_examples = None
-    if data.startswith("zoo:"):  # zoo:N[:SEED] fresh examples of a shipped model's task
-        if name not in zoo.names():
-            raise InputError("--data zoo:N needs --model to be a shipped toy model "
-                             f"({', '.join(zoo.names())})")
-        parts = data.split(":")
-        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
-        examples = zoo.examples(name, n, seed=seed)
-        # scored on the next seed's set: disjoint from the evaluation set, and (as every
-        # zoo.examples set) from the model's training stream
-        score_examples = zoo.examples(name, max(n // 2, 32), seed=seed + 1)
-    else:
-        examples = load_jsonl(data)
+    examples, source = _data(name, str(args.data))
+    score_examples: list[Any] | None = None
+    score_source = ""
+    if getattr(args, "score_data", None):
+        score_examples, score_source = _data(name, str(args.score_data))
+    elif str(args.data).startswith("zoo:"):
+        parts = str(args.data).split(":")
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        score_examples, score_source = _data(name, f"zoo:{max(len(examples) // 2, 32)}:{seed + 1}")
+    to_score = str(args.scores) in MEAN_METRICS + RATIO_METRICS
+    if to_score and score_examples is None:
+        score_examples, examples = split_examples(examples)
+        score_source = f"split_examples({source}, seed 0): scoring half"
+        source = f"split_examples({source}, seed 0): evaluation half"
     limit = getattr(args, "limit", None)
     if limit:
         examples = examples[:limit]
-    from corelens.ram import MEAN_METRICS, RATIO_METRICS
-
-    if str(args.scores) in MEAN_METRICS + RATIO_METRICS:  # score here: held-out zoo examples,
-        src = score_examples if score_examples is not None else examples  # else in-sample
-        scores = score_heads(model, src, str(args.scores), progress=False)
-        where = "held-out" if score_examples is not None else "in-sample"
+    sets: dict[str, Any] = {"evaluation": {"n": len(examples), "source": source,
+                                           "ids": [e.id for e in examples]}}
+    if to_score:
+        assert score_examples is not None
+        shared = {e.id for e in examples if e.id is not None} & {e.id for e in score_examples}
+        if shared:
+            raise InputError(f"the scoring and evaluation sets share {len(shared)} example ids "
+                             f"(e.g. {sorted(shared)[0]!r}): heads chosen on the examples they "
+                             "are evaluated on give an in-sample claim; pass disjoint sets")
+        scores = score_heads(model, score_examples, str(args.scores), progress=False)
+        sets["scoring"] = {"n": len(score_examples), "source": score_source,
+                           "ids": [e.id for e in score_examples]}
     else:
-        scores, where = HeadScores.load(args.scores), str(args.scores)
-    return model, scores, examples, where
+        scores = HeadScores.load(args.scores)
+        sets["scoring"] = {"source": f"HeadScores file {args.scores}"}
+    return model, scores, examples, sets
 
 
 def main_accelerate(args: Any) -> dict[str, Any]:
-    """``corelens accelerate --model M --scores S --data D [--frac 0.1] [--n-sink 4]
-    [--window 64] [--n-pooled 0] [--fastv-k 2] [--fastv-ratio 0.5] [--limit N] [--seed 0]
-    [--batch-size 16] [--out report.json]``: teacher-forced accuracy (``corelens.evaluate``)
-    and wall time of full attention, the CoRe hybrid, random KV heads at the same KV budget
-    (hybrid), and FastV, on the same examples.
+    """``corelens accelerate --model M --scores S --data D [--score-data D2] [--frac 0.1]
+    [--n-sink 4] [--window 64] [--n-pooled 0] [--fastv-k 2] [--fastv-ratio 0.5] [--limit N]
+    [--seed 0] [--batch-size 16] [--out report.json]``: teacher-forced accuracy
+    (``corelens.evaluate``) and wall time of full attention, the CoRe hybrid, random KV heads at
+    the same KV budget (hybrid), and FastV, on the same evaluation examples.
 
     ``args`` is a namespace: ``model`` (folder / hub id, or a shipped toy model name),
     ``scores`` (a HeadScores JSON, or a metric name of ``corelens.ram`` such as ``"ram"`` or
-    ``"selectivity"`` to score heads first — on held-out examples with zoo data, else
-    in-sample), ``data`` (a corelens JSONL, or ``zoo:N[:SEED]``: N fresh
-    examples of the shipped model's task), and optional ``frac``, ``n_sink``, ``window``,
+    ``"selectivity"`` to score heads first, never on the evaluation examples: see ``_load``),
+    ``data`` (a corelens JSONL, or ``zoo:N[:SEED]``: N fresh examples of the shipped model's
+    task), and optional ``score_data`` (JSONL or ``zoo:N:SEED``), ``frac``, ``n_sink``, ``window``,
     ``n_pooled``, ``fastv_k``, ``fastv_ratio``, ``limit``, ``seed``, ``batch_size``, ``out``
     (missing or None = the defaults above). Returns (and prints as JSON) the report."""
     import time
@@ -335,7 +363,7 @@ def main_accelerate(args: Any) -> dict[str, Any]:
         value = getattr(args, name, None)
         return default if value is None else value
 
-    model, scores, examples, where = _load(args)
+    model, scores, examples, sets = _load(args)
     frac = get("frac", 0.1)
     kw = dict(n_sink=get("n_sink", 4), window=get("window", 64), n_pooled=get("n_pooled", 0))
     core = HybridAttention(model, scores.top(frac=frac), **kw)
@@ -344,8 +372,8 @@ def main_accelerate(args: Any) -> dict[str, Any]:
     variants: dict[str, Any] = {"full": contextlib.nullcontext, "core_hybrid": core.attach,
                                 "random_hybrid": rand.attach, "fastv": fastv.attach}
     report: dict[str, Any] = {
-        "model": str(args.model), "scores": where, "metric": scores.metric,
-        "n_examples": len(examples), "frac": frac, **kw, "kv_budget": core.kv_budget,
+        "model": str(args.model), "metric": scores.metric, **sets, "frac": frac, **kw,
+        "kv_budget": core.kv_budget,
         "core_heads": [f"L{l}H{h}" for l, h in core.heads],
         "random_kv_heads": [f"L{l}KV{g}" for l, g in rand.full_kv_heads],
         "fastv": {"k": fastv.k, "ratio": fastv.ratio}, "variants": {}}

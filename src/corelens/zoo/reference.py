@@ -14,7 +14,9 @@ Per head (layer l, head h), over examples e, at the position q_e that predicts t
 - vision mass      V = mean_e sum_{k in all vision tokens} A[q_e, k]
 - selectivity      S = T / (T + D)    (0.5 = attends to every object alike)
 Ablation: accuracy and mean answer log-prob with one head zeroed (every head in turn), with the
-top-k heads by target mass zeroed, and with k random heads zeroed (mean over draws).
+top-k heads by target mass zeroed, and with k random heads zeroed (mean over draws). Depth:
+accuracy with the attention and MLP outputs of layers 0..j-1 zeroed (forward hooks on each
+decoder layer's ``self_attn`` and ``mlp``), for every j < L: how much the first layers matter.
 
 Run: ``python -m corelens.zoo.reference toy-llava [--n 256]`` (a shipped name or a folder).
 """
@@ -63,6 +65,28 @@ def zero_heads(model: Any, heads: list[tuple[int, int]]) -> Iterator[None]:
                 x[..., h * d:(h + 1) * d] = 0
             return (x,) + tuple(args[1:])
         handles.append(_layers(model)[layer].self_attn.o_proj.register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@contextmanager
+def zero_layers(model: Any, layers: list[int]) -> Iterator[None]:
+    """Zero the attention and MLP outputs of the given decoder layers (the residual stream
+    passes through them unchanged)."""
+    def attn(mod: Any, args: Any, out: Any) -> Any:
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+
+    def mlp(mod: Any, args: Any, out: Any) -> Any:
+        return torch.zeros_like(out)
+
+    handles = []
+    for layer in layers:
+        block = _layers(model)[layer]
+        handles += [block.self_attn.register_forward_hook(attn),
+                    block.mlp.register_forward_hook(mlp)]
     try:
         yield
     finally:
@@ -151,9 +175,15 @@ def run(name_or_dir: str, n: int = 256, seed: int = 4242, batch_size: int = 64,
         draws = [score_with(model, batches, rng.sample(heads, k)) for _ in range(n_random)]
         randk[k] = (sum(a for a, _ in draws) / n_random, sum(lp for _, lp in draws) / n_random,
                     min(a for a, _ in draws))
+    first_layers = {}
+    for j in tqdm(range(1, L), desc="first layers zeroed"):
+        with zero_layers(model, list(range(j))):
+            first_layers[j] = score(model, batches)
     return {
         "model": str(folder.name), "n_examples": n, "seed": seed, "task": task.to_dict(),
         "base": {"accuracy": base_acc, "logprob": base_lp},
+        "first_layers_zeroed": [{"layers": f"0-{j - 1}", "accuracy": round(a, 4),
+                                 "logprob": round(lp, 4)} for j, (a, lp) in first_layers.items()],
         "chance": 1 / len(task.answers()),
         "heads": [{"head": f"L{layer}H{h}", "layer": layer, "h": h,
                    "target_mass": round(float(m["target"][layer, h]), 4),
@@ -202,6 +232,10 @@ def to_markdown(res: dict[str, Any], top: int = 8) -> str:
         lines.append(f"| {t['k']} | {' '.join(t['heads'])} | {t['accuracy']:.3f} | "
                      f"{t['logprob']:.3f} | {t['random_accuracy_mean']:.3f} / "
                      f"{t['random_accuracy_min']:.3f} | {t['random_logprob_mean']:.3f} |")
+    lines += ["", "Attention and MLP outputs of the first layers zeroed:", "",
+              "| layers zeroed | accuracy | log-prob |", "|---|---|---|"]
+    lines += [f"| {r['layers']} | {r['accuracy']:.3f} | {r['logprob']:.3f} |"
+              for r in res.get("first_layers_zeroed", [])]
     return "\n".join(lines)
 
 
