@@ -85,7 +85,7 @@ def _taps(model: Any, store: dict[int, Any], layers: Iterable[int]) -> contextli
 def _warn_side_inputs(model: Any, what: str) -> None:
     """Vision features injected past the decoder input (Qwen3-VL's DeepStack) are not on the
     interpolation path nor an EAP sender."""
-    if any("deepstack" in name for name in model.hook_dict):
+    if model.family.vision_side_inputs:
         warnings.warn(f"{what}: this model injects vision features after the decoder input "
                       "(DeepStack); they stay the target's, so the interpolation path does not "
                       "end at the source run and no edge carries them (docs/causal.md)",
@@ -381,11 +381,10 @@ def _blocks(model: Any) -> list[Any]:
 
 
 def _check_eap_supported(model: Any) -> None:
-    hf = _blocks(model)[0].original_component
-    if hasattr(hf, "pre_feedforward_layernorm") or hasattr(hf, "post_feedforward_layernorm"):
-        raise InputError(f"edge attribution needs per-head residual contributions; "
-                         f"{type(hf).__name__} normalises the attention and MLP outputs before "
-                         "the residual add (sandwich norms), so heads do not add up")
+    if model.family.sandwich_norms:
+        raise InputError(f"edge attribution needs per-head residual contributions; the "
+                         f"{model.family.name} family normalises the attention and MLP outputs "
+                         "before the residual add (sandwich norms), so heads do not add up")
 
 
 def _weight(linear: Any, n: int, name: str) -> Float[Tensor, "n d_head d_model"]:

@@ -12,6 +12,7 @@ from PIL import Image
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError, LayoutError
 from corelens.examples import Evidence, Video
+from corelens.families import FAMILIES
 from corelens.families.base import PLACEHOLDER, VIDEO_PLACEHOLDER, Family
 from corelens.layout import ImageLayout, VisionLayout, check_box
 
@@ -158,9 +159,9 @@ def prepare(
     has_video = any(video_lists)
     if has_video:
         if not family.supports_video:
+            video = ", ".join(n for n, f in FAMILIES.items() if f.supports_video)
             raise InputError(f"the {family.name} family does not take videos in corelens (video "
-                             "families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision); pass "
-                             "the frames as images instead")
+                             f"families: {video}); pass the frames as images instead")
         family.check_videos([len(v) for vs in video_lists for v in vs])
     box_lists = _as_boxes(boxes, image_lists, video_lists)
     distractor_lists = _as_boxes(distractors, image_lists, video_lists)

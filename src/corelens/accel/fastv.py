@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from corelens import compat
 from corelens.accel.hybrid import (
-    DECODE_FAMILIES,
     HybridAttention,
     HybridCache,
     _alive_index,
@@ -41,7 +39,7 @@ class FastV:
     the same number of vision tokens."""
 
     def __init__(self, model: Any, k: int = 2, ratio: float = 0.5) -> None:
-        _check_family(model, DECODE_FAMILIES, "FastV")
+        _check_family(model, "supports_fastv", "FastV")
         n = _text_config(model).num_hidden_layers
         if not 1 <= k < n or not 0.0 <= ratio < 1.0:
             raise InputError(f"FastV wants 1 <= k < {n} and 0 <= ratio < 1")
@@ -134,32 +132,17 @@ class FastV:
             state.pop("keep")  # decoding steps that follow are not pruned
             return out
 
-        # Qwen3-VL's DeepStack adds features at the vision positions after early layers: after
-        # a pruning layer, only at the kept ones
-        deepstack = compat.qwen3_vl_deepstack(dec)
-
-        def deepstack_kept(hidden: Tensor, masks: Tensor, embeds: Tensor) -> Tensor:
-            keep = state.get("keep")
-            pruned = keep is not None and hidden.shape[1] != masks.shape[1] == state["t"]
-            if pruned:
-                masks = masks.to(keep.device)
-                flags = torch.zeros_like(masks).scatter_(1, keep, True)
-                embeds = embeds[flags[masks].to(embeds.device)]  # embeds follow the mask's order
-                masks = masks.gather(1, keep)
-            return deepstack(hidden, masks, embeds)
-
         for layer in dec.layers[self.k:]:
             handles.append(layer.register_forward_pre_hook(prune, with_kwargs=True))
         handles.append(dec.register_forward_hook(unprune))
-        with contextlib.ExitStack() as stack:
-            if deepstack is not None:
-                stack.enter_context(compat.replace_qwen3_vl_deepstack(dec, deepstack_kept))
-            try:
-                with self.model.attention.tap(self.k - 1, tap):
-                    yield self
-            finally:
-                for hnd in handles:
-                    hnd.remove()
+        side_inputs = self.model.family.prune_side_inputs(dec, lambda: state.get("keep"),
+                                                           lambda: state["t"])
+        try:
+            with side_inputs, self.model.attention.tap(self.k - 1, tap):
+                yield self
+        finally:
+            for hnd in handles:
+                hnd.remove()
 
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int = 20,

@@ -17,15 +17,13 @@ from torch import Tensor
 from corelens.attention import KernelCall, _additive
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.families import FAMILIES
 
 Head = tuple[int, int]
 
-PREFILL_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
-                              "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"})
+# the registered families whose traits allow hybrid attention (prefill and cached decoding)
+PREFILL_FAMILIES = frozenset(n for n, f in FAMILIES.items() if f.supports_hybrid_attention)
 DECODE_FAMILIES = PREFILL_FAMILIES
-# families whose image tokens attend to each other bidirectionally within each image block
-# (HF's ``token_type_ids`` / ``block_sequence_ids``: a run of consecutive image tokens)
-BIDIRECTIONAL_FAMILIES = frozenset({"gemma3"})
 
 
 def _next_positions(kw: dict[str, Any]) -> tuple[Int[Tensor, " batch"], bool]:
@@ -57,11 +55,13 @@ def _step_positions(positions: Int[Tensor, " batch"], mrope: bool) -> Tensor:
     return p[None].expand(3, -1, -1) if mrope else p
 
 
-def _check_family(model: Any, families: frozenset[str], what: str) -> None:
-    name = getattr(model.family, "name", "?")
-    if name not in families:
-        raise InputError(f"corelens.accel: {what} is not supported for the {name!r} family "
-                         f"(supported: {', '.join(sorted(families))})")
+def _check_family(model: Any, trait: str, what: str) -> None:
+    """Refuse a model whose family does not declare ``trait`` (``Family.supports_*``)."""
+    if not getattr(model.family, trait, False):
+        supported = sorted(n for n, f in FAMILIES.items() if getattr(f, trait))
+        raise InputError(f"corelens.accel: {what} is not supported for the "
+                         f"{getattr(model.family, 'name', '?')!r} family (supported: "
+                         f"{', '.join(supported)}; a family declares it in its module)")
 
 
 def _text_config(model: Any) -> Any:
@@ -326,7 +326,7 @@ class HybridAttention:
 
     def __init__(self, model: Any, heads: Sequence[Head], n_sink: int = 4, window: int = 64,
                  n_pooled: int = 0) -> None:
-        _check_family(model, PREFILL_FAMILIES, "hybrid attention")
+        _check_family(model, "supports_hybrid_attention", "hybrid attention")
         if window < 1 or n_sink < 0 or n_pooled < 0:
             raise InputError("hybrid attention wants window >= 1, n_sink >= 0, n_pooled >= 0")
         tc = _text_config(model)
@@ -336,7 +336,9 @@ class HybridAttention:
         self.n_kv = getattr(tc, "num_key_value_heads", None) or self.n_heads
         self.n_rep = self.n_heads // self.n_kv
         self.n_sink, self.window, self.n_pooled = n_sink, window, n_pooled
-        self.bidirectional = getattr(model.family, "name", None) in BIDIRECTIONAL_FAMILIES
+        # image tokens attending to each other both ways within each image block (HF's
+        # ``token_type_ids`` / ``block_sequence_ids``: a run of consecutive image tokens)
+        self.bidirectional = model.family.bidirectional_image_blocks
         self.sliding = _sliding_windows(model)
         if n_pooled and (self.bidirectional or any(w is not None for w in self.sliding)):
             raise InputError("pooled summaries (n_pooled > 0) are not defined for models with "
@@ -638,7 +640,7 @@ class HybridAttention:
         """Run the prompt, building the hybrid cache: (last-position logits [b, vocab],
         cache, next position ids [b]: the first generated token's id; under M-RoPE the id all
         three rows take, the prompt's largest + 1)."""
-        _check_family(self.model, DECODE_FAMILIES, "hybrid cached decoding")
+        _check_family(self.model, "supports_hybrid_attention", "hybrid cached decoding")
         ids, kw = self.model._inputs(batch)
         nxt, mrope = _next_positions(kw)
         plan = self._plan_for(batch)

@@ -8,9 +8,10 @@ for tests. Nothing outside ``corelens.families`` branches on the family.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from jaxtyping import Float, Int
@@ -28,6 +29,17 @@ class Family(ABC):
     name: ClassVar[str]
     hf_architectures: ClassVar[tuple[str, ...]]  # HF ``config.architectures`` names
     model_types: ClassVar[tuple[str, ...]] = ()  # HF ``config.model_type`` values
+
+    # --- traits: what code outside families/ may ask instead of testing the name -------------
+    # the tokens of one image attend to each other both ways (HF's ``token_type_ids`` blocks)
+    bidirectional_image_blocks: ClassVar[bool] = False
+    # the decoder normalises each attention / MLP output before the residual add, so heads do
+    # not add up in the residual stream (edge attribution refuses such models)
+    sandwich_norms: ClassVar[bool] = False
+    # vision features also enter the decoder after its input (Qwen3-VL's DeepStack)
+    vision_side_inputs: ClassVar[bool] = False
+    supports_hybrid_attention: ClassVar[bool] = True  # corelens.accel.HybridAttention
+    supports_fastv: ClassVar[bool] = True  # corelens.accel.FastV
 
     # --- loading ---------------------------------------------------------------------------
     def bridge_architecture(self, hf_config: Any) -> str:
@@ -133,6 +145,14 @@ class Family(ABC):
         """Position ids the decoder sees. Default: count only real tokens (left padding)."""
         mask = inputs["attention_mask"]
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prune_side_inputs(self, decoder: Any, kept: Callable[[], Tensor | None],
+                          n_tokens: Callable[[], int]) -> ContextManager[None]:
+        """While active, vision features injected after the decoder input (``vision_side_inputs``)
+        go only to the tokens kept by token pruning: ``kept()`` gives the kept positions
+        ``[batch, n_kept]`` of the running forward (None: not pruned), ``n_tokens()`` the
+        unpruned sequence length. FastV uses it; default: nothing is injected, nothing to do."""
+        return contextlib.nullcontext()
 
     def rotary(self) -> Callable[..., tuple[Tensor, Tensor]]:
         """``(q, k, cos, sin, hf_attn) -> (q, k)`` as the family's decoder applies RoPE."""

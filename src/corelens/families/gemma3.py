@@ -63,6 +63,8 @@ class Gemma3(Family):
     name = "gemma3"
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
+    bidirectional_image_blocks = True  # HF's mask: each image block attends both ways
+    sandwich_norms = True  # pre/post-feedforward (and post-attention) norms around each sublayer
 
     def feature_rows(self, hf_config, processor, inputs, image, size):
         where = f"{self.name}: image {image} (size {size[0]}x{size[1]})"

@@ -63,14 +63,16 @@ injection on top; patch ``blocks.{i+1}.hook_resid_pre`` (and/or the merger hook)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from corelens import compat
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, size_dict
 from corelens.layout import FeatureRows, ViewGeometry
@@ -349,6 +351,29 @@ class Qwen3_VL(QwenVL):
     hf_architectures = ("Qwen3VLForConditionalGeneration",)
     model_types = ("qwen3_vl",)
     modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+    vision_side_inputs = True  # DeepStack: features added at the vision positions after layers
+
+    @contextlib.contextmanager
+    def prune_side_inputs(self, decoder: Any, kept: Callable[[], Tensor | None],
+                          n_tokens: Callable[[], int]) -> Iterator[None]:
+        """DeepStack adds features at the vision positions after early layers: after a pruning
+        layer, only at the kept ones (the features follow the visual mask's order)."""
+        deepstack = compat.qwen3_vl_deepstack(decoder)
+        if deepstack is None:
+            yield
+            return
+
+        def deepstack_kept(hidden: Tensor, masks: Tensor, embeds: Tensor) -> Tensor:
+            keep = kept()
+            if keep is not None and hidden.shape[1] != masks.shape[1] == n_tokens():
+                masks = masks.to(keep.device)
+                flags = torch.zeros_like(masks).scatter_(1, keep, True)
+                embeds = embeds[flags[masks].to(embeds.device)]
+                masks = masks.gather(1, keep)
+            return deepstack(hidden, masks, embeds)
+
+        with compat.replace_qwen3_vl_deepstack(decoder, deepstack_kept):
+            yield
 
     def check_videos(self, lengths: list[int]) -> None:
         from corelens.errors import InputError
