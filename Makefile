@@ -42,6 +42,7 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 # fast tier: the edit loop
 test-fast: $(STAMP)

@@ -309,7 +309,7 @@ def _one_forward_each(model, target, metric, name, src, edits):
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_group_residual_and_token_sweeps_equal_one_forward_each(name, tiny_model):
-    from corelens.patching import _index
+    from corelens.interventions import index_pairs as _index
 
     model = tiny_model(name)
     clean, corrupt = _pair(model, name)

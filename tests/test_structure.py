@@ -76,3 +76,13 @@ def test_traits_match_the_hf_model(name, tiny_model):
         model(batch)
     later = seen["pattern"][0, :, 0, pos[1:]]  # first image token's row, later image keys
     assert fam.bidirectional_image_blocks == bool((later > 0).any())
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_act_name_names_hooks_the_model_has(name, tiny_model):
+    from corelens.interventions import act_name
+
+    hooks = tiny_model(name).hook_dict
+    for act in ("z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "attn_out", "mlp_out"):
+        for layer in (0, 1):
+            assert act_name(act, layer) in hooks, act_name(act, layer)

@@ -32,24 +32,10 @@ from torch import Tensor
 
 from corelens.batch import MultimodalBatch
 from corelens.errors import LayoutError
+from corelens.evaluate import score_logits
+from corelens.interventions import Head, Role, act_name, token_roles
 
-Head = tuple[int, int]
 Method = Literal["zero", "mean", "resample", "knockout"]
-Role = tuple
-
-
-def token_roles(batch: MultimodalBatch, example: int) -> list[Role | None]:
-    """The role of each position of an example (None for padding)."""
-    mask = batch.attention_mask[example].bool().tolist()
-    anchor = int(batch.query_positions[example][0])
-    roles: list[Role | None] = [("text", p - anchor) if m else None for p, m in enumerate(mask)]
-    for img in batch.layout.images[example]:
-        rows = img.rows
-        for j, p in enumerate(img.positions.tolist()):
-            v = int(rows.view[j])
-            view = rows.views[v].name if v >= 0 else "structural"
-            roles[p] = ("image", img.image_index, view, int(rows.row[j]), int(rows.col[j]))
-    return roles
 
 
 def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
@@ -61,7 +47,7 @@ def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
 
 def _reference_z(model: Any, reference: MultimodalBatch,
                  layers: Sequence[int]) -> dict[int, Float[Tensor, "batch pos head d"]]:
-    names = [f"blocks.{l}.attn.hook_z" for l in layers]
+    names = [act_name("z", l) for l in layers]
     with torch.no_grad():
         _, cache = model.run_with_cache(reference, names_filter=names)
     return {l: cache[n].detach() for l, n in zip(layers, names)}
@@ -173,7 +159,7 @@ def ablate(
             return hook
 
         stack.enter_context(model.hooks(fwd_hooks=[
-            (f"blocks.{layer}.attn.hook_z", hook_for(layer, hs))
+            (act_name("z", layer), hook_for(layer, hs))
             for layer, hs in per_layer.items()]))
         yield
 
@@ -239,8 +225,6 @@ class AblationCurve:
 def score_batch(model: Any, batch: MultimodalBatch, heads: Sequence[Head], method: Method,
                 reference: MultimodalBatch | None = None) -> tuple[float, float, int]:
     """(correct answers, summed answer log-prob, n) of one batch with ``heads`` ablated."""
-    from corelens.evaluate import score_logits
-
     with ablate(model, heads, method, batch=batch if method != "zero" else None,
                 reference=reference), torch.no_grad():
         logprobs, correct, _ = score_logits(model(batch), batch)

@@ -47,10 +47,18 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from corelens.attention import AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.interventions import (
+    Metric,
+    act_name,
+    cache_activations,
+    check_aligned,
+    image_features,
+    stacked,
+)
 
-Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
 Node = Literal["z", "q", "k", "v"]
 Edge = tuple[str, str, float]
 
@@ -64,12 +72,6 @@ def _n_nodes(model: Any, node: str) -> int:
     if node not in ("z", "q", "k", "v"):
         raise InputError(f"node must be 'z', 'q', 'k' or 'v', not {node!r}")
     return int(model.cfg.n_heads) if node in ("z", "q") else _n_kv(model)
-
-
-def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Tensor]:
-    with torch.no_grad():
-        _, cache = model.run_with_cache(batch, names_filter=names)
-    return {n: cache[n].detach() for n in names}
 
 
 def _taps(model: Any, store: dict[int, Any], layers: Iterable[int]) -> contextlib.ExitStack:
@@ -108,8 +110,6 @@ def _backward(
     copies of mean over examples of metric``. Returns the activations and gradients at
     ``names`` ([copies * batch, ...], detached). ``features``: a dict shared by the calls of one
     loop, so the image features are computed once for all of them."""
-    from corelens.patching import _stacked, image_features
-
     acts: dict[str, Tensor] = {}
 
     def keep(name: str) -> Callable:
@@ -121,7 +121,7 @@ def _backward(
     store = {} if features is None else features
     if copies > 1 and "image" not in store:
         store["image"] = image_features(model, batch)
-    big, extra = _stacked(model, batch, copies, store.get("image") if copies > 1 else None)
+    big, extra = stacked(model, batch, copies, store.get("image") if copies > 1 else None)
     hooks = [("blocks.0.hook_resid_pre", _make_leaf), *edits, *[(n, keep(n)) for n in names]]
     with torch.enable_grad(), (_taps(model, taps, range(model.cfg.n_layers))
                                if taps is not None else contextlib.nullcontext()):
@@ -145,7 +145,7 @@ def _grad_drop_edits(model: Any, drops: Sequence[int | None], B: int) -> list[tu
             for i in rows:
                 x[i * B:(i + 1) * B] = x[i * B:(i + 1) * B].detach()
             return x
-        edits += [(f"blocks.{layer}.hook_attn_out", drop), (f"blocks.{layer}.hook_mlp_out", drop)]
+        edits += [(act_name("attn_out", layer), drop), (act_name("mlp_out", layer), drop)]
     return edits
 
 
@@ -166,8 +166,6 @@ def _patterns(inp: Any, B: int, q: Tensor | None = None, k: Tensor | None = None
     """Exact softmax pattern (fp32) of the first ``B`` examples of one layer's tapped inputs,
     optionally with other (rotated) queries or keys, for the query heads ``heads`` only (one
     KV group at most; default: every head)."""
-    from corelens.attention import AttentionInputs
-
     q = (inp.q[:B] if q is None else q).detach()
     k = (inp.k[:B] if k is None else k).detach()
     mask = inp.mask
@@ -213,15 +211,13 @@ def attribute_heads(
     for effects that only appear once the patch is large enough (a flat start, where the
     gradient at the target alone sees nothing; ``docs/causal.md``).
     """
-    from corelens.patching import check_aligned
-
     check_aligned(source, target)
     L, B = model.cfg.n_layers, len(target)
     n_out = _n_nodes(model, node)
-    names = [f"blocks.{l}.attn.hook_{node}" for l in range(L)]
+    names = [act_name(node, l) for l in range(L)]
     fixed = qk_fix and node in ("q", "k")
     if fixed:
-        names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+        names = [act_name("pattern", l) for l in range(L)]
     drops: list[int | None] = list(range(L)) if grad_drop else [None]
     if per_position and (qk_fix or grad_drop):
         raise InputError("per_position works with plain AtP and ig_steps, not with qk_fix or "
@@ -243,7 +239,7 @@ def attribute_heads(
         with torch.no_grad(), _taps(model, src_in, range(L)):
             model(source)
     else:
-        src = _cache(model, source, names)
+        src = cache_activations(model, source, names)
     # per drop, example, layer, node: the example's term (the batch mean's 1/B inside)
     T = target.inputs["input_ids"].shape[1]
     estimates = torch.zeros(len(drops), B, L, n_out, *((T,) if per_position else ()))
@@ -288,8 +284,8 @@ def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, me
                 names: list[str], m: int, per_forward: int, per_position: bool = False) -> Tensor:
     _warn_side_inputs(model, "ig_steps")
     B, emb = len(target), "blocks.0.hook_resid_pre"
-    src = _cache(model, source, [emb, *names])
-    tgt = _cache(model, target, names)
+    src = cache_activations(model, source, [emb, *names])
+    tgt = cache_activations(model, target, names)
     alphas = [k / m for k in range(1, m + 1)]
     T = target.inputs["input_ids"].shape[1]
     total = torch.zeros(len(names), _n_nodes(model, names[0].rsplit("_", 1)[1]),
@@ -412,10 +408,10 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
     block = _blocks(model)[layer]
     ln1 = getattr(block.ln1, "original_component", block.ln1)
     ln2 = getattr(block.ln2, "original_component", block.ln2)
-    x = acts[f"blocks.{layer}.hook_resid_pre"]
+    x = acts[act_name("resid_pre", layer)]
     labels, parts = [], []
     for kind in ("q", "k", "v"):
-        g = grads[f"blocks.{layer}.attn.hook_{kind}"].float()  # [N, t, n, d_head]
+        g = grads[act_name(kind, layer)].float()  # [N, t, n, d_head]
         n = g.shape[2]
         w = _weight(getattr(block.attn, kind), n, f"W_{kind.upper()}")
         u = torch.einsum("Ntnk,nkd->nNtd", g, w.to(g.device))
@@ -423,7 +419,7 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
         labels += [f"L{layer}H{i}.q" if kind == "q" else f"L{layer}KV{i}.{kind}"
                    for i in range(n)]
     g = grads[f"blocks.{layer}.mlp.hook_in"].float()
-    parts.append(_pull_back(ln2, acts[f"blocks.{layer}.hook_resid_mid"], g.unsqueeze(0)))
+    parts.append(_pull_back(ln2, acts[act_name("resid_mid", layer)], g.unsqueeze(0)))
     labels.append(f"MLP{layer}")
     return labels, torch.cat(parts)
 
@@ -437,8 +433,6 @@ def edge_attribution(
     of every edge between the input embeddings, heads, MLPs and the logits (see the module
     docstring). Batched: one backward gives every receiver's gradient; EAP-IG runs its steps as
     ``steps_per_forward`` stacked copies per forward."""
-    from corelens.patching import check_aligned
-
     check_aligned(source, target)
     _check_eap_supported(model)
     if method not in ("eap", "eap-ig"):
@@ -449,10 +443,10 @@ def edge_attribution(
     _warn_side_inputs(model, method)
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(target)
     emb = "blocks.0.hook_resid_pre"
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    src = _cache(model, source, [emb, *z_names, *mlp_names])
-    tgt = _cache(model, target, [emb, *z_names, *mlp_names])
+    z_names = [act_name("z", l) for l in range(L)]
+    mlp_names = [act_name("mlp_out", l) for l in range(L)]
+    src = cache_activations(model, source, [emb, *z_names, *mlp_names])
+    tgt = cache_activations(model, target, [emb, *z_names, *mlp_names])
     names = [emb] + [f"blocks.{l}.{n}" for l in range(L)
                      for n in ("hook_resid_pre", "hook_resid_mid", "attn.hook_q", "attn.hook_k",
                                "attn.hook_v", "mlp.hook_in")]

@@ -36,18 +36,29 @@ target corrupted, source clean; noising = the reverse.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from corelens.batch import MultimodalBatch, repeat_batch
+from corelens.attribution import EdgeScores, atp_star, attribute_heads, edge_attribution
+from corelens.batch import MultimodalBatch
 from corelens.errors import LayoutError
-
-Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
-Head = tuple[int, int]
+from corelens.evaluate import score_logits
+from corelens.interventions import (
+    Edit,
+    Head,
+    Metric,
+    act_name,
+    cache_activations,
+    check_aligned,
+    image_features,
+    index_pairs,
+    position_groups,
+    repeat_image_features,
+    sweep,
+)
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -56,8 +67,6 @@ def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " ba
 
     Scores the answer ``batch`` teacher-forces: in a patching run the target's, which for a
     ``prepare_pair`` pair is the clean answer on both sides."""
-    from corelens.evaluate import score_logits
-
     return score_logits(logits, batch)[0]
 
 
@@ -141,184 +150,8 @@ def prepare_pair(model: Any, clean: Sequence[Any], corrupted: Sequence[Any]) -> 
     return ContrastPair(clean_batch, forced, right, wrong)
 
 
-# --- alignment -----------------------------------------------------------------------------
-def check_aligned(a: MultimodalBatch, b: MultimodalBatch) -> None:
-    """Both batches must put the same kind of token at every position and teacher-force the
-    same answer tokens (else ``answer_logprob`` on the target scores another answer)."""
-    if a.input_ids.shape != b.input_ids.shape:
-        raise LayoutError(f"cannot patch between batches of shapes {tuple(a.input_ids.shape)} "
-                          f"and {tuple(b.input_ids.shape)}: build pairs with the same prompt "
-                          "length and image sizes")
-    if not torch.equal(a.attention_mask.cpu(), b.attention_mask.cpu()):
-        raise LayoutError("cannot patch: the two batches are padded differently")
-    for e in range(len(a)):
-        va, vb = a.layout.vision_positions(e), b.layout.vision_positions(e)
-        if not torch.equal(va, vb):
-            raise LayoutError(f"cannot patch: example {e}'s vision tokens sit at different "
-                              "positions in the two batches (different image sizes?)")
-        if not torch.equal(a.query_positions[e].cpu(), b.query_positions[e].cpu()):
-            raise LayoutError(f"cannot patch: example {e}'s answer positions differ")
-        if not torch.equal(a.answer_tokens[e].cpu(), b.answer_tokens[e].cpu()):
-            raise LayoutError(
-                f"cannot patch: example {e} teacher-forces different answers in the two batches "
-                f"(tokens {a.answer_tokens[e].tolist()} vs {b.answer_tokens[e].tolist()}): a "
-                "metric such as answer_logprob would score the target's answer, for a corrupted "
-                "target the corrupted one. Build the pair with patching.prepare_pair(model, "
-                "clean, corrupted), which gives both batches the clean answer and keeps the "
-                "corrupted one as wrong_ids")
-        ia, ib = a.layout.images[e], b.layout.images[e]
-        same_grid = len(ia) == len(ib) and all(
-            torch.equal(x.rows.kind, y.rows.kind) and torch.equal(x.rows.view, y.rows.view)
-            and torch.equal(x.rows.row, y.rows.row) and torch.equal(x.rows.col, y.rows.col)
-            for x, y in zip(ia, ib))
-        if not same_grid:
-            raise LayoutError(f"cannot patch: example {e}'s vision tokens cover different grid "
-                              "cells in the two batches (same token count, different image "
-                              "shape: token i sits at another row/col and position id); build "
-                              "pairs with the same image sizes")
-
-
-def position_groups(batch: MultimodalBatch) -> list[tuple[str, list[Tensor]]]:
-    """(label, positions of each example): vision tokens per region (evidence, each distractor,
-    other vision tokens), then each text token by its offset from the first answer-predicting
-    position (so prompts of different lengths line up), in sequence order."""
-    from corelens.ablation import token_roles
-
-    groups: list[tuple[str, list[Tensor]]] = []
-    region_sets: list[dict[str, Tensor]] = []
-    for e in range(len(batch)):
-        vision = batch.layout.vision_positions(e).cpu()
-        taken = torch.zeros(batch.seq_len, dtype=torch.bool)
-        sets: dict[str, Tensor] = {}
-        if batch.boxes and batch.boxes[e]:
-            sets["evidence"] = batch.evidence_positions(e).cpu()
-            taken[sets["evidence"]] = True
-        for i, d in enumerate(batch.distractor_positions(e)):
-            d = d.cpu()[~taken[d.cpu()]]
-            sets[f"distractor {i}"] = d
-            taken[d] = True
-        sets["other vision"] = vision[~taken[vision]]
-        region_sets.append(sets)
-    labels = list(dict.fromkeys(k for sets in region_sets for k in sets))
-    for label in labels:
-        per = [sets.get(label, torch.zeros(0, dtype=torch.long)) for sets in region_sets]
-        if any(len(p) for p in per):
-            groups.append((label, per))
-    text: dict[int, list[Tensor]] = {}
-    for e in range(len(batch)):
-        for p, role in enumerate(token_roles(batch, e)):
-            if role is not None and role[0] == "text":
-                text.setdefault(role[1], [torch.zeros(0, dtype=torch.long)] * len(batch))
-                text[role[1]] = [t if i != e else torch.tensor([p])
-                                 for i, t in enumerate(text[role[1]])]
-    for offset in sorted(text):
-        groups.append((f"text {offset:+d}", text[offset]))
-    return groups
-
-
-def _index(per_example: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(example index, position) pairs for advanced indexing."""
-    ex = torch.cat([torch.full((len(p),), e, dtype=torch.long) for e, p in enumerate(per_example)])
-    return ex, torch.cat(per_example).long()
-
 
 # --- activation patching --------------------------------------------------------------------
-def _cache(model: Any, batch: MultimodalBatch, names: list[str]) -> dict[str, Tensor]:
-    with torch.no_grad():
-        _, cache = model.run_with_cache(batch, names_filter=names)
-    return {n: cache[n].detach() for n in names}
-
-
-def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
-    """The batch's image encoder outputs (vision tower + projector, as the HF model's
-    ``get_image_features`` returns them), recorded from one forward; None when the model has no
-    such method or the batch no image."""
-    inner = getattr(getattr(model, "hf_model", None), "model", None)
-    fn = getattr(inner, "get_image_features", None)
-    if fn is None or batch.inputs.get("pixel_values") is None:
-        return None
-    if batch.inputs.get("pixel_values_videos") is not None:
-        return None  # HF takes encoder outputs only in place of ALL pixel inputs: run the tower
-    got: dict[str, Any] = {}
-
-    def record(*args: Any, **kw: Any) -> Any:
-        got["out"] = fn(*args, **kw)
-        return got["out"]
-
-    inner.get_image_features = record
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        del inner.get_image_features
-    return got.get("out")
-
-
-def repeat_image_features(features: Any, k: int) -> Any:
-    """Image encoder outputs for ``repeat_batch(batch, k)``: per-image sequences repeated k
-    times, tensors (images or their tokens first) concatenated k times — copy-major, as
-    ``repeat_batch`` orders images."""
-    def rep(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            return torch.cat([v] * k)
-        if isinstance(v, (list, tuple)):
-            if all(isinstance(e, Tensor) for e in v):  # one entry per image
-                return list(v) * k
-            return [rep(e) for e in v]  # e.g. per layer, then per image (deepstack)
-        return v
-    return type(features)(**{name: rep(v) for name, v in features.items()
-                             if name not in ("hidden_states", "attentions")})
-
-
-def _stacked(model: Any, batch: MultimodalBatch, k: int,
-             features: Any | None) -> tuple[MultimodalBatch, dict[str, Any]]:
-    """``repeat_batch(batch, k)`` and forward kwargs that hand it ``features`` (the vision
-    tower then does not run again)."""
-    big = repeat_batch(batch, k)
-    if features is None:
-        return big, {}
-    inputs = {n: t for n, t in big.inputs.items() if n != "pixel_values"}
-    return replace(big, inputs=inputs), {
-        "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
-
-
-Edit = Callable[[Tensor], None]  # edits one copy's rows of a hooked activation in place
-
-
-def _sweep(
-    model: Any, target: MultimodalBatch, metric: Metric, jobs: Sequence[Sequence[tuple[str, Edit]]],
-    *, per_forward: int, reuse_vision: bool = True, progress: bool = False, desc: str = "",
-) -> Float[Tensor, "job batch"]:
-    """The metric of the target run under each job (a list of (hook name, in-place edit of
-    that copy's rows)), ``per_forward`` jobs per forward as stacked copies of the target that
-    reuse its image features. Equal to running the jobs one forward each."""
-    B = len(target)
-    per_forward = max(1, int(per_forward))
-    features = image_features(model, target) if reuse_vision and per_forward > 1 else None
-    out = []
-    for start in tqdm(range(0, len(jobs), per_forward), disable=not progress, desc=desc):
-        chunk = jobs[start:start + per_forward]
-        big, extra = _stacked(model, target, len(chunk), features)
-        by_name: dict[str, list[tuple[int, Edit]]] = {}
-        for i, job in enumerate(chunk):
-            for name, edit in job:
-                by_name.setdefault(name, []).append((i, edit))
-
-        def hook_for(name: str) -> Callable:
-            def hook(x: Tensor, hook: Any) -> Tensor:
-                x = x.clone()
-                for i, edit in by_name[name]:
-                    edit(x[i * B:(i + 1) * B])
-                return x
-            return hook
-
-        with torch.no_grad():
-            logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
-                                          **extra)
-        out.append(metric(logits, big).float().view(len(chunk), B).cpu())
-    return torch.cat(out)
-
-
 def patch_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
@@ -337,15 +170,15 @@ def patch_heads(
         raise ValueError(f"node must be 'z', 'q', 'k' or 'v', not {node!r}")
     H = model.cfg.n_heads if node in ("z", "q") else (model.cfg.n_key_value_heads
                                                       or model.cfg.n_heads)
-    names = [f"blocks.{l}.attn.hook_{node}" for l in range(L)]
-    src = _cache(model, source, names)
+    names = [act_name(node, l) for l in range(L)]
+    src = cache_activations(model, source, names)
 
     def job(l: int, h: int) -> list[tuple[str, Edit]]:
         def edit(x: Tensor) -> None:
             x[:, :, h] = src[names[l]][:, :, h]
         return [(names[l], edit)]
 
-    values = _sweep(model, target, metric, [job(l, h) for l in range(L) for h in range(H)],
+    values = sweep(model, target, metric, [job(l, h) for l in range(L) for h in range(H)],
                     per_forward=heads_per_forward, reuse_vision=reuse_vision,
                     progress=progress, desc="patching heads")
     return values.mean(1).view(L, H)
@@ -360,9 +193,9 @@ def patch_heads_by_group(
     check_aligned(source, target)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     groups = position_groups(target)
-    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    src = _cache(model, source, names)
-    index = [_index(per) for _, per in groups]
+    names = [act_name("z", l) for l in range(L)]
+    src = cache_activations(model, source, names)
+    index = [index_pairs(per) for _, per in groups]
 
     def job(l: int, h: int, g: int) -> list[tuple[str, Edit]]:
         ex, pos = index[g]
@@ -372,7 +205,7 @@ def patch_heads_by_group(
         return [(names[l], edit)]
 
     jobs = [job(l, h, g) for l in range(L) for h in range(H) for g in range(len(groups))]
-    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+    values = sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
                     desc="patching")
     return values.mean(1).view(L, H, len(groups)), [label for label, _ in groups]
 
@@ -386,9 +219,9 @@ def patch_residual(
     check_aligned(source, target)
     L = model.cfg.n_layers
     groups = position_groups(target)
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    src = _cache(model, source, names)
-    index = [_index(per) for _, per in groups]
+    names = [act_name("resid_pre", l) for l in range(L)]
+    src = cache_activations(model, source, names)
+    index = [index_pairs(per) for _, per in groups]
 
     def job(l: int, g: int) -> list[tuple[str, Edit]]:
         ex, pos = index[g]
@@ -398,7 +231,7 @@ def patch_residual(
         return [(names[l], edit)]
 
     jobs = [job(l, g) for l in range(L) for g in range(len(groups))]
-    values = _sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+    values = sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
                     desc="patching residual")
     return values.mean(1).view(L, len(groups)), [label for label, _ in groups]
 
@@ -413,7 +246,7 @@ def patch_vision_tokens(
     copies per forward."""
     check_aligned(source, target)
     name = "blocks.0.hook_resid_pre"
-    src = _cache(model, source, [name])[name]
+    src = cache_activations(model, source, [name])[name]
     vis = target.layout.vision_positions(example).tolist()
 
     def job(p: int) -> list[tuple[str, Edit]]:
@@ -421,7 +254,7 @@ def patch_vision_tokens(
             x[example, p] = src[example, p]
         return [(name, edit)]
 
-    values = _sweep(model, target, metric, [job(p) for p in vis], per_forward=per_forward,
+    values = sweep(model, target, metric, [job(p) for p in vis], per_forward=per_forward,
                     progress=progress, desc="patching tokens")
     return values[:, example]
 
@@ -452,10 +285,10 @@ def path_patch(
     """
     check_aligned(source, target)
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
-    mlp_names = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    src_z = _cache(model, source, z_names)
-    tgt = _cache(model, target, z_names + mlp_names)
+    z_names = [act_name("z", l) for l in range(L)]
+    mlp_names = [act_name("mlp_out", l) for l in range(L)]
+    src_z = cache_activations(model, source, z_names)
+    tgt = cache_activations(model, target, z_names + mlp_names)
     send = {(int(l), int(h)) for l, h in senders}
 
     def z_hook(layer: int):
@@ -478,7 +311,7 @@ def path_patch(
             logits = model.run_with_hooks(target, fwd_hooks=hooks)
         return float(metric(logits, target).mean())
 
-    rec_names = sorted({f"blocks.{l}.attn.hook_{kind}" for l, _, kind in receivers})
+    rec_names = sorted({act_name(kind, l) for l, _, kind in receivers})
     recorded: dict[str, Tensor] = {}
 
     def record(name: str):
@@ -499,20 +332,33 @@ def path_patch(
 
     by_name: dict[str, list[int]] = {}
     for l, h, kind in receivers:
-        by_name.setdefault(f"blocks.{l}.attn.hook_{kind}", []).append(int(h))
+        by_name.setdefault(act_name(kind, l), []).append(int(h))
     with torch.no_grad():
         logits = model.run_with_hooks(target, fwd_hooks=[(n, patch_receivers(n, hs))
                                                          for n, hs in by_name.items()])
     return float(metric(logits, target).mean())
 
 
-# --- attribution (corelens.attribution, re-exported here) ---------------------------------
-_ATTRIBUTION = ("attribute_heads", "atp_star", "edge_attribution", "EdgeScores")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ATTRIBUTION:
-        from corelens import attribution
-
-        return getattr(attribution, name)
-    raise AttributeError(f"module 'corelens.patching' has no attribute {name!r}")
+__all__ = [
+    "ContrastPair",
+    "EdgeScores",
+    "Edit",
+    "Head",
+    "Metric",
+    "answer_logprob",
+    "atp_star",
+    "attribute_heads",
+    "check_aligned",
+    "edge_attribution",
+    "image_features",
+    "logit_diff",
+    "normalised_effect",
+    "patch_heads",
+    "patch_heads_by_group",
+    "patch_residual",
+    "patch_vision_tokens",
+    "path_patch",
+    "position_groups",
+    "prepare_pair",
+    "repeat_image_features",
+]
