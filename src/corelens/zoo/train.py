@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from corelens import compat
 from corelens.errors import InputError
 from corelens.zoo.scenes import (
     TRAIN_SEEDS_END,
@@ -515,6 +516,8 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
     log["seconds"] = round(time.time() - t0, 1)
     log["final_accuracy"] = accuracy(model, proc, recipe.task, n=2 * recipe.eval_examples,
                                      seed=777)
+    # bitwise reproduction holds only within one torch / transformers: record them
+    log["versions"] = compat.versions()
     model.eval()
     model.save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
