@@ -86,3 +86,14 @@ def test_act_name_names_hooks_the_model_has(name, tiny_model):
     for act in ("z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "attn_out", "mlp_out"):
         for layer in (0, 1):
             assert act_name(act, layer) in hooks, act_name(act, layer)
+
+
+def test_head_labels_round_trip():
+    from corelens.heads import head_name, kv_head_name, parse_head
+
+    for head in [(0, 0), (4, 2), (31, 63)]:
+        assert parse_head(head_name(head)) == head == parse_head(kv_head_name(head))
+    assert head_name((4, 2)) == "L4H2" and kv_head_name((4, 1)) == "L4KV1"
+    for bad in ("L4", "H2", "4H2", "LxH2", "L4H"):
+        with pytest.raises(ValueError, match="not a head label"):
+            parse_head(bad)

@@ -33,7 +33,8 @@ from torch import Tensor
 from corelens.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.evaluate import score_logits
-from corelens.interventions import Head, Role, act_name, token_roles
+from corelens.heads import Head
+from corelens.interventions import Role, act_name, token_roles
 
 Method = Literal["zero", "mean", "resample", "knockout"]
 

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from corelens.attention import AttentionInputs
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.heads import head_name, kv_head_name, parse_head
 from corelens.interventions import (
     Metric,
     act_name,
@@ -416,8 +417,8 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
         w = _weight(getattr(block.attn, kind), n, f"W_{kind.upper()}")
         u = torch.einsum("Ntnk,nkd->nNtd", g, w.to(g.device))
         parts.append(_pull_back(ln1, x, u))
-        labels += [f"L{layer}H{i}.q" if kind == "q" else f"L{layer}KV{i}.{kind}"
-                   for i in range(n)]
+        name = head_name if kind == "q" else kv_head_name
+        labels += [f"{name((layer, i))}.{kind}" for i in range(n)]
     g = grads[f"blocks.{layer}.mlp.hook_in"].float()
     parts.append(_pull_back(ln2, acts[act_name("resid_mid", layer)], g.unsqueeze(0)))
     labels.append(f"MLP{layer}")
@@ -452,7 +453,7 @@ def edge_attribution(
                                "attn.hook_v", "mlp.hook_in")]
     names = list(dict.fromkeys(names + ["ln_final.hook_in"]))
 
-    senders = ["embed"] + [f"L{l}H{h}" for l in range(L) for h in range(H)] + [
+    senders = ["embed"] + [head_name((l, h)) for l in range(L) for h in range(H)] + [
         f"MLP{l}" for l in range(L)]
     deltas = {"embed": (src[emb] - tgt[emb]).float()}
     for l in range(L):
@@ -507,9 +508,8 @@ def edge_attribution(
     assert scores is not None
     scores = (scores / m).detach()  # the metric's 1/B is already inside the gradients
 
-    r_layer = [L if r == "logits" else int(r[3:] if r.startswith("MLP") else
-                                            r[1:].replace("KV", "H").split("H")[0])
-               for r in labels]
+    r_layer = [L if r == "logits" else int(r[3:]) if r.startswith("MLP")
+               else parse_head(r.split(".")[0])[0] for r in labels]
     r_mlp = torch.tensor([r.startswith("MLP") for r in labels])
     r_layer_t = torch.tensor(r_layer)
     for l in range(L):  # no edge unless the receiver reads the sender's output

@@ -12,11 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-Head = tuple[int, int]
-
-
-def head_name(head: Head) -> str:
-    return f"L{head[0]}H{head[1]}"
+from corelens.heads import Head, head_name  # noqa: F401  (head_name: re-exported)
 
 
 @dataclass

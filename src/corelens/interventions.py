@@ -6,6 +6,7 @@ cache of activations (``cache_activations``), whether two batches line up positi
 features of a batch computed once and handed to stacked copies of it (``image_features``,
 ``stacked``), and the batched runner that applies many edits, one per stacked copy, in one
 forward (``sweep``). Nothing here knows a method (patching, attribution, ablation) or a family.
+Heads are ``corelens.heads.Head``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from tqdm.auto import tqdm
 from corelens.batch import MultimodalBatch, repeat_batch
 from corelens.errors import LayoutError
 
-Head = tuple[int, int]  # (layer, head)
 Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
 Edit = Callable[[Tensor], None]  # edits one copy's rows of a hooked activation in place
 Role = tuple

@@ -46,9 +46,9 @@ from corelens.attribution import EdgeScores, atp_star, attribute_heads, edge_att
 from corelens.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.evaluate import score_logits
+from corelens.heads import Head
 from corelens.interventions import (
     Edit,
-    Head,
     Metric,
     act_name,
     cache_activations,

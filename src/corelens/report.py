@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from corelens.errors import InputError
 from corelens.examples import split_examples
+from corelens.heads import head_name
 
 Pairs = Callable[[Sequence[Any]], list[tuple[Any, Any]]]
 
@@ -97,7 +98,7 @@ def run_study(
         patch_fig = views.patching_heatmap(effects - base, title="activation patching: "
                                            "logit diff restored by each head (clean -> corrupted)")
         for head in core:
-            path_effects[f"L{head[0]}H{head[1]}"] = path_patch(
+            path_effects[head_name(head)] = path_patch(
                 model, clean, corrupt, metric, [head], "logits") - base
         path_effects["clean_minus_corrupted"] = full - base
     steps.update()
@@ -148,7 +149,7 @@ def run_study(
                      "top": acc["top"][i5], "random": acc["random_mean"][i5],
                      "random_lo": acc["random_lo"][i5], "random_hi": acc["random_hi"][i5],
                      "bottom": acc["bottom"][i5], "seeds": len(seeds)},
-        "top_heads_by_ram": [[f"L{l}H{h}", round(ram[(l, h)], 4),
+        "top_heads_by_ram": [[head_name((l, h)), round(ram[(l, h)], 4),
                               round(scores["selectivity"][(l, h)], 4)
                               if "selectivity" in scores else None]
                              for l, h in ram.top(k=5)],

@@ -28,6 +28,7 @@ from corelens.accel.hybrid import (
 from corelens.attention import KernelCall
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.heads import head_name, kv_head_name
 
 
 # --- FastV ------------------------------------------------------------------------------------
@@ -357,8 +358,8 @@ def main_accelerate(args: Any) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": str(args.model), "metric": scores.metric, **sets, "frac": frac, **kw,
         "kv_budget": core.kv_budget,
-        "core_heads": [f"L{l}H{h}" for l, h in core.heads],
-        "random_kv_heads": [f"L{l}KV{g}" for l, g in rand.full_kv_heads],
+        "core_heads": [head_name(h) for h in core.heads],
+        "random_kv_heads": [kv_head_name(g) for g in rand.full_kv_heads],
         "fastv": {"k": fastv.k, "ratio": fastv.ratio}, "variants": {}}
     for name, ctx in variants.items():
         t0 = time.perf_counter()

@@ -18,8 +18,7 @@ from corelens.attention import KernelCall, _additive
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import FAMILIES
-
-Head = tuple[int, int]
+from corelens.heads import Head
 
 # the registered families whose traits allow hybrid attention (prefill and cached decoding)
 PREFILL_FAMILIES = frozenset(n for n, f in FAMILIES.items() if f.supports_hybrid_attention)

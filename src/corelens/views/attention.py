@@ -19,6 +19,7 @@ from torch import Tensor
 
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.heads import head_name
 from corelens.views.html import HTMLView, component
 from corelens.views.tokens import (
     Collapse,
@@ -119,7 +120,7 @@ def attention_heads(
                                               max_cells)
     top = float(att.max()) if max_value is None and att.numel() else max_value
     props = {"attention": att.round(decimals=decimals).tolist(), "tokens": labels,
-             "attentionHeadNames": [f"L{layer}H{h}" for h in heads],
+             "attentionHeadNames": [head_name((layer, h)) for h in heads],
              "maskUpperTri": collapse is None, "maxValue": top, "minValue": 0.0}
     return HTMLView(component("AttentionHeads", props), title=f"Layer {layer} attention heads",
                     caption=_caption(batch, example, queries, collapse, len(labels)),
@@ -137,7 +138,7 @@ def attention_patterns(
                                               query_positions, collapse, max_tokens, cache,
                                               max_cells)
     props = {"attention": att.round(decimals=decimals).tolist(), "tokens": labels}
-    names = ", ".join(f"L{layer}H{h}" for h in heads)
+    names = ", ".join(head_name((layer, h)) for h in heads)
     return HTMLView(component("AttentionPatterns", props),
                     title=f"Layer {layer} attention patterns ({names})",
                     caption=_caption(batch, example, queries, collapse, len(labels)),

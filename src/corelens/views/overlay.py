@@ -30,6 +30,7 @@ from torch import Tensor
 
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.heads import head_name
 from corelens.layout import ImageLayout, span_label
 from corelens.views.attention import Queries, query_patterns
 from corelens.views.tokens import resolve_queries
@@ -387,9 +388,9 @@ def overlay_grid(
             for title, tile in video_overlays(batch, m, example, video, combine=combine,
                                               **paint_kw):
                 tiles.append(tile)
-                titles.append(f"L{layer}H{h} {title}")
+                titles.append(f"{head_name((layer, h))} {title}")
         return grid(tiles, titles, cols=len(tiles) // len(heads), cell=cell)
     tiles = [token_overlay(batch, m, example, image, combine=combine, **paint_kw)
              for m in masses]
-    titles = [f"L{layer}H{h}  mass {float(m.sum()):.2f}" for (layer, h), m in zip(heads, masses)]
+    titles = [f"{head_name(head)}  mass {float(m.sum()):.2f}" for head, m in zip(heads, masses)]
     return grid(tiles, titles, cols=cols, cell=cell)
