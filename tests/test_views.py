@@ -477,3 +477,19 @@ def test_video_attention_overlay_is_the_planted_token(qwen_video):
     # an example with a video and no image paints its video by default
     same = views.overlay_grid(model, batch, [(0, 0), (1, 1)], cell=64)
     assert np.array_equal(np.asarray(same), np.asarray(g))
+
+
+def test_labels_of_a_multi_view_image_name_the_view_and_the_newline_rows(tiny_model):
+    # LLaVA-NeXT: a base view and the anyres view, newline rows after each anyres row
+    model = tiny_model("llava_next")
+    (w, h) = model.family.tiny_image_sizes()[0]
+    batch = model.prepare([noise_image(w, h, 0)], ["what is it ?"])
+    toks = model.to_str_tokens(batch)
+    img = batch.layout.images[0][0]
+    assert [v.name for v in img.views] == ["base", "anyres"]
+    pos = img.positions.tolist()
+    assert toks[pos[0]] == "<img 0:r0,c0,base>" and toks[pos[-1]] == "<img 0:nl>"
+    anyres = [toks[p] for p in pos if toks[p].endswith(",anyres>")]
+    assert anyres and anyres[0] == "<img 0:r0,c0,anyres>"
+    for p in pos:  # the layout's TokenInfo gives the same label
+        assert batch.layout.token_info(0, p).label() == toks[p]

@@ -196,14 +196,22 @@ class TokenInfo:
     modality: str = "image"
     frames: tuple[int, int] | None = None  # video frames [start, end) the token sees
     times: tuple[float, float] | None = None  # seconds of its first and last frame
+    multi_view: bool = False  # its image has several views (anyres tiles + base, ...)
 
     def label(self) -> str:
-        """``<img 0:r3,c5>``; a video token ``<vid 0:f2-3,1-1.5s,r3,c5>`` (its frames, and the
-        seconds of its first and last frame when the fps is known)."""
-        if self.modality == "video" and self.frames is not None:
-            span = span_label(self.frames, self.times)
-            return f"<vid {self.image}:{span},r{self.row},c{self.col}>"
-        return f"<img {self.image}:r{self.row},c{self.col}>"
+        """The token's label, as ``HookedMLLM.to_str_tokens`` shows it: ``<img 0:r3,c5>``
+        (``<img 0:r3,c5,VIEW>`` when the image has several views), a video token
+        ``<vid 0:f2-3,1-1.5s,r3,c5>`` (its frames, and the seconds of its first and last frame
+        when the fps is known), a structural row ``<img 0:nl>`` / ``<vid 0:nl>``."""
+        tag = "vid" if self.modality == "video" else "img"
+        if self.view == "newline":
+            return f"<{tag} {self.image}:nl>"
+        cell = f"r{self.row},c{self.col}"
+        if self.modality == "video":
+            return f"<vid {self.image}:{span_label(self.frames or (0, 1), self.times)},{cell}>"
+        if self.multi_view:
+            return f"<img {self.image}:{cell},{self.view}>"
+        return f"<img {self.image}:{cell}>"
 
 
 def _seconds(t: float) -> str:
@@ -388,7 +396,7 @@ class VisionLayout:
         r, c = int(rows.row[j]), int(rows.col[j])
         box = tuple(float(x) for x in geom.boxes[r, c].tolist())
         return TokenInfo(example, int(position), img.image_index, geom.name, r, c, box,  # type: ignore[arg-type]
-                         img.modality, geom.frames, geom.times)
+                         img.modality, geom.frames, geom.times, len(rows.views) > 1)
 
     def image(self, example: int, image: int) -> ImageLayout:
         """The layout of image ``image`` of ``example``."""

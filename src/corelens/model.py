@@ -16,7 +16,6 @@ from corelens.attention import AttentionBackend
 from corelens.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
-from corelens.layout import span_label
 from corelens.prepare import prepare as _prepare
 
 ModelInput = MultimodalBatch | str | Sequence[str] | Tensor
@@ -255,21 +254,10 @@ class HookedMLLM(torch.nn.Module):
             ids = inp.input_ids[example].tolist()
             toks = self.tokenizer.convert_ids_to_tokens(ids)
             for img in inp.layout.images[example]:
-                rows, i = img.rows, img.image_index
-                tag = "vid" if img.is_video else "img"
-                for j, p in enumerate(img.positions.tolist()):
-                    if rows.kind[j] != 0:
-                        toks[p] = f"<{tag} {i}:nl>"
-                        continue
-                    geom = rows.views[int(rows.view[j])]
-                    cell = f"r{int(rows.row[j])},c{int(rows.col[j])}"
-                    if img.is_video:
-                        span = span_label(geom.frames or (0, 1), geom.times)
-                        toks[p] = f"<vid {i}:{span},{cell}>"
-                    elif len(rows.views) > 1:
-                        toks[p] = f"<img {i}:{cell},{geom.name}>"
-                    else:
-                        toks[p] = f"<img {i}:{cell}>"
+                for p in img.positions.tolist():
+                    info = inp.layout.token_info(example, p)
+                    assert info is not None  # a position of one of the example's images
+                    toks[p] = info.label()
             mask = inp.attention_mask[example].bool().tolist()
             return [t for t, m in zip(toks, mask) if m] if not all(mask) else toks
         ids_t, _ = self._inputs(inp)
