@@ -67,6 +67,7 @@ class Runner:
 
     def __init__(self, name: str, out: Path) -> None:
         self.name, self.out = name, out
+        self.done = _done(out)  # rows of an earlier, interrupted run
         self.model = zoo.load(name)
         self.examples = zoo.examples(name, N_EVAL, seed=EVAL_SEED)
         score_set = zoo.examples(name, N_SCORE, seed=SCORE_SEED)
@@ -76,10 +77,9 @@ class Runner:
 
     def row(self, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         key = f"{self.name}/{key}"
-        done = _done(self.out)
-        if key in done:
-            return done[key]
-        r = {"key": key, "model": self.name, **fn()}
+        if key in self.done:
+            return self.done[key]
+        r = self.done[key] = {"key": key, "model": self.name, **fn()}
         with self.out.open("a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)

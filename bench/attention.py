@@ -49,8 +49,9 @@ def _setup(folder: str, variant: str, tokens: int):
         def fwd():
             return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     elif variant == "bridge_eager":
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from corelens.compat import build_bridge_from_module  # TL private builder, wrapped
 
         hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
         proc = AutoProcessor.from_pretrained(folder)

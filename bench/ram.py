@@ -93,8 +93,9 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     elif variant in ("tl_cache", "tl_hook_reduce"):
         from functools import partial
 
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from corelens.compat import build_bridge_from_module  # TL private builder, wrapped
 
         hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
         bridge = build_bridge_from_module(hf, "LlavaForConditionalGeneration", hf_config=hf.config,

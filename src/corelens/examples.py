@@ -393,3 +393,15 @@ def split_examples(examples: Sequence[Any], eval_frac: float = 0.5, seed: int = 
     ev = set(order[:n_eval])
     return ([ex for i, ex in enumerate(examples) if i not in ev],
             [ex for i, ex in enumerate(examples) if i in ev])
+
+
+def check_disjoint(scoring: Sequence[Any], evaluation: Sequence[Any],
+                   what: str = "the evaluation set") -> None:
+    """Refuse a scoring set that shares an example id with ``evaluation``: a claim measured on
+    the examples that chose the heads is in-sample."""
+    ids = {getattr(ex, "id", None) for ex in scoring} - {None}
+    shared = ids & {getattr(ex, "id", None) for ex in evaluation}
+    if shared:
+        raise InputError(f"the scoring set shares {len(shared)} example id(s) with {what} "
+                         f"(e.g. {sorted(shared)[0]!r}): a claim measured on the examples that "
+                         "chose the heads is in-sample; pass disjoint sets")

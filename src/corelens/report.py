@@ -17,8 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from corelens.errors import InputError
-from corelens.examples import split_examples
+from corelens.examples import check_disjoint, split_examples
 from corelens.heads import head_name
 
 Pairs = Callable[[Sequence[Any]], list[tuple[Any, Any]]]
@@ -55,14 +54,8 @@ def run_study(
         examples, eval_examples = split_examples(examples)
         sources = {"scoring": "split_examples(seed 0)", "evaluation": "split_examples(seed 0)"}
     examples, eval_examples = list(examples), list(eval_examples)
-    ids = {getattr(ex, "id", None) for ex in examples} - {None}
-    shared = ids & ({getattr(ex, "id", None) for ex in eval_examples}
-                    | {getattr(c, "id", None) for c, _ in pairs})
-    if shared:
-        raise InputError(f"the scoring set shares {len(shared)} example id(s) with the "
-                         "evaluation set or the patching pairs "
-                         f"(e.g. {sorted(shared)[0]!r}): a claim measured on the examples that "
-                         "chose the heads is in-sample")
+    check_disjoint(examples, [*eval_examples, *(c for c, _ in pairs)],
+                   "the evaluation set or the patching pairs")
     from corelens import views
     from corelens.ablation import ablation_curve
     from corelens.patching import patch_heads, path_patch, prepare_pair

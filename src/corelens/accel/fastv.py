@@ -260,18 +260,26 @@ def cache_nbytes(cache: Any) -> int:
 
 
 # --- the `corelens accelerate` command ---------------------------------------------------------
+def _zoo_spec(data: str) -> tuple[int, int] | None:
+    """``zoo:N[:SEED]`` -> (N, SEED); None for anything else (a JSONL path)."""
+    if not data.startswith("zoo:"):
+        return None
+    parts = data.split(":")
+    return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+
+
 def _data(model_name: str, data: str) -> tuple[list[Any], str]:
     """``zoo:N[:SEED]`` (fresh examples of a shipped model's task) or a corelens JSONL."""
     from corelens import zoo
     from corelens.loaders import load_jsonl
 
-    if not data.startswith("zoo:"):
+    spec = _zoo_spec(data)
+    if spec is None:
         return load_jsonl(data), data
     if model_name not in zoo.names():
         raise InputError("zoo:N data needs --model to be a shipped toy model "
                          f"({', '.join(zoo.names())})")
-    parts = data.split(":")
-    n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    n, seed = spec
     return zoo.examples(model_name, n, seed=seed), f"zoo.examples({model_name!r}, {n}, seed={seed})"
 
 
@@ -283,7 +291,7 @@ def _load(args: Any) -> tuple[Any, Any, list[Any], dict[str, Any]]:
     training streams like every ``zoo.examples`` set), with ``--score-data`` on that set, and
     with a JSONL alone on a seeded half of it (``split_examples``), the other half evaluated."""
     from corelens import zoo
-    from corelens.examples import split_examples
+    from corelens.examples import check_disjoint, split_examples
     from corelens.head_scores import HeadScores
     from corelens.model import HookedMLLM
     from corelens.ram import MEAN_METRICS, RATIO_METRICS, score_heads
@@ -295,10 +303,8 @@ def _load(args: Any) -> tuple[Any, Any, list[Any], dict[str, Any]]:
     score_source = ""
     if getattr(args, "score_data", None):
         score_examples, score_source = _data(name, str(args.score_data))
-    elif str(args.data).startswith("zoo:"):
-        parts = str(args.data).split(":")
-        seed = int(parts[2]) if len(parts) > 2 else 0
-        score_examples, score_source = _data(name, f"zoo:{max(len(examples) // 2, 32)}:{seed + 1}")
+    elif (spec := _zoo_spec(str(args.data))) is not None:
+        score_examples, score_source = _data(name, f"zoo:{max(spec[0] // 2, 32)}:{spec[1] + 1}")
     to_score = str(args.scores) in MEAN_METRICS + RATIO_METRICS
     if to_score and score_examples is None:
         score_examples, examples = split_examples(examples)
@@ -311,11 +317,7 @@ def _load(args: Any) -> tuple[Any, Any, list[Any], dict[str, Any]]:
                                            "ids": [e.id for e in examples]}}
     if to_score:
         assert score_examples is not None
-        shared = {e.id for e in examples if e.id is not None} & {e.id for e in score_examples}
-        if shared:
-            raise InputError(f"the scoring and evaluation sets share {len(shared)} example ids "
-                             f"(e.g. {sorted(shared)[0]!r}): heads chosen on the examples they "
-                             "are evaluated on give an in-sample claim; pass disjoint sets")
+        check_disjoint(score_examples, examples)
         scores = score_heads(model, score_examples, str(args.scores), progress=False)
         sets["scoring"] = {"n": len(score_examples), "source": score_source,
                            "ids": [e.id for e in score_examples]}
