@@ -67,8 +67,8 @@ def _batch(folder: str, tokens: int):
     from PIL import Image
     from transformers import AutoConfig, AutoProcessor
 
+    from corelens.core.prepare import prepare
     from corelens.families import get_family
-    from corelens.prepare import prepare
 
     side, n_img = TOKENS[tokens]
     px = side * PATCH

@@ -43,9 +43,9 @@ from typing import Any, Callable
 import torch
 
 from corelens import accel, zoo
-from corelens.evaluate import evaluate, score_logits
-from corelens.head_scores import head_name
-from corelens.ram import score_all
+from corelens.core.evaluate import evaluate, score_logits
+from corelens.scores.head_scores import head_name
+from corelens.scores.ram import score_all
 
 MODELS = ("toy-llava-deep", "toy-llava", "toy-llava-dense")
 SECTIONS = ("table", "metrics", "fastv", "kv", "restrict", "pooled")

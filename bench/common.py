@@ -20,7 +20,7 @@ def build_llava(folder: str, *, d_model: int = 512, layers: int = 8, heads: int 
                 kv_heads: int = 8, image_size: int = 32, patch: int = 8) -> None:
     """A random LLaVA: tiny 1-layer CLIP tower (``(image_size/patch)^2`` vision tokens per image),
     Llama decoder of the given shape; saved with an offline processor."""
-    from corelens.families.llava import tiny_llava
+    from corelens.zoo.tiny.llava import tiny_llava
 
     model, proc = tiny_llava(folder, d_model=d_model, layers=layers, heads=heads,
                              kv_heads=kv_heads, image_size=image_size, patch=patch,

@@ -31,7 +31,7 @@ def main() -> None:
     from PIL import Image
 
     from corelens import HookedMLLM
-    from corelens.patching import answer_logprob, patch_heads
+    from corelens.interventions.patching import answer_logprob, patch_heads
 
     torch.set_num_threads(threads())
     folder = tempfile.mkdtemp(prefix="corelens-bench-patch-")

@@ -43,8 +43,8 @@ def _batch_inputs(folder: str, tokens: int):
     from PIL import Image
     from transformers import AutoProcessor
 
+    from corelens.core.prepare import prepare
     from corelens.families import get_family
-    from corelens.prepare import prepare
 
     side, n_img = TOKENS[tokens]
     px = side * PATCH
@@ -81,7 +81,7 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
                 return hf(input_ids=ids, **kw).logits
     elif variant == "corelens_ram":
         from corelens import HookedMLLM
-        from corelens.ram import RamMetric
+        from corelens.scores.ram import RamMetric
 
         model = HookedMLLM.from_pretrained(folder)
         metric = RamMetric(model)

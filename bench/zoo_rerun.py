@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from corelens import HookedMLLM, evaluate, zoo
-from corelens.head_scores import head_name
-from corelens.ram import score_heads
+from corelens.scores.head_scores import head_name
+from corelens.scores.ram import score_heads
 
 
 def compare_weights(a: str, b: str) -> dict:

@@ -11,9 +11,11 @@ import inspect
 import sys
 from pathlib import Path
 
-MODULES = ["corelens", "corelens.ram", "corelens.patching", "corelens.attribution",
-           "corelens.ablation", "corelens.views", "corelens.zoo", "corelens.loaders",
-           "corelens.distributed", "corelens.accel", "corelens.report"]
+MODULES = ["corelens", "corelens.scores.ram", "corelens.scores.registry",
+           "corelens.interventions.patching", "corelens.interventions.attribution",
+           "corelens.interventions.ablation", "corelens.views", "corelens.zoo",
+           "corelens.data.loaders", "corelens.runner", "corelens.accel", "corelens.report",
+           "corelens.zoo.tiny"]
 OUT = Path(__file__).with_name("api.md")
 
 

@@ -15,6 +15,7 @@ torch.set_num_threads(1)  # tiny models on 2 cores run 10-30x faster single-thre
 
 from corelens import compat  # noqa: E402
 from corelens.families import FAMILIES  # noqa: E402
+from corelens.zoo.tiny import build_tiny  # noqa: E402
 
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -33,7 +34,7 @@ def tiny_folder(tmp_path_factory):
         key = (name, patch_local)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"tiny-{name}-{int(patch_local)}")
-            FAMILIES[name].build_tiny(folder, seed=0, patch_local=patch_local)
+            build_tiny(name, folder, seed=0, patch_local=patch_local)
             cache[key] = str(folder)
         return cache[key]
 

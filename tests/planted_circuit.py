@@ -57,7 +57,7 @@ def _blind(linear: torch.nn.Linear, rows: slice | None = None) -> None:
 
 
 def build_planted_circuit(folder) -> None:
-    from corelens.families.llava import tiny_llava
+    from corelens.zoo.tiny.llava import tiny_llava
 
     model, proc = tiny_llava(folder, image_size=GRID * PATCH, patch=PATCH, center_crop=False,
                              attention_bias=True, tie_word_embeddings=False,
@@ -154,7 +154,7 @@ def pairs(model, noising_prompt: bool = False):
 
 
 def red_minus_green(model):
-    from corelens.patching import logit_diff
+    from corelens.interventions.patching import logit_diff
 
     tok = model.tokenizer
     red, green = (tok.convert_tokens_to_ids(w) for w in ("red", "green"))

@@ -7,7 +7,7 @@ import torch
 from conftest import flat_image, noise_image
 
 from corelens import GroundedExample, LayoutError
-from corelens.ablation import ablate, text_to_image_knockout, token_roles
+from corelens.interventions.ablation import ablate, text_to_image_knockout, token_roles
 
 NAME = "llava"
 
@@ -121,7 +121,7 @@ def test_text_to_image_knockout_everywhere_hides_the_image(tiny_model):
 
 
 def test_ablation_applies_inside_ram_scoring(tiny_model):
-    from corelens.ram import RamMetric
+    from corelens.scores.ram import RamMetric
 
     model = tiny_model(NAME)
     ex = GroundedExample([noise_image(80, 50, 0)], "what is the color ?", "red", [(0, 0, 40, 25)])
@@ -135,8 +135,8 @@ def test_ablation_applies_inside_ram_scoring(tiny_model):
 
 
 def test_ablation_curve_structure_and_consistency(tiny_model, tmp_path):
-    from corelens.ablation import AblationCurve, ablation_curve
-    from corelens.head_scores import HeadScores
+    from corelens.interventions.ablation import AblationCurve, ablation_curve
+    from corelens.scores.head_scores import HeadScores
 
     model = tiny_model(NAME)
     examples = [GroundedExample([noise_image(80, 50, i)], "what is the color ?", "red",
@@ -149,7 +149,7 @@ def test_ablation_curve_structure_and_consistency(tiny_model, tmp_path):
     assert curve.ks == [1, 4]
     assert len(d["random_seeds"][0]) == 3 and len(d["top"]) == 2
     # top-1 head = L1H3 (highest score): equals a direct zero ablation of that head
-    from corelens.patching import answer_logprob
+    from corelens.interventions.patching import answer_logprob
 
     batch = model.prepare_examples(examples)
     with ablate(model, [(1, 3)]), torch.no_grad():

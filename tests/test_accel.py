@@ -19,7 +19,7 @@ QWEN = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 @pytest.fixture(scope="module")
 def mha_model(tmp_path_factory):
-    from corelens.families.llava import tiny_llava
+    from corelens.zoo.tiny.llava import tiny_llava
 
     folder = tmp_path_factory.mktemp("tiny-llava-mha")
     model, proc = tiny_llava(folder, seed=2, kv_heads=4)
@@ -162,7 +162,7 @@ def test_pooled_summaries_cache_equals_prefill(tiny_model):
     pos = torch.cat([kw["position_ids"], kw["position_ids"][:, -1:] + torch.arange(1, n)], 1)
     vision = torch.cat([batch.layout.vision_mask(), torch.zeros(len(batch), n - 1,
                                                                 dtype=torch.bool)], 1)
-    from corelens.accel.hybrid import _plan
+    from corelens.accel.plan import plan_streaming as _plan
 
     with torch.no_grad(), model.attention.kernel(hybrid._kernel):
         hybrid._plan = _plan(vision, mask.bool(), 2, 3)
@@ -464,7 +464,7 @@ def test_decode_other_families(tiny_model, name):
 @pytest.mark.parametrize("name", QWEN)
 def test_mrope_decode_positions(tiny_model, name):
     """Text after the image continues from the prompt's largest M-RoPE id + 1, per example."""
-    from corelens.accel.hybrid import _next_positions
+    from corelens.accel.decoding import next_positions as _next_positions
 
     model = tiny_model(name)
     batch = _two(model)
@@ -532,9 +532,9 @@ def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
     import types
 
     from corelens import zoo
-    from corelens.accel import main_accelerate
-    from corelens.evaluate import score_logits
-    from corelens.ram import score_heads
+    from corelens.cli.accelerate import main_accelerate
+    from corelens.core.evaluate import score_logits
+    from corelens.scores.ram import score_heads
 
     name = "toy-llava-deep"
     if name not in zoo.names():
@@ -606,17 +606,18 @@ def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
     """DeepStack levels injected after a pruned layer go to the kept vision tokens only
     (a 3-layer tiny Qwen3-VL with DeepStack after layers 0 and 1, FastV from layer 1)."""
     from corelens.families import FAMILIES
+    from corelens.zoo.tiny.qwen_vl import qwen3_vl_config, qwen3_vl_processor
     from corelens.zoo.tokenizer import build_tokenizer
 
     fam = FAMILIES["qwen3_vl"]
     tok = build_tokenizer(tmp_path, add_bos=False)
-    cfg = fam._tiny_config(tok)
+    cfg = qwen3_vl_config(tok)
     cfg.text_config.num_hidden_layers = 3
     cfg.vision_config.deepstack_visual_indexes = [0, 1]
     torch.manual_seed(0)
     hf = fam.hf_class(cfg)(cfg).eval()
     hf.save_pretrained(tmp_path)
-    fam._tiny_processor(tok).save_pretrained(tmp_path)
+    qwen3_vl_processor(tok).save_pretrained(tmp_path)
     model = HookedMLLM.from_pretrained(str(tmp_path))
     batch = _two(model, same_size=True)
     got, ref, _, kept = _fastv_prefill(model, batch, FastV(model, k=1, ratio=0.5))
@@ -625,9 +626,9 @@ def test_fastv_qwen3_deepstack_after_the_pruning_layer(tmp_path):
 
 def _gemma_batch(model):
     """Two left-padded examples, the first with two images (two bidirectional blocks)."""
-    from corelens.families import FAMILIES
+    from corelens.zoo.tiny import tiny_image_sizes
 
-    (w0, h0), (w1, h1) = FAMILIES["gemma3"].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes("gemma3")[:2]
     return model.prepare([[noise_image(w0, h0, 0), noise_image(w1, h1, 1)],
                           [noise_image(w1, h1, 2)]],
                          ["compare <image> with <image> ?", "what is the color ?"],

@@ -13,9 +13,10 @@ import types
 import pytest
 
 from corelens import zoo
-from corelens.accel import FastV, HybridAttention, cache_nbytes, main_accelerate
-from corelens.evaluate import evaluate
-from corelens.ram import score_heads
+from corelens.accel import FastV, HybridAttention, cache_nbytes
+from corelens.cli.accelerate import main_accelerate
+from corelens.core.evaluate import evaluate
+from corelens.scores.ram import score_heads
 
 pytestmark = pytest.mark.slow
 

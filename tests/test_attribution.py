@@ -8,13 +8,18 @@ import pytest
 import torch
 from conftest import FAMILY_NAMES, noise_image
 
-from corelens.attribution import EdgeScores, atp_star, attribute_heads, edge_attribution
-from corelens.families import FAMILIES
-from corelens.patching import answer_logprob, patch_heads, path_patch
+from corelens.interventions.attribution import (
+    EdgeScores,
+    atp_star,
+    attribute_heads,
+    edge_attribution,
+)
+from corelens.interventions.patching import answer_logprob, patch_heads, path_patch
+from corelens.zoo.tiny import tiny_image_sizes
 
 
 def _pair(model, name="llava"):
-    (w, h) = FAMILIES[name].tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes(name)[0]
     kw = dict(prompts=["what is the color ?", "what color is the square ?"],
               answers=["red", "blue green"], boxes=[(0, 0, w // 2, h // 2)] * 2)
     clean = model.prepare([noise_image(w, h, 0), noise_image(w, h, 1)], **kw)
@@ -55,7 +60,7 @@ def toy_pair(request):
     """A trained toy model (sharp attention, so the softmax is far from linear) and clean /
     recoloured pairs."""
     from corelens import zoo
-    from corelens.patching import prepare_pair
+    from corelens.interventions.patching import prepare_pair
     from corelens.report import toy_pairs
 
     name = request.param
@@ -144,7 +149,7 @@ def test_grad_drop_follows_its_definition(tiny_model):
     being AtP with layer l's residual contributions cut from the backward pass — checked
     against separate single-example backward passes with that layer's outputs detached."""
     model = tiny_model("llava")
-    (w, h) = FAMILIES["llava"].tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes("llava")[0]
     kw = dict(prompts=["what is the color ?"] * 2, answers=["red", "blue"])
     imgs = [noise_image(w, h, s) for s in range(4)]
     clean, corrupt = model.prepare(imgs[:2], **kw), model.prepare(imgs[2:], **kw)
@@ -386,7 +391,7 @@ def test_eap_refuses_sandwich_norm_models(tiny_model):
 # --- AtP against exact patching on the shipped toy models -------------------------------------
 def _toy(name, n, seed):
     from corelens import zoo
-    from corelens.patching import prepare_pair
+    from corelens.interventions.patching import prepare_pair
     from corelens.report import toy_pairs
 
     model = zoo.load(name)

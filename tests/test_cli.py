@@ -78,7 +78,7 @@ def test_zoo_list(capsys):
 
 def test_score_and_ablate_commands(tmp_path):
     from corelens import HeadScores, save_jsonl, zoo
-    from corelens.ablation import AblationCurve
+    from corelens.interventions.ablation import AblationCurve
 
     save_jsonl(zoo.examples("toy-llava", 16, seed=7), tmp_path / "data.jsonl")
     model = str(zoo.path("toy-llava"))

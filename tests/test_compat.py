@@ -97,3 +97,23 @@ def test_versions_name_the_libraries():
     v = compat.versions()
     assert set(v) == {"torch", "transformers", "transformer_lens"}
     assert v["transformers"] == transformers.__version__
+
+
+def test_corelens_adapters_register_explicitly_once(tiny_model):
+    """The adapters corelens adds are registered by ``register_adapters`` (which HookedMLLM
+    calls), never replacing one TransformerLens already has; a second call changes nothing."""
+    from transformer_lens.factories.architecture_adapter_factory import (
+        ArchitectureAdapterFactory,
+    )
+
+    from corelens.families.adapters import ADAPTERS, register_adapters
+
+    tiny_model("internvl")  # building a bridge registers them
+    for name, adapter in ADAPTERS.items():
+        assert ArchitectureAdapterFactory._adapters[name] is adapter
+    before = dict(ArchitectureAdapterFactory._adapters)
+    register_adapters()
+    assert ArchitectureAdapterFactory._adapters == before
+    sentinel = type("Sentinel", (), {})
+    compat.register_tl_adapter("LlavaForConditionalGeneration", sentinel)
+    assert ArchitectureAdapterFactory._adapters["LlavaForConditionalGeneration"] is not sentinel

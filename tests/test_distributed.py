@@ -1,5 +1,6 @@
-"""Data-parallel scoring under torchrun (2 gloo ranks on CPU) equals one process, and resumes
-after a crash without redoing finished batches; device_map / bf16 loading."""
+"""The runner (corelens.runner): data-parallel scoring and ablation sweeps under torchrun (2 gloo
+ranks on CPU) equal one process, and resume after a crash without redoing finished units;
+device_map / bf16 loading."""
 
 from __future__ import annotations
 
@@ -14,24 +15,18 @@ import torch
 from conftest import noise_image
 
 from corelens import GroundedExample, HookedMLLM
-from corelens.distributed import (
-    FAIL_ENV,
-    ablation_curve_distributed,
-    partial_files,
-    rank_file,
-    read_records,
-    score_all_distributed,
-)
+from corelens.data.loaders import load_jsonl, save_jsonl
 from corelens.families import FAMILIES
-from corelens.head_scores import HeadScores
-from corelens.loaders import load_jsonl, save_jsonl
-from corelens.ram import RamParams, score_all
+from corelens.runner import FAIL_ENV, partial_files, rank_file, read_records
+from corelens.scores.head_scores import HeadScores
+from corelens.scores.ram import RamParams, score_all
+from corelens.zoo.tiny import tiny_image_sizes
 
 BATCH = 2
 
 
 def _examples(n: int) -> list[GroundedExample]:
-    sizes = FAMILIES["llava"].tiny_image_sizes()
+    sizes = tiny_image_sizes("llava")
     out = []
     for i in range(n):
         w, h = sizes[i % len(sizes)]
@@ -57,19 +52,20 @@ def single(tiny_model, data):
 
 def _launch(args: list[str], env_extra: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m corelens.distributed ARGS`` (gloo on CPU)."""
+    """``torchrun --nproc_per_node 2 -m corelens ARGS`` (gloo on CPU)."""
     env = {k: v for k, v in os.environ.items() if k != FAIL_ENV}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "corelens.distributed", *args, "--threads", "1", "--no-progress"]
+           "-m", "corelens", *args, "--threads", "1", "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _torchrun(folder: str, data: Path, out: Path, partial: Path,
               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return _launch(["--model", folder, "--data", str(data), "--out", str(out), "--metric", "all",
-                    "--batch-size", str(BATCH), "--partial", str(partial)], env_extra)
+    return _launch(["score", "--model", folder, "--data", str(data), "--out", str(out),
+                    "--metric", "all", "--batch-size", str(BATCH), "--partial", str(partial)],
+                   env_extra)
 
 
 def _assert_same(got: dict[str, HeadScores], ref: dict[str, HeadScores]) -> None:
@@ -96,7 +92,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tiny_folder, data, single,
     # rank r ran global batches r, r + 2, ... and wrote them to its own file
     for r in (0, 1):
         lines = rank_file(partial, r).read_text().splitlines()
-        assert [json.loads(line)["batch"] for line in lines] == list(range(r, 4, 2))
+        assert [json.loads(line)["unit"] for line in lines] == list(range(r, 4, 2))
 
 
 @pytest.mark.slow
@@ -115,55 +111,66 @@ def test_torchrun_crash_then_resume(tiny_folder, data, single, tmp_path):
     for f in partial_files(partial):
         text = f.read_text()
         assert text.startswith(before.get(f, "").rstrip("\n"))
-        ids += [json.loads(line)["batch"] for line in text.splitlines()
+        ids += [json.loads(line)["unit"] for line in text.splitlines()
                 if line.strip().endswith("}")]
     assert sorted(ids) == [0, 1, 2, 3]
 
 
 def test_world_of_one_equals_score_all_and_resumes(tiny_model, data, single, tmp_path):
-    """Without torchrun: the same records, and a rerun reads them back instead of recomputing."""
+    """Without torchrun: records go to ``partial`` itself, and a rerun reads them back instead
+    of recomputing (a torn last line is ignored and its unit redone)."""
     model = tiny_model("llava")
     partial = tmp_path / "p.jsonl"
-    got = score_all_distributed(model, data[1], batch_size=BATCH, partial=partial,
-                                progress=False)
+    got = score_all(model, data[1], batch_size=BATCH, partial=partial, progress=False)
     _assert_same(got, single)
-    f = rank_file(partial, 0)
-    assert f.name == "p.rank0.jsonl" and len(f.read_text().splitlines()) == 4
-    with f.open("a") as h:
-        h.write('{"batch": 9, "torn')  # a crash mid-write: ignored
-    again = score_all_distributed(model, data[1], batch_size=BATCH, partial=partial,
-                                  progress=False)
+    assert partial_files(partial) == [partial] and len(partial.read_text().splitlines()) == 4
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # killed mid-write
+    calls = []
+    orig = model.prepare_examples
+    model.prepare_examples = lambda exs: calls.append(len(exs)) or orig(exs)
+    try:
+        again = score_all(model, data[1], batch_size=BATCH, partial=partial, progress=False)
+    finally:
+        del model.prepare_examples
     _assert_same(again, single)
-    assert len([x for x in f.read_text().splitlines() if x.endswith("}")]) == 4
+    assert calls == [1]  # only the torn unit (batch 3: one example) was recomputed
+    assert sorted(read_records([partial])) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="another run"):
-        score_all_distributed(model, data[1], batch_size=3, partial=partial, progress=False)
+        score_all(model, data[1], batch_size=3, partial=partial, progress=False)
     with pytest.raises(ValueError, match="another run"):
-        score_all_distributed(model, data[1], batch_size=BATCH, params=RamParams(tau=0.3),
-                              partial=partial, progress=False)
+        score_all(model, data[1], batch_size=BATCH, params=RamParams(tau=0.3),
+                  partial=partial, progress=False)
 
 
-def test_ablation_sweep_sharded_equals_ablation_curve(tiny_model, data, single, tmp_path):
-    from corelens.ablation import ablation_curve
+def test_ablation_sweep_resumes_to_the_same_curve(tiny_model, data, single, tmp_path):
+    from corelens.interventions.ablation import ablation_curve
 
     model = tiny_model("llava")
     kw = dict(fracs=(0.25,), seeds=(0, 1), batch_size=BATCH, progress=False)
     ref = ablation_curve(model, data[1][:4], single["ram"], **kw)
-    got = ablation_curve_distributed(model, data[1][:4], single["ram"],
-                                     partial=tmp_path / "abl.jsonl", **kw)
-    assert got.to_dict("accuracy") == ref.to_dict("accuracy")
-    assert got.to_dict("logprob") == ref.to_dict("logprob")
+    partial = tmp_path / "abl.jsonl"
+    got = ablation_curve(model, data[1][:4], single["ram"], partial=partial, **kw)
+    # 5 jobs (none, top, bottom, 2 random) x 2 batches, one record each; a rerun computes none
+    assert sorted(read_records([partial])) == [(j, b) for j in range(5) for b in range(2)]
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:7]) + "\n")  # stopped after 7 of 10 units
+    again = ablation_curve(model, data[1][:4], single["ram"], partial=partial, **kw)
+    assert len(partial.read_text().splitlines()) == 10
+    for m in ("accuracy", "logprob"):
+        assert got.to_dict(m) == ref.to_dict(m) == again.to_dict(m)
 
 
 @pytest.mark.slow
 def test_torchrun_ablation_sweep_equals_ablation_curve(tiny_folder, tiny_model, data, single,
                                                        tmp_path):
-    from corelens.ablation import AblationCurve, ablation_curve
+    from corelens.interventions.ablation import AblationCurve, ablation_curve
 
     single["ram"].save(tmp_path / "ram.json")
     ref = ablation_curve(tiny_model("llava"), data[1], single["ram"], fracs=(0.25, 0.5),
                          seeds=(0, 1), batch_size=BATCH, progress=False)
     out = tmp_path / "curve.json"
-    run = _launch(["ablation", "--model", tiny_folder("llava"), "--data", str(data[0]),
+    run = _launch(["ablate", "--model", tiny_folder("llava"), "--data", str(data[0]),
                    "--scores", str(tmp_path / "ram.json"), "--out", str(out),
                    "--fracs", "0.25,0.5", "--seeds", "2", "--batch-size", str(BATCH)])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -171,7 +178,7 @@ def test_torchrun_ablation_sweep_equals_ablation_curve(tiny_folder, tiny_model, 
     for m in ("accuracy", "logprob"):
         assert got.to_dict(m) == ref.to_dict(m)
     # 9 jobs (none; top, bottom, 2 random per fraction) x 4 batches, each unit done once
-    units = read_records(partial_files(str(out) + ".partial"), key="unit")
+    units = read_records(partial_files(str(out) + ".partial"))
     assert sorted(units) == [(j, b) for j in range(9) for b in range(4)]
 
 
@@ -245,7 +252,7 @@ def test_bf16_ram_in_range_and_close_to_fp32(tiny_folder, data, single):
 
 def test_pattern_rows_fp32_from_bf16():
     """RAM's rows on a bf16 model: fp32 scores from the bf16 q/k, not bf16-rounded rows."""
-    from corelens.attention import AttentionInputs
+    from corelens.core.attention import AttentionInputs
 
     g = torch.Generator().manual_seed(0)
     q, k = (3 * torch.randn(1, 2, 6, 8, generator=g)).bfloat16(), torch.randn(1, 2, 6, 8,

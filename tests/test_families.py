@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import FAMILY_NAMES, assert_matches_hf, flat_image, hf_reference, noise_image
 
-from corelens.families import FAMILIES
-from corelens.layout import box_overlap_fraction
+from corelens.data.layout import box_overlap_fraction
+from corelens.zoo.tiny import tiny_image_sizes
 
 PROMPTS = ["what is the color ?", "what color is the square at left of the circle ?"]
 ANSWERS = ["red", "blue green"]
 
 
 def _batch(model, name, blank=False):
-    sizes = FAMILIES[name].tiny_image_sizes()[:2]
+    sizes = tiny_image_sizes(name)[:2]
     imgs = [flat_image(w, h) if blank else noise_image(w, h, seed=i)
             for i, (w, h) in enumerate(sizes)]
     return model.prepare(imgs, PROMPTS, answers=ANSWERS)
@@ -58,7 +58,7 @@ def _lm_vision_inputs(model, image, prompt="describe the image"):
 def test_painted_region_changes_exactly_its_tokens(name, tiny_model):
     """Paint a block of tokens' worth of pixels; only the tokens whose boxes cover it move."""
     model = tiny_model(name, patch_local=True)
-    for w, h in FAMILIES[name].tiny_image_sizes():
+    for w, h in tiny_image_sizes(name):
         base = flat_image(w, h)
         batch, before = _lm_vision_inputs(model, base)
         img = batch.layout.images[0][0]
@@ -137,7 +137,7 @@ def test_multi_image_example_parity_and_layout(name, tiny_folder, tiny_model):
     """One example with two images, one with one: a layout per image, logits equal to HF's."""
     model = tiny_model(name)
     ref = hf_reference(name, tiny_folder(name))
-    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes(name)[:2]
     imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w1, h1, 2)]]
     batch = model.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],
                           answers=["red", "blue"], boxes=[{1: (0, 0, w1 // 2, h1 // 2)}, None])

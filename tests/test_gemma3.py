@@ -10,6 +10,7 @@ from conftest import assert_matches_hf, hf_reference, noise_image
 from PIL import Image
 
 from corelens.families import FAMILIES
+from corelens.zoo.tiny import tiny_image_sizes
 
 
 def test_token_type_ids_bidirectional_image_blocks(tiny_folder, tiny_model):
@@ -17,7 +18,7 @@ def test_token_type_ids_bidirectional_image_blocks(tiny_folder, tiny_model):
     model = tiny_model("gemma3")
     folder = tiny_folder("gemma3")
     ref = hf_reference("gemma3", folder)
-    (w0, h0), (w1, h1) = FAMILIES["gemma3"].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes("gemma3")[:2]
     imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w1, h1, 2)]]
     batch = model.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],
                           answers=["red", "blue"])
@@ -63,7 +64,7 @@ def test_real_geometry_grid_tiles_the_image(tmp_path):
     from transformers import Gemma3Config, Gemma3Processor, PreTrainedTokenizerFast
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from corelens.families.gemma3 import BOI, EOI, SOFT
+    from corelens.zoo.tiny.gemma3 import BOI, EOI, SOFT
     from corelens.zoo.tokenizer import build_tokenizer
 
     build_tokenizer(tmp_path, extra_special=[BOI, EOI, SOFT])
@@ -193,7 +194,7 @@ def test_pan_and_scan_painted_region_changes_exactly_its_tokens(pas_model):
     every token whose box, grown by half its size, misses it stays put."""
     from conftest import flat_image
 
-    from corelens.layout import box_overlap_fraction
+    from corelens.data.layout import box_overlap_fraction
 
     model = pas_model(patch_local=True)
     for w, h in PAS_SIZES:

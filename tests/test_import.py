@@ -24,10 +24,12 @@ def test_every_public_name_resolves():
     for name in corelens.__all__:
         assert getattr(corelens, name) is not None, name
     assert set(corelens.__all__) <= set(dir(corelens))
-    assert corelens.HookedMLLM.__module__ == "corelens.model"
-    assert corelens.ram.__name__ == "corelens.ram"
-    importlib.import_module("corelens.evaluate")  # a submodule named like its function
-    assert corelens.evaluate is sys.modules["corelens.evaluate"].evaluate
+    assert corelens.HookedMLLM.__module__ == "corelens.core.model"
+    # the public submodules, wherever they live in the tree
+    assert corelens.ram.__name__ == "corelens.scores.ram"
+    assert corelens.patching.__name__ == "corelens.interventions.patching"
+    importlib.import_module("corelens.core.evaluate")  # a submodule named like its function
+    assert corelens.evaluate is sys.modules["corelens.core.evaluate"].evaluate
 
 
 def test_unknown_name_is_an_attribute_error():
@@ -45,7 +47,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     import pkgutil
 
     names = [m.name for m in pkgutil.walk_packages(corelens.__path__, "corelens.")
-             if ".zoo.models" not in m.name]
+             if ".zoo.models" not in m.name and not m.name.endswith("__main__")]
     code = ("import importlib, sys\nbad = []\nfor n in sys.argv[1:]:\n"
             "    for m in [k for k in sys.modules if k.startswith('corelens')]:\n"
             "        del sys.modules[m]\n"

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from test_onevision_layout import NEWLINE, ramp_image
 
+from corelens.data.layout import KIND_NEWLINE
 from corelens.families import FAMILIES
-from corelens.layout import KIND_NEWLINE
+from corelens.zoo.tiny import tiny_image_sizes
 
 FAM = FAMILIES["llava_next"]
 
@@ -76,8 +77,8 @@ def tiny(tiny_folder):
             AutoProcessor.from_pretrained(folder, local_files_only=True))
 
 
-@pytest.mark.parametrize("size", FAM.tiny_image_sizes() + [(32, 32), (50, 50), (33, 100),
-                                                           (200, 120), (17, 23), (31, 97)])
+@pytest.mark.parametrize("size", tiny_image_sizes(FAM) + [(32, 32), (50, 50), (33, 100),
+                                                          (200, 120), (17, 23), (31, 97)])
 def test_tiny_rows_match_hf_packing(tiny, size):
     cfg, proc = tiny
     inputs = _encode(proc, [ramp_image(*size)])
@@ -89,7 +90,7 @@ def test_tiny_sizes_cover_the_geometry(tiny):
     """Unpadding rows, unpadding cols and none; never shrunk (no anyres_max in LLaVA-NeXT)."""
     cfg, proc = tiny
     grids = {}
-    for size in FAM.tiny_image_sizes():
+    for size in tiny_image_sizes(FAM):
         rows = FAM.feature_rows(cfg, proc, _encode(proc, [ramp_image(*size)]), 0, size)
         assert [v.name for v in rows.views] == ["base", "anyres"]
         grids[size] = (rows.views[1].rows, rows.views[1].cols)

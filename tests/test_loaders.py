@@ -297,7 +297,7 @@ def test_refcoco_box_outside_and_images_dir(tmp_path):
 
 def test_refcoco_python2_pickle(tmp_path):
     """The public refs files are Python 2 pickles: their byte strings are UTF-8 text."""
-    from corelens.loaders.refcoco import _load_refs
+    from corelens.data.loaders.refcoco import _load_refs
 
     p = tmp_path / "refs(umd).p"  # [{'sent': 'café'}] as Python 2 pickles it (SHORT_BINSTRING)
     p.write_bytes(b"\x80\x02]q\x00}q\x01U\x04sentq\x02U\x05caf\xc3\xa9q\x03sa.")
@@ -354,7 +354,7 @@ def _vidstg(tmp_path):
 
 
 def test_vidstg_tracks_frames_and_errors(tmp_path):
-    from corelens.loaders import load_vidstg
+    from corelens.data.loaders import load_vidstg
 
     ann, vidor, frames = _vidstg(tmp_path)
     with pytest.warns(UserWarning, match=r"record 1 \(vid 123\) \(id '123:2:q0'\): object 2 has "
@@ -394,7 +394,7 @@ def test_vidstg_tracks_frames_and_errors(tmp_path):
 
 
 def test_vidstg_example_runs_through_a_video_model(tmp_path, tiny_model):
-    from corelens.loaders import load_vidstg
+    from corelens.data.loaders import load_vidstg
 
     ann, vidor, frames = _vidstg(tmp_path)
     (ex,) = load_vidstg(ann, vidor, frames, num_frames=6, frame_offset=1, limit=1)
@@ -429,7 +429,7 @@ def _mlvu(tmp_path):
 
 
 def test_mlvu_questions_frames_and_evidence(tmp_path):
-    from corelens.loaders import load_mlvu
+    from corelens.data.loaders import load_mlvu
 
     jd, frames, ev = _mlvu(tmp_path)
     exs = load_mlvu(jd, frames, num_frames=5, evidence=ev)
@@ -475,8 +475,8 @@ def _mmdocir(tmp_path):
 
 
 def test_mmdocir_pages_and_page_boxes(tmp_path):
-    from corelens.examples import Evidence
-    from corelens.loaders import load_mmdocir
+    from corelens.data.examples import Evidence
+    from corelens.data.loaders import load_mmdocir
 
     ann, pages = _mmdocir(tmp_path)
     with pytest.warns(UserWarning, match=r"\(id 'rep\.pdf:2'\): evidence page\(s\) \[9\] "
@@ -500,7 +500,7 @@ def test_mmdocir_pages_and_page_boxes(tmp_path):
 
 
 def test_mmdocir_example_runs_through_a_multi_image_model(tmp_path, tiny_model):
-    from corelens.loaders import load_mmdocir
+    from corelens.data.loaders import load_mmdocir
 
     ann, pages = _mmdocir(tmp_path)
     (ex,) = load_mmdocir(ann, pages, extra_pages=1, limit=1)
@@ -513,8 +513,8 @@ def test_mmdocir_example_runs_through_a_multi_image_model(tmp_path, tiny_model):
 
 
 def test_jsonl_videos_and_every_evidence_form(tmp_path):
-    from corelens.examples import Evidence
-    from corelens.loaders import load_vidstg
+    from corelens.data.examples import Evidence
+    from corelens.data.loaders import load_vidstg
 
     _frames(tmp_path / "clip", 4, (16, 12), name="f{:03d}.png", start=10)  # frames 10..13
     _png(tmp_path / "page.png", (20, 30))

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from corelens.data.layout import KIND_NEWLINE
 from corelens.families import FAMILIES
-from corelens.layout import KIND_NEWLINE
+from corelens.zoo.tiny import tiny_image_sizes
 
 FAM = FAMILIES["llava_onevision"]
 NEWLINE = -1.0e4
@@ -116,7 +117,7 @@ def _encode(proc, images, n_per_sample=None):
 TINY_EXTRA = [(32, 32), (50, 50), (33, 100), (200, 120), (17, 23), (31, 97)]
 
 
-@pytest.mark.parametrize("size", FAM.tiny_image_sizes() + TINY_EXTRA)
+@pytest.mark.parametrize("size", tiny_image_sizes(FAM) + TINY_EXTRA)
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 def test_tiny_rows_match_hf_packing(tiny, size, backend):
     cfg, proc = tiny
@@ -139,7 +140,7 @@ def test_tiny_sizes_cover_the_geometry(tiny):
     """The battery's sizes keep exercising unpadding (rows and cols), downsampling and not."""
     cfg, proc = tiny
     grids = {}
-    for size in FAM.tiny_image_sizes():
+    for size in tiny_image_sizes(FAM):
         inputs = _encode(proc, [ramp_image(*size)])
         rows = FAM.feature_rows(cfg, proc, inputs, 0, size)
         assert [v.name for v in rows.views] == ["base", "anyres"]

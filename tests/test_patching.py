@@ -7,9 +7,8 @@ import torch
 from conftest import FAMILY_NAMES, noise_image
 
 from corelens import LayoutError
-from corelens.batch import repeat_batch
-from corelens.families import FAMILIES
-from corelens.patching import (
+from corelens.data.batch import repeat_batch
+from corelens.interventions.patching import (
     answer_logprob,
     attribute_heads,
     check_aligned,
@@ -22,10 +21,11 @@ from corelens.patching import (
     position_groups,
     prepare_pair,
 )
+from corelens.zoo.tiny import tiny_image_sizes
 
 
 def _pair(model, name="llava"):
-    (w, h) = FAMILIES[name].tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes(name)[0]
     kw = dict(prompts=["what is the color ?", "what color is the square ?"],
               answers=["red", "blue green"], boxes=[(0, 0, w // 2, h // 2)] * 2,
               distractors=[(w // 2, h // 2, w, h)] * 2)
@@ -309,7 +309,7 @@ def _one_forward_each(model, target, metric, name, src, edits):
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_group_residual_and_token_sweeps_equal_one_forward_each(name, tiny_model):
-    from corelens.interventions import index_pairs as _index
+    from corelens.interventions.core import index_pairs as _index
 
     model = tiny_model(name)
     clean, corrupt = _pair(model, name)
@@ -364,7 +364,7 @@ def test_pairs_with_the_same_token_count_but_another_image_shape_are_refused(tin
     the tokens then cover other grid cells (and other M-RoPE ids): patching between them would
     move activations between image cells, so check_aligned refuses it."""
     from corelens.errors import LayoutError
-    from corelens.patching import check_aligned
+    from corelens.interventions.patching import check_aligned
 
     model = tiny_model("qwen2_5_vl")
     kw = dict(prompts=["what is the color ?"], answers=["red"])

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from corelens import HookedMLLM, ablate
-from corelens.attribution import atp_star, attribute_heads, edge_attribution
-from corelens.patching import patch_heads, path_patch
+from corelens.interventions.attribution import atp_star, attribute_heads, edge_attribution
+from corelens.interventions.patching import patch_heads, path_patch
 
 CHAIN = {("embed", f"L0KV{pc.SENDER_KV}.v"), ("L0H2", f"L1KV{pc.RECEIVER_KV}.v"),
          ("L1H1", "logits")}

@@ -9,13 +9,14 @@ import torch
 from conftest import hf_reference, noise_image
 
 from corelens.families import FAMILIES
+from corelens.zoo.tiny import tiny_image_sizes
 
 QWEN = [n for n in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") if n in FAMILIES]
 PROMPTS = ["what is the color ?", "what color is the square at left of the circle ?"]
 
 
 def _batch(model, name):
-    sizes = FAMILIES[name].tiny_image_sizes()[:2]
+    sizes = tiny_image_sizes(name)[:2]
     imgs = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     return model.prepare(imgs, PROMPTS)
 
@@ -120,7 +121,7 @@ def test_feature_rows_follow_the_processor(name, tiny_model):
 @pytest.mark.parametrize("name", QWEN)
 def test_tiny_sizes_cover_the_geometry(name, tiny_model):
     model = tiny_model(name)
-    sizes = FAMILIES[name].tiny_image_sizes()
+    sizes = tiny_image_sizes(name)
     batch = model.prepare([noise_image(w, h, seed=0) for w, h in sizes], ["describe"] * len(sizes))
     grids = [(img.views[0].rows, img.views[0].cols) for ex in batch.layout.images for img in ex]
     assert len({r * c for r, c in grids[:2]}) == 2  # the parity batch pads

@@ -10,9 +10,9 @@ import torch
 from conftest import FAMILY_NAMES, noise_image
 
 from corelens import GroundedExample
-from corelens.families import FAMILIES
-from corelens.head_scores import HeadScores
-from corelens.ram import ExampleRegions, RamMetric, RamParams, aggregate, masses, score_all
+from corelens.scores.head_scores import HeadScores
+from corelens.scores.ram import ExampleRegions, RamMetric, RamParams, aggregate, masses, score_all
+from corelens.zoo.tiny import tiny_image_sizes
 
 
 def test_masses_by_hand():
@@ -57,7 +57,7 @@ def test_aggregate_by_hand():
 
 
 def _examples(name, n=3):
-    sizes = FAMILIES[name].tiny_image_sizes()
+    sizes = tiny_image_sizes(name)
     out = []
     for i in range(n):
         w, h = sizes[i % len(sizes)]
@@ -96,8 +96,9 @@ def test_score_all_resumes_to_the_same_result(tiny_model, tmp_path):
     examples = _examples("llava", n=5)
     full = score_all(model, examples, batch_size=2, progress=False)
     part = tmp_path / "partial.jsonl"
-    score_all(model, examples[:2], batch_size=2, partial=part, progress=False)  # "crashed"
-    assert len(part.read_text().splitlines()) == 1
+    score_all(model, examples, batch_size=2, partial=part, progress=False)
+    assert len(part.read_text().splitlines()) == 3
+    part.write_text(part.read_text().splitlines()[0] + "\n")  # "crashed" after one batch
     resumed = score_all(model, examples, batch_size=2, partial=part, progress=False)
     assert len(part.read_text().splitlines()) == 3  # only the missing batches ran
     for k, hs in full.items():
@@ -129,7 +130,7 @@ def test_head_scores_rank_top_save_compare(tmp_path):
 
 def test_generation_token_level_ram_equals_teacher_forced(tiny_model):
     """RAM of each generated token's query == RAM at that position of a full forward."""
-    from corelens.attention import AttentionInputs
+    from corelens.core.attention import AttentionInputs
 
     model = tiny_model("llava")
     ex = _examples("llava", n=1)[0]
@@ -194,7 +195,7 @@ def test_high_norm_detection_in_a_forward(tiny_model):
 
 
 def test_kang_spatial_entropy_by_hand():
-    from corelens.ram import kang_spatial_entropy
+    from corelens.scores.ram import kang_spatial_entropy
 
     # 4x4 grid: one 2x2 blob above the mean -> entropy 0; two separate blobs of 2 -> ln 2
     rows = torch.arange(4).repeat_interleave(4)

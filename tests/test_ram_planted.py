@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from corelens import GroundedExample, HookedMLLM
-from corelens.ram import score_all
+from corelens.scores.ram import score_all
 
 A_Q, W_K = 1.5, 1.0  # score on evidence keys: 2 * a * w = 3
 EVIDENCE_CELLS = [(2, 2), (2, 3), (3, 2), (3, 3)]
@@ -33,7 +33,7 @@ GRID, PATCH = 8, 8
 
 
 def build_planted(folder) -> None:
-    from corelens.families.llava import tiny_llava
+    from corelens.zoo.tiny.llava import tiny_llava
 
     model, proc = tiny_llava(folder, image_size=GRID * PATCH, patch=PATCH, center_crop=False,
                              attention_bias=True,

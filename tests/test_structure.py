@@ -12,11 +12,9 @@ from conftest import noise_image
 import corelens
 from corelens import compat
 from corelens.families import FAMILIES
+from corelens.zoo.tiny import tiny_image_sizes
 
 SRC = Path(corelens.__file__).parent
-# zoo/train.py's recipes name the family of the toy model they build; the toy / tiny builders
-# move out of the families (issue #15) and take that name with them
-PENDING = {SRC / "zoo" / "train.py"}
 
 
 def _family_strings() -> set[str]:
@@ -36,12 +34,25 @@ def test_no_family_name_outside_families():
     names = _family_strings()
     found = []
     for path in sorted(SRC.rglob("*.py")):
-        if (SRC / "families") in path.parents or path in PENDING:
+        if (SRC / "families") in path.parents:
             continue
         found += [f"{path.relative_to(SRC)}:{line}: {value!r}"
                   for line, value in _literals(path) if value in names]
     assert not found, ("family names outside corelens/families (ask a Family trait instead):\n"
                        + "\n".join(found))
+
+
+def test_every_family_has_a_tiny_builder():
+    from corelens.zoo.tiny import BUILDERS, builder
+
+    assert set(BUILDERS) == {type(f) for f in FAMILIES.values()}
+    assert builder("llava") is builder(FAMILIES["llava"])
+
+    class Stray(type(FAMILIES["llava"])):  # looked up by exact class: a subclass has none
+        name = "stray"
+
+    with pytest.raises(ValueError, match="'stray'.*corelens/zoo/tiny/"):
+        builder(Stray())
 
 
 def test_the_scan_sees_a_family_name(tmp_path):
@@ -64,7 +75,7 @@ def test_traits_match_the_hf_model(name, tiny_model):
     assert fam.sandwich_norms == has_sandwich
     assert fam.vision_side_inputs == (compat.qwen3_vl_deepstack(decoder) is not None)
     # bidirectional image blocks: HF's own mask lets an image token see a later one
-    (w, h) = fam.tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes(fam)[0]
     batch = model.prepare([noise_image(w, h, 0)], ["what is it ?"])
     pos = batch.layout.vision_positions(0)
     seen = {}
@@ -80,7 +91,7 @@ def test_traits_match_the_hf_model(name, tiny_model):
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_act_name_names_hooks_the_model_has(name, tiny_model):
-    from corelens.interventions import act_name
+    from corelens.interventions.core import act_name
 
     hooks = tiny_model(name).hook_dict
     for act in ("z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "attn_out", "mlp_out"):

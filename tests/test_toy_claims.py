@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from corelens import ablation_curve, zoo
-from corelens.ram import score_all
+from corelens.scores.ram import score_all
 from corelens.zoo import reference
 
 N = 96

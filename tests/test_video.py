@@ -12,11 +12,12 @@ import torch
 from conftest import FAMILY_NAMES, assert_matches_hf, hf_reference, noise_image
 
 from corelens import GroundedExample
+from corelens.data.examples import Evidence, Video
+from corelens.data.layout import box_overlap_fraction
 from corelens.errors import InputError, LayoutError
-from corelens.examples import Evidence, Video
 from corelens.families import FAMILIES
-from corelens.layout import box_overlap_fraction
-from corelens.ram import RamMetric, RamParams, masses
+from corelens.scores.ram import RamMetric, RamParams, masses
+from corelens.zoo.tiny import tiny_image_sizes
 
 VIDEO = [n for n in FAMILY_NAMES if FAMILIES[n].supports_video]
 PROMPTS = ["what happens in the video ?", "what color is the moving square ?"]
@@ -39,7 +40,7 @@ def flat_video(w, h, n, color=(128, 128, 128)):
 def _videos(name, blank=False):
     """Two videos of different sizes (and, where the family allows, frame counts); the first
     with a known fps and sparse frame indices, the second without."""
-    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes(name)[:2]
     n1 = 5 if name == "llava_onevision" else 4  # OneVision stacks a batch's videos
     if blank:
         return [Video(flat_video(w0, h0, 5), fps=10.0, frame_indices=[0, 10, 20, 30, 40]),
@@ -155,7 +156,7 @@ def test_image_and_videos_in_one_example(name, tiny_folder, tiny_model):
     images first in ``layout.images``, logits equal to HF's."""
     model = tiny_model(name)
     ref = hf_reference(name, tiny_folder(name))
-    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes(name)[:2]
     n = 4
     v0, v1, v2 = (noise_video(w, h, n, s) for s, (w, h) in enumerate([(w1, h1), (w0, h0),
                                                                         (w1, h1)]))
@@ -195,7 +196,7 @@ def test_painted_box_in_frames_changes_exactly_its_tokens(name, tiny_model):
     the box, stays put. The moved set is what ``positions_in_box(video=, frames=)`` maps."""
     model = tiny_model(name, patch_local=True)
     frames = (1, 3)
-    for w, h in FAMILIES[name].tiny_image_sizes()[:2]:
+    for w, h in tiny_image_sizes(name)[:2]:
         base = flat_video(w, h, 6)
         batch, before = _lm_video_inputs(model, Video(base))
         lay = batch.layout.video(0, 0)
@@ -229,7 +230,7 @@ def test_painted_box_in_frames_changes_exactly_its_tokens(name, tiny_model):
 
 
 def _video_examples(name):
-    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes(name)[:2]
     return [
         GroundedExample([], "what moves in the video ?", "red", id="v0",
                         videos=[noise_video(w0, h0, 6, 0, fps=2.0)],
@@ -453,7 +454,7 @@ def test_video_geometry_against_processor_pixels(name, size, tiny_folder):
 def test_repeated_video_batch_gives_the_same_logits(name, tiny_model):
     """``repeat_batch`` (what batched patching sweeps run) stacks videos and their extras
     (``video_grid_thw``, ``second_per_grid_ts``, M-RoPE ids) in example order."""
-    from corelens.batch import repeat_batch
+    from corelens.data.batch import repeat_batch
 
     model = tiny_model(name)
     batch = model.prepare(None, PROMPTS, answers=ANSWERS, videos=[[v] for v in _videos(name)])
@@ -540,7 +541,7 @@ def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
     from corelens.accel import HybridAttention
 
     model = tiny_model(name)
-    (w0, h0), _ = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), _ = tiny_image_sizes(name)[:2]
     videos = _videos(name)
     batch = model.prepare([[], [], [noise_image(w0, h0, 7)]],
                           PROMPTS + ["is <image> in <video> ?"], answers=ANSWERS + ["no"],
@@ -577,7 +578,7 @@ def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
     (0.5 * 0 + 0.25 * ln 2) / 0.75 = ln 2 / 3 (the first span alone would say 0: nothing there).
     Row 1: two blobs in span 0 only: ln 2. An example with an image (and a video) keeps the
     image's first view as the one grid."""
-    from corelens.ram import example_regions
+    from corelens.scores.ram import example_regions
 
     model = tiny_model("qwen2_vl")
     ex = GroundedExample([], "what is it ?", "red", videos=[noise_video(80, 50, 6, 0)],
@@ -621,11 +622,11 @@ def test_batched_patching_of_an_image_and_a_video_equals_one_patch_per_forward(n
     """The batched sweeps reuse image features only for image-only batches (HF takes encoder
     outputs in place of ALL pixel inputs): with an image and a video in one example the head
     sweep and the stacked attribution copies still run, equal to one head per forward."""
-    from corelens.attribution import atp_star
-    from corelens.patching import answer_logprob, patch_heads
+    from corelens.interventions.attribution import atp_star
+    from corelens.interventions.patching import answer_logprob, patch_heads
 
     model = tiny_model(name)
-    (w0, h0), (w1, h1) = FAMILIES[name].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes(name)[:2]
 
     def pair(seed):
         return model.prepare([[noise_image(w0, h0, seed)]], ["compare <image> with <video> ?"],
@@ -650,7 +651,7 @@ def test_generate_wants_at_least_one_new_token(tiny_model):
     from corelens.accel import FastV, HybridAttention
 
     model = tiny_model("llava")
-    w, h = FAMILIES["llava"].tiny_image_sizes()[0]
+    w, h = tiny_image_sizes("llava")[0]
     batch = model.prepare([noise_image(w, h, 0)], ["what is it ?"])
     for accel in (HybridAttention(model, [(0, 0)]), FastV(model, k=1)):
         with pytest.raises(InputError, match="max_new_tokens must be >= 1"):

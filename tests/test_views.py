@@ -16,10 +16,10 @@ from conftest import FAMILY_NAMES, flat_image, noise_image
 from PIL import Image
 
 from corelens import HeadScores, views
-from corelens.ablation import AblationCurve
 from corelens.errors import InputError
-from corelens.families import FAMILIES
+from corelens.interventions.ablation import AblationCurve
 from corelens.views.plots import is_blank
+from corelens.zoo.tiny import tiny_image_sizes
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ def llava(tiny_model):
 def batch(llava):
     """Two examples: the first with two images (evidence on the second), the second with one
     image, an evidence box and a distractor."""
-    (w0, h0), (w1, h1) = FAMILIES["llava"].tiny_image_sizes()[:2]
+    (w0, h0), (w1, h1) = tiny_image_sizes("llava")[:2]
     imgs = [[noise_image(w0, h0, 0), noise_image(w1, h1, 1)], [noise_image(w0, h0, 2)]]
     return llava.prepare(imgs, ["compare <image> with <image> ?", "what is the color ?"],
                          answers=["red", "blue green"],
@@ -330,7 +330,7 @@ def test_views_on_every_family(name, tiny_model):
     """Row collapse and overlays follow each family's layout (anyres views, newlines, merged
     tokens): every vision token falls in a labelled group and every view is painted."""
     model = tiny_model(name)
-    (w, h) = FAMILIES[name].tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes(name)[0]
     batch = model.prepare([noise_image(w, h, 0)], ["what is the color ?"], answers=["red"],
                           boxes=[(0, 0, w // 2, h // 2)])
     groups = views.token_groups(model, batch, 0, "row")
@@ -363,7 +363,7 @@ def _frames(n, w, h):
 @pytest.fixture(scope="module")
 def qwen_video(tiny_model):
     from corelens import GroundedExample
-    from corelens.examples import Evidence, Video
+    from corelens.data.examples import Evidence, Video
 
     model = tiny_model("qwen2_vl")
     ex = [GroundedExample([], "what is it ?", "red", id="v", videos=[
@@ -398,9 +398,9 @@ def test_video_token_labels_name_frames_and_seconds(qwen_video, tiny_model):
     assert rows[4].positions == vis[20:25]
     # LLaVA-OneVision: one frame per token, the newline after the frames is <vid 0:nl>
     ov = tiny_model("llava_onevision")
-    from corelens.examples import Video
+    from corelens.data.examples import Video
 
-    w, h = FAMILIES["llava_onevision"].tiny_image_sizes()[0]
+    w, h = tiny_image_sizes("llava_onevision")[0]
     b = ov.prepare(None, ["what is it ?"], videos=[[Video(_frames(3, w, h), fps=1.0)]])
     lay = b.layout.video(0, 0)
     t = ov.to_str_tokens(b, 0)
@@ -482,7 +482,7 @@ def test_video_attention_overlay_is_the_planted_token(qwen_video):
 def test_labels_of_a_multi_view_image_name_the_view_and_the_newline_rows(tiny_model):
     # LLaVA-NeXT: a base view and the anyres view, newline rows after each anyres row
     model = tiny_model("llava_next")
-    (w, h) = model.family.tiny_image_sizes()[0]
+    (w, h) = tiny_image_sizes(model.family)[0]
     batch = model.prepare([noise_image(w, h, 0)], ["what is it ?"])
     toks = model.to_str_tokens(batch)
     img = batch.layout.images[0][0]

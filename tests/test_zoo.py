@@ -145,8 +145,8 @@ def test_vision_tokens_up_to_1024():
     # 256 px at the toy model's 8 px patches = 32 x 32 = 1,024 vision tokens per image
     import tempfile
 
+    from corelens.core.prepare import prepare
     from corelens.families import get_family
-    from corelens.prepare import prepare
     from corelens.zoo.train import Recipe, build
 
     task = SceneTask(image_size=256, grid=8, n_objects=(2, 10))
@@ -236,7 +236,7 @@ def test_deep_toy_model_retrieves_after_layer_k():
     without such a penalty."""
     import json
 
-    from corelens.ram import score_heads
+    from corelens.scores.ram import score_heads
     from corelens.zoo.reference import _batches, attention_masses, load_plain
 
     name = "toy-llava-deep"
@@ -277,7 +277,7 @@ def test_train_checkpoints_and_resumes(tmp_path):
     # 4 steps from a random init train nothing (such a 1-layer toy is still at chance after 150
     # steps): no bound above chance here (test_train_from_a_trained_start_logs_its_accuracy
     # has one). The logged accuracies are the run's own, interrupted or not, and the final one
-    # is what the saved model scores, recomputed through another path (corelens.evaluate on the
+    # is what the saved model scores, recomputed through another path (corelens.core.evaluate on the
     # HookedMLLM) on the log's final set (2 * eval_examples examples, seed 777)
     assert [e["accuracy"] for e in resumed["evals"]] == [e["accuracy"] for e in full["evals"]]
     assert resumed["final_accuracy"] == full["final_accuracy"]
@@ -286,7 +286,7 @@ def test_train_checkpoints_and_resumes(tmp_path):
 
 
 def _assert_final_accuracy(folder, log, recipe):
-    """The log's ``final_accuracy`` = corelens.evaluate of the saved model on the final set."""
+    """The log's ``final_accuracy`` = corelens.core.evaluate of the saved model on the final set."""
     from corelens import HookedMLLM, evaluate
 
     final = make_examples(recipe.task, 2 * recipe.eval_examples, seed=777)

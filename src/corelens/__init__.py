@@ -16,36 +16,41 @@ from typing import TYPE_CHECKING, Any
 
 from corelens.errors import CorelensError, InputError, LayoutError, UnknownFamilyError
 
-# bound eagerly: ``evaluate`` is also the name of its module, and importing that module later
-# (from anywhere) would rebind ``corelens.evaluate`` to the module
-from corelens.evaluate import EvalResult, evaluate
-
 __version__ = "0.1.0"
 
-_SUBMODULES = ("accel", "attribution", "patching", "ram", "views")
+# the public submodules, wherever they live in the package tree
+_SUBMODULES = {
+    "accel": "corelens.accel",
+    "attribution": "corelens.interventions.attribution",
+    "patching": "corelens.interventions.patching",
+    "ram": "corelens.scores.ram",
+    "views": "corelens.views",
+}
 _EXPORTS = {
-    "AblationCurve": "corelens.ablation",
-    "ablate": "corelens.ablation",
-    "ablation_curve": "corelens.ablation",
-    "text_to_image_knockout": "corelens.ablation",
-    "AttentionBackend": "corelens.attention",
-    "AttentionInputs": "corelens.attention",
-    "MultimodalBatch": "corelens.batch",
-    "Evidence": "corelens.examples",
-    "GroundedExample": "corelens.examples",
-    "Video": "corelens.examples",
+    "AblationCurve": "corelens.interventions.ablation",
+    "ablate": "corelens.interventions.ablation",
+    "ablation_curve": "corelens.interventions.ablation",
+    "text_to_image_knockout": "corelens.interventions.ablation",
+    "AttentionBackend": "corelens.core.attention",
+    "AttentionInputs": "corelens.core.attention",
+    "EvalResult": "corelens.core.evaluate",
+    "evaluate": "corelens.core.evaluate",
+    "MultimodalBatch": "corelens.data.batch",
+    "Evidence": "corelens.data.examples",
+    "GroundedExample": "corelens.data.examples",
+    "Video": "corelens.data.examples",
     "FAMILIES": "corelens.families",
     "family_for_config": "corelens.families",
     "get_family": "corelens.families",
-    "HeadScores": "corelens.head_scores",
-    "ImageLayout": "corelens.layout",
-    "TokenInfo": "corelens.layout",
-    "ViewGeometry": "corelens.layout",
-    "VisionLayout": "corelens.layout",
-    "load_jsonl": "corelens.loaders",
-    "load_refcoco": "corelens.loaders",
-    "save_jsonl": "corelens.loaders",
-    "HookedMLLM": "corelens.model",
+    "HeadScores": "corelens.scores.head_scores",
+    "ImageLayout": "corelens.data.layout",
+    "TokenInfo": "corelens.data.layout",
+    "ViewGeometry": "corelens.data.layout",
+    "VisionLayout": "corelens.data.layout",
+    "load_jsonl": "corelens.data.loaders",
+    "load_refcoco": "corelens.data.loaders",
+    "save_jsonl": "corelens.data.loaders",
+    "HookedMLLM": "corelens.core.model",
 }
 
 __all__ = [
@@ -87,7 +92,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"corelens.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'corelens' has no attribute {name!r}")
@@ -101,18 +106,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
-    from corelens import accel, attribution, patching, ram, views  # noqa: F401
-    from corelens.ablation import (  # noqa: F401
+    from corelens import accel, views  # noqa: F401
+    from corelens.core.attention import AttentionBackend, AttentionInputs  # noqa: F401
+    from corelens.core.evaluate import EvalResult, evaluate  # noqa: F401
+    from corelens.core.model import HookedMLLM  # noqa: F401
+    from corelens.data.batch import MultimodalBatch  # noqa: F401
+    from corelens.data.examples import Evidence, GroundedExample, Video  # noqa: F401
+    from corelens.data.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout  # noqa: F401
+    from corelens.data.loaders import load_jsonl, load_refcoco, save_jsonl  # noqa: F401
+    from corelens.families import FAMILIES, family_for_config, get_family  # noqa: F401
+    from corelens.interventions import attribution, patching  # noqa: F401
+    from corelens.interventions.ablation import (  # noqa: F401
         AblationCurve,
         ablate,
         ablation_curve,
         text_to_image_knockout,
     )
-    from corelens.attention import AttentionBackend, AttentionInputs  # noqa: F401
-    from corelens.batch import MultimodalBatch  # noqa: F401
-    from corelens.examples import Evidence, GroundedExample, Video  # noqa: F401
-    from corelens.families import FAMILIES, family_for_config, get_family  # noqa: F401
-    from corelens.head_scores import HeadScores  # noqa: F401
-    from corelens.layout import ImageLayout, TokenInfo, ViewGeometry, VisionLayout  # noqa: F401
-    from corelens.loaders import load_jsonl, load_refcoco, save_jsonl  # noqa: F401
-    from corelens.model import HookedMLLM  # noqa: F401
+    from corelens.scores import ram  # noqa: F401
+    from corelens.scores.head_scores import HeadScores  # noqa: F401

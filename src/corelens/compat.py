@@ -25,6 +25,7 @@ from torch import Tensor
 from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion import (
     BaseTensorConversion,
 )
+from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
@@ -39,8 +40,9 @@ __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateN
            "accelerate_execution_device", "apply_position_embedding_hooks",
            "build_bridge_from_module", "gated_hook_reason", "has_attn_implementation", "has_hooks",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
-           "refresh_hook_registry", "replace_forward", "replace_qwen3_vl_deepstack", "require",
-           "set_attn_implementation", "update_kv_cache", "versions"]
+           "refresh_hook_registry", "register_tl_adapter", "replace_forward",
+           "replace_qwen3_vl_deepstack", "require", "set_attn_implementation", "update_kv_cache",
+           "versions"]
 
 # HF's decoder layers hand their attention the KV cache as ``cache=`` since transformers 5.24
 # (``past_key_values=`` before; deprecated until 5.40). TransformerLens 4.3's
@@ -60,6 +62,13 @@ def build_bridge_from_module(model: Any, architecture: str, **kw: Any) -> Any:
     """A ``TransformerBridge`` around an already-loaded HF module (TL's private builder: the
     public ``TransformerBridge.boot_transformers`` may pip-install and loads by name)."""
     return _bridge_builder.build_bridge_from_module(model, architecture, **kw)
+
+
+def register_tl_adapter(architecture: str, adapter: type) -> None:
+    """Register ``adapter`` for an HF class name with TransformerLens (public
+    ``register_adapter``), unless one is registered already (its ``_adapters`` table)."""
+    if architecture not in ArchitectureAdapterFactory._adapters:
+        ArchitectureAdapterFactory.register_adapter(architecture, adapter)
 
 
 def refresh_hook_registry(bridge: Any) -> None:
@@ -201,6 +210,7 @@ def _private_names() -> tuple[PrivateName, ...]:
     return (
         PrivateName(_bridge_builder, "build_bridge_from_module",
                     ("model", "architecture", "hf_config", "tokenizer", "model_name")),
+        PrivateName(ArchitectureAdapterFactory, "_adapters"),
         PrivateName(TransformerBridge, "_initialize_hook_registry", ("self",)),
         PrivateName(TransformerBridge, "clear_hook_registry", ("self",)),
         PrivateName(TransformerBridge, "_gated_hook_reason",

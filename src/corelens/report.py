@@ -17,8 +17,15 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from corelens.examples import check_disjoint, split_examples
+from corelens import views
+from corelens.accel import HybridAttention
+from corelens.core.evaluate import evaluate
+from corelens.data.examples import check_disjoint, split_examples
 from corelens.heads import head_name
+from corelens.interventions.ablation import ablation_curve
+from corelens.interventions.patching import patch_heads, path_patch, prepare_pair
+from corelens.scores.ram import score_all
+from corelens.zoo.scenes import recolor_target
 
 Pairs = Callable[[Sequence[Any]], list[tuple[Any, Any]]]
 
@@ -56,11 +63,6 @@ def run_study(
     examples, eval_examples = list(examples), list(eval_examples)
     check_disjoint(examples, [*eval_examples, *(c for c, _ in pairs)],
                    "the evaluation set or the patching pairs")
-    from corelens import views
-    from corelens.ablation import ablation_curve
-    from corelens.patching import patch_heads, path_patch, prepare_pair
-    from corelens.ram import score_all
-
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,9 +100,6 @@ def run_study(
 
     accel_result: dict[str, Any] = {}
     if accel is not None:  # CoRe-guided hybrid attention vs random heads at the same KV budget
-        from corelens.accel import HybridAttention
-        from corelens.evaluate import evaluate
-
         kw = {k: accel[k] for k in ("n_sink", "window", "n_pooled") if k in accel}
         hybrid = HybridAttention(model, ram.top(frac=accel.get("frac", 0.1)), **kw)
         rand = HybridAttention.random(model, len(hybrid.full_kv_heads), seed=0, **kw)
@@ -163,8 +162,6 @@ def run_study(
 
 def toy_pairs(examples: Sequence[Any], task: Any) -> list[tuple[Any, Any]]:
     """(clean, corrupted) pairs from scene examples: the queried object recoloured."""
-    from corelens.zoo.scenes import recolor_target
-
     pairs = []
     for ex in examples:
         other = next(c for c in task.colors if c != ex.answer)

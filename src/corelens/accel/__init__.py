@@ -51,13 +51,9 @@ step), the same in all three rows, as HF's ``rope_deltas`` give; FastV's kept to
 own (3-D) ids, and Qwen3-VL's DeepStack features reach only the kept tokens after the pruning layer.
 """
 
-from corelens.accel.fastv import FastV, FastVCache, cache_nbytes, main_accelerate
-from corelens.accel.hybrid import (
-    DECODE_FAMILIES,
-    PREFILL_FAMILIES,
-    HybridAttention,
-    HybridCache,
-)
+from corelens.accel.cache import FastVCache, HybridCache, cache_nbytes
+from corelens.accel.fastv import FastV
+from corelens.accel.hybrid import DECODE_FAMILIES, PREFILL_FAMILIES, HybridAttention
 
 __all__ = ["DECODE_FAMILIES", "PREFILL_FAMILIES", "FastV", "FastVCache", "HybridAttention",
-           "HybridCache", "cache_nbytes", "main_accelerate"]
+           "HybridCache", "cache_nbytes"]

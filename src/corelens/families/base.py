@@ -2,22 +2,22 @@
 
 Everything family-specific lives in the subclass: which HF class and TransformerLens adapter,
 how the processor lays out an image's tokens (``feature_rows``), how the decoder applies rotary
-position embeddings, which position ids the decoder sees, and how to build a tiny random model
-for tests. Nothing outside ``corelens.families`` branches on the family.
+position embeddings and which position ids the decoder sees. Nothing outside
+``corelens.families`` branches on the family (the tiny test models of each family are built in
+``corelens.zoo.tiny``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from corelens.layout import FeatureRows
+from corelens.data.layout import FeatureRows
 
 PLACEHOLDER = "<image>"  # how corelens prompts mark an image, whatever the family's own token
 VIDEO_PLACEHOLDER = "<video>"  # ... and a video
@@ -163,15 +163,3 @@ class Family(ABC):
             return apply_rotary_pos_emb(q, k, cos, sin)
 
         return apply
-
-    # --- tiny models for tests and the random-model demo ------------------------------------
-    @abstractmethod
-    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
-        """Save a tiny random model of this family and an offline-built processor to ``folder``.
-
-        ``patch_local=True``: the vision tower does not mix patches (each LM vision token depends
-        only on its own pixels), which the layout tests need."""
-
-    def tiny_image_sizes(self) -> list[tuple[int, int]]:
-        """Image sizes (w, h) that exercise this family's geometry in tests."""
-        return [(80, 50), (40, 70)]

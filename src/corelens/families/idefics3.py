@@ -34,22 +34,13 @@ from __future__ import annotations
 
 import importlib
 import math
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
+from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, size_dict
-from corelens.families.llava import SIMPLE_CHAT_TEMPLATE
-from corelens.layout import FeatureRows, ViewGeometry
-
-# Tiny-model settings (tests, the random-model demo): 32-px tiles of 4-px patches, shuffled 2x2
-# -> 4 x 4 LM tokens of 8 px per view; images resized to a longest edge of 96 -> up to 3 x 3 tiles.
-TINY_TILE, TINY_PATCH, TINY_SCALE, TINY_LONGEST = 32, 4, 2, 96
-MARKER_TOKENS = (["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-                 + [f"<row_{r + 1}_col_{c + 1}>" for r in range(6) for c in range(6)])
 
 
 def fit_to_tiles(w: int, h: int, tile: int) -> tuple[int, int]:
@@ -67,7 +58,7 @@ def fit_to_tiles(w: int, h: int, tile: int) -> tuple[int, int]:
 
 
 class Idefics3Like(Family):
-    """What Idefics3 and SmolVLM share: splitting geometry, pixel shuffle, tiny-model recipe."""
+    """What Idefics3 and SmolVLM share: splitting geometry and pixel shuffle."""
 
     image_processing: ClassVar[str]  # HF module with the image processor's size arithmetic
 
@@ -136,85 +127,12 @@ class Idefics3Like(Family):
                                                                    size)))
         return FeatureRows.concat(parts)
 
-    # --- tiny models -------------------------------------------------------------------------
-    def tiny_image_sizes(self) -> list[tuple[int, int]]:
-        # resized (longest edge 96), fitted to 32-px tiles, views and LM tokens (16 per view):
-        # (80, 50) -> 96x60 -> 96x64: 2 x 3 tiles + global = 112 tokens;
-        # (90, 28) -> 96x30 -> 96x32: 1 x 3 tiles + global = 64;
-        # (40, 70) -> 54x96 -> 64x96: 3 x 2 tiles + global = 112;
-        # (100, 100) -> 96x96: 3 x 3 tiles + global = 160. (Small images are upscaled to the
-        # longest edge too, but a 4x upscale's resampling kernel spans more than the
-        # painted-region test's half-token margin, so the tiny sizes stay near scale 1.)
-        return [(80, 50), (90, 28), (40, 70), (100, 100)]
-
-    def _configs(self) -> tuple[Any, Any, Any]:
-        """(model config class, vision config class, model class)."""
-        raise NotImplementedError
-
-    def _processor(self, tok: Any) -> Any:
-        raise NotImplementedError
-
-    def _image_processor_kwargs(self) -> dict[str, Any]:
-        return dict(size={"longest_edge": TINY_LONGEST},
-                    max_image_size={"longest_edge": TINY_TILE}, do_image_splitting=True)
-
-    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
-        """``patch_local``: every vision layer's attention output projection is zeroed, so each
-        patch (and after the pixel shuffle each LM token) depends only on its own pixels."""
-        from transformers import LlamaConfig
-
-        from corelens.zoo.tokenizer import build_tokenizer
-
-        cfg_cls, vision_cls, model_cls = self._configs()
-        tok = build_tokenizer(folder, extra_special=MARKER_TOKENS)
-        vc = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, image_size=TINY_TILE, patch_size=TINY_PATCH)
-        tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         vocab_size=len(tok), max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id)
-        cfg = cfg_cls(vision_config=vc.to_dict(), text_config=tc.to_dict(),
-                      scale_factor=TINY_SCALE, image_token_id=tok.convert_tokens_to_ids("<image>"))
-        torch.manual_seed(seed)
-        model = model_cls(cfg).eval()
-        if patch_local:
-            with torch.no_grad():
-                for layer in model.model.vision_model.encoder.layers:
-                    layer.self_attn.out_proj.weight.zero_()
-                    layer.self_attn.out_proj.bias.zero_()
-        model.save_pretrained(folder)
-        self._processor(tok).save_pretrained(folder)
-
-    @staticmethod
-    def _image_seq_len() -> int:
-        return (TINY_TILE // TINY_PATCH // TINY_SCALE) ** 2
-
 
 class Idefics3(Idefics3Like):
     name = "idefics3"
     hf_architectures = ("Idefics3ForConditionalGeneration",)
     model_types = ("idefics3",)
     image_processing = "transformers.models.idefics3.image_processing_pil_idefics3"
-
-    def _configs(self):
-        from transformers import (
-            Idefics3Config,
-            Idefics3ForConditionalGeneration,
-            Idefics3VisionConfig,
-        )
-
-        return Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration
-
-    def _processor(self, tok):
-        from transformers import Idefics3Processor
-        from transformers.models.idefics3.image_processing_pil_idefics3 import (
-            Idefics3ImageProcessorPil,
-        )
-
-        ip = Idefics3ImageProcessorPil(**self._image_processor_kwargs())
-        return Idefics3Processor(image_processor=ip, tokenizer=tok,
-                                 image_seq_len=self._image_seq_len(),
-                                 chat_template=SIMPLE_CHAT_TEMPLATE)
 
 
 class SmolVLM(Idefics3Like):
@@ -227,22 +145,3 @@ class SmolVLM(Idefics3Like):
         # TransformerLens 4.3 has no SmolVLM entry; its Idefics3 adapter maps the same module
         # paths (model.vision_model / model.connector / model.text_model / lm_head).
         return "Idefics3ForConditionalGeneration"
-
-    def _configs(self):
-        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
-
-        return SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration
-
-    def _processor(self, tok):
-        from transformers import SmolVLMProcessor
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
-            SmolVLMImageProcessorPil,
-        )
-        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
-
-        ip = SmolVLMImageProcessorPil(**self._image_processor_kwargs())
-        vp = SmolVLMVideoProcessor(size={"longest_edge": TINY_LONGEST},
-                                   max_image_size={"longest_edge": TINY_TILE})
-        return SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
-                                image_seq_len=self._image_seq_len(),
-                                chat_template=SIMPLE_CHAT_TEMPLATE)

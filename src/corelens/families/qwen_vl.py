@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -73,22 +72,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from corelens import compat
+from corelens.data.layout import FeatureRows, ViewGeometry
+from corelens.errors import InputError
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, size_dict
-from corelens.layout import FeatureRows, ViewGeometry
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# tiny test models: 8-px patches, 2x2 merge -> one LM token per 16x16 resized pixels
-TINY_PATCH, TINY_MERGE = 8, 2
-TINY_MIN_PIXELS, TINY_MAX_PIXELS = 16 * 16 * 4, 64 * 64
 
 
 def resized_size(ip: Any, size: tuple[int, int]) -> tuple[int, int]:
@@ -107,7 +94,7 @@ def resized_size(ip: Any, size: tuple[int, int]) -> tuple[int, int]:
 
 
 class QwenVL(Family):
-    """What the Qwen-VL families share: geometry, M-RoPE position ids, tiny-model recipe."""
+    """What the Qwen-VL families share: geometry and M-RoPE position ids."""
 
     modeling: ClassVar[str]  # the HF modeling module (its ``apply_rotary_pos_emb``)
 
@@ -190,125 +177,11 @@ class QwenVL(Family):
 
         return apply
 
-    # --- tiny models -------------------------------------------------------------------------
-    def tiny_image_sizes(self) -> list[tuple[int, int]]:
-        # resized (w x h) and LM tokens (rows x cols) with the tiny processor: 80x50 -> 80x48
-        # (3x5); 40x90 -> 32x96 (6x2); 100x60 hits max_pixels -> 80x48 (3x5); 30x20 hits
-        # min_pixels -> 48x32 (2x3)
-        return [(80, 50), (40, 90), (100, 60), (30, 20)]
-
-    def _tiny_config(self, tok: Any) -> Any:
-        raise NotImplementedError
-
-    processor_class: ClassVar[str] = "Qwen2VLProcessor"
-
-    def _tiny_processor(self, tok: Any) -> Any:
-        import transformers
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-        vp = Qwen2VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
-                                   temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
-                                   max_pixels=TINY_MAX_PIXELS)
-        return getattr(transformers, self.processor_class)(
-            image_processor=self._image_processor(), tokenizer=tok, video_processor=vp,
-            chat_template=CHAT_TEMPLATE)
-
-    def _tiny_text(self, tok: Any, **kw: Any) -> dict[str, Any]:
-        """The tiny decoder every Qwen-VL test model shares (``kw`` adds or overrides)."""
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "mrope_section": [2, 3, 3]},  # sums to head_dim 16 / 2
-                    **self._text_ids(tok))
-        text.update(kw)
-        return text
-
-    def build_tiny(self, folder: str | Path, seed: int = 0, patch_local: bool = False) -> None:
-        """``patch_local``: every vision block's attention output projection is zeroed, so each
-        patch (and, after the merger, each LM token, DeepStack features included) depends only on
-        its own pixels and its position."""
-        from corelens.zoo.tokenizer import build_tokenizer
-
-        tok = build_tokenizer(folder, add_bos=False)
-        cfg = self._tiny_config(tok)
-        torch.manual_seed(seed)
-        model = self.hf_class(cfg)(cfg).eval()
-        if patch_local:
-            with torch.no_grad():
-                for blk in model.model.visual.blocks:
-                    blk.attn.proj.weight.zero_()
-                    blk.attn.proj.bias.zero_()
-        model.save_pretrained(folder)
-        self._tiny_processor(tok).save_pretrained(folder)
-
-    @staticmethod
-    def _token_ids(tok: Any) -> dict[str, int]:
-        return {k: tok.convert_tokens_to_ids(t) for k, t in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"))}
-
-    @staticmethod
-    def _text_ids(tok: Any) -> dict[str, Any]:
-        return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
-                    eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-
-    @staticmethod
-    def _image_processor() -> Any:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil,
-        )
-
-        return Qwen2VLImageProcessorPil(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
-                                        temporal_patch_size=2, min_pixels=TINY_MIN_PIXELS,
-                                        max_pixels=TINY_MAX_PIXELS)
-
-
-def _qwen2_vl_adapter() -> str:
-    """Register TransformerLens's missing Qwen2-VL adapter (once); return its name.
-
-    TransformerLens 4.3 has no ``Qwen2VLForConditionalGeneration`` adapter. Qwen2-VL is laid out
-    as Qwen2.5-VL (``model.visual`` blocks with ``norm1``/``norm2``/``attn.qkv``/``attn.proj``,
-    ``model.visual.merger``, a Qwen2 decoder with q/k/v biases at ``model.language_model``), except
-    that its vision MLP is a plain ``fc1`` -> act -> ``fc2`` (Qwen2.5-VL's is gated) and its
-    vision width is ``embed_dim`` (``hidden_size`` is the LM width the merger projects to). So the
-    adapter is Qwen2.5-VL's with the vision MLP remapped, registered under the HF class name with
-    TransformerLens's own ``ArchitectureAdapterFactory.register_adapter``.
-    """
-    from transformer_lens.factories.architecture_adapter_factory import (
-        ArchitectureAdapterFactory,
-    )
-    from transformer_lens.model_bridge.generalized_components import LinearBridge
-    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-    from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import (
-        Qwen2_5_VLArchitectureAdapter,
-    )
-
-    name = "Qwen2VLForConditionalGeneration"
-    if name in ArchitectureAdapterFactory._adapters:
-        return name
-
-    class Qwen2VLArchitectureAdapter(Qwen2_5_VLArchitectureAdapter):
-        """Qwen2-VL: Qwen2.5-VL's mapping with a non-gated ``fc1``/``fc2`` vision MLP."""
-
-        def __init__(self, cfg: Any) -> None:
-            super().__init__(cfg)
-            vision_cfg = getattr(cfg, "vision_config", None)
-            if getattr(vision_cfg, "embed_dim", None) is not None:
-                self.cfg.vision_hidden_size = vision_cfg.embed_dim
-            blocks = self.component_mapping["vision_encoder"].submodules["blocks"]
-            blocks.submodules["mlp"] = GeneralizedComponent(
-                name="mlp", submodules={"in": LinearBridge(name="fc1"),
-                                        "out": LinearBridge(name="fc2")})
-
-    ArchitectureAdapterFactory.register_adapter(name, Qwen2VLArchitectureAdapter)
-    return name
-
 
 class Qwen2_VL(QwenVL):
     """Qwen2-VL: Qwen2.5-VL's geometry and M-RoPE (contiguous ``mrope_section`` chunks) with a
     plain ViT (no windows, LayerNorm, non-gated MLP). TransformerLens lacks its adapter: corelens
-    registers one (``_qwen2_vl_adapter``)."""
+    adds one (``families/adapters.py``)."""
 
     name = "qwen2_vl"
     hf_architectures = ("Qwen2VLForConditionalGeneration",)
@@ -316,34 +189,14 @@ class Qwen2_VL(QwenVL):
     modeling = "transformers.models.qwen2_vl.modeling_qwen2_vl"
 
     def bridge_architecture(self, hf_config: Any) -> str:
-        return _qwen2_vl_adapter()
-
-    def _tiny_config(self, tok):
-        from transformers import Qwen2VLConfig
-
-        # vision hidden_size is the LM width the merger projects to; embed_dim the tower's
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
-                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2)
-        return Qwen2VLConfig(vision_config=vision, text_config=self._tiny_text(tok),
-                             **self._token_ids(tok))
+        return "Qwen2VLForConditionalGeneration"  # corelens's adapter (families/adapters.py)
 
 
 class Qwen2_5_VL(QwenVL):
     name = "qwen2_5_vl"
     hf_architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
-    processor_class = "Qwen2_5_VLProcessor"
     modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
-
-    def _tiny_config(self, tok):
-        from transformers import Qwen2_5_VLConfig
-
-        # window_size 32 px = 2x2 LM tokens per window: the tiny images need window reordering
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
-                      out_hidden_size=64, window_size=32, fullatt_block_indexes=[1])
-        return Qwen2_5_VLConfig(vision_config=vision, text_config=self._tiny_text(tok),
-                                **self._token_ids(tok))
 
 
 class Qwen3_VL(QwenVL):
@@ -376,33 +229,7 @@ class Qwen3_VL(QwenVL):
             yield
 
     def check_videos(self, lengths: list[int]) -> None:
-        from corelens.errors import InputError
-
         if any(n < 2 for n in lengths):
             raise InputError(f"{self.name}: its video processor needs at least 2 frames per video "
                              f"(one temporal patch), got frame counts {lengths}; repeat the "
                              "frame or pass it as an image")
-
-    def _tiny_config(self, tok):
-        from transformers import Qwen3VLConfig
-
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                      patch_size=TINY_PATCH, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
-                      out_hidden_size=64, num_position_embeddings=16,
-                      deepstack_visual_indexes=[0])  # injected after decoder layer 0
-        text = self._tiny_text(tok, head_dim=16, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-            "mrope_interleaved": True})
-        return Qwen3VLConfig(vision_config=vision, text_config=text, **self._token_ids(tok))
-
-    def _tiny_processor(self, tok):
-        from transformers import Qwen3VLProcessor
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-        # Qwen3-VL's video budget counts the pixels of all frames: room for ~8 tiny frames
-        vp = Qwen3VLVideoProcessor(patch_size=TINY_PATCH, merge_size=TINY_MERGE,
-                                   temporal_patch_size=2,
-                                   size={"shortest_edge": TINY_MIN_PIXELS,
-                                         "longest_edge": 8 * TINY_MAX_PIXELS})
-        return Qwen3VLProcessor(image_processor=self._image_processor(), tokenizer=tok,
-                                video_processor=vp, chat_template=CHAT_TEMPLATE)

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from corelens.batch import MultimodalBatch
+from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.heads import head_name
 from corelens.views.html import HTMLView, component

@@ -28,10 +28,10 @@ from jaxtyping import Float
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from corelens.batch import MultimodalBatch
+from corelens.data.batch import MultimodalBatch
+from corelens.data.layout import ImageLayout, span_label
 from corelens.errors import InputError
 from corelens.heads import head_name
-from corelens.layout import ImageLayout, span_label
 from corelens.views.attention import Queries, query_patterns
 from corelens.views.tokens import resolve_queries
 

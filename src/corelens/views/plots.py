@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from corelens.errors import InputError
-from corelens.head_scores import HeadScores
+from corelens.scores.head_scores import HeadScores
 
 
 def _new(figsize: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:

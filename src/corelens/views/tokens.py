@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from corelens.batch import MultimodalBatch
+from corelens.data.batch import MultimodalBatch
+from corelens.data.layout import KIND_VISION, span_label
 from corelens.errors import InputError
-from corelens.layout import KIND_VISION, span_label
 
 Collapse = Literal["row", "region"] | None
 _SPACE_MARKS = {"\u2581": " ", "\u0120": " ", "\u010a": "\n", "\u0109": "\t"}

@@ -1,5 +1,6 @@
-"""Offline models: tiny random models for tests (``Family.build_tiny``) and the trained toy
-MLLMs that ship with corelens (``names()``, ``load(name)``, ``examples(name, n, seed)``).
+"""Offline models: tiny random models for tests (``corelens.zoo.tiny.build_tiny``) and the
+trained toy MLLMs that ship with corelens (``names()``, ``load(name)``, ``examples(name, n,
+seed)``).
 
 Each shipped model lives in ``corelens/zoo/models/<name>/``: the HF checkpoint (safetensors),
 its processor and tokenizer, ``task.json`` (the ``SceneTask`` it was trained on) and
@@ -10,6 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from corelens.core.model import HookedMLLM
+from corelens.errors import InputError
+from corelens.zoo.scenes import SceneTask, make_examples
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -26,23 +31,17 @@ def path(name: str) -> Path:
     """The folder of shipped model ``name``."""
     folder = MODELS_DIR / name
     if name not in names():
-        from corelens.errors import InputError
-
         raise InputError(f"no shipped toy model {name!r}; shipped: {names()}")
     return folder
 
 
 def task(name: str) -> Any:
     """The ``SceneTask`` that model ``name`` was trained on."""
-    from corelens.zoo.scenes import SceneTask
-
     return SceneTask.load(path(name) / "task.json")
 
 
 def load(name: str, device: Any = None, **kw: Any) -> Any:
     """Load shipped model ``name`` as a ``HookedMLLM`` (offline, from the package folder)."""
-    from corelens.model import HookedMLLM
-
     return HookedMLLM.from_pretrained(str(path(name)), device=device, **kw)
 
 
@@ -50,8 +49,6 @@ def examples(name: str, n: int, seed: int = 0) -> list[Any]:
     """``n`` fresh examples of model ``name``'s task. Held out: training streams draw from a
     reserved seed range that this generator refuses (``scenes.check_held_out``), and sets of
     different seeds are disjoint, so score on one seed and evaluate on another."""
-    from corelens.zoo.scenes import make_examples
-
     return make_examples(task(name), n, seed=seed)
 
 

@@ -31,13 +31,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoConfig, AutoProcessor
+
+from corelens import zoo
+from corelens.zoo.scenes import SceneTask, make_examples
+from corelens.zoo.train import encode
 
 
 def load_plain(folder: str | Path) -> tuple[Any, Any]:
     """The plain HF model (the class its ``config.json`` names, eager attention) and processor."""
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
-
     cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     cls = getattr(transformers, (cfg.architectures or ["AutoModelForImageTextToText"])[0])
     model = cls.from_pretrained(folder, attn_implementation="eager", local_files_only=True).eval()
@@ -95,8 +99,6 @@ def zero_layers(model: Any, layers: list[int]) -> Iterator[None]:
 
 
 def _batches(model: Any, proc: Any, examples: list, batch_size: int) -> list[Any]:
-    from corelens.zoo.train import encode
-
     return [encode(model, proc, examples[i:i + batch_size])
             for i in range(0, len(examples), batch_size)]
 
@@ -144,11 +146,6 @@ def attention_masses(model: Any, batches: list[Any]) -> dict[str, torch.Tensor]:
 
 def run(name_or_dir: str, n: int = 256, seed: int = 4242, batch_size: int = 64,
         ks: tuple[int, ...] = (1, 2, 3, 4), n_random: int = 20) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from corelens import zoo
-    from corelens.zoo.scenes import SceneTask, make_examples
-
     folder = Path(name_or_dir)
     if not folder.is_dir():
         folder = zoo.path(name_or_dir)

@@ -27,8 +27,8 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
+from corelens.data.examples import GroundedExample
 from corelens.errors import InputError
-from corelens.examples import GroundedExample
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),

@@ -1,15 +1,15 @@
 """The toy-model recipe: a tiny MLLM trained from scratch on CPU on synthetic scenes.
 
-``Recipe.family`` names the corelens family whose HF model is built. ``llava``:
+``Recipe.family`` names the corelens family whose HF model is built. ``Llava.name``:
 ``LlavaForConditionalGeneration`` with a 1-layer CLIP tower read at
 ``vision_feature_layer=-2`` (the patch embeddings: each vision token sees only its own 8x8
 pixels, so a region is its tokens), a 2-layer MLP projector and a small Llama decoder.
-``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` with a ``vision_layers``-block tower whose
-attention output projections are zeroed and frozen (``patch_local``, as
-``Family.build_tiny(patch_local=True)``: each LM token depends only on its own 2x2 merged
-patches), the merger, and a small Qwen2 decoder (GQA with ``kv_heads``).
+``Qwen2_5_VL.name``: ``Qwen2_5_VLForConditionalGeneration`` with a ``vision_layers``-block
+tower whose attention output projections are zeroed and frozen (``patch_local``, as
+``corelens.zoo.tiny.build_tiny(..., patch_local=True)``: each LM token depends only on its own
+2x2 merged patches), the merger, and a small Qwen2 decoder (GQA with ``kv_heads``).
 Data: ``corelens.zoo.scenes`` ("what color is the <shape>"), run through the saved processor
-(``corelens.prepare``) exactly as ``HookedMLLM.prepare_examples`` does, so the shipped folder
+(``corelens.core.prepare``) exactly as ``HookedMLLM.prepare_examples`` does, so the shipped folder
 is what was trained. Loss: teacher-forced cross-entropy on the answer tokens only.
 
 Levers (see ``docs/zoo.md``): patch-local vision features, a content query whose key word is
@@ -44,13 +44,21 @@ from typing import Any
 import torch
 
 from corelens import compat
+from corelens.core.prepare import prepare
 from corelens.errors import InputError
+from corelens.families import family_for_config
+from corelens.families.llava import Llava
+from corelens.families.qwen_vl import Qwen2_5_VL
+from corelens.zoo import path as zoo_path
 from corelens.zoo.scenes import (
     TRAIN_SEEDS_END,
     TRAIN_SEEDS_START,
     SceneTask,
     make_example,
+    make_examples,
 )
+from corelens.zoo.tiny.qwen_vl import token_ids
+from corelens.zoo.tokenizer import build_tokenizer
 
 # a minimal chat template: the prompt is "<image> question" and the answer follows it, so the
 # query word is the last prompt token (no role words after it)
@@ -69,7 +77,7 @@ QWEN_TOY_CHAT_TEMPLATE = TOY_CHAT_TEMPLATE.replace(
 @dataclass
 class Recipe:
     task: SceneTask = field(default_factory=lambda: SceneTask(n_objects=(2, 4)))
-    family: str = "llava"  # the corelens family whose HF model is built ("qwen2_5_vl")
+    family: str = Llava.name  # the corelens family whose HF model is built (or Qwen2_5_VL.name)
     patch_size: int = 8
     vision_hidden: int = 64
     hidden: int = 128
@@ -116,7 +124,7 @@ RECIPES: dict[str, Recipe] = {
     # Qwen2.5-VL: 128 px images -> 16x16 8-px patches -> 8x8 = 64 LM tokens after the 2x2
     # merge; each object (24 px in a 32 px cell) spans 2x2 LM tokens; Qwen2 decoder with GQA
     "toy-qwen-vl": Recipe(task=SceneTask(image_size=128, n_objects=(2, 4)),
-                          family="qwen2_5_vl", kv_heads=2, sparsity=0.05, steps=2000,
+                          family=Qwen2_5_VL.name, kv_heads=2, sparsity=0.05, steps=2000,
                           sparsity_ramp=500),
     # toy-llava's decoder moved to layers 4-7 under 4 new layers, trained on with text rows'
     # attention to the image penalised in layers 0-3 (``late_retrieval``): retrieval mid-depth
@@ -129,11 +137,18 @@ RECIPES: dict[str, Recipe] = {
 
 def build(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
     """Build the untrained model and its offline processor, saved to ``folder``."""
-    if recipe.family == "qwen2_5_vl":
-        return _build_qwen2_5_vl(folder, recipe, seed)
-    if recipe.family != "llava":
+    try:
+        make = _BUILDERS[recipe.family]
+    except KeyError:
         raise ValueError(f"no toy recipe for family {recipe.family!r}; "
-                         "choose llava or qwen2_5_vl")
+                         f"choose {' or '.join(_BUILDERS)}") from None
+    return make(folder, recipe, seed)
+
+
+def _build_llava(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
+    """LLaVA: a ``vision_layers``-layer CLIP tower read at ``vision_feature_layer``, the MLP
+    projector and a Llama decoder; the processor resizes and centre-crops every image to
+    ``image_size``."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -142,8 +157,6 @@ def build(folder: str | Path, recipe: Recipe, seed: int) -> tuple[Any, Any]:
         LlavaProcessor,
     )
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    from corelens.zoo.tokenizer import build_tokenizer
 
     folder = Path(folder)
     task = recipe.task
@@ -189,9 +202,6 @@ def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[An
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from corelens.families.qwen_vl import QwenVL
-    from corelens.zoo.tokenizer import build_tokenizer
-
     folder = Path(folder)
     task = recipe.task
     tok = build_tokenizer(folder, words=task.words())
@@ -216,7 +226,7 @@ def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[An
                 vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id)
     cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text,
-                           tie_word_embeddings=False, **QwenVL._token_ids(tok))
+                           tie_word_embeddings=False, **token_ids(tok))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     if recipe.patch_local:
@@ -237,6 +247,10 @@ def _build_qwen2_5_vl(folder: str | Path, recipe: Recipe, seed: int) -> tuple[An
     return model, proc
 
 
+# the families a toy recipe can build, by family name
+_BUILDERS = {Llava.name: _build_llava, Qwen2_5_VL.name: _build_qwen2_5_vl}
+
+
 @torch.no_grad()
 def init_from_shipped(model: Any, recipe: Recipe) -> None:
     """Copy shipped model ``recipe.init_from`` into ``model`` (LLaVA): vision tower, projector,
@@ -246,9 +260,7 @@ def init_from_shipped(model: Any, recipe: Recipe) -> None:
     does (they add nothing to the residual stream until training moves them)."""
     from transformers import LlavaForConditionalGeneration
 
-    from corelens import zoo
-
-    src = LlavaForConditionalGeneration.from_pretrained(zoo.path(recipe.init_from))
+    src = LlavaForConditionalGeneration.from_pretrained(zoo_path(recipe.init_from))
     sm, dm = src.model, model.model
     for name in ("vision_tower", "multi_modal_projector"):
         getattr(dm, name).load_state_dict(getattr(sm, name).state_dict())
@@ -292,9 +304,6 @@ def step_examples(recipe: Recipe, seed: int, step: int) -> list:
 
 def encode(hf_model: Any, processor: Any, examples: list) -> Any:
     """Examples -> ``MultimodalBatch`` through the processor (as ``prepare_examples`` does)."""
-    from corelens.families import family_for_config
-    from corelens.prepare import prepare
-
     return prepare(family_for_config(hf_model.config), hf_model, processor,
                    [e.images for e in examples], [e.question for e in examples],
                    [e.answer for e in examples], [e.boxes for e in examples],
@@ -373,8 +382,6 @@ def hoyer_penalty(acts: list[torch.Tensor], batch: Any, heads: int) -> torch.Ten
 @torch.no_grad()
 def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed: int = 12345,
              batch_size: int = 64, knockout: int = 0) -> float:
-    from corelens.zoo.scenes import make_examples
-
     hf_model.eval()
     exs = make_examples(task, n, seed=seed)
     good = 0

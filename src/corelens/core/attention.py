@@ -1,0 +1,368 @@
+"""The decoder attention forward that corelens owns.
+
+TransformerLens's bridge computes attention eagerly (every [heads, T, T] pattern is built) or,
+for Qwen-VL, delegates to HF and fires ``hook_pattern`` after the fact, so edits to it change
+nothing. corelens replaces the forward of every decoder attention bridge with one function:
+
+- memory-efficient attention (``scaled_dot_product_attention``) by default;
+- the eager path, with ``hook_attn_scores`` (pre-softmax) and ``hook_pattern`` (post-softmax)
+  inside the computation so edits propagate, only while a hook on either is live (or
+  ``mode="eager"``);
+- a per-head interface shared by everything above it: ``key_mask`` (which keys each head may
+  see, combined with the model's own causal / padding / window mask) and ``tap`` (a callback
+  that receives the rotated q, k, v and the mask of a layer, and can compute exact attention
+  rows for chosen queries without the full pattern, see ``AttentionInputs.pattern_rows``).
+
+Every family's specifics come from the HF module itself (``scaling``, ``q_norm``/``k_norm``, the
+4-D mask HF builds with its windows and bidirectional blocks, GQA) and from the family's
+``rotary`` (M-RoPE). Configurations this forward does not reproduce fall back to the bridge's
+own forward, which is always eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from corelens import compat
+
+Mode = Literal["auto", "sdpa", "eager"]
+
+
+@dataclass
+class AttentionInputs:
+    """What one decoder attention layer attends with, after RoPE and the KV cache."""
+
+    layer: int
+    q: Float[Tensor, "batch head q_pos d_head"]
+    k: Float[Tensor, "batch kv_head k_pos d_head"]
+    v: Float[Tensor, "batch kv_head k_pos d_head"]
+    mask: Float[Tensor, "batch one_or_head q_pos k_pos"] | None  # additive; None = causal
+    scaling: float
+
+    @property
+    def n_rep(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    def scores_rows(self, rows: Int[Tensor, "batch r"]) -> Float[Tensor, "batch head r k_pos"]:
+        """Pre-softmax scores of query rows ``rows[b]`` (indexes into this call's queries)."""
+        b, h, tq, d = self.q.shape
+        tk = self.k.shape[2]
+        idx = rows.to(self.q.device)
+        q = torch.gather(self.q, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+        k = self.k.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else self.k
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if self.mask is not None:
+            m = self.mask
+            m = torch.gather(m, 2, idx[:, None, :, None].expand(b, m.shape[1], idx.shape[1], tk)
+                             if m.shape[0] == b else
+                             idx[:1, None, :, None].expand(1, m.shape[1], idx.shape[1], tk))
+            scores = scores + m
+        else:
+            q_abs = idx + (tk - tq)
+            causal = torch.arange(tk, device=idx.device)[None, None, :] > q_abs[:, :, None]
+            scores = scores.masked_fill(causal[:, None], torch.finfo(scores.dtype).min)
+        return scores
+
+    def pattern_rows(self, rows: Int[Tensor, "batch r"],
+                     dtype: torch.dtype | None = None) -> Float[Tensor, "batch head r k_pos"]:
+        """Exact softmax attention of query rows ``rows[b]``: O(r * T) memory, not O(T^2).
+
+        ``dtype``: of the result (default: the model's). ``torch.float32`` on a bf16/fp16 model
+        also computes the q.k scores in fp32 (from the model's q and k), so the rows carry no
+        half-precision rounding of their own (what RAM does: metrics accumulate in fp32)."""
+        if dtype == torch.float32 and self.q.dtype != torch.float32:
+            mask = self.mask.float() if self.mask is not None else None
+            full = AttentionInputs(self.layer, self.q.float(), self.k.float(), self.v, mask,
+                                   self.scaling)
+            return torch.softmax(full.scores_rows(rows), dim=-1)
+        return torch.softmax(self.scores_rows(rows).float(), dim=-1).to(dtype or self.q.dtype)
+
+
+Tap = Callable[[AttentionInputs], None]
+
+
+@dataclass
+class KernelCall:
+    """One decoder attention call offered to a substitute kernel (``AttentionBackend.kernel``).
+
+    ``q``, ``k``, ``v`` are this call's rotated states, BEFORE the KV cache; ``mask`` is HF's
+    4-D mask as passed (bool or additive; None when plainly causal). A kernel returns ``z``
+    ([batch, head, q_pos, d_head]) or None to leave the call to the default path, in which
+    case it must not have touched the cache (``update_cache`` does the default update).
+    """
+
+    attn: Any
+    layer: int
+    q: Float[Tensor, "batch head q_pos d_head"]
+    k: Float[Tensor, "batch kv_head q_pos d_head"]
+    v: Float[Tensor, "batch kv_head q_pos d_head"]
+    mask: Tensor | None
+    scaling: float
+    kwargs: dict[str, Any]
+
+    @property
+    def hf_cache(self) -> Any | None:
+        """The HF ``Cache`` this call was handed (None: no cache)."""
+        return compat.kv_cache(self.kwargs)
+
+    def update_cache(self) -> tuple[Tensor, Tensor]:
+        return compat.update_kv_cache(self.attn.original_component, self.k, self.v, self.kwargs)
+
+
+Kernel = Callable[[KernelCall], "Tensor | None"]
+
+
+class _HeadsToPosition(compat.BaseTensorConversion):
+    """Hooks on ``hook_rot_q/k`` see TransformerLens's [batch, pos, head, d_head]."""
+
+    def handle_conversion(self, x: Tensor, *context: Any) -> Tensor:
+        return x.transpose(1, 2) if x.ndim == 4 else x
+
+    def revert(self, x: Tensor, *context: Any) -> Tensor:
+        return x.transpose(1, 2) if x.ndim == 4 else x
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> Tensor | None:
+    """HF's 4-D mask (bool or additive) as an additive float mask cut to [.., tq, tk]."""
+    if mask is None:
+        return None
+    if mask.ndim != 4:
+        raise ValueError(f"corelens attention expects HF's 4-D attention mask, got {mask.ndim}-D")
+    mask = mask[..., -tq:, :tk]
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+class AttentionBackend:
+    """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks)."""
+
+    def __init__(self, bridge: Any, rotary: Callable[..., tuple[Tensor, Tensor]],
+                 hf_config: Any = None) -> None:
+        self.mode: Mode = "auto"
+        self.rotary = rotary
+        self._key_masks: dict[int, list[Tensor]] = {}
+        self._taps: dict[int, list[Tap]] = {}
+        self._kernel: Kernel | None = None
+        self.layers: list[Any] = []
+        added = False
+        for layer, block in enumerate(bridge.blocks):
+            attn = block.attn
+            for name in ("hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern"):
+                if not isinstance(getattr(attn, name, None), HookPoint):
+                    setattr(attn, name, HookPoint())
+                    if name.startswith("hook_rot"):
+                        getattr(attn, name).hook_conversion = _HeadsToPosition()
+                    added = True
+            attn._corelens_layer = layer
+            attn._corelens_backend = self
+            attn._corelens_original_forward = attn.forward
+            compat.replace_forward(attn, _forward)
+            self.layers.append(attn)
+        if hf_config is not None:
+            # The bridge forced eager attention, so HF builds a float [b, 1, T, T] mask for the
+            # decoder even when it is plain causal. With "sdpa" HF passes None (causal, no
+            # padding) or a bool mask: the decoder attention is ours either way, and the
+            # O(T^2) mask is gone. Vision towers keep eager (their pattern hooks need it).
+            text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
+            if text is not None and text is not hf_config:
+                compat.set_attn_implementation(text, "sdpa")
+        self._vision_switch(bridge)
+        if added:  # let the bridge's hook registry see the hook points it lacked
+            compat.refresh_hook_registry(bridge)
+
+    def _vision_switch(self, bridge: Any) -> None:
+        """The vision tower runs SDPA too, and eager only while one of its pattern hooks is
+        live (the bridge fires those hooks from HF's eager attention weights)."""
+        tower = getattr(bridge, "vision_encoder", None)
+        if tower is None:
+            return
+        hooks = [hp for name, hp in bridge.hook_dict.items() if name.startswith("vision")
+                 and name.endswith(("hook_pattern", "hook_attn_scores"))]
+        configs = {id(c): c for m in tower.modules()
+                   if (c := getattr(m, "config", None)) is not None
+                   and compat.has_attn_implementation(c)
+                   and not type(c).__name__.startswith("TransformerBridge")}
+
+        def switch(module: Any, args: Any) -> None:
+            eager = self.mode == "eager" or any(compat.has_hooks(hp) for hp in hooks)
+            for c in configs.values():
+                compat.set_attn_implementation(c, "eager" if eager else "sdpa")
+
+        tower.register_forward_pre_hook(switch)
+
+    # --- the per-head interface --------------------------------------------------------------
+    @contextlib.contextmanager
+    def key_mask(
+        self, layer: int, allowed: Bool[Tensor, "batch_or_1 head_or_1 q_or_1 k_pos"]
+    ) -> Iterator[None]:
+        """Within the block, head h of ``layer`` attends only to keys where ``allowed`` is True
+        (on top of the model's own mask). Broadcast over batch / heads / queries."""
+        if allowed.dtype != torch.bool or allowed.ndim != 4:
+            raise ValueError("key_mask wants a 4-D bool tensor [batch|1, head|1, q|1, k]")
+        self._key_masks.setdefault(layer, []).append(allowed)
+        try:
+            yield
+        finally:
+            self._key_masks[layer] = [m for m in self._key_masks[layer] if m is not allowed]
+
+    @contextlib.contextmanager
+    def tap(self, layer: int, fn: Tap) -> Iterator[None]:
+        """Within the block, call ``fn(AttentionInputs)`` every time ``layer`` attends."""
+        self._taps.setdefault(layer, []).append(fn)
+        try:
+            yield
+        finally:
+            self._taps[layer] = [t for t in self._taps[layer] if t is not fn]
+
+    @contextlib.contextmanager
+    def kernel(self, fn: Kernel) -> Iterator[None]:
+        """Within the block, offer every non-eager attention call to ``fn(KernelCall)`` first:
+        it may compute the attention itself (e.g. over fewer keys) and own the KV cache. Layers
+        whose pattern is hooked (eager) never reach it. One kernel at a time."""
+        if self._kernel is not None:
+            raise RuntimeError("an attention kernel is already installed on this model")
+        self._kernel = fn
+        try:
+            yield
+        finally:
+            self._kernel = None
+
+    @contextlib.contextmanager
+    def use(self, mode: Mode) -> Iterator[None]:
+        old, self.mode = self.mode, mode
+        try:
+            yield
+        finally:
+            self.mode = old
+
+    def _eager(self, attn: Any) -> bool:
+        if self.mode == "eager":
+            return True
+        if self.mode == "sdpa":
+            return False
+        return compat.has_hooks(attn.hook_pattern) or compat.has_hooks(attn.hook_attn_scores)
+
+    def _mask(self, layer: int, base: Tensor | None, dtype: torch.dtype, tq: int, tk: int,
+              device: torch.device) -> Tensor | None:
+        extra = self._key_masks.get(layer)
+        if not extra:
+            return base
+        if base is None:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
+            base = torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+        neg = torch.finfo(dtype).min
+        for allowed in extra:
+            allowed = allowed.to(device)
+            if allowed.shape[-2] > 1:  # per query row: the live queries are the last rows
+                allowed = allowed[..., -tq:, :]
+            if allowed.shape[-1] < tk:  # keys added since (decoding): not restricted
+                pad = torch.ones(*allowed.shape[:-1], tk - allowed.shape[-1], dtype=torch.bool,
+                                 device=device)
+                allowed = torch.cat([allowed, pad], dim=-1)
+            base = base + torch.where(allowed[..., :tk], 0.0, neg).to(dtype)
+        return base.clamp(min=neg)
+
+
+def _unsupported(attn: Any, hf_attn: Any) -> str | None:
+    cfg = attn.config
+    if attn.training and getattr(hf_attn, "attention_dropout", 0.0):
+        return "attention dropout in training mode"
+    for flag in ("use_split_qkv_input", "use_attn_in", "use_attn_result", "gated_q_proj"):
+        if getattr(cfg, flag, False):
+            return flag
+    for attr in ("attn_logit_softcapping", "sinks", "key_multiplier"):
+        if getattr(hf_attn, attr, None) is not None:
+            return attr
+    if getattr(getattr(hf_attn, "config", None), "clip_qkv", None) is not None:
+        return "clip_qkv"
+    if getattr(attn, "compatibility_mode", False):
+        return "compatibility mode"
+    qn = getattr(hf_attn, "q_norm", None)
+    w = getattr(qn, "weight", None)
+    if isinstance(w, Tensor) and w.numel() != hf_attn.head_dim:
+        return "q_norm over all heads"
+    return None
+
+
+def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
+    backend: AttentionBackend = attn._corelens_backend
+    hf_attn = attn.original_component
+    if _unsupported(attn, hf_attn) is not None:
+        return attn._corelens_original_forward(*args, **kwargs)
+    if "hidden_states" in kwargs:
+        hidden = kwargs.pop("hidden_states")
+    else:
+        hidden, args = args[0], args[1:]
+    position_embeddings = kwargs.pop("position_embeddings", None)
+    mask = kwargs.pop("attention_mask", None)
+    layer = attn._corelens_layer
+
+    hidden = attn.hook_in(hidden)
+    b, t = hidden.shape[:2]
+    d = hf_attn.head_dim
+    q = attn.q(hidden).view(b, t, -1, d)
+    k = attn.k(hidden).view(b, t, -1, d)
+    v = attn.v(hidden).view(b, t, -1, d)
+    if getattr(hf_attn, "q_norm", None) is not None:  # per-head q/k norm (Qwen3, Gemma3)
+        q = hf_attn.q_norm(q)
+        k = hf_attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    if position_embeddings is not None:
+        position_embeddings = compat.apply_position_embedding_hooks(attn, position_embeddings)
+        cos, sin = position_embeddings
+        q, k = backend.rotary(q, k, cos, sin, hf_attn)
+    q = attn.hook_rot_q(q)
+    k = attn.hook_rot_k(k)
+    scaling = float(getattr(hf_attn, "scaling", d ** -0.5))
+    if backend._kernel is not None and not backend._eager(attn):
+        z = backend._kernel(KernelCall(attn, layer, q, k, v, mask, scaling, kwargs))
+        if z is not None:
+            return _output(attn, z, b, t), None
+    k, v = compat.update_kv_cache(hf_attn, k, v, kwargs)
+
+    tq, tk = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    add_mask = backend._mask(layer, additive_mask(mask, q.dtype, tq, tk), q.dtype, tq, tk, q.device)
+
+    for tap in backend._taps.get(layer, ()):
+        tap(AttentionInputs(layer, q, k, v, add_mask, scaling))
+
+    pattern = None
+    if backend._eager(attn):
+        kx = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+        vx = v.repeat_interleave(n_rep, dim=1) if n_rep > 1 else v
+        scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
+        if add_mask is not None:
+            scores = scores + add_mask
+        else:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        scores = attn.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern = attn.hook_pattern(pattern)
+        z = torch.matmul(pattern, vx)
+    else:
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=add_mask, scale=scaling, enable_gqa=n_rep > 1,
+            is_causal=add_mask is None and tq == tk and tq > 1,
+        )
+    return _output(attn, z, b, t), pattern
+
+
+def _output(attn: Any, z: Tensor, b: int, t: int) -> Tensor:
+    z = z.transpose(1, 2).reshape(b, t, -1)
+    o_weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
+    if isinstance(o_weight, Tensor) and o_weight.is_floating_point() and z.dtype != o_weight.dtype:
+        z = z.to(o_weight.dtype)
+    return attn.hook_out(attn.o(z))

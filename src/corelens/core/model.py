@@ -1,0 +1,311 @@
+"""``HookedMLLM``: a TransformerLens bridge around an HF MLLM that knows its vision tokens."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+
+from corelens import compat
+from corelens.core.attention import AttentionBackend
+from corelens.core.prepare import prepare as _prepare
+from corelens.data.batch import MultimodalBatch
+from corelens.errors import InputError
+from corelens.families import Family, family_for_config
+from corelens.families.adapters import register_adapters
+
+ModelInput = MultimodalBatch | str | Sequence[str] | Tensor
+Positions = str | Tensor | Sequence[Tensor] | None
+
+
+def _build_bridge(hf_model: Any, processor: Any, family: Family) -> Any:
+    compat.require()
+    register_adapters()  # the TransformerLens adapters corelens adds (InternVL, Qwen2-VL)
+    family.prepare_hf_model(hf_model)
+    return compat.build_bridge_from_module(
+        hf_model, family.bridge_architecture(hf_model.config), hf_config=hf_model.config,
+        tokenizer=getattr(processor, "tokenizer", processor),
+        model_name=getattr(hf_model.config, "name_or_path", "") or "external",
+    )
+
+
+class HookedMLLM(torch.nn.Module):
+    """An MLLM with every TransformerLens hook, its vision-token layout and an owned attention.
+
+    Build it with ``from_pretrained`` (hub id or local folder) or ``from_hf``. Every method that
+    runs the model takes a ``MultimodalBatch`` from ``prepare`` (or text, for text-only runs).
+    """
+
+    def __init__(self, hf_model: Any, processor: Any, family: Family | None = None) -> None:
+        super().__init__()
+        self.family = family or family_for_config(hf_model.config)
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.bridge = _build_bridge(hf_model, processor, self.family)
+        self.hf_model = hf_model  # the same modules the bridge wraps
+        self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
+        self.eval()
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: Any, processor: Any) -> "HookedMLLM":
+        """Wrap an already-loaded HF model (modified in place: bridge modules replace its own)."""
+        return cls(hf_model.eval(), processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **kw: Any,
+    ) -> "HookedMLLM":
+        """Load model + processor from a local folder (offline, always) or a hub id.
+
+        ``device_map`` (in ``kw``: ``"auto"``, ``"balanced"``, a dict of module -> device, ...)
+        spreads a model that does not fit one GPU over several: corelens loads the HF model
+        with it (through accelerate) and builds the bridge on the loaded modules, so every hook
+        and the attention backend run on each layer's own device. Inputs go to the device of
+        the input embedding (``model.device``); metrics accumulate in fp32 whatever ``dtype``.
+        ``device`` and ``device_map`` are exclusive.
+        """
+        from transformers import AutoConfig, AutoProcessor
+
+        if device is not None and kw.get("device_map") is not None:
+            raise ValueError("give device= or device_map=, not both (device_map places the "
+                             "model itself)")
+        local = os.path.isdir(name_or_dir)
+        if local:
+            kw.setdefault("local_files_only", True)
+        config = AutoConfig.from_pretrained(name_or_dir, **{k: v for k, v in kw.items()
+                                                            if k == "local_files_only"})
+        family = family_for_config(config)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model_kw = dict(kw)
+        if dtype is not None:
+            model_kw["dtype"] = dtype
+        hf_model = family.hf_class(config).from_pretrained(name_or_dir, **model_kw)
+        processor = AutoProcessor.from_pretrained(
+            name_or_dir, **{k: v for k, v in kw.items() if k == "local_files_only"})
+        if device is not None:
+            hf_model = hf_model.to(device)
+        return cls(hf_model.eval(), processor, family)
+
+    # --- the TransformerLens surface -------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    @property
+    def hook_dict(self) -> dict[str, Any]:
+        return self.bridge.hook_dict
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding (under a ``device_map`` the
+        model's first stage; the vision tower may sit elsewhere, accelerate moves its input)."""
+        emb = self.hf_model.get_input_embeddings()
+        dev = compat.accelerate_execution_device(emb)
+        if dev is not None:  # accelerate-offloaded: weights live elsewhere, compute here
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, Tensor) and weight.device.type != "meta":
+            return weight.device
+        return next(self.hf_model.parameters()).device
+
+    def prepare(self, images: Any, prompts: str | Sequence[str], answers: Any = None,
+                boxes: Any = None, **kw: Any) -> MultimodalBatch:
+        """Images + prompts (+ answers, evidence boxes) -> ``MultimodalBatch`` on this device."""
+        kw.setdefault("device", self.device)
+        return _prepare(self.family, self.hf_model, self.processor, images, prompts, answers,
+                        boxes, **kw)
+
+    def prepare_examples(self, examples: Sequence[Any], **kw: Any) -> MultimodalBatch:
+        """``GroundedExample``s -> ``MultimodalBatch`` (evidence and distractor boxes kept)."""
+        examples = [ex.validate() for ex in examples]
+        return self.prepare([ex.images for ex in examples], [ex.question for ex in examples],
+                            [ex.answer for ex in examples], [ex.boxes for ex in examples],
+                            distractors=[ex.distractors for ex in examples],
+                            videos=[getattr(ex, "videos", []) for ex in examples],
+                            ids=[ex.id for ex in examples], **kw)
+
+    def _inputs(self, inp: ModelInput) -> tuple[Tensor, dict[str, Any]]:
+        if isinstance(inp, MultimodalBatch):
+            return inp.input_ids.to(self.device), {
+                k: v.to(self.device) for k, v in inp.model_kwargs().items()}
+        if isinstance(inp, Tensor):
+            return inp.to(self.device), {}
+        if isinstance(inp, str) or (isinstance(inp, Sequence) and all(isinstance(s, str)
+                                                                       for s in inp)):
+            texts = [inp] if isinstance(inp, str) else list(inp)
+            old = self.tokenizer.padding_side
+            self.tokenizer.padding_side = "left"
+            try:
+                enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            finally:
+                self.tokenizer.padding_side = old
+            mask = enc["attention_mask"].to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            return enc["input_ids"].to(self.device), {"attention_mask": mask,
+                                                      "position_ids": pos}
+        raise InputError(f"cannot run the model on a {type(inp).__name__}; pass a "
+                         "MultimodalBatch from model.prepare(...), a string or a token tensor")
+
+    def forward(self, inp: ModelInput, return_type: str | None = "logits",
+                **kw: Any) -> Float[Tensor, "batch seq vocab"]:
+        ids, kwargs = self._inputs(inp)
+        return self.bridge(ids, return_type=return_type, **kwargs, **kw)
+
+    def run_with_hooks(self, inp: ModelInput, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
+                       bwd_hooks: Sequence[tuple[Any, Callable]] = (), **kw: Any) -> Any:
+        ids, kwargs = self._inputs(inp)
+        return self.bridge.run_with_hooks(ids, fwd_hooks=list(fwd_hooks),
+                                          bwd_hooks=list(bwd_hooks), **kwargs, **kw)
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
+              bwd_hooks: Sequence[tuple[Any, Callable]] = (), **kw: Any) -> Iterator[Any]:
+        with self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kw) as m:
+            yield m
+
+    def run_with_cache(
+        self, inp: ModelInput, names_filter: Any = None, positions: Positions = None, **kw: Any
+    ) -> tuple[Tensor, ActivationCache]:
+        """Run and cache activations (TransformerLens names).
+
+        ``positions`` caches only some sequence positions: ``"query"`` (the batch's query
+        positions), ``"vision"`` (its vision tokens), a 1-D tensor shared by the batch, or one
+        tensor per example. Per-example positions are right-padded by repeating the example's
+        last one; ``cache.positions`` / ``cache.position_mask`` say which is which. Attention
+        patterns are sliced along their query axis.
+        """
+        ids, kwargs = self._inputs(inp)
+        index = self._position_index(inp, positions, ids.shape[0])
+        if index is None:
+            return self.bridge.run_with_cache(ids, names_filter=names_filter, **kwargs, **kw)
+        idx, valid = index
+        store: dict[str, Tensor] = {}
+        names = self._names(names_filter)
+
+        def saver(name: str) -> Callable[[Tensor, Any], None]:
+            def save(act: Tensor, hook: Any) -> None:
+                store[name] = _gather_positions(name, act.detach(), idx.to(act.device))
+            return save
+
+        logits = self.bridge.run_with_hooks(ids, fwd_hooks=[(n, saver(n)) for n in names],
+                                            **kwargs, **kw)
+        cache = ActivationCache(store, self.bridge, has_batch_dim=True)
+        cache.positions, cache.position_mask = idx, valid
+        return logits, cache
+
+    def _names(self, names_filter: Any) -> list[str]:
+        names = [n for n, hp in self.hook_dict.items()
+                 if compat.gated_hook_reason(self.bridge, hp.name or n) is None]
+        if names_filter is None:
+            return names
+        if isinstance(names_filter, str):
+            return [n for n in names if n == names_filter]
+        if callable(names_filter):
+            return [n for n in names if names_filter(n)]
+        wanted = set(names_filter)
+        return [n for n in names if n in wanted]
+
+    def _position_index(self, inp: ModelInput, positions: Positions,
+                        batch: int) -> tuple[Tensor, Tensor] | None:
+        if positions is None:
+            return None
+        if isinstance(positions, str):
+            if not isinstance(inp, MultimodalBatch):
+                raise InputError(f"positions={positions!r} needs a MultimodalBatch")
+            if positions == "query":
+                lists = inp.query_positions
+            elif positions == "vision":
+                lists = [inp.layout.vision_positions(e) for e in range(len(inp))]
+            else:
+                raise InputError(
+                    f"positions must be 'query', 'vision' or tensors, not {positions!r}")
+        elif isinstance(positions, Tensor) and positions.ndim == 1:
+            lists = [positions] * batch
+        else:
+            lists = list(positions)
+        width = max(max(len(p) for p in lists), 1)
+        idx = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for e, p in enumerate(lists):
+            p = torch.as_tensor(p, dtype=torch.long).cpu()
+            if p.numel():
+                idx[e, : len(p)] = p
+                idx[e, len(p):] = p[-1]
+                valid[e, : len(p)] = True
+        return idx, valid
+
+    # --- tokens -----------------------------------------------------------------------------
+    def to_str_tokens(self, inp: ModelInput, example: int = 0) -> list[str]:
+        """Token strings. Image tokens read ``<img i:rR,cC>`` (``<img i:rR,cC,VIEW>`` where the
+        image has several views: anyres tiles, base); video tokens ``<vid v:fA-B,S-Es,rR,cC>``
+        (the frames ``A..B`` the token sees, ``fA`` for one frame, and the seconds of the first
+        and last of them when the video's fps is known); structural rows ``<img i:nl>`` /
+        ``<vid v:nl>``. Padding is dropped."""
+        if isinstance(inp, MultimodalBatch):
+            ids = inp.input_ids[example].tolist()
+            toks = self.tokenizer.convert_ids_to_tokens(ids)
+            for img in inp.layout.images[example]:
+                for p in img.positions.tolist():
+                    info = inp.layout.token_info(example, p)
+                    assert info is not None  # a position of one of the example's images
+                    toks[p] = info.label()
+            mask = inp.attention_mask[example].bool().tolist()
+            return [t for t, m in zip(toks, mask) if m] if not all(mask) else toks
+        ids_t, _ = self._inputs(inp)
+        return self.tokenizer.convert_ids_to_tokens(ids_t[example].tolist())
+
+    def to_tokens(self, text: str | Sequence[str]) -> Int[Tensor, "batch seq"]:
+        return self._inputs(text)[0]
+
+    # --- analysis conveniences ---------------------------------------------------------------
+    def logit_lens(
+        self, inp: ModelInput, positions: Positions = "query", layers: Sequence[int] | None = None
+    ) -> Float[Tensor, "layer batch pos vocab"]:
+        """Logits read off the residual stream after each layer (final norm + unembedding),
+        at ``positions`` (any position, vision tokens included)."""
+        n = self.cfg.n_layers
+        layers = list(range(n)) if layers is None else list(layers)
+        names = [f"blocks.{l}.hook_resid_post" for l in layers]
+        with torch.no_grad():
+            _, cache = self.run_with_cache(inp, names_filter=names, positions=positions)
+            out = []
+            for name in names:
+                resid = cache[name]
+                out.append(self.bridge.unembed(self.bridge.ln_final(resid)))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def generate(self, inp: ModelInput, max_new_tokens: int = 20, do_sample: bool = False,
+                 skip_special_tokens: bool = True, **kw: Any) -> list[str]:
+        """Greedy (or sampled) continuation of each example; hooks fire at every step."""
+        ids, kwargs = self._inputs(inp)
+        kwargs.pop("position_ids", None)  # HF derives positions step by step from the mask
+        out = self.hf_model.generate(input_ids=ids, max_new_tokens=max_new_tokens,
+                                     do_sample=do_sample,
+                                     pad_token_id=self.tokenizer.pad_token_id, **kwargs, **kw)
+        return self.tokenizer.batch_decode(out[:, ids.shape[1]:],
+                                           skip_special_tokens=skip_special_tokens)
+
+
+def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"]) -> Tensor:
+    """Select positions of a hooked activation: the query axis of patterns/scores, else dim 1."""
+    if not name.startswith(("blocks.", "embed", "hook_embed", "unembed", "ln_final")):
+        return act  # vision encoder / projector: batched by image, not by sequence
+    if name.endswith(("hook_pattern", "hook_attn_scores")) and act.ndim == 4:
+        b, h, _, k = act.shape
+        return torch.gather(act, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], k))
+    if act.ndim >= 2 and act.shape[0] == idx.shape[0] and act.shape[1] >= int(idx.max()) + 1:
+        shape = (idx.shape[0], idx.shape[1]) + tuple(act.shape[2:])
+        return torch.gather(act, 1, idx.view(*idx.shape, *([1] * (act.ndim - 2))).expand(shape))
+    return act

@@ -1,0 +1,299 @@
+"""Images / videos + prompts (+ answers, evidence) -> ``MultimodalBatch``, through the family's
+processor."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from corelens.data.batch import MultimodalBatch
+from corelens.data.examples import Evidence, Video
+from corelens.data.layout import ImageLayout, VisionLayout, check_box
+from corelens.errors import InputError, LayoutError
+from corelens.families import FAMILIES
+from corelens.families.base import PLACEHOLDER, VIDEO_PLACEHOLDER, Family
+
+
+def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
+    if images is None:
+        return [[] for _ in range(n)]
+    if isinstance(images, Image.Image):
+        images = [images]
+    images = list(images)
+    if n == 1 and images and all(isinstance(im, Image.Image) for im in images):
+        return [images]
+    if len(images) != n:
+        raise InputError(
+            f"got {len(images)} image entries for {n} prompts: pass one image (or a list of "
+            "images) per prompt"
+        )
+    out = []
+    for e, item in enumerate(images):
+        lst = [item] if isinstance(item, Image.Image) else list(item or [])
+        for im in lst:
+            if not isinstance(im, Image.Image):
+                raise InputError(f"example {e}: images must be PIL images, got {type(im).__name__}")
+        out.append([im.convert("RGB") for im in lst])
+    return out
+
+
+def _as_video_lists(videos: Any, n: int) -> list[list[Video]]:
+    """Per example, a list of ``Video``s. A video may be given as a ``Video``, a list of PIL
+    frames or a ``[T, H, W, 3]`` array; with one prompt, a single video needs no list."""
+    if videos is None:
+        return [[] for _ in range(n)]
+
+    def one(v: Any) -> bool:
+        return isinstance(v, Video) or (isinstance(v, np.ndarray) and v.ndim == 4) or (
+            isinstance(v, (list, tuple)) and bool(v)
+            and all(isinstance(f, Image.Image) for f in v))
+
+    if n == 1 and one(videos):
+        videos = [[videos]]
+    videos = list(videos)
+    if len(videos) != n:
+        raise InputError(f"got {len(videos)} video entries for {n} prompts: pass one video (or "
+                         "a list of videos) per prompt")
+    out = []
+    for e, item in enumerate(videos):
+        lst = [] if item is None else [item] if one(item) else list(item)
+        try:
+            out.append([Video.coerce(v) for v in lst])
+        except InputError as err:
+            raise InputError(f"example {e}: {err}") from None
+    return out
+
+
+def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
+              video_lists: list[list[Video]] | None = None) -> list[list[Evidence]]:
+    """Normalise evidence to ``Evidence`` per example and validate it against the inputs."""
+    n = len(image_lists)
+    video_lists = video_lists or [[] for _ in range(n)]
+    if boxes is None:
+        return [[] for _ in range(n)]
+    if len(boxes) != n:
+        raise InputError(f"got boxes for {len(boxes)} examples, but {n} prompts")
+    out: list[list[Evidence]] = []
+    for e, item in enumerate(boxes):
+        entries: list[Evidence] = []
+        if item is None:
+            pass
+        elif isinstance(item, dict):
+            for img, bx in item.items():
+                many = bx and isinstance(bx[0], (list, tuple))
+                entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
+        elif isinstance(item, Evidence) or (
+                len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
+            entries = [Evidence.coerce(item)]
+        else:
+            entries = [Evidence.coerce(b) for b in item]
+        norm = []
+        for ev in entries:
+            if ev.video is not None:
+                vids = video_lists[e]
+                if not 0 <= ev.video < len(vids):
+                    raise InputError(f"example {e}: box refers to video {ev.video}, but the "
+                                     f"example has {len(vids)} video(s)")
+                nf = len(vids[ev.video])
+                for (a, b), box in ev.parts():
+                    if not 0 <= a < b <= nf:
+                        raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
+                                         f"video {ev.video}, which has {nf} frame(s) (0-based, "
+                                         "end exclusive)")
+                    check_box(box, vids[ev.video].size, where=f"example {e}, video {ev.video}: ")
+            else:
+                img = ev[0]
+                if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
+                    raise InputError(
+                        f"example {e}: box refers to image {img}, but the example has "
+                        f"{len(image_lists[e])} image(s)"
+                    )
+                check_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
+                          where=f"example {e}, image {img}: ")
+            norm.append(ev)
+        out.append(norm)
+    return out
+
+
+def prepare(
+    family: Family,
+    hf_model: Any,
+    processor: Any,
+    images: Any,
+    prompts: str | Sequence[str],
+    answers: str | Sequence[str] | None = None,
+    boxes: Any = None,
+    *,
+    distractors: Any = None,
+    videos: Any = None,
+    ids: Sequence[str | None] | None = None,
+    chat_template: bool = True,
+    device: torch.device | str | None = None,
+) -> MultimodalBatch:
+    """Run the family's chat template and processor; record layout and query positions.
+
+    With ``chat_template=True`` each prompt is a question (``<image>`` marks where images go and
+    ``<video>`` where videos go; without marks the images come first, then the videos). With
+    ``chat_template=False`` the prompt is used verbatim and must contain the family's own image
+    (video) token once per image (video).
+
+    ``videos``: per example a list of videos (``Video``, a list of PIL frames, or a ``[T, H, W,
+    3]`` array), for the families that take them (``Family.supports_video``). The frames are
+    used as given (no sampling); their ``Video.fps`` / ``frame_indices`` go to the processor as
+    video metadata. ``boxes`` / ``distractors``: per example a list of ``Evidence`` (or
+    ``(image, box)`` pairs, or a bare box for image 0).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    n = len(prompts)
+    if isinstance(answers, str):
+        answers = [answers]
+    if answers is not None and len(answers) != n:
+        raise InputError(f"got {len(answers)} answers for {n} prompts")
+    image_lists = _as_image_lists(images, n)
+    video_lists = _as_video_lists(videos, n)
+    has_video = any(video_lists)
+    if has_video:
+        if not family.supports_video:
+            video = ", ".join(n for n, f in FAMILIES.items() if f.supports_video)
+            raise InputError(f"the {family.name} family does not take videos in corelens (video "
+                             f"families: {video}); pass the frames as images instead")
+        family.check_videos([len(v) for vs in video_lists for v in vs])
+    box_lists = _as_boxes(boxes, image_lists, video_lists)
+    distractor_lists = _as_boxes(distractors, image_lists, video_lists)
+    example_ids = list(ids) if ids is not None else [None] * n
+    tokenizer = processor.tokenizer
+    img_tok = family.image_token_string(processor)
+    vid_tok = family.video_token_string(processor) if has_video else None
+
+    texts, prompt_texts = [], []
+    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
+        if chat_template:
+            for mark, what, k in ((PLACEHOLDER, "image", len(ims)),
+                                  (VIDEO_PLACEHOLDER, "video", len(vids))):
+                n_marks = p.count(mark)
+                if n_marks not in (0, k) or (n_marks == 0 and k and (
+                        PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
+                    raise InputError(
+                        f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
+                        f"{k} {what}(s) were given"
+                    )
+            text = family.build_prompt(processor, p, len(ims), len(vids))
+        else:
+            for tok, what, k in ((img_tok, "image", len(ims)), (vid_tok, "video", len(vids))):
+                n_marks = p.count(tok) if tok else 0
+                if n_marks != k:
+                    desc = (f"has no {what} placeholder" if n_marks == 0
+                            else f"has {n_marks} {tok!r}")
+                    raise InputError(
+                        f"example {e}: the prompt {desc} but {k} {what}(s) were given; put "
+                        f"{tok!r} in the prompt once per {what} (or use chat_template=True)"
+                    )
+            text = p
+        prompt_texts.append(text)
+        if answers is not None:
+            ans = answers[e]
+            if not ans or not str(ans).strip():
+                raise InputError(f"example {e}: the answer is empty")
+            sep = "" if text[-1:].isspace() else " "
+            text = text + sep + str(ans)
+        texts.append(text)
+
+    kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+    if any(image_lists):
+        # nested per example: processors that treat multi-image examples differently
+        # (LLaVA-OneVision does not tile them) need to know which images go together
+        kw["images"] = image_lists
+    if has_video:
+        flat = [v for vs in video_lists for v in vs]
+        kw["videos"] = [v.array() for v in flat]
+        kw["video_metadata"] = [v.metadata() for v in flat]
+        kw["do_sample_frames"] = False  # the frames given are the frames the model sees
+    kw.update(family.processor_kwargs())
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = processor(**kw)
+        prompt_enc = processor(**{**kw, "text": prompt_texts}) if answers is not None else enc
+    finally:
+        tokenizer.padding_side = old_side
+    inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    seq = ids.shape[1]
+
+    query_positions, answer_tokens, prompt_lengths = [], [], []
+    for e in range(n):
+        real = ids[e][mask[e].bool()]
+        pad = seq - real.numel()
+        p_real = prompt_enc["input_ids"][e][prompt_enc["attention_mask"][e].bool()]
+        lp = p_real.numel()
+        prompt_lengths.append(lp)
+        if answers is None:
+            query_positions.append(torch.tensor([pad + lp - 1]))
+            answer_tokens.append(torch.zeros(0, dtype=torch.long))
+            continue
+        if lp >= real.numel() or not torch.equal(real[:lp], p_real):
+            raise InputError(
+                f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
+                "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
+            )
+        answer_tokens.append(real[lp:].clone())
+        query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
+
+    layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
+    inputs["position_ids"] = family.position_ids(hf_model, inputs)
+    batch = MultimodalBatch(inputs=inputs, layout=layout, query_positions=query_positions,
+                            answer_tokens=answer_tokens, prompts=texts, images=image_lists,
+                            boxes=box_lists, distractors=distractor_lists,
+                            ids=example_ids, videos=video_lists,
+                            prompt_lengths=prompt_lengths)
+    return batch.to(device) if device is not None else batch
+
+
+def build_layout(
+    family: Family, hf_config: Any, processor: Any, inputs: dict[str, torch.Tensor],
+    image_lists: list[list[Image.Image]], video_lists: list[list[Video]] | None = None,
+) -> VisionLayout:
+    """Pair each image's (video's) feature rows with the image-token (video-token) positions it
+    fills, in order. Per example: its images, then its videos."""
+    ids = inputs["input_ids"]
+    video_lists = video_lists or [[] for _ in image_lists]
+    tid = family.image_token_id(hf_config, processor)
+    vid = family.video_token_id(hf_config, processor) if any(video_lists) else None
+    images: list[list[ImageLayout]] = []
+    g = gv = 0
+    for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
+        per_image: list[ImageLayout] = []
+        for what, token, items in (("image", tid, ims), ("video", vid, vids)):
+            if not items:
+                continue
+            slots = (ids[e] == token).nonzero().flatten()
+            if what == "image":
+                rows = [family.feature_rows(hf_config, processor, inputs, g + i, im.size)
+                        for i, im in enumerate(items)]
+            else:
+                rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
+                                                  len(v), v.timestamps)
+                        for i, v in enumerate(items)]
+            need = sum(len(r) for r in rows)
+            if need != slots.numel():
+                raise LayoutError(
+                    f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
+                    f"its {len(items)} {what}(s) need {need} "
+                    f"({', '.join(str(len(r)) for r in rows)}); the prompt's {what} placeholders "
+                    f"and the {what}s do not match"
+                )
+            start = 0
+            for i, (item, r) in enumerate(zip(items, rows)):
+                per_image.append(ImageLayout(i, item.size, slots[start:start + len(r)], r,
+                                             modality=what, n_frames=len(item) if
+                                             what == "video" else 1))
+                start += len(r)
+        images.append(per_image)
+        g += len(ims)
+        gv += len(vids)
+    return VisionLayout(images, int(ids.shape[1]))

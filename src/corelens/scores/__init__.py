@@ -1,0 +1,1 @@
+"""Head scores: ``HeadScores`` (``head_scores``) and RAM & co. (``ram``)."""

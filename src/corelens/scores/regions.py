@@ -1,0 +1,82 @@
+"""The position sets a head score is measured on: queries Q_e, evidence R_e, vision V_e,
+distractors, the sink, and the token grids of the first view.
+
+They are built from ``MultimodalBatch.evidence_positions`` / ``distractor_positions`` and the
+``VisionLayout``: the same definitions patching's ``position_groups`` and the views use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jaxtyping import Int
+from torch import Tensor
+
+from corelens.data.batch import MultimodalBatch
+
+
+@dataclass(frozen=True)
+class RamParams:
+    """The definition's free parameters (all recorded in every ``HeadScores``)."""
+
+    tau: float = 0.5  # min fraction of a token's area inside the evidence to count it in R_e
+    query: str = "answer"  # "answer" | "last_prompt"
+    mass_floor: float = 0.02  # min mean visual mass for a head to get ratio scores
+    value_weighted: bool = False  # also compute mass weighted by |v W_O| of each key
+    exclude_sink: bool = False  # renormalise rows without the sink tokens' mass
+    high_norm_factor: float = 10.0  # a vision token whose layer-input norm exceeds this x the
+    #                                 median vision-token norm is a high-norm (sink) token
+
+
+#: one token grid: (positions, rows, cols, n_rows, n_cols)
+Grid = tuple[Tensor, Tensor, Tensor, int, int]
+
+
+@dataclass
+class ExampleRegions:
+    """Position sets of one example (indexes into the padded sequence)."""
+
+    queries: Int[Tensor, " q"]
+    evidence: Int[Tensor, " r"]
+    vision: Int[Tensor, " v"]
+    distractors: list[Int[Tensor, " d"]]
+    sink: int  # first real token
+    # token grids for kang_spatial_entropy: the first image's first view, or -- for an example
+    # with videos and no image -- one grid per frame span of that video (``first_view_grids``)
+    grids: list[Grid] = field(default_factory=list)
+
+
+def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRegions]:
+    """The regions of every example of ``batch`` under ``params`` (tau, query)."""
+    out = []
+    for e in range(len(batch)):
+        if params.query == "answer":
+            q = batch.query_positions[e]
+        elif params.query == "last_prompt":
+            q = batch.query_positions[e][:1]
+        else:
+            raise ValueError(f"query must be 'answer' or 'last_prompt', not {params.query!r}")
+        first = int(batch.attention_mask[e].float().argmax())
+        out.append(ExampleRegions(q.cpu(), batch.evidence_positions(e, tau=params.tau).cpu(),
+                                  batch.layout.vision_positions(e).cpu(),
+                                  [d.cpu() for d in batch.distractor_positions(e, params.tau)],
+                                  first, first_view_grids(batch, e)))
+    return out
+
+
+def first_view_grids(batch: MultimodalBatch, e: int) -> list[Grid]:
+    """The token grids ``kang_spatial_entropy`` reads: the first view of the example's first
+    image (anyres tiles and other images are left out), or, when the example has videos and
+    no image, every frame span of its first video (each span is one frame -- LLaVA-OneVision --
+    or two -- Qwen's temporal patch -- seen as its own grid; the score weighs their entropies
+    by the attention mass on each span)."""
+    if not batch.layout.images[e]:
+        return []
+    img = batch.layout.images[e][0]
+    out = []
+    for v, view in enumerate(img.rows.views if img.is_video else img.rows.views[:1]):
+        sel = (img.rows.kind == 0) & (img.rows.view == v)
+        if sel.any():
+            out.append((img.positions[sel].cpu(), img.rows.row[sel], img.rows.col[sel],
+                        view.rows, view.cols))
+    return out
