@@ -91,10 +91,12 @@ def test_traits_match_the_hf_model(name, tiny_model):
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_act_name_names_hooks_the_model_has(name, tiny_model):
-    from corelens.interventions.core import act_name
+    from corelens.hook_names import EMBED, FINAL_NORM_IN, act_name
 
     hooks = tiny_model(name).hook_dict
-    for act in ("z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "attn_out", "mlp_out"):
+    assert EMBED in hooks and FINAL_NORM_IN in hooks
+    for act in ("z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "resid_post",
+                "attn_out", "mlp_out", "mlp_in", "ln1_in", "ln2_in"):
         for layer in (0, 1):
             assert act_name(act, layer) in hooks, act_name(act, layer)
 

@@ -18,6 +18,7 @@ from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
 from corelens.families.adapters import register_adapters
+from corelens.hook_names import act_name
 
 ModelInput = MultimodalBatch | str | Sequence[str] | Tensor
 Positions = str | Tensor | Sequence[Tensor] | None
@@ -276,7 +277,7 @@ class HookedMLLM(torch.nn.Module):
         at ``positions`` (any position, vision tokens included)."""
         n = self.cfg.n_layers
         layers = list(range(n)) if layers is None else list(layers)
-        names = [f"blocks.{l}.hook_resid_post" for l in layers]
+        names = [act_name("resid_post", l) for l in layers]
         with torch.no_grad():
             _, cache = self.run_with_cache(inp, names_filter=names, positions=positions)
             out = []

@@ -36,7 +36,8 @@ from corelens.core.evaluate import score_logits
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.heads import Head
-from corelens.interventions.core import Role, act_name, token_roles
+from corelens.hook_names import act_name
+from corelens.interventions.core import Role, token_roles
 from corelens.runner import run_units
 
 Method = Literal["zero", "mean", "resample", "knockout"]

@@ -1,6 +1,6 @@
 """The intervention core that patching, attribution and ablation share.
 
-What every intervention on an MLLM needs: the names of the hooks it edits (``act_name``), a
+What every intervention on an MLLM needs (hook names are ``corelens.hook_names.act_name``): a
 cache of activations (``cache_activations``), whether two batches line up position for position
 (``check_aligned``), what each position is (``token_roles``, ``position_groups``), the image
 features of a batch computed once and handed to stacked copies of it (``image_features``,
@@ -25,19 +25,6 @@ from corelens.errors import LayoutError
 Metric = Callable[[Tensor, MultimodalBatch], Float[Tensor, " batch"]]
 Edit = Callable[[Tensor], None]  # edits one copy's rows of a hooked activation in place
 Role = tuple
-
-
-ATTENTION_ACTS = ("z", "q", "k", "v", "pattern", "result", "attn_scores", "rot_q", "rot_k")
-
-
-def act_name(name: str, layer: int) -> str:
-    """The hook name of activation ``name`` in ``layer``, as TransformerLens's ``get_act_name``
-    for the names corelens edits: attention activations (``ATTENTION_ACTS``) ->
-    ``blocks.L.attn.hook_<name>``, the others (``resid_pre``, ``resid_mid``, ``attn_out``,
-    ``mlp_out``, ...) -> ``blocks.L.hook_<name>``."""
-    if name in ATTENTION_ACTS:
-        return f"blocks.{layer}.attn.hook_{name}"
-    return f"blocks.{layer}.hook_{name}"
 
 
 def cache_activations(model: Any, batch: MultimodalBatch, names: list[str]

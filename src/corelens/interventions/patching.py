@@ -46,6 +46,7 @@ from corelens.core.evaluate import score_logits
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.heads import Head
+from corelens.hook_names import EMBED, act_name
 from corelens.interventions.attribution import (
     EdgeScores,
     atp_star,
@@ -55,7 +56,6 @@ from corelens.interventions.attribution import (
 from corelens.interventions.core import (
     Edit,
     Metric,
-    act_name,
     cache_activations,
     check_aligned,
     image_features,
@@ -250,7 +250,7 @@ def patch_vision_tokens(
     in layout order (``layout.boxes(example)`` gives their boxes); ``per_forward`` patched
     copies per forward."""
     check_aligned(source, target)
-    name = "blocks.0.hook_resid_pre"
+    name = EMBED
     src = cache_activations(model, source, [name])[name]
     vis = target.layout.vision_positions(example).tolist()
 

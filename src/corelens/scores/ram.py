@@ -37,6 +37,7 @@ from torch import Tensor
 
 from corelens.core.attention import AttentionInputs
 from corelens.data.batch import MultimodalBatch
+from corelens.hook_names import act_name
 from corelens.runner import run_units
 from corelens.scores.head_scores import HeadScores
 from corelens.scores.regions import ExampleRegions, RamParams, example_regions
@@ -124,7 +125,7 @@ class RamMetric:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.model.hooks(fwd_hooks=[
                 # ln1's input: after any edit at hook_resid_pre, what the attention reads
-                (f"blocks.{layer}.ln1.hook_in", keep_norm) for layer in range(n_layers)]))
+                (act_name("ln1_in", layer), keep_norm) for layer in range(n_layers)]))
             for layer in range(n_layers):
                 stack.enter_context(self.model.attention.tap(layer, tap))
             yield self

@@ -20,6 +20,7 @@ from torch import Tensor
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.heads import head_name
+from corelens.hook_names import act_name
 from corelens.views.html import HTMLView, component
 from corelens.views.tokens import (
     Collapse,
@@ -33,7 +34,7 @@ Queries = str | Tensor | Sequence[int] | None
 
 
 def pattern_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
+    return act_name("pattern", layer)
 
 
 @torch.no_grad()

@@ -18,10 +18,10 @@ from corelens.data.loaders.mlvu import MLVU_TEMPLATE, load_mlvu
 from corelens.data.loaders.mmdocir import MMDOCIR_TEMPLATE, load_mmdocir
 from corelens.data.loaders.refcoco import REFCOCO_TEMPLATE, load_refcoco
 from corelens.data.loaders.vidstg import (
-                                     VIDSTG_CAPTION_TEMPLATE,
-                                     VIDSTG_QUESTION_TEMPLATE,
-                                     load_vidstg,
-                                     vidstg_answer,
+    VIDSTG_CAPTION_TEMPLATE,
+    VIDSTG_QUESTION_TEMPLATE,
+    load_vidstg,
+    vidstg_answer,
 )
 
 __all__ = ["MLVU_TEMPLATE", "MMDOCIR_TEMPLATE", "REFCOCO_TEMPLATE", "VIDSTG_CAPTION_TEMPLATE",

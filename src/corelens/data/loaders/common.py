@@ -22,7 +22,7 @@ from corelens.errors import InputError
 # ---------------------------------------------------------------------------------- helpers
 
 
-class _Images:
+class ImageCache:
     """Opens each image file once per load call, so examples that share a file share the image.
 
     ``decode=True`` gives fully decoded RGB images (the file is closed at once);
@@ -55,27 +55,27 @@ class _Images:
             return InputError(f"image {shown!r} could not be read: {e}")
 
 
-def _fail(where: str, e: InputError, ex_id: Any = None) -> InputError:
+def located_error(where: str, e: InputError, ex_id: Any = None) -> InputError:
     """Prefix an error with where it happened (dropping ``validate``'s own example prefix)."""
     prefix = "example: " if ex_id is None else f"example {ex_id!r}: "
     return InputError(f"{where}: {str(e).removeprefix(prefix)}")
 
 
-def _line(name: str, lineno: int, ex_id: str | None) -> str:
+def line_label(name: str, lineno: int, ex_id: str | None) -> str:
     return f"{name} line {lineno} " + ("(no id)" if ex_id is None else f"(id {ex_id!r})")
 
 
-def _skip_or_raise(err: InputError, skip: bool) -> None:
+def skip_or_raise(err: InputError, skip: bool) -> None:
     if not skip:
         raise err
     warnings.warn(f"skipped: {err}", stacklevel=3)
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _text(record: dict[str, Any], key: str) -> str:
+def text_field(record: dict[str, Any], key: str) -> str:
     if key not in record:
         raise InputError(f"missing field {key!r}")
     if not isinstance(record[key], str):
@@ -86,7 +86,7 @@ def _text(record: dict[str, Any], key: str) -> str:
 
 # COCO boxes overshooting the image edge by less than this (float rounding in the annotations)
 # are clipped to the image rather than rejected.
-_EDGE_TOLERANCE = 1.0
+EDGE_TOLERANCE = 1.0
 
 
 # ------------------------------------------------------------------------ video frames on disk
@@ -131,7 +131,7 @@ def sample_frames(available: Iterable[int], n: int, start: int | None = None,
     return [cand[k] for k in pick]
 
 
-def _read_frames(files: dict[int, Path], indices: list[int], shown: str) -> list[Image.Image]:
+def read_frames(files: dict[int, Path], indices: list[int], shown: str) -> list[Image.Image]:
     out = []
     for i in indices:
         try:
@@ -142,15 +142,15 @@ def _read_frames(files: dict[int, Path], indices: list[int], shown: str) -> list
     return out
 
 
-def _scale_box(box: Any, src: tuple[float, float], dst: tuple[int, int],
+def scale_box(box: Any, src: tuple[float, float], dst: tuple[int, int],
                what: str) -> Box:
     """``[x0, y0, x1, y1]`` in an annotation's ``src = (w, h)`` -> ``dst`` pixels (clipped by
     at most 1 px of annotation slack)."""
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_number(v) for v in box)):
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(is_number(v) for v in box)):
         raise InputError(f"{what}: box must be [x0, y0, x1, y1], got {box!r}")
     sx, sy = dst[0] / src[0], dst[1] / src[1]
     x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
-    tol_x, tol_y = _EDGE_TOLERANCE * sx, _EDGE_TOLERANCE * sy
+    tol_x, tol_y = EDGE_TOLERANCE * sx, EDGE_TOLERANCE * sy
     x0 = 0.0 if -tol_x < x0 < 0 else x0
     y0 = 0.0 if -tol_y < y0 < 0 else y0
     x1 = float(dst[0]) if dst[0] < x1 < dst[0] + tol_x else x1
@@ -161,7 +161,7 @@ def _scale_box(box: Any, src: tuple[float, float], dst: tuple[int, int],
     return float(x0), float(y0), float(x1), float(y1)
 
 
-def _load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise InputError(f"{what} {path} not found")
     try:

@@ -15,13 +15,13 @@ from PIL import Image
 
 from corelens.data.examples import Evidence, GroundedExample, Video
 from corelens.data.loaders.common import (
-    _fail,
-    _Images,
-    _line,
-    _number,
-    _skip_or_raise,
-    _text,
+    ImageCache,
     frame_files,
+    is_number,
+    line_label,
+    located_error,
+    skip_or_raise,
+    text_field,
 )
 from corelens.errors import InputError
 
@@ -52,7 +52,7 @@ def _box_entries(value: Any, field: str) -> list[Evidence]:
         else:
             boxes = [item]
         for box in boxes:
-            if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+            if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
                 raise InputError(f"{where} must be [x0, y0, x1, y1] (4 finite numbers), "
                                  f"got {box!r}")
         try:
@@ -91,7 +91,7 @@ def _videos(value: Any, base: Path) -> list[Video]:
                 raise InputError(f"videos[{k}]: frame {str(p)!r} could not be read: {e}") \
                     from None
         fps = v.get("fps")
-        if fps is not None and not (_number(fps) and fps > 0):
+        if fps is not None and not (is_number(fps) and fps > 0):
             raise InputError(f"videos[{k}].fps must be a positive number, got {fps!r}")
         out.append(Video(frames, fps=fps, frame_indices=indices,
                          total_frames=v.get("total_frames")))
@@ -114,7 +114,7 @@ def load_jsonl(path: str | os.PathLike[str], *, skip_invalid: bool = False,
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    images = _Images(decode=load_images)
+    images = ImageCache(decode=load_images)
     out: list[GroundedExample] = []
     seen: set[str] = set()
     with path.open("rb") as f:
@@ -138,7 +138,8 @@ def load_jsonl(path: str | os.PathLike[str], *, skip_invalid: bool = False,
                 if ex_id is not None and ex_id in seen:
                     raise InputError(f"duplicate id {ex_id!r} (ids must be unique)")
             except InputError as e:
-                _skip_or_raise(_fail(_line(path.name, lineno, ex_id), e, ex_id), skip_invalid)
+                where = line_label(path.name, lineno, ex_id)
+                skip_or_raise(located_error(where, e, ex_id), skip_invalid)
                 continue
             if ex_id is not None:
                 seen.add(ex_id)
@@ -153,7 +154,7 @@ def _guess_id(line: str) -> str | None:
 
 
 def _from_record(record: dict[str, Any], ex_id: str | None, base: Path,
-                 images: _Images) -> GroundedExample:
+                 images: ImageCache) -> GroundedExample:
     unknown = set(record) - _JSONL_KEYS
     if unknown:
         raise InputError(f"unknown field(s) {sorted(unknown)}; known: {sorted(_JSONL_KEYS)} "
@@ -173,7 +174,7 @@ def _from_record(record: dict[str, Any], ex_id: str | None, base: Path,
     if (files or "videos" not in record) and not (
             files and all(isinstance(p, str) and p for p in files)):
         raise InputError(f"image paths must be non-empty strings, got {files!r}")
-    question, answer = _text(record, "question"), _text(record, "answer")
+    question, answer = text_field(record, "question"), text_field(record, "answer")
     if "boxes" not in record:
         raise InputError("missing field 'boxes'")
     boxes = _box_entries(record["boxes"], "boxes")
@@ -213,7 +214,7 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
         try:
             ex.validate()
         except InputError as e:
-            raise _fail(where, e, ex.id) from None
+            raise located_error(where, e, ex.id) from None
         files = []
         for i, im in enumerate(ex.images):
             if id(im) not in written:

@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 
 from corelens.data.examples import Evidence, GroundedExample, Video
 from corelens.data.loaders.common import (
-    _fail,
-    _load_json,
-    _number,
-    _read_frames,
-    _skip_or_raise,
     frame_files,
+    is_number,
+    load_json,
+    located_error,
+    read_frames,
     sample_frames,
+    skip_or_raise,
 )
 from corelens.errors import InputError
 
@@ -77,7 +77,7 @@ def load_mlvu(annotations: str | os.PathLike[str], frames_dir: str | os.PathLike
                              f"\"start\", \"end\": {e!r}") from None
     out: list[GroundedExample] = []
     for path in files:
-        records = _load_json(path, "MLVU annotations")
+        records = load_json(path, "MLVU annotations")
         if not isinstance(records, list):
             raise InputError(f"{path}: expected a list of MLVU records")
         for n, rec in enumerate(tqdm(records, desc=f"MLVU {path.stem}", leave=False,
@@ -101,7 +101,7 @@ def load_mlvu(annotations: str | os.PathLike[str], frames_dir: str | os.PathLike
                 rate = fps
                 if rate is None:
                     dur = rec.get("duration")
-                    if not _number(dur) or dur <= 0:
+                    if not is_number(dur) or dur <= 0:
                         raise InputError("no fps given and no positive 'duration' to derive it")
                     rate = (max(vfiles) + 1) / float(dur)
                 picked = sample_frames(vfiles, num_frames)
@@ -112,7 +112,7 @@ def load_mlvu(annotations: str | os.PathLike[str], frames_dir: str | os.PathLike
                     it = side[(name, question)]
                     span, box, source = (float(it["start"]), float(it["end"])), it.get("box"), \
                         "evidence_file"
-                elif _number(rec.get("start")) and _number(rec.get("end")):
+                elif is_number(rec.get("start")) and is_number(rec.get("end")):
                     span, source = (float(rec["start"]), float(rec["end"])), "record_bounds"
                 elif missing_evidence == "error":
                     raise InputError("MLVU gives no evidence for this question: pass "
@@ -128,7 +128,7 @@ def load_mlvu(annotations: str | os.PathLike[str], frames_dir: str | os.PathLike
                         best = min(inside, key=lambda f: abs(f - mid))
                         near = min(range(len(picked)), key=lambda i: abs(picked[i] - mid))
                         picked = sorted(set(picked[:near] + [best] + picked[near + 1:]))
-                frames = _read_frames(vfiles, picked, f"video {name}")
+                frames = read_frames(vfiles, picked, f"video {name}")
                 video = Video(frames, fps=rate, frame_indices=picked,
                               total_frames=max(vfiles) + 1)
                 if span is None:
@@ -148,7 +148,7 @@ def load_mlvu(annotations: str | os.PathLike[str], frames_dir: str | os.PathLike
                     letters[cands.index(answer)], [Evidence.in_frames(0, (a, b), bx)],
                     id=ex_id, metadata=meta, videos=[video]).validate()
             except InputError as e:
-                _skip_or_raise(_fail(f"{path.name} record {n} (id {ex_id!r})", e, ex_id),
+                skip_or_raise(located_error(f"{path.name} record {n} (id {ex_id!r})", e, ex_id),
                                skip_invalid)
                 continue
             out.append(ex)

@@ -9,7 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corelens.data.examples import Evidence, GroundedExample
-from corelens.data.loaders.common import _fail, _Images, _number, _scale_box, _skip_or_raise
+from corelens.data.loaders.common import (
+    ImageCache,
+    is_number,
+    located_error,
+    scale_box,
+    skip_or_raise,
+)
 from corelens.errors import InputError
 
 # ----------------------------------------------------------------------------------- MMDocIR
@@ -45,7 +51,7 @@ def load_mmdocir(annotations: str | os.PathLike[str], pages_dir: str | os.PathLi
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     root = Path(pages_dir)
-    images = _Images(decode=load_images)
+    images = ImageCache(decode=load_images)
 
     def locate(doc: str, page: int) -> Path:
         if page_path is not None:
@@ -75,7 +81,7 @@ def load_mmdocir(annotations: str | os.PathLike[str], pages_dir: str | os.PathLi
                 n_pages = last - first + 1
                 where += f" ({name})"
             except InputError as e:
-                _skip_or_raise(_fail(where, e), skip_invalid)
+                skip_or_raise(located_error(where, e), skip_invalid)
                 continue
             for k, q in enumerate(questions):
                 if limit is not None and len(out) >= limit:
@@ -107,9 +113,9 @@ def load_mmdocir(annotations: str | os.PathLike[str], pages_dir: str | os.PathLi
                     for p, size, bbox in layouts:
                         i = pages.index(p)
                         if not (isinstance(size, (list, tuple)) and len(size) == 2
-                                and all(_number(v) and v > 0 for v in size)):
+                                and all(is_number(v) and v > 0 for v in size)):
                             raise InputError(f"page {p}: page_size must be [w, h], got {size!r}")
-                        boxes.append(Evidence.on_page(i, _scale_box(
+                        boxes.append(Evidence.on_page(i, scale_box(
                             bbox, (float(size[0]), float(size[1])), ims[i].size,
                             f"page {p} layout box")))
                     for p in ev_pages:
@@ -122,7 +128,7 @@ def load_mmdocir(annotations: str | os.PathLike[str], pages_dir: str | os.PathLi
                     ex = GroundedExample(ims, template.format(question=question), answer, boxes,
                                          id=ex_id, metadata=meta).validate()
                 except InputError as e:
-                    _skip_or_raise(_fail(f"{where} (id {ex_id!r})", e, ex_id), skip_invalid)
+                    skip_or_raise(located_error(f"{where} (id {ex_id!r})", e, ex_id), skip_invalid)
                     continue
                 out.append(ex)
     return out

@@ -16,7 +16,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from corelens.data.examples import Box, GroundedExample
-from corelens.data.loaders.common import _EDGE_TOLERANCE, _fail, _Images, _number, _skip_or_raise
+from corelens.data.loaders.common import (
+    EDGE_TOLERANCE,
+    ImageCache,
+    is_number,
+    located_error,
+    skip_or_raise,
+)
 from corelens.errors import InputError
 
 # ---------------------------------------------------------------------------------- RefCOCO
@@ -94,7 +100,7 @@ def load_refcoco(root: str | os.PathLike[str], dataset: str = "refcocog", split:
             raise InputError(f"{refs_file.name}: no refs in split {split!r}; splits: {splits}")
         refs = chosen
     answer_fn = answer_fn or (lambda ctx: ctx["category"])
-    images = _Images(decode=load_images)
+    images = ImageCache(decode=load_images)
     source = f"{dataset}/{refs_file.name}"
     out: list[GroundedExample] = []
     for ref in tqdm(refs, desc=f"{dataset} {split}", leave=False, disable=None):
@@ -112,7 +118,7 @@ def load_refcoco(root: str | os.PathLike[str], dataset: str = "refcocog", split:
             if not sentences:
                 raise InputError("the ref has no sentences")
         except InputError as e:
-            _skip_or_raise(_fail(f"{source} ref {ref_id} (ids {ids})", e), skip_invalid)
+            skip_or_raise(located_error(f"{source} ref {ref_id} (ids {ids})", e), skip_invalid)
             continue
         for k, sent in enumerate(sentences):
             if limit is not None and len(out) >= limit:
@@ -141,7 +147,7 @@ def load_refcoco(root: str | os.PathLike[str], dataset: str = "refcocog", split:
                 ex = GroundedExample([image], question, answer_fn(ctx), [(0, box)],
                                      distractors, id=ex_id, metadata=meta).validate()
             except InputError as e:
-                _skip_or_raise(_fail(f"{source} ref {ref_id} (id {ex_id!r})", e, ex_id),
+                skip_or_raise(located_error(f"{source} ref {ref_id} (id {ex_id!r})", e, ex_id),
                                skip_invalid)
                 continue
             out.append(ex)
@@ -167,7 +173,7 @@ def _load_refs(path: Path) -> list[dict[str, Any]]:
 
 def _ref_parts(ref: dict[str, Any], anns: dict[Any, dict[str, Any]],
                image_info: dict[Any, dict[str, Any]], cats: dict[Any, dict[str, Any]],
-               by_image: dict[Any, list[dict[str, Any]]], images: _Images, img_dir: Path,
+               by_image: dict[Any, list[dict[str, Any]]], images: ImageCache, img_dir: Path,
                max_distractors: int | None,
                ) -> tuple[Image.Image, Box, list[tuple[int, Box]], list[dict[str, Any]],
                           dict[str, Any]]:
@@ -203,18 +209,18 @@ def _ref_parts(ref: dict[str, Any], anns: dict[Any, dict[str, Any]],
 def _coco_box(ann: dict[str, Any], size: tuple[int, int]) -> Box:
     """COCO ``[x, y, w, h]`` -> ``(x0, y0, x1, y1)``, checked against the image."""
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
         raise InputError(f"annotation {ann.get('id')}: bbox must be [x, y, w, h], got {bbox!r}")
     w, h = size
     x0, y0 = float(bbox[0]), float(bbox[1])
     x1, y1 = x0 + float(bbox[2]), y0 + float(bbox[3])
-    if -_EDGE_TOLERANCE < x0 < 0:
+    if -EDGE_TOLERANCE < x0 < 0:
         x0 = 0.0
-    if -_EDGE_TOLERANCE < y0 < 0:
+    if -EDGE_TOLERANCE < y0 < 0:
         y0 = 0.0
-    if w < x1 < w + _EDGE_TOLERANCE:
+    if w < x1 < w + EDGE_TOLERANCE:
         x1 = float(w)
-    if h < y1 < h + _EDGE_TOLERANCE:
+    if h < y1 < h + EDGE_TOLERANCE:
         y1 = float(h)
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise InputError(f"annotation {ann.get('id')}: box {(x0, y0, x1, y1)} (bbox {bbox}) is "

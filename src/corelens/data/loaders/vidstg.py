@@ -12,13 +12,13 @@ from tqdm.auto import tqdm
 
 from corelens.data.examples import Box, Evidence, GroundedExample, Video
 from corelens.data.loaders.common import (
-    _fail,
-    _load_json,
-    _read_frames,
-    _scale_box,
-    _skip_or_raise,
     frame_files,
+    load_json,
+    located_error,
+    read_frames,
     sample_frames,
+    scale_box,
+    skip_or_raise,
 )
 from corelens.errors import InputError
 
@@ -69,7 +69,7 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
     """
     answer_fn = answer_fn or vidstg_answer
     ann_path = Path(annotations)
-    records = _load_json(ann_path, "VidSTG annotations")
+    records = load_json(ann_path, "VidSTG annotations")
     if not isinstance(records, list):
         raise InputError(f"{ann_path}: expected a list of VidSTG records")
     if num_frames < 1:
@@ -103,13 +103,13 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
             if vid not in vidor_files:
                 raise InputError(f"no VidOR annotation {vid}.json under {vidor_root}")
             if vid not in vidor_cache:
-                vidor_cache[vid] = _load_json(vidor_files[vid], "VidOR annotation")
+                vidor_cache[vid] = load_json(vidor_files[vid], "VidOR annotation")
             trajectories = vidor_cache[vid].get("trajectories")
             if not isinstance(trajectories, list):
                 raise InputError(f"{vidor_files[vid].name} has no 'trajectories' list")
             files = frame_files(Path(frames_dir) / vid, frame_offset)
             picked = sample_frames(files, num_frames, int(seg["begin_fid"]), int(seg["end_fid"]))
-            frames = _read_frames(files, picked, f"video {vid}")
+            frames = read_frames(files, picked, f"video {vid}")
             video = Video(frames, fps=fps, frame_indices=picked,
                           total_frames=int(rec.get("frame_count") or picked[-1] + 1))
             in_gt = [(i, f) for i, f in enumerate(picked)
@@ -121,12 +121,12 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
                     for b in (trajectories[f] if 0 <= f < len(trajectories) else []) or []:
                         if b.get("tid") == tid:
                             bb = b["bbox"]
-                            boxes[i] = _scale_box(
+                            boxes[i] = scale_box(
                                 [bb["xmin"], bb["ymin"], bb["xmax"], bb["ymax"]], size,
                                 video.size, f"{vidor_files[vid].name} frame {f} tid {tid}")
                 return boxes
         except InputError as e:
-            _skip_or_raise(_fail(where, e), skip_invalid)
+            skip_or_raise(located_error(where, e), skip_invalid)
             continue
         for kind, k, sent in sentences:
             if limit is not None and len(out) >= limit:
@@ -165,7 +165,7 @@ def load_vidstg(annotations: str | os.PathLike[str], vidor_dir: str | os.PathLik
                     [Evidence.in_track(0, tr) for _, tr in dists], id=ex_id, metadata=meta,
                     videos=[video]).validate()
             except InputError as e:
-                _skip_or_raise(_fail(f"{where} (id {ex_id!r})", e, ex_id), skip_invalid)
+                skip_or_raise(located_error(f"{where} (id {ex_id!r})", e, ex_id), skip_invalid)
                 continue
             out.append(ex)
     return out

@@ -14,12 +14,8 @@ from torch import Tensor
 from corelens.core.attention import AttentionInputs
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
-from corelens.interventions.core import (
-    Metric,
-    act_name,
-    image_features,
-    stacked,
-)
+from corelens.hook_names import EMBED, act_name
+from corelens.interventions.core import Metric, image_features, stacked
 
 Node = Literal["z", "q", "k", "v"]
 
@@ -84,7 +80,7 @@ def backward(
     if copies > 1 and "image" not in store:
         store["image"] = image_features(model, batch)
     big, extra = stacked(model, batch, copies, store.get("image") if copies > 1 else None)
-    hooks = [("blocks.0.hook_resid_pre", make_leaf), *edits, *[(n, keep(n)) for n in names]]
+    hooks = [(EMBED, make_leaf), *edits, *[(n, keep(n)) for n in names]]
     with torch.enable_grad(), (attention_taps(model, taps, range(model.cfg.n_layers))
                                if taps is not None else contextlib.nullcontext()):
         logits = model.run_with_hooks(big, fwd_hooks=hooks, **extra)
@@ -120,7 +116,7 @@ def interpolate(src_emb: Tensor, alphas: Sequence[float], B: int) -> tuple[str, 
         s = src_emb.to(x.device, x.dtype).repeat(len(a), 1, 1)
         w = a.to(x.device, x.dtype).repeat_interleave(B)[:, None, None]
         return s + w * (x - s)
-    return ("blocks.0.hook_resid_pre", hook)
+    return (EMBED, hook)
 
 
 def patterns(inp: Any, B: int, q: Tensor | None = None, k: Tensor | None = None,

@@ -17,18 +17,14 @@ from tqdm.auto import tqdm
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.heads import head_name, kv_head_name, parse_head
+from corelens.hook_names import EMBED, FINAL_NORM_IN, act_name
 from corelens.interventions.attribution.common import (
     backward,
     interpolate,
     n_kv_heads,
     warn_side_inputs,
 )
-from corelens.interventions.core import (
-    Metric,
-    act_name,
-    cache_activations,
-    check_aligned,
-)
+from corelens.interventions.core import Metric, cache_activations, check_aligned
 
 Edge = tuple[str, str, float]
 
@@ -137,7 +133,7 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
         parts.append(_pull_back(ln1, x, u))
         name = head_name if kind == "q" else kv_head_name
         labels += [f"{name((layer, i))}.{kind}" for i in range(n)]
-    g = grads[f"blocks.{layer}.mlp.hook_in"].float()
+    g = grads[act_name("mlp_in", layer)].float()
     parts.append(_pull_back(ln2, acts[act_name("resid_mid", layer)], g.unsqueeze(0)))
     labels.append(f"MLP{layer}")
     return labels, torch.cat(parts)
@@ -161,15 +157,14 @@ def edge_attribution(
         raise InputError("EAP-IG needs steps >= 1")
     warn_side_inputs(model, method)
     L, H, B = model.cfg.n_layers, model.cfg.n_heads, len(target)
-    emb = "blocks.0.hook_resid_pre"
+    emb = EMBED
     z_names = [act_name("z", l) for l in range(L)]
     mlp_names = [act_name("mlp_out", l) for l in range(L)]
     src = cache_activations(model, source, [emb, *z_names, *mlp_names])
     tgt = cache_activations(model, target, [emb, *z_names, *mlp_names])
-    names = [emb] + [f"blocks.{l}.{n}" for l in range(L)
-                     for n in ("hook_resid_pre", "hook_resid_mid", "attn.hook_q", "attn.hook_k",
-                               "attn.hook_v", "mlp.hook_in")]
-    names = list(dict.fromkeys(names + ["ln_final.hook_in"]))
+    names = [emb] + [act_name(n, l) for l in range(L)
+                     for n in ("resid_pre", "resid_mid", "q", "k", "v", "mlp_in")]
+    names = list(dict.fromkeys(names + [FINAL_NORM_IN]))
 
     senders = ["embed"] + [head_name((l, h)) for l in range(L) for h in range(H)] + [
         f"MLP{l}" for l in range(L)]
@@ -216,7 +211,7 @@ def edge_attribution(
             if l < L:
                 lab, g = _receiver_grads(model, l, acts, grads)
             else:
-                lab, g = ["logits"], grads["ln_final.hook_in"].float().unsqueeze(0)
+                lab, g = ["logits"], grads[FINAL_NORM_IN].float().unsqueeze(0)
             labels += lab
             blocks.append(contract(g.view(g.shape[0], c, B, *g.shape[2:]).sum(1), l))
             del g

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
+from corelens.hook_names import EMBED, act_name
 from corelens.interventions.attribution.common import (
     Node,
     attention_taps,
@@ -20,12 +21,7 @@ from corelens.interventions.attribution.common import (
     patterns,
     warn_side_inputs,
 )
-from corelens.interventions.core import (
-    Metric,
-    act_name,
-    cache_activations,
-    check_aligned,
-)
+from corelens.interventions.core import Metric, cache_activations, check_aligned
 
 
 # --- node attribution: AtP and AtP* --------------------------------------------------------
@@ -127,7 +123,7 @@ def attribute_heads(
 def _integrated(model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
                 names: list[str], m: int, per_forward: int, per_position: bool = False) -> Tensor:
     warn_side_inputs(model, "ig_steps")
-    B, emb = len(target), "blocks.0.hook_resid_pre"
+    B, emb = len(target), EMBED
     src = cache_activations(model, source, [emb, *names])
     tgt = cache_activations(model, target, names)
     alphas = [k / m for k in range(1, m + 1)]
