@@ -82,5 +82,22 @@ def noise_image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+def grounded_examples(family: str, n: int = 3) -> list:
+    """n grounded examples for ``family``'s tiny model: noise images of its test sizes, the
+    evidence in the top-left quarter, a distractor in the bottom-right, answers of 1-2 tokens."""
+    from corelens import GroundedExample
+    from corelens.zoo.tiny import tiny_image_sizes
+
+    sizes = tiny_image_sizes(family)
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        out.append(GroundedExample(
+            images=[noise_image(w, h, i)], question="what is the color of the square ?" + " ?" * i,
+            answer="red blue" if i % 2 else "green", boxes=[(0, 0, w // 2, h // 2)],
+            distractors=[(w // 2, h // 2, w, h)], id=f"e{i}"))
+    return out
+
+
 def flat_image(w: int, h: int, color=(128, 128, 128)) -> Image.Image:
     return Image.new("RGB", (w, h), color)

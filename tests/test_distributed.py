@@ -12,35 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import grounded_examples
 
-from corelens import GroundedExample, HookedMLLM
+from corelens import HookedMLLM
 from corelens.data.loaders import load_jsonl, save_jsonl
 from corelens.families import FAMILIES
 from corelens.runner import FAIL_ENV, partial_files, rank_file, read_records
 from corelens.scores.head_scores import HeadScores
 from corelens.scores.ram import RamParams, score_all
-from corelens.zoo.tiny import tiny_image_sizes
 
 BATCH = 2
 
 
-def _examples(n: int) -> list[GroundedExample]:
-    sizes = tiny_image_sizes("llava")
-    out = []
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        out.append(GroundedExample(
-            images=[noise_image(w, h, i)], question="what is the color of the square ?" + " ?" * i,
-            answer="red blue" if i % 2 else "green", boxes=[(0, 0, w // 2, h // 2)],
-            distractors=[(w // 2, h // 2, w, h)], id=f"e{i}"))
-    return out
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """7 grounded examples as JSONL (4 global batches of 2) and their loaded form."""
-    path = save_jsonl(_examples(7), tmp_path_factory.mktemp("dist-data") / "data.jsonl")
+    folder = tmp_path_factory.mktemp("dist-data")
+    path = save_jsonl(grounded_examples("llava", 7), folder / "data.jsonl")
     return path, load_jsonl(path)
 
 

@@ -7,12 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, noise_image
+from conftest import FAMILY_NAMES, grounded_examples
 
-from corelens import GroundedExample
 from corelens.scores.head_scores import HeadScores
 from corelens.scores.ram import ExampleRegions, RamMetric, RamParams, aggregate, masses, score_all
-from corelens.zoo.tiny import tiny_image_sizes
 
 
 def test_masses_by_hand():
@@ -56,22 +54,12 @@ def test_aggregate_by_hand():
     assert math.isnan(low["relative_ram"][(0, 0)]) and not math.isnan(low["ram"][(0, 0)])
 
 
-def _examples(name, n=3):
-    sizes = tiny_image_sizes(name)
-    out = []
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        out.append(GroundedExample(
-            images=[noise_image(w, h, i)], question="what is the color of the square ?" + " ?" * i,
-            answer="red blue" if i % 2 else "green", boxes=[(0, 0, w // 2, h // 2)],
-            distractors=[(w // 2, h // 2, w, h)], id=f"e{i}"))
-    return out
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_fast_ram_equals_hook_pattern_ram(name, tiny_model):
     model = tiny_model(name)
-    batch = model.prepare_examples(_examples(name))
+    batch = model.prepare_examples(grounded_examples(name))
     assert batch.attention_mask.min() == 0  # padded
     metric = RamMetric(model, RamParams(value_weighted=True))
     with metric.attach(batch):
@@ -93,7 +81,7 @@ def test_fast_ram_equals_hook_pattern_ram(name, tiny_model):
 
 def test_score_all_resumes_to_the_same_result(tiny_model, tmp_path):
     model = tiny_model("llava")
-    examples = _examples("llava", n=5)
+    examples = grounded_examples("llava", n=5)
     full = score_all(model, examples, batch_size=2, progress=False)
     part = tmp_path / "partial.jsonl"
     score_all(model, examples, batch_size=2, partial=part, progress=False)
@@ -133,7 +121,7 @@ def test_generation_token_level_ram_equals_teacher_forced(tiny_model):
     from corelens.core.attention import AttentionInputs
 
     model = tiny_model("llava")
-    ex = _examples("llava", n=1)[0]
+    ex = grounded_examples("llava", n=1)[0]
     batch = model.prepare([ex.images], [ex.question], boxes=[ex.boxes])
     metric = RamMetric(model)
     n = 3
@@ -177,7 +165,7 @@ def test_high_norm_vision_tokens_are_reported_and_excluded():
 def test_high_norm_detection_in_a_forward(tiny_model):
     """Blow up one vision token's residual: it is found and its mass reported."""
     model = tiny_model("llava")
-    batch = model.prepare_examples(_examples("llava", n=1))
+    batch = model.prepare_examples(grounded_examples("llava", n=1))
     target = int(batch.layout.vision_positions(0)[5])
 
     def blow_up(resid, hook):

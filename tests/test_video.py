@@ -544,7 +544,7 @@ def test_hybrid_attention_on_video_equals_masked_reference(name, tiny_model):
     (w0, h0), _ = tiny_image_sizes(name)[:2]
     videos = _videos(name)
     batch = model.prepare([[], [], [noise_image(w0, h0, 7)]],
-                          PROMPTS + ["is <image> in <video> ?"], answers=ANSWERS + ["no"],
+                          PROMPTS + ["is <image> in <video> ?"], answers=ANSWERS + ["blue"],
                           videos=[[v] for v in videos] + [[videos[0]]])
     assert batch.attention_mask.min() == 0 and "pixel_values_videos" in batch.inputs
     vision = batch.layout.vision_mask()

@@ -9,11 +9,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.ActivationCache import ActivationCache
 
 from corelens import compat
 from corelens.core.attention import AttentionBackend
+from corelens.core.cache import MLLMActivationCache
 from corelens.core.prepare import prepare as _prepare
+from corelens.core.tl_surface import read_through_bridge
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
@@ -35,6 +36,7 @@ def _build_bridge(hf_model: Any, processor: Any, family: Family) -> Any:
     )
 
 
+@read_through_bridge
 class HookedMLLM(torch.nn.Module):
     """An MLLM with every TransformerLens hook, its vision-token layout and an owned attention.
 
@@ -50,6 +52,7 @@ class HookedMLLM(torch.nn.Module):
         self.bridge = _build_bridge(hf_model, processor, self.family)
         self.hf_model = hf_model  # the same modules the bridge wraps
         self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
+        self.vision_token_ids = _vision_token_ids(self.family, hf_model.config, processor)
         self.eval()
 
     # --- construction ----------------------------------------------------------------------
@@ -81,6 +84,10 @@ class HookedMLLM(torch.nn.Module):
             raise ValueError("give device= or device_map=, not both (device_map places the "
                              "model itself)")
         local = os.path.isdir(name_or_dir)
+        if not local and _looks_local(str(name_or_dir)):
+            raise InputError(f"no model folder at {str(name_or_dir)!r} (it looks like a local "
+                             "path, and it does not exist): check the path, or give a hub id "
+                             "such as 'llava-hf/llava-1.5-7b-hf'")
         if local:
             kw.setdefault("local_files_only", True)
         config = AutoConfig.from_pretrained(name_or_dir, **{k: v for k, v in kw.items()
@@ -130,6 +137,7 @@ class HookedMLLM(torch.nn.Module):
     def prepare_examples(self, examples: Sequence[Any], **kw: Any) -> MultimodalBatch:
         """``GroundedExample``s -> ``MultimodalBatch`` (evidence and distractor boxes kept)."""
         examples = [ex.validate() for ex in examples]
+        kw.setdefault("raw_prompts", [getattr(ex, "raw_prompt", False) for ex in examples])
         return self.prepare([ex.images for ex in examples], [ex.question for ex in examples],
                             [ex.answer for ex in examples], [ex.boxes for ex in examples],
                             distractors=[ex.distractors for ex in examples],
@@ -141,6 +149,7 @@ class HookedMLLM(torch.nn.Module):
             return inp.input_ids.to(self.device), {
                 k: v.to(self.device) for k, v in inp.model_kwargs().items()}
         if isinstance(inp, Tensor):
+            self._check_no_vision_tokens(inp)
             return inp.to(self.device), {}
         if isinstance(inp, str) or (isinstance(inp, Sequence) and all(isinstance(s, str)
                                                                        for s in inp)):
@@ -158,6 +167,18 @@ class HookedMLLM(torch.nn.Module):
         raise InputError(f"cannot run the model on a {type(inp).__name__}; pass a "
                          "MultimodalBatch from model.prepare(...), a string or a token tensor")
 
+    def _check_no_vision_tokens(self, ids: Tensor) -> None:
+        """Token ids alone cannot carry an image: refuse ids that hold image / video tokens
+        (the model would run on placeholder embeddings, a silently wrong number)."""
+        found = torch.isin(ids.cpu(), torch.tensor(sorted(self.vision_token_ids)))
+        if found.any():
+            raise InputError(
+                f"these token ids hold {int(found.sum())} image/video token(s) (ids "
+                f"{sorted(set(ids.cpu()[found].tolist()))}) but no pixel values: the model "
+                "would see the placeholder embedding instead of the image. Pass the "
+                "MultimodalBatch from model.prepare(...) / prepare_examples(...) instead of "
+                "batch.input_ids (TransformerLens's patching functions accept it too)")
+
     def forward(self, inp: ModelInput, return_type: str | None = "logits",
                 **kw: Any) -> Float[Tensor, "batch seq vocab"]:
         ids, kwargs = self._inputs(inp)
@@ -165,19 +186,46 @@ class HookedMLLM(torch.nn.Module):
 
     def run_with_hooks(self, inp: ModelInput, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
                        bwd_hooks: Sequence[tuple[Any, Callable]] = (), **kw: Any) -> Any:
+        """TransformerLens's ``run_with_hooks``; each hook's ``hook.name`` is the name it was
+        added under (a TL alias such as ``blocks.0.hook_resid_post`` stays that)."""
         ids, kwargs = self._inputs(inp)
-        return self.bridge.run_with_hooks(ids, fwd_hooks=list(fwd_hooks),
-                                          bwd_hooks=list(bwd_hooks), **kwargs, **kw)
+        return self.bridge.run_with_hooks(ids, fwd_hooks=self._named(fwd_hooks),
+                                          bwd_hooks=self._named(bwd_hooks), **kwargs, **kw)
 
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
               bwd_hooks: Sequence[tuple[Any, Callable]] = (), **kw: Any) -> Iterator[Any]:
-        with self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kw) as m:
+        """TransformerLens's ``hooks`` context manager (hook names as in ``run_with_hooks``)."""
+        with self.bridge.hooks(fwd_hooks=self._named(fwd_hooks),
+                               bwd_hooks=self._named(bwd_hooks), **kw) as m:
             yield m
+
+    def add_hook(self, name: Any, hook: Callable, dir: str = "fwd", **kw: Any) -> None:
+        """TransformerLens's ``add_hook`` (a name, or a filter over names); ``reset_hooks``
+        removes it."""
+        for n, fn in self._named([(name, hook)]):
+            self.bridge.add_hook(n, fn, dir=dir, **kw)
+
+    def _named(self, hooks: Sequence[tuple[Any, Callable]]) -> list[tuple[str, Callable]]:
+        """(name or filter, fn) -> (name, fn seeing ``hook.name`` = that name). A filter is
+        expanded over ``hook_dict``; where it matches both a bridge name and its TL alias, the
+        alias is kept (one hook per hook point)."""
+        out: list[tuple[str, Callable]] = []
+        for name, fn in hooks:
+            if isinstance(name, str):
+                out.append((name, _with_name(fn, name)))
+                continue
+            picked: dict[int, str] = {}  # hook point -> the name this filter reaches it by
+            for n in (n for n in self.hook_dict if name(n)):
+                point = self.hook_dict[n]
+                if id(point) not in picked or picked[id(point)] == point.name:
+                    picked[id(point)] = n  # an alias wins over the bridge's own name
+            out += [(n, _with_name(fn, n)) for n in picked.values()]
+        return out
 
     def run_with_cache(
         self, inp: ModelInput, names_filter: Any = None, positions: Positions = None, **kw: Any
-    ) -> tuple[Tensor, ActivationCache]:
+    ) -> tuple[Tensor, MLLMActivationCache]:
         """Run and cache activations (TransformerLens names).
 
         ``positions`` caches only some sequence positions: ``"query"`` (the batch's query
@@ -189,7 +237,10 @@ class HookedMLLM(torch.nn.Module):
         ids, kwargs = self._inputs(inp)
         index = self._position_index(inp, positions, ids.shape[0])
         if index is None:
-            return self.bridge.run_with_cache(ids, names_filter=names_filter, **kwargs, **kw)
+            logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
+                                                          **kwargs, **kw)
+            return logits, MLLMActivationCache.from_cache(
+                tl_cache, vision_side_inputs=self.family.vision_side_inputs)
         idx, valid = index
         store: dict[str, Tensor] = {}
         names = self._names(names_filter)
@@ -201,8 +252,9 @@ class HookedMLLM(torch.nn.Module):
 
         logits = self.bridge.run_with_hooks(ids, fwd_hooks=[(n, saver(n)) for n in names],
                                             **kwargs, **kw)
-        cache = ActivationCache(store, self.bridge, has_batch_dim=True)
-        cache.positions, cache.position_mask = idx, valid
+        cache = MLLMActivationCache(store, self.bridge, has_batch_dim=True,
+                                    vision_side_inputs=self.family.vision_side_inputs,
+                                    positions=idx, position_mask=valid)
         return logits, cache
 
     def _names(self, names_filter: Any) -> list[str]:
@@ -263,11 +315,25 @@ class HookedMLLM(torch.nn.Module):
                     toks[p] = info.label()
             mask = inp.attention_mask[example].bool().tolist()
             return [t for t, m in zip(toks, mask) if m] if not all(mask) else toks
+        if isinstance(inp, Tensor):  # as TransformerLens: one list per row of a 2-D tensor
+            ids_t = inp.cpu()
+            if ids_t.ndim == 2 and ids_t.shape[0] > 1:
+                return [self.tokenizer.convert_ids_to_tokens(r.tolist()) for r in ids_t]
+            return self.tokenizer.convert_ids_to_tokens(ids_t.reshape(-1).tolist())
+        if not isinstance(inp, str) and isinstance(inp, Sequence):
+            return [self.to_str_tokens(t) for t in inp]
         ids_t, _ = self._inputs(inp)
-        return self.tokenizer.convert_ids_to_tokens(ids_t[example].tolist())
+        return self.tokenizer.convert_ids_to_tokens(ids_t[0].tolist())
 
-    def to_tokens(self, text: str | Sequence[str]) -> Int[Tensor, "batch seq"]:
-        return self._inputs(text)[0]
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool | None = None,
+                  padding_side: str | None = None, **kw: Any) -> Int[Tensor, "batch seq"]:
+        """Token ids of text. Without TransformerLens's ``prepend_bos`` / ``padding_side`` /
+        ``move_to_device`` / ``truncate``: the tokenizer's own special tokens, left padding (as
+        ``model("text")`` runs it); with any of them: TransformerLens's ``to_tokens``."""
+        if prepend_bos is None and padding_side is None and not kw:
+            return self._inputs(text)[0]
+        return self.bridge.to_tokens(text, prepend_bos=prepend_bos, padding_side=padding_side,
+                                     **kw)
 
     # --- analysis conveniences ---------------------------------------------------------------
     def logit_lens(
@@ -310,3 +376,39 @@ def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"]) -> Te
         shape = (idx.shape[0], idx.shape[1]) + tuple(act.shape[2:])
         return torch.gather(act, 1, idx.view(*idx.shape, *([1] * (act.ndim - 2))).expand(shape))
     return act
+
+
+def _vision_token_ids(family: Family, hf_config: Any, processor: Any) -> set[int]:
+    """The ids of the tokens that stand for image / video features in ``input_ids``."""
+    ids = {family.image_token_id(hf_config, processor)}
+    try:
+        ids.add(family.video_token_id(hf_config, processor))
+    except (ValueError, NotImplementedError, AttributeError):
+        pass  # a family without video
+    return ids
+
+
+class _NamedHook:
+    """The hook point a hook fires on, seen under the name the hook was added with: TL aliases
+    (``blocks.0.hook_resid_post``) share a point with the bridge's name (``blocks.0.hook_out``),
+    whose ``.name`` the point carries."""
+
+    def __init__(self, point: Any, name: str) -> None:
+        self._point, self.name = point, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._point, attr)
+
+
+def _with_name(fn: Callable, name: str) -> Callable:
+    def hook(act: Any, hook: Any, **kw: Any) -> Any:
+        return fn(act, hook=_NamedHook(hook, name), **kw)
+    return hook
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id ("org/name"): absolute, relative with ./ ../ ~, or deeper."""
+    parent = os.path.dirname(name)
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
+            or name.count("/") > 1 or (bool(parent) and os.path.isdir(parent)))
+

@@ -3,6 +3,7 @@ processor."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Sequence
 
 import numpy as np
@@ -131,14 +132,25 @@ def prepare(
     videos: Any = None,
     ids: Sequence[str | None] | None = None,
     chat_template: bool = True,
+    raw_prompts: bool | Sequence[bool] | None = None,
     device: torch.device | str | None = None,
 ) -> MultimodalBatch:
     """Run the family's chat template and processor; record layout and query positions.
 
     With ``chat_template=True`` each prompt is a question (``<image>`` marks where images go and
-    ``<video>`` where videos go; without marks the images come first, then the videos). With
-    ``chat_template=False`` the prompt is used verbatim and must contain the family's own image
-    (video) token once per image (video).
+    ``<video>`` where videos go; without marks the images come first, then the videos). A raw
+    prompt is used verbatim instead and must contain the family's own image (video) token once
+    per image (video): every prompt with ``chat_template=False``, the prompts whose
+    ``raw_prompts`` entry is true (one flag per prompt, or one for all:
+    ``GroundedExample.raw_prompt``), and -- when the processor has no chat template -- every
+    prompt that holds the family's image (video) token. With no chat template, a prompt of an
+    example with images or videos and none of their tokens is an ``InputError``. The layout is
+    read from the tokenised ids either way.
+
+    Each answer must survive tokenisation: an answer that tokenises to the tokenizer's unknown
+    token, or whose tokens do not decode back to it (up to whitespace and Unicode
+    normalisation), is an ``InputError`` (it would be scored as something else). Prompts may
+    hold unknown words.
 
     ``videos``: per example a list of videos (``Video``, a list of PIL frames, or a ``[T, H, W,
     3]`` array), for the families that take them (``Family.supports_video``). The frames are
@@ -166,13 +178,37 @@ def prepare(
     box_lists = _as_boxes(boxes, image_lists, video_lists)
     distractor_lists = _as_boxes(distractors, image_lists, video_lists)
     example_ids = list(ids) if ids is not None else [None] * n
+    if len(example_ids) != n:
+        raise InputError(f"got {len(example_ids)} ids for {n} prompts")
+    raw_flags = _raw_flags(raw_prompts, n, chat_template)
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)
     vid_tok = family.video_token_string(processor) if has_video else None
+    has_template = family.has_chat_template(processor)
 
     texts, prompt_texts = [], []
     for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
-        if chat_template:
+        raw = raw_flags[e]
+        if not raw and not has_template:
+            own = [(tok, what) for tok, what, k in ((img_tok, "image", len(ims)),
+                                                    (vid_tok, "video", len(vids))) if k and tok]
+            if own and not any(tok in p for tok, _ in own):
+                toks = " / ".join(repr(tok) for tok, _ in own)
+                what = " / ".join(w for _, w in own)
+                also = (f" ({PLACEHOLDER!r} marks images only for the chat template; "
+                        f"{family.name}'s own image token is {img_tok!r})"
+                        if img_tok != PLACEHOLDER and PLACEHOLDER in p else "")
+                raise InputError(
+                    f"{_where(e, example_ids[e])}: the processor has no chat template and the "
+                    f"prompt holds no {toks}{also}, so there is no way to place the example's "
+                    f"{what}(s). Fix: write the whole prompt with {toks} once per {what} "
+                    "(used verbatim: set GroundedExample.raw_prompt=True, or pass "
+                    "prepare(..., raw_prompts=[...]) / chat_template=False), or give the "
+                    "processor a chat template (processor.chat_template = '...', or a "
+                    "chat_template.jinja in the model folder)"
+                )
+            raw = True  # no template: the prompt carries its own image / video tokens
+        if not raw:
             for mark, what, k in ((PLACEHOLDER, "image", len(ims)),
                                   (VIDEO_PLACEHOLDER, "video", len(vids))):
                 n_marks = p.count(mark)
@@ -190,8 +226,10 @@ def prepare(
                     desc = (f"has no {what} placeholder" if n_marks == 0
                             else f"has {n_marks} {tok!r}")
                     raise InputError(
-                        f"example {e}: the prompt {desc} but {k} {what}(s) were given; put "
-                        f"{tok!r} in the prompt once per {what} (or use chat_template=True)"
+                        f"{_where(e, example_ids[e])}: the raw prompt {desc} but {k} {what}(s) "
+                        f"were given; put {tok!r} in the prompt once per {what} (or, with a "
+                        "chat template, pass the question without raw_prompt / "
+                        "chat_template=False)"
                     )
             text = p
         prompt_texts.append(text)
@@ -241,6 +279,7 @@ def prepare(
                 f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
                 "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
             )
+        _check_answer(tokenizer, real[lp:], str(answers[e]), _where(e, example_ids[e]))
         answer_tokens.append(real[lp:].clone())
         query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
 
@@ -252,6 +291,51 @@ def prepare(
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
     return batch.to(device) if device is not None else batch
+
+
+def _where(e: int, ex_id: Any) -> str:
+    return f"example {e}" + ("" if ex_id is None else f" (id {ex_id!r})")
+
+
+def _raw_flags(raw_prompts: bool | Sequence[bool] | None, n: int,
+               chat_template: bool) -> list[bool]:
+    """Per prompt: is it used verbatim (no chat template)?"""
+    if raw_prompts is None or isinstance(raw_prompts, bool):
+        flags = [bool(raw_prompts)] * n
+    else:
+        flags = [bool(r) for r in raw_prompts]
+        if len(flags) != n:
+            raise InputError(f"got {len(flags)} raw_prompts flags for {n} prompts")
+    return [f or not chat_template for f in flags]
+
+
+def _squash(text: str) -> str:
+    """The text up to whitespace and Unicode normalisation (tokenizers may apply NFC / NFKC)."""
+    return "".join(unicodedata.normalize("NFKC", text).split())
+
+
+def _check_answer(tokenizer: Any, tokens: torch.Tensor, answer: str, where: str) -> None:
+    """Refuse an answer whose tokens are not the answer: the unknown token, or tokens that do not
+    decode back to it (up to whitespace and Unicode normalisation). Scoring them would score a
+    different string."""
+    ids = [int(t) for t in tokens]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        unk_tok = getattr(tokenizer, "unk_token", None) or f"id {unk}"
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise InputError(
+            f"{where}: the answer {answer!r} holds text the tokenizer does not know: it "
+            f"tokenises to {pieces}, so it would be scored as {unk_tok!r}, not as the answer. "
+            "Fix: write the answer in words of the model's vocabulary (check "
+            "model.tokenizer.tokenize(answer)), or drop the example"
+        )
+    decoded = [tokenizer.decode(ids, skip_special_tokens=skip) for skip in (False, True)]
+    if _squash(answer) not in {_squash(d) for d in decoded}:
+        raise InputError(
+            f"{where}: the answer {answer!r} does not survive tokenisation: its tokens decode to "
+            f"{decoded[0]!r}, so the score would be for that string, not the answer. Fix: "
+            f"write the answer as the tokenizer gives it back (e.g. {decoded[1].strip()!r})"
+        )
 
 
 def build_layout(

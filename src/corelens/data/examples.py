@@ -332,6 +332,11 @@ class GroundedExample:
     evidence, each an ``Evidence`` (``(image_index, (x0, y0, x1, y1))`` tuples, in original-image
     pixels, x1/y1 exclusive, are read as boxes in images). ``videos``: ``Video``s of the example
     (frame-range evidence refers to them by index).
+
+    ``raw_prompt``: the question is the whole prompt, used verbatim (no chat template), and
+    carries the model family's own image (video) token once per image (video), e.g.
+    ``"USER: <image> What colour is the square? ASSISTANT:"`` for LLaVA. A question that holds
+    the family's image token is also used verbatim when the processor has no chat template.
     """
 
     images: list[Image.Image]
@@ -342,6 +347,7 @@ class GroundedExample:
     id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     videos: list[Video] = field(default_factory=list)
+    raw_prompt: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.images, Image.Image):
@@ -362,6 +368,9 @@ class GroundedExample:
             raise InputError(f"{name}: the answer is empty")
         if not str(self.question).strip():
             raise InputError(f"{name}: the question is empty")
+        if not isinstance(self.raw_prompt, bool):
+            raise InputError(f"{name}: raw_prompt must be True or False, got "
+                             f"{self.raw_prompt!r}")
         if not self.boxes:
             raise InputError(f"{name}: no evidence box")
         for kind, entries in (("evidence", self.boxes), ("distractor", self.distractors)):

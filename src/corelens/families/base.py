@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from corelens.data.layout import FeatureRows
+from corelens.errors import InputError
 
 PLACEHOLDER = "<image>"  # how corelens prompts mark an image, whatever the family's own token
 VIDEO_PLACEHOLDER = "<video>"  # ... and a video
@@ -73,15 +74,33 @@ class Family(ABC):
     def image_token_string(self, processor: Any) -> str:
         return str(getattr(processor, "image_token", PLACEHOLDER))
 
+    def has_chat_template(self, processor: Any) -> bool:
+        """Whether ``build_prompt`` can format a question with this processor: it has a
+        (non-blank) chat template. Without one, prompts must be written out whole, with the
+        family's own image / video tokens (``prepare``'s raw prompts)."""
+        tpl = getattr(processor, "chat_template", None)
+        if isinstance(tpl, dict):
+            return any(isinstance(t, str) and t.strip() for t in tpl.values())
+        return isinstance(tpl, str) and bool(tpl.strip())
+
     def build_prompt(self, processor: Any, question: str, n_images: int,
                      n_videos: int = 0) -> str:
         """The chat-formatted user turn with ``n_images`` images and ``n_videos`` videos, ending
         where the answer starts.
 
         ``question`` may mark where images go with ``<image>`` and videos with ``<video>``;
-        otherwise the images come first, then the videos.
+        otherwise the images come first, then the videos. Needs a chat template
+        (``has_chat_template``); raw prompts skip this method.
         """
         import re
+
+        if not self.has_chat_template(processor):
+            raise InputError(
+                f"the {self.name} processor has no chat template, so the question cannot be "
+                "put into a chat turn; write the whole prompt with the family's image token "
+                f"({self.image_token_string(processor)!r}) once per image and mark it raw "
+                "(GroundedExample(raw_prompt=True) / prepare(..., raw_prompts=[True])), or give "
+                "the processor a chat template (processor.chat_template = ...)")
 
         parts = re.split(f"({re.escape(PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", question)
         if len(parts) == 1:

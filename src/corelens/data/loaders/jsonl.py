@@ -26,7 +26,7 @@ from corelens.data.loaders.common import (
 from corelens.errors import InputError
 
 _JSONL_KEYS = {"id", "images", "image", "videos", "question", "answer", "boxes", "distractors",
-               "metadata"}
+               "metadata", "raw_prompt"}
 _VIDEO_KEYS = {"frames", "fps", "frame_indices", "total_frames"}
 
 
@@ -182,10 +182,13 @@ def _from_record(record: dict[str, Any], ex_id: str | None, base: Path,
     metadata = record.get("metadata", {})
     if not isinstance(metadata, dict):
         raise InputError(f"'metadata' must be an object, got {type(metadata).__name__}")
+    raw_prompt = record.get("raw_prompt", False)
+    if not isinstance(raw_prompt, bool):
+        raise InputError(f"'raw_prompt' must be true or false, got {raw_prompt!r}")
     loaded = [images.get(base / p, p) for p in files]
     videos = _videos(record["videos"], base) if "videos" in record else []
     ex = GroundedExample(loaded, question, answer, boxes, distractors, id=ex_id,
-                         metadata=metadata, videos=videos)
+                         metadata=metadata, videos=videos, raw_prompt=raw_prompt)
     ex.validate()
     return ex
 
@@ -241,7 +244,10 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
                 if video.fps is not None:
                     rec_v["fps"] = video.fps
                 record["videos"].append(rec_v)
-        record.update(question=str(ex.question), answer=str(ex.answer),
+        record["question"] = str(ex.question)
+        if getattr(ex, "raw_prompt", False):
+            record["raw_prompt"] = True
+        record.update(answer=str(ex.answer),
                       boxes=[Evidence.coerce(e).to_json() for e in ex.boxes])
         if ex.distractors:
             record["distractors"] = [Evidence.coerce(e).to_json() for e in ex.distractors]
