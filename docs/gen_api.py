@@ -15,7 +15,7 @@ MODULES = ["corelens", "corelens.scores.ram", "corelens.scores.registry",
            "corelens.interventions.patching", "corelens.interventions.attribution",
            "corelens.interventions.ablation", "corelens.views", "corelens.zoo",
            "corelens.data.loaders", "corelens.runner", "corelens.accel", "corelens.report",
-           "corelens.zoo.tiny"]
+           "corelens.zoo.tiny", "corelens.saes"]
 OUT = Path(__file__).with_name("api.md")
 
 

@@ -117,3 +117,15 @@ def test_corelens_adapters_register_explicitly_once(tiny_model):
     sentinel = type("Sentinel", (), {})
     compat.register_tl_adapter("LlavaForConditionalGeneration", sentinel)
     assert ArchitectureAdapterFactory._adapters["LlavaForConditionalGeneration"] is not sentinel
+
+
+def test_hook_registry_is_the_table_hook_dict_reads(tiny_model):
+    model = tiny_model("llava")
+    table = compat.hook_registry(model.bridge)
+    assert table["blocks.0.hook_resid_pre"] is model.hook_dict["blocks.0.hook_resid_pre"]
+
+    class Broken:
+        _hook_registry = None
+
+    with pytest.raises(CorelensError, match="_hook_registry"):
+        compat.hook_registry(Broken())

@@ -24,6 +24,7 @@ _SUBMODULES = {
     "attribution": "corelens.interventions.attribution",
     "patching": "corelens.interventions.patching",
     "ram": "corelens.scores.ram",
+    "saes": "corelens.saes",
     "views": "corelens.views",
 }
 _EXPORTS = {
@@ -84,6 +85,7 @@ __all__ = [
     "load_refcoco",
     "patching",
     "ram",
+    "saes",
     "save_jsonl",
     "text_to_image_knockout",
     "views",
@@ -106,7 +108,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
-    from corelens import accel, views  # noqa: F401
+    from corelens import (  # noqa: F401
+        accel,
+        saes,  # noqa: F401
+        views,
+    )
     from corelens.core.attention import AttentionBackend, AttentionInputs  # noqa: F401
     from corelens.core.evaluate import EvalResult, evaluate  # noqa: F401
     from corelens.core.model import HookedMLLM  # noqa: F401

@@ -39,6 +39,7 @@ from corelens.errors import CorelensError
 __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateName",
            "accelerate_execution_device", "apply_position_embedding_hooks",
            "build_bridge_from_module", "gated_hook_reason", "has_attn_implementation", "has_hooks",
+           "hook_registry",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
            "refresh_hook_registry", "register_tl_adapter", "replace_forward",
            "replace_qwen3_vl_deepstack", "require", "set_attn_implementation", "update_kv_cache",
@@ -69,6 +70,17 @@ def register_tl_adapter(architecture: str, adapter: type) -> None:
     ``register_adapter``), unless one is registered already (its ``_adapters`` table)."""
     if architecture not in ArchitectureAdapterFactory._adapters:
         ArchitectureAdapterFactory.register_adapter(architecture, adapter)
+
+
+def hook_registry(bridge: Any) -> dict[str, Any]:
+    """The bridge's table of hook names (``hook_dict`` is built from it): where SAEs register
+    their own hook points (``corelens.saes``)."""
+    table = getattr(bridge, "_hook_registry", None)
+    if not isinstance(table, dict):
+        raise CorelensError("TransformerBridge._hook_registry is gone or changed: corelens.saes "
+                            "cannot register an SAE's hook points (install the tested "
+                            "transformer-lens, requirements.lock)")
+    return table
 
 
 def refresh_hook_registry(bridge: Any) -> None:

@@ -20,6 +20,7 @@ from corelens.errors import InputError
 from corelens.families import Family, family_for_config
 from corelens.families.adapters import register_adapters
 from corelens.hook_names import act_name
+from corelens.saes import attach as sae_attach
 
 ModelInput = MultimodalBatch | str | Sequence[str] | Tensor
 Positions = str | Tensor | Sequence[Tensor] | None
@@ -363,6 +364,29 @@ class HookedMLLM(torch.nn.Module):
                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs, **kw)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:],
                                            skip_special_tokens=skip_special_tokens)
+
+    # --- sparse autoencoders: corelens.saes (above core, so imported on use) ---------------------
+    def add_sae(self, sae: Any, use_error_term: bool | None = None) -> None:
+        """SAELens's ``add_sae``: splice ``sae`` in at its hook name (``corelens.saes``)."""
+        sae_attach.add_sae(self, sae, use_error_term)
+
+    def reset_saes(self, act_names: Any = None, prev_saes: Any = None) -> None:
+        """SAELens's ``reset_saes``: remove the SAEs at ``act_names`` (all: None)."""
+        sae_attach.reset_saes(self, act_names, prev_saes)
+
+    def saes(self, saes: Any = (), reset_saes_end: bool = True,
+             use_error_term: bool | None = None) -> Any:
+        """SAELens's ``saes`` context: ``saes`` attached within the ``with`` block."""
+        return sae_attach.saes(self, saes, reset_saes_end, use_error_term)
+
+    def run_with_saes(self, inp: ModelInput, saes: Any = (), **kw: Any) -> Any:
+        """SAELens's ``run_with_saes``: the forward with ``saes`` attached for this call."""
+        return sae_attach.run_with_saes(self, inp, saes, **kw)
+
+    def run_with_cache_with_saes(self, inp: ModelInput, saes: Any = (), **kw: Any) -> Any:
+        """SAELens's ``run_with_cache_with_saes``: ``run_with_cache`` with ``saes`` attached;
+        the cache holds their hook points (``<hook_name>.hook_sae_acts_post``, ...)."""
+        return sae_attach.run_with_cache_with_saes(self, inp, saes, **kw)
 
 
 def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"]) -> Tensor:
