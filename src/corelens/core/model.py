@@ -14,7 +14,7 @@ from corelens import compat
 from corelens.core.attention import AttentionBackend
 from corelens.core.cache import MLLMActivationCache
 from corelens.core.prepare import prepare as _prepare
-from corelens.core.tl_surface import read_through_bridge
+from corelens.core.tl_surface import read_through_bridge, with_name
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
@@ -214,14 +214,14 @@ class HookedMLLM(torch.nn.Module):
         out: list[tuple[str, Callable]] = []
         for name, fn in hooks:
             if isinstance(name, str):
-                out.append((name, _with_name(fn, name)))
+                out.append((name, with_name(fn, name)))
                 continue
             picked: dict[int, str] = {}  # hook point -> the name this filter reaches it by
             for n in (n for n in self.hook_dict if name(n)):
                 point = self.hook_dict[n]
                 if id(point) not in picked or picked[id(point)] == point.name:
                     picked[id(point)] = n  # an alias wins over the bridge's own name
-            out += [(n, _with_name(fn, n)) for n in picked.values()]
+            out += [(n, with_name(fn, n)) for n in picked.values()]
         return out
 
     def run_with_cache(
@@ -412,27 +412,9 @@ def _vision_token_ids(family: Family, hf_config: Any, processor: Any) -> set[int
     return ids
 
 
-class _NamedHook:
-    """The hook point a hook fires on, seen under the name the hook was added with: TL aliases
-    (``blocks.0.hook_resid_post``) share a point with the bridge's name (``blocks.0.hook_out``),
-    whose ``.name`` the point carries."""
-
-    def __init__(self, point: Any, name: str) -> None:
-        self._point, self.name = point, name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._point, attr)
-
-
-def _with_name(fn: Callable, name: str) -> Callable:
-    def hook(act: Any, hook: Any, **kw: Any) -> Any:
-        return fn(act, hook=_NamedHook(hook, name), **kw)
-    return hook
-
 
 def _looks_local(name: str) -> bool:
     """A path, not a hub id ("org/name"): absolute, relative with ./ ../ ~, or deeper."""
     parent = os.path.dirname(name)
     return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
             or name.count("/") > 1 or (bool(parent) and os.path.isdir(parent)))
-

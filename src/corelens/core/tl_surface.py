@@ -61,3 +61,21 @@ def read_through_bridge(cls: type) -> type:
     for name in BRIDGE_METHODS:
         setattr(cls, name, _method(name))
     return cls
+
+
+class NamedHook:
+    """The hook point a hook fires on, seen under the name the hook was added with: TL aliases
+    (``blocks.0.hook_resid_post``) share a point with the bridge's name (``blocks.0.hook_out``),
+    whose ``.name`` the point carries."""
+
+    def __init__(self, point: Any, name: str) -> None:
+        self._point, self.name = point, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._point, attr)
+
+
+def with_name(fn: Callable, name: str) -> Callable:
+    def hook(act: Any, hook: Any, **kw: Any) -> Any:
+        return fn(act, hook=NamedHook(hook, name), **kw)
+    return hook
