@@ -9,6 +9,9 @@
   strip of frame-span tiles (``video_overlays``).
 - ``head_heatmap`` / ``ram_heatmap``, ``ablation_curves``, ``patching_heatmap``: matplotlib
   figures.
+- ``feature_overlay``, ``feature_attribution``, ``feature_patches_html``: SAE features on the
+  image (activation overlays, activation x gradient per vision token, a page of each feature's
+  top-activating patches); ``feature_activations``, ``top_patches`` give the numbers.
 - ``page`` / ``save_page``: one self-contained HTML page of views, images and figures;
   ``image_html`` / ``figure_html`` / ``save_png`` for single pictures.
 """
@@ -19,6 +22,14 @@ from corelens.views.attention import (
     colored_tokens,
     query_patterns,
     token_values,
+)
+from corelens.views.features import (
+    Patch,
+    feature_activations,
+    feature_attribution,
+    feature_overlay,
+    feature_patches_html,
+    top_patches,
 )
 from corelens.views.html import (
     HTMLView,
@@ -44,6 +55,7 @@ from corelens.views.tokens import TokenGroup, token_groups, token_labels
 
 __all__ = [
     "HTMLView",
+    "Patch",
     "TokenGroup",
     "ablation_curves",
     "as_view",
@@ -51,6 +63,10 @@ __all__ = [
     "attention_overlay",
     "attention_patterns",
     "colored_tokens",
+    "feature_activations",
+    "feature_attribution",
+    "feature_overlay",
+    "feature_patches_html",
     "figure_html",
     "grid",
     "head_heatmap",
@@ -69,5 +85,6 @@ __all__ = [
     "token_labels",
     "token_overlay",
     "token_values",
+    "top_patches",
     "video_overlays",
 ]
