@@ -94,7 +94,8 @@ def execute(path: Path, tmp_path: Path, timeout: int = 300):
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
     for expected in ("01_quickstart.ipynb", "02_core_heads.ipynb", "03_causal.ipynb",
-                     "04_acceleration.ipynb", "05_circuits.ipynb", "06_video.ipynb"):
+                     "04_acceleration.ipynb", "05_circuits.ipynb", "06_video.ipynb",
+                     "07_saes.ipynb"):
         assert expected in names
 
 
