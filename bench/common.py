@@ -17,15 +17,16 @@ from typing import Callable
 
 
 def build_llava(folder: str, *, d_model: int = 512, layers: int = 8, heads: int = 8,
-                kv_heads: int = 8, image_size: int = 32, patch: int = 8) -> None:
+                kv_heads: int = 8, image_size: int = 32, patch: int = 8, **text_kw) -> None:
     """A random LLaVA: tiny 1-layer CLIP tower (``(image_size/patch)^2`` vision tokens per image),
-    Llama decoder of the given shape; saved with an offline processor."""
+    Llama decoder of the given shape (``text_kw``: more LlamaConfig fields, e.g. vocab_size);
+    saved with an offline processor."""
     from corelens.zoo.tiny.llava import tiny_llava
 
     model, proc = tiny_llava(folder, d_model=d_model, layers=layers, heads=heads,
                              kv_heads=kv_heads, image_size=image_size, patch=patch,
                              center_crop=False, intermediate_size=int(d_model * 2.6875),
-                             max_position_embeddings=32768)
+                             max_position_embeddings=32768, **text_kw)
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
 

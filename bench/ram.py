@@ -6,8 +6,11 @@ Pinned config: a random LLaVA-shaped model (Llama decoder d_model 512, 8 layers,
 process:
 
 - ``hf_forward``: the plain HF model's forward (SDPA attention, no hooks) — the baseline;
-- ``corelens_ram``: a HookedMLLM forward with ``RamMetric`` attached (rows for the 3 query
-  positions only; SDPA everywhere);
+- ``hf_forward_answer_logits``: the same with ``logits_to_keep`` = the answer positions (HF's
+  own knob): the forward a user who needs only the answer's logits runs;
+- ``corelens_ram``: what ``score_all`` runs per batch: a HookedMLLM forward with ``RamMetric``
+  attached (rows for the 3 query positions only; SDPA everywhere; no logits are read, so the
+  unembedding runs on one position);
 - ``tl_cache``: the TransformerLens way as the tutorials write it — a bridge built by
   TransformerLens, ``run_with_cache`` of every ``hook_pattern``, then the same reduction;
 - ``tl_hook_reduce``: the TransformerLens way as a careful user writes it — the same bridge,
@@ -22,6 +25,9 @@ layers * heads * T^2 * 4 bytes, over the RAM run's measured peak.
 
     python bench/ram.py --json
     python bench/ram.py --json --tokens 8192 --variants corelens_ram tl_hook_reduce
+    # real width and vocabulary (LLaVA-1.5-7B's 4096 / 32 heads / 32,000 tokens, 2 layers)
+    python bench/ram.py --tokens 4096 --d-model 4096 --heads 32 --layers 2 --vocab 32000 \
+        --variants hf_forward hf_forward_answer_logits corelens_ram
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build_llava, run_isolated, threads, timed  # noqa: E402
 
-TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
+TOKENS = {576: (24, 1), 2304: (48, 1), 4096: (64, 1), 8192: (64, 2)}  # -> (grid side, images)
 PATCH = 16
 
 
@@ -71,14 +77,15 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     ev = batch.evidence_positions(0)
     q = batch.query_positions[0]
     result = {}
-    if variant == "hf_forward":
+    if variant in ("hf_forward", "hf_forward_answer_logits"):
         from transformers import AutoModelForImageTextToText
 
         hf = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+        keep = {"logits_to_keep": batch.logits_to_keep} if variant.endswith("logits") else {}
 
         def fn():
             with torch.no_grad():
-                return hf(input_ids=ids, **kw).logits
+                return hf(input_ids=ids, **kw, **keep).logits
     elif variant == "corelens_ram":
         from corelens import HookedMLLM
         from corelens.scores.ram import RamMetric
@@ -88,7 +95,7 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
 
         def fn():
             with torch.no_grad(), metric.attach(batch):
-                model(batch)
+                model(batch, return_type=None)  # as score_all: no logits are read
             result["ram"] = metric.example_level()["ram"][0]
     elif variant in ("tl_cache", "tl_hook_reduce"):
         from functools import partial
@@ -135,8 +142,8 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
     return out
 
 
-VARIANTS = ("hf_forward", "corelens_ram", "tl_cache", "tl_hook_reduce")
-LAYERS, HEADS = 8, 8  # build_llava's decoder
+VARIANTS = ("hf_forward", "hf_forward_answer_logits", "corelens_ram", "tl_cache",
+            "tl_hook_reduce")
 
 
 def main() -> None:
@@ -150,6 +157,11 @@ def main() -> None:
                     help="skip tl_cache above this many tokens (its cached patterns need "
                     "layers * heads * T^2 * 4 bytes: 17 GB at 8,192, +19.4 GB peak measured); "
                     "tl_hook_reduce always runs")
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size (default: the toy tokenizer's, 71 tokens)")
     ap.add_argument("--_variant")
     ap.add_argument("--_folder")
     args = ap.parse_args()
@@ -158,7 +170,11 @@ def main() -> None:
         return
     import torch
 
-    report = {"tokens": [], "throughput_ratio_vs_forward": [], "peak_mem_ratio_vs_forward": [],
+    shape = {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
+             "vocab": args.vocab}
+    report = {"model": shape, "tokens": [], "throughput_ratio_vs_forward": [],
+              "peak_mem_ratio_vs_forward": [], "throughput_ratio_vs_answer_logits_forward": [],
+              "peak_mem_ratio_vs_answer_logits_forward": [],
               "peak_mem_ratio_cache_baseline_vs_ram": [], "max_abs_ram_diff_vs_tl": [],
               "peak_mem_ratio_hook_reduce_vs_ram": [], "max_abs_ram_diff_vs_tl_hook_reduce": [],
               "time_ratio_cache_baseline_vs_ram": [], "time_ratio_hook_reduce_vs_ram": [],
@@ -170,7 +186,9 @@ def main() -> None:
     for tokens in args.tokens:
         side, _ = TOKENS[tokens]
         folder = tempfile.mkdtemp(prefix=f"corelens-bench-ram-{tokens}-")
-        build_llava(folder, image_size=side * PATCH, patch=PATCH)  # the same decoder weights
+        extra = {"vocab_size": args.vocab} if args.vocab else {}
+        build_llava(folder, image_size=side * PATCH, patch=PATCH, d_model=args.d_model,
+                    layers=args.layers, heads=args.heads, kv_heads=args.heads, **extra)
         rows = {}
         variants = [v for v in VARIANTS if v in args.variants or v == "corelens_ram"]
         if tokens > args.tl_max_tokens and "tl_cache" in variants:
@@ -185,6 +203,11 @@ def main() -> None:
             ratio(base["seconds"], ram["seconds"]) if base else None)
         report["peak_mem_ratio_vs_forward"].append(
             ratio(ram["peak_rss_delta_mb"], base["peak_rss_delta_mb"]) if base else None)
+        lean = rows.get("hf_forward_answer_logits")
+        report["throughput_ratio_vs_answer_logits_forward"].append(
+            ratio(lean["seconds"], ram["seconds"]) if lean else None)
+        report["peak_mem_ratio_vs_answer_logits_forward"].append(
+            ratio(ram["peak_rss_delta_mb"], lean["peak_rss_delta_mb"]) if lean else None)
         for v, mem_key, diff_key, time_key in (
                 ("tl_cache", "peak_mem_ratio_cache_baseline_vs_ram", "max_abs_ram_diff_vs_tl",
                  "time_ratio_cache_baseline_vs_ram"),
@@ -199,10 +222,11 @@ def main() -> None:
                 report[time_key].append(ratio(tl["seconds"], ram["seconds"]))
             elif v == "tl_cache" and v in args.variants:
                 # not run: a lower bound is its cached patterns alone over RAM's measured peak
-                patterns_mb = LAYERS * HEADS * ram["seq_len"] ** 2 * 4 / 2**20
+                patterns_mb = args.layers * args.heads * ram["seq_len"] ** 2 * 4 / 2**20
                 report[mem_key].append(
                     f">= {patterns_mb / max(ram['peak_rss_delta_mb'], 1e-9):.1f} (not run: "
-                    f"{LAYERS}*{HEADS}*{ram['seq_len']}^2*4 B = {patterns_mb:.0f} MB of cached "
+                    f"{args.layers}*{args.heads}*{ram['seq_len']}^2*4 B = {patterns_mb:.0f} MB "
+                    "of cached "
                     f"patterns / RAM's peak {ram['peak_rss_delta_mb']:.0f} MB)")
                 report[diff_key].append(None)
                 report[time_key].append(None)

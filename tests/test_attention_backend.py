@@ -157,3 +157,8 @@ def test_vision_tower_runs_sdpa_unless_its_pattern_is_hooked(tiny_model):
     pattern = cache["vision_encoder.encoder_layers.0.attn.hook_pattern"]
     assert torch.allclose(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), atol=1e-5)
     assert torch.allclose(logits, plain, atol=1e-5)
+    # the decoder's eager mode leaves the tower on SDPA (no [heads, T, T] per tower block)
+    with model.attention.use("eager"), torch.no_grad():
+        eager = model(batch)
+    assert attn.config._attn_implementation == "sdpa"
+    assert torch.allclose(eager, plain, atol=1e-5)

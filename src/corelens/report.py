@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from corelens import views
 from corelens.accel import HybridAttention
-from corelens.core.evaluate import evaluate
+from corelens.core.evaluate import evaluate, logits_to_keep
 from corelens.data.examples import check_disjoint, split_examples
 from corelens.heads import head_name
 from corelens.interventions.ablation import ablation_curve
@@ -88,8 +88,10 @@ def run_study(
         clean, corrupt, metric = pair.clean, pair.corrupted, pair.logit_diff
         effects = patch_heads(model, clean, corrupt, metric)
         with torch.no_grad():
-            base = float(metric(model(corrupt), corrupt).mean())
-            full = float(metric(model(clean), clean).mean())
+            base = float(metric(model(corrupt, logits_to_keep=logits_to_keep(metric, corrupt)),
+                                corrupt).mean())
+            full = float(metric(model(clean, logits_to_keep=logits_to_keep(metric, clean)),
+                                clean).mean())
         patch_fig = views.patching_heatmap(effects - base, title="activation patching: "
                                            "logit diff restored by each head (clean -> corrupted)")
         for head in core:

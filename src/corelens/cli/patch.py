@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from corelens.core.evaluate import logits_to_keep
 from corelens.core.model import HookedMLLM
 from corelens.data.loaders import load_jsonl
 from corelens.interventions.attribution import atp_star, attribute_heads, edge_attribution
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     source, target = pair.source_target(args.direction)
     metric = pair.logit_diff
     with torch.no_grad():
-        base = float(metric(model(target), target).mean())
+        base = float(metric(model(target, logits_to_keep=logits_to_keep(metric, target)),
+                            target).mean())
     out = {"metric": "logit_diff(clean answer, corrupted answer)", "direction": args.direction,
            "method": args.method, "baseline": base}
     if args.method == "exact":

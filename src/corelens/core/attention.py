@@ -182,7 +182,9 @@ class AttentionBackend:
 
     def _vision_switch(self, bridge: Any) -> None:
         """The vision tower runs SDPA too, and eager only while one of its pattern hooks is
-        live (the bridge fires those hooks from HF's eager attention weights)."""
+        live (the bridge fires those hooks from HF's eager attention weights). ``use("eager")``
+        is the decoder's: at real resolution an eager tower materialises [heads, T, T] per
+        block (Qwen2.5-VL's full-attention blocks at 4,784 tokens: ~23 GB), for nothing."""
         tower = getattr(bridge, "vision_encoder", None)
         if tower is None:
             return
@@ -194,7 +196,7 @@ class AttentionBackend:
                    and not type(c).__name__.startswith("TransformerBridge")}
 
         def switch(module: Any, args: Any) -> None:
-            eager = self.mode == "eager" or any(compat.has_hooks(hp) for hp in hooks)
+            eager = any(compat.has_hooks(hp) for hp in hooks)
             for c in configs.values():
                 compat.set_attn_implementation(c, "eager" if eager else "sdpa")
 
@@ -239,6 +241,9 @@ class AttentionBackend:
 
     @contextlib.contextmanager
     def use(self, mode: Mode) -> Iterator[None]:
+        """Within the block the decoder attention runs ``mode``: "eager" (the pattern is
+        computed, its hooks fire), "sdpa", or "auto" (eager only where a pattern hook is live).
+        The vision tower is not switched (it goes eager only for its own pattern hooks)."""
         old, self.mode = self.mode, mode
         try:
             yield

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -54,7 +54,7 @@ def evaluate(model: Any, examples: Sequence[Any], batch_size: int = 32,
     for i in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
         chunk = examples[i:i + batch_size]
         batch = model.prepare_examples(chunk)
-        lp, ok, arg = score_logits(model(batch), batch)
+        lp, ok, arg = score_logits(model(batch, logits_to_keep=batch.logits_to_keep), batch)
         logprobs += list(lp.cpu())
         correct += ok.tolist()
         preds += [model.tokenizer.decode(a.tolist()) for a in arg]
@@ -64,14 +64,40 @@ def evaluate(model: Any, examples: Sequence[Any], batch_size: int = 32,
                       torch.tensor(correct, dtype=torch.bool), preds, answers, ids)
 
 
+def query_metric(metric: Callable) -> Callable:
+    """Mark ``metric(logits, batch)`` as reading logits only at ``batch.query_positions``:
+    forwards run for it compute the logits there only (``logits_to_keep``)."""
+    metric.reads_query_positions_only = True  # type: ignore[attr-defined]
+    return metric
+
+
+def logits_to_keep(metric: Callable | None, batch: Any) -> int:
+    """HF's ``logits_to_keep`` for a forward of ``batch`` read by ``metric``: the final
+    positions holding the query positions for a ``query_metric``, else 0 (every position)."""
+    return batch.logits_to_keep if getattr(metric, "reads_query_positions_only", False) else 0
+
+
+def rows_at(logits: Float[Tensor, "batch k vocab"], batch: Any, example: int,
+            positions: Tensor) -> Float[Tensor, "n vocab"]:
+    """``logits[example, positions]`` for logits over the whole sequence or over its last
+    ``k`` positions only (a forward with ``logits_to_keep=k``)."""
+    offset = batch.seq_len - logits.shape[1]
+    if offset and int(positions.min()) < offset:
+        raise ValueError(f"the logits cover the last {logits.shape[1]} of {batch.seq_len} "
+                         f"positions, not position {int(positions.min())}: run the forward "
+                         f"with logits_to_keep=batch.logits_to_keep (or 0 for all)")
+    return logits[example, positions - offset]
+
+
+@query_metric
 def score_logits(logits: Tensor, batch: Any) -> tuple[Float[Tensor, " n"], Tensor, list[Tensor]]:
     """Per example of ``batch``: the answer's log-prob summed over its tokens (teacher
-    forcing), whether the argmax at every query position is the answer token, and that argmax."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    forcing), whether the argmax at every query position is the answer token, and that argmax.
+    ``logits`` may cover only the final ``batch.logits_to_keep`` positions."""
     logprobs, correct, argmax = [], [], []
     for e, (q, a) in enumerate(zip(batch.query_positions, batch.answer_tokens)):
-        q, a = q.to(lp.device), a.to(lp.device)
-        rows = lp[e, q]  # [n_answer_tokens, vocab]
+        q, a = q.to(logits.device), a.to(logits.device)
+        rows = torch.log_softmax(rows_at(logits, batch, e, q).float(), dim=-1)  # [n_ans, vocab]
         logprobs.append(rows.gather(-1, a[:, None]).sum())
         arg = rows.argmax(-1)
         correct.append(bool((arg == a).all()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -11,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from corelens import compat
+from corelens.core import cache_budget, resolution
 from corelens.core.attention import AttentionBackend
 from corelens.core.cache import MLLMActivationCache
 from corelens.core.prepare import prepare as _prepare
@@ -72,6 +74,20 @@ class HookedMLLM(torch.nn.Module):
     ) -> "HookedMLLM":
         """Load model + processor from a local folder (offline, always) or a hub id.
 
+        Image-processor settings go to the processor, the way HF users set them:
+        ``from_pretrained(qwen, max_pixels=1280 * 28 * 28)``, ``size={"longest_edge": 728}``
+        (Idefics3 / SmolVLM), ``max_patches=6`` (InternVL), ``image_grid_pinpoints=[...]``
+        (LLaVA-NeXT / OneVision: written to the model config too, which the forward reads).
+        Any keyword the image (video) processor declares is one (``model.resolution_settings``
+        lists them); ``set_resolution`` changes them later, ``prepare(..., **settings)`` for one
+        call. Every other keyword goes to the HF model's ``from_pretrained``.
+
+        ``dtype``: the weights' dtype (a ``torch.dtype`` or its name). Left out, HF's default
+        applies (the checkpoint's own dtype), except that an fp16 checkpoint loaded for the CPU
+        becomes bf16 with a notice: CPU fp16 matmuls are several times slower than bf16 (and
+        fp32); pass ``dtype=torch.float16`` to keep fp16. ``"float32"`` is the reference for
+        exact comparisons; on a GPU bf16 (or the checkpoint's fp16) is the usual choice.
+
         ``device_map`` (in ``kw``: ``"auto"``, ``"balanced"``, a dict of module -> device, ...)
         spreads a model that does not fit one GPU over several: corelens loads the HF model
         with it (through accelerate) and builds the bridge on the loaded modules, so every hook
@@ -91,20 +107,52 @@ class HookedMLLM(torch.nn.Module):
                              "such as 'llava-hf/llava-1.5-7b-hf'")
         if local:
             kw.setdefault("local_files_only", True)
-        config = AutoConfig.from_pretrained(name_or_dir, **{k: v for k, v in kw.items()
-                                                            if k == "local_files_only"})
+        files = {k: v for k, v in kw.items() if k == "local_files_only"}
+        config = AutoConfig.from_pretrained(name_or_dir, **files)
         family = family_for_config(config)
+        processor = AutoProcessor.from_pretrained(name_or_dir, **files)
+        settings, model_kw = resolution.split_settings(processor, kw)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model_kw = dict(kw)
+        if dtype is None:
+            dtype = _cpu_safe_dtype(config, device, model_kw.get("device_map"))
         if dtype is not None:
             model_kw["dtype"] = dtype
-        hf_model = family.hf_class(config).from_pretrained(name_or_dir, **model_kw)
-        processor = AutoProcessor.from_pretrained(
-            name_or_dir, **{k: v for k, v in kw.items() if k == "local_files_only"})
+        try:
+            hf_model = family.hf_class(config).from_pretrained(name_or_dir, **model_kw)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            bad = [k for k in model_kw if repr(k) in str(err) or f"'{k}'" in str(err)]
+            raise resolution.unknown_setting(
+                family, processor, bad or list(model_kw), "from_pretrained") from err
+        processor = resolution.with_settings(family, processor, settings, hf_model.config,
+                                             where="from_pretrained")
         if device is not None:
             hf_model = hf_model.to(device)
         return cls(hf_model.eval(), processor, family)
+
+    @property
+    def resolution_settings(self) -> dict[str, Any]:
+        """The processor settings that may be changed (``set_resolution``, ``prepare``), with
+        their current values; ``family.resolution_settings`` are those that change the number
+        of vision tokens."""
+        out = {}
+        for name in sorted(resolution.known_settings(self.processor)):
+            for part in (self.processor.image_processor,
+                         getattr(self.processor, "video_processor", None)):
+                if part is not None and hasattr(part, name):
+                    out[name] = getattr(part, name)
+                    break
+        return out
+
+    def set_resolution(self, **settings: Any) -> "HookedMLLM":
+        """Change image-processor settings for every later ``prepare`` (e.g.
+        ``max_pixels=512 * 28 * 28``); settings the model reads as well (anyres
+        ``image_grid_pinpoints``) are written to its config. Returns the model."""
+        self.processor = resolution.with_settings(self.family, self.processor, settings,
+                                                  self.hf_model.config, where="set_resolution")
+        return self
 
     # --- the TransformerLens surface -------------------------------------------------------
     @property
@@ -130,10 +178,22 @@ class HookedMLLM(torch.nn.Module):
 
     def prepare(self, images: Any, prompts: str | Sequence[str], answers: Any = None,
                 boxes: Any = None, **kw: Any) -> MultimodalBatch:
-        """Images + prompts (+ answers, evidence boxes) -> ``MultimodalBatch`` on this device."""
+        """Images + prompts (+ answers, evidence boxes) -> ``MultimodalBatch`` on this device.
+
+        ``kw``: ``core.prepare.prepare``'s options, and image-processor settings for this call
+        only (``max_pixels=...``, ``max_patches=...``: ``resolution_settings``)."""
         kw.setdefault("device", self.device)
-        return _prepare(self.family, self.hf_model, self.processor, images, prompts, answers,
-                        boxes, **kw)
+        settings, kw = resolution.split_settings(self.processor, kw)
+        processor = resolution.with_settings(self.family, self.processor, settings)
+        try:
+            return _prepare(self.family, self.hf_model, processor, images, prompts, answers,
+                            boxes, **kw)
+        except TypeError as err:
+            bad = [k for k in kw if f"'{k}'" in str(err)]
+            if not bad or "unexpected keyword argument" not in str(err):
+                raise
+            raise resolution.unknown_setting(self.family, self.processor, bad,
+                                             "prepare") from err
 
     def prepare_examples(self, examples: Sequence[Any], **kw: Any) -> MultimodalBatch:
         """``GroundedExample``s -> ``MultimodalBatch`` (evidence and distractor boxes kept)."""
@@ -182,7 +242,16 @@ class HookedMLLM(torch.nn.Module):
 
     def forward(self, inp: ModelInput, return_type: str | None = "logits",
                 **kw: Any) -> Float[Tensor, "batch seq vocab"]:
+        """The model's logits ``[batch, seq, vocab]`` (``return_type=None``: nothing).
+
+        ``logits_to_keep=k`` (HF's): the unembedding runs on the last ``k`` positions only and
+        the logits are ``[batch, k, vocab]``; ``batch.logits_to_keep`` covers every query
+        position (what ``evaluate``, ablation and the patching metrics read). With
+        ``return_type=None`` it defaults to 1: nobody reads them (hooks on ``unembed`` then
+        see one position; pass ``logits_to_keep=0`` for all)."""
         ids, kwargs = self._inputs(inp)
+        if return_type is None:
+            kw.setdefault("logits_to_keep", 1)
         return self.bridge(ids, return_type=return_type, **kwargs, **kw)
 
     def run_with_hooks(self, inp: ModelInput, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
@@ -225,7 +294,8 @@ class HookedMLLM(torch.nn.Module):
         return out
 
     def run_with_cache(
-        self, inp: ModelInput, names_filter: Any = None, positions: Positions = None, **kw: Any
+        self, inp: ModelInput, names_filter: Any = None, positions: Positions = None,
+        check_memory: bool = True, **kw: Any
     ) -> tuple[Tensor, MLLMActivationCache]:
         """Run and cache activations (TransformerLens names).
 
@@ -234,9 +304,15 @@ class HookedMLLM(torch.nn.Module):
         tensor per example. Per-example positions are right-padded by repeating the example's
         last one; ``cache.positions`` / ``cache.position_mask`` say which is which. Attention
         patterns are sliced along their query axis.
+
+        ``check_memory``: before running, the cache's size is estimated from the model's widths
+        (``core.cache_budget``); above half the free memory of the device a warning names the
+        cheaper paths, above all of it an ``InputError`` does (the estimate covers decoder hooks).
         """
         ids, kwargs = self._inputs(inp)
         index = self._position_index(inp, positions, ids.shape[0])
+        if check_memory:
+            self._check_cache_budget(ids, names_filter, index, kw.get("logits_to_keep"))
         if index is None:
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
                                                           **kwargs, **kw)
@@ -248,7 +324,8 @@ class HookedMLLM(torch.nn.Module):
 
         def saver(name: str) -> Callable[[Tensor, Any], None]:
             def save(act: Tensor, hook: Any) -> None:
-                store[name] = _gather_positions(name, act.detach(), idx.to(act.device))
+                store[name] = _gather_positions(name, act.detach(), idx.to(act.device),
+                                                int(ids.shape[1]))
             return save
 
         logits = self.bridge.run_with_hooks(ids, fwd_hooks=[(n, saver(n)) for n in names],
@@ -257,6 +334,20 @@ class HookedMLLM(torch.nn.Module):
                                     vision_side_inputs=self.family.vision_side_inputs,
                                     positions=idx, position_mask=valid)
         return logits, cache
+
+    def _check_cache_budget(self, ids: Tensor, names_filter: Any,
+                            index: tuple[Tensor, Tensor] | None, keep: int | None) -> None:
+        b, t = ids.shape
+        parts = cache_budget.estimate(self, self._names(names_filter), b, t,
+                                      rows=None if index is None else index[0].shape[1],
+                                      logits_rows=keep or None)
+        total, free = sum(parts.values()), cache_budget.free_bytes(self.device)
+        if free is None or total <= cache_budget.WARN_FRACTION * free:
+            return
+        message = cache_budget.advice(parts, total, free, positions=index is not None)
+        if total > free:
+            raise InputError(message)
+        warnings.warn(message, cache_budget.CacheMemoryWarning, stacklevel=3)
 
     def _names(self, names_filter: Any) -> list[str]:
         names = [n for n, hp in self.hook_dict.items()
@@ -389,10 +480,18 @@ class HookedMLLM(torch.nn.Module):
         return sae_attach.run_with_cache_with_saes(self, inp, saes, **kw)
 
 
-def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"]) -> Tensor:
-    """Select positions of a hooked activation: the query axis of patterns/scores, else dim 1."""
+def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"], seq: int) -> Tensor:
+    """Select positions of a hooked activation: the query axis of patterns/scores, else dim 1.
+    Logits over the last k positions only (``logits_to_keep``) are indexed from the end."""
     if not name.startswith(("blocks.", "embed", "hook_embed", "unembed", "ln_final")):
         return act  # vision encoder / projector: batched by image, not by sequence
+    if name.startswith(("unembed", "hook_unembed")) and act.ndim == 3 and act.shape[1] < seq:
+        offset = seq - act.shape[1]
+        if int(idx.min()) < offset:
+            raise InputError(f"positions from {int(idx.min())} are cached, but the logits cover "
+                             f"the last {act.shape[1]} of {seq} positions (logits_to_keep): "
+                             "raise logits_to_keep or leave it out")
+        idx = idx - offset
     if name.endswith(("hook_pattern", "hook_attn_scores")) and act.ndim == 4:
         b, h, _, k = act.shape
         return torch.gather(act, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], k))
@@ -418,3 +517,20 @@ def _looks_local(name: str) -> bool:
     parent = os.path.dirname(name)
     return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
             or name.count("/") > 1 or (bool(parent) and os.path.isdir(parent)))
+
+
+def _cpu_safe_dtype(config: Any, device: Any, device_map: Any) -> torch.dtype | None:
+    """bf16 in place of a checkpoint's fp16 when the model will run on the CPU (with a
+    notice); ``None`` (HF's default: the checkpoint's dtype) otherwise."""
+    on_cpu = device_map in (None, "cpu") and (device is None or
+                                              torch.device(device).type == "cpu")
+    saved = [getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
+             for c in (config, getattr(config, "text_config", None)) if c is not None]
+    saved = [getattr(torch, d) if isinstance(d, str) else d for d in saved if d is not None]
+    if not on_cpu or not saved or saved[0] != torch.float16:
+        return None
+    warnings.warn("corelens: the checkpoint is fp16 and the model runs on the CPU, where fp16 "
+                  "is several times slower than bf16: loading it in bf16 (pass "
+                  "dtype=torch.float16 to keep fp16, or dtype=torch.float32 for exact "
+                  "comparisons)", stacklevel=3)
+    return torch.bfloat16

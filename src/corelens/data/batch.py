@@ -61,6 +61,14 @@ class MultimodalBatch:
         return int(self.input_ids.shape[1])
 
     @property
+    def logits_to_keep(self) -> int:
+        """How many final positions hold every query position (left padding puts each
+        example's answer at the end): HF's ``logits_to_keep`` for a forward whose logits are
+        read only there, so the unembedding runs on these positions, not the whole sequence."""
+        first = min((int(q.min()) for q in self.query_positions if len(q)), default=0)
+        return self.seq_len - first
+
+    @property
     def last_prompt_positions(self) -> Int[Tensor, " batch"]:
         """The position that predicts the first answer token (or the next token)."""
         return torch.stack([q[0] for q in self.query_positions])

@@ -41,6 +41,11 @@ class Family(ABC):
     vision_side_inputs: ClassVar[bool] = False
     supports_hybrid_attention: ClassVar[bool] = True  # corelens.accel.HybridAttention
     supports_fastv: ClassVar[bool] = True  # corelens.accel.FastV
+    # the processor settings that change how many vision tokens an image becomes (named in
+    # errors and docs; any setting the processor declares is accepted: core/resolution.py)
+    resolution_settings: ClassVar[tuple[str, ...]] = ()
+    # processor settings the model reads too (written to its config; model-wide only)
+    config_settings: ClassVar[tuple[str, ...]] = ()
 
     # --- loading ---------------------------------------------------------------------------
     def bridge_architecture(self, hf_config: Any) -> str:

@@ -53,6 +53,8 @@ from corelens.families.geometry import Affine, resize_output_size
 
 class Gemma3(Family):
     name = "gemma3"
+    resolution_settings = ("do_pan_and_scan", "pan_and_scan_max_num_crops",
+                           "pan_and_scan_min_crop_size")
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
     bidirectional_image_blocks = True  # HF's mask: each image block attends both ways

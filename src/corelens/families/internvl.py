@@ -47,6 +47,7 @@ def _side(v: Any) -> int:
 
 class InternVL(Family):
     name = "internvl"
+    resolution_settings = ("max_patches", "min_patches", "crop_to_patches")
     hf_architectures = (ARCHITECTURE,)
     model_types = ("internvl",)
 

@@ -85,6 +85,8 @@ def _view(name: str, rows: int, cols: int, cell: tuple[float, float], a: Affine,
 
 class LlavaOnevision(Family):
     name = "llava_onevision"
+    resolution_settings = ("image_grid_pinpoints",)
+    config_settings = ("image_grid_pinpoints",)
     hf_architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
     modeling = "transformers.models.llava_onevision.modeling_llava_onevision"

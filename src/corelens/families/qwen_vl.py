@@ -75,28 +75,39 @@ from corelens import compat
 from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.errors import InputError
 from corelens.families.base import Family
-from corelens.families.geometry import Affine, size_dict
+from corelens.families.geometry import Affine
 
 
-def resized_size(ip: Any, size: tuple[int, int]) -> tuple[int, int]:
-    """(w, h) the Qwen-VL image processor resizes an image of original ``size = (w, h)`` to."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+def check_resize(family: str, image: int, size: tuple[int, int], resized: tuple[int, int],
+                 factor: int, thw: tuple[int, int, int]) -> None:
+    """Check that ``resized = (w, h)``, read off ``image_grid_thw``, is one of the resizes
+    ``smart_resize`` makes of ``size``, whatever ``min_pixels`` / ``max_pixels`` were: each side
+    rounded to a multiple of ``factor`` (no scaling), or scaled by one common ``s < 1`` and
+    floored (at least ``factor``), or by one ``s > 1`` and ceiled; one frame."""
+    (w, h), (rw, rh) = size, resized
 
-    w, h = size
-    if not getattr(ip, "do_resize", True):
-        return w, h
-    s = size_dict(getattr(ip, "size", None))
-    lo = s.get("shortest_edge", getattr(ip, "min_pixels", None))
-    hi = s.get("longest_edge", getattr(ip, "max_pixels", None))
-    rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=lo,
-                          max_pixels=hi)
-    return rw, rh
+    def scales(side: int, got: int, mode: str) -> tuple[float, float]:
+        if mode == "floor":  # got = max(factor, floor(side * s / factor) * factor)
+            return (0.0 if got == factor else got / side, (got + factor) / side)
+        return ((got - factor) / side, got / side)  # ceil: got = ceil(side * s / factor) * factor
+
+    rounded = (rw, rh) == tuple(max(factor, round(x / factor) * factor) for x in (w, h))
+    scaled = False
+    for mode, (lo, hi) in (("floor", (0.0, 1.0)), ("ceil", (1.0, float("inf")))):
+        (a0, a1), (b0, b1) = scales(w, rw, mode), scales(h, rh, mode)
+        scaled |= max(a0, b0, lo) <= min(a1, b1, hi)
+    if thw[0] != 1 or not (rounded or scaled):
+        raise ValueError(
+            f"{family}: image {image} (original {w}x{h}) has image_grid_thw {thw}, i.e. a "
+            f"{rw}x{rh} resize, which is not an aspect-preserving resize to multiples of "
+            f"{factor} px; the images and the processor outputs do not match")
 
 
 class QwenVL(Family):
     """What the Qwen-VL families share: geometry and M-RoPE position ids."""
 
     modeling: ClassVar[str]  # the HF modeling module (its ``apply_rotary_pos_emb``)
+    resolution_settings = ("min_pixels", "max_pixels", "size")
 
     # --- layout ------------------------------------------------------------------------------
     def feature_rows(self, hf_config, processor, inputs, image, size):
@@ -109,14 +120,11 @@ class QwenVL(Family):
                 f"but the model expects {vc.patch_size}-px patches merged "
                 f"{vc.spatial_merge_size}x{vc.spatial_merge_size}"
             )
-        rw, rh = resized_size(ip, size)
+        # the resize the processor made, read off its output (never re-predicted from settings:
+        # min_pixels / max_pixels / size may be set in several ways HF honours)
         t, gh, gw = (int(v) for v in inputs["image_grid_thw"][image].tolist())
-        if (t, gh, gw) != (1, rh // patch, rw // patch):
-            raise ValueError(
-                f"{self.name}: image {image} (original {size[0]}x{size[1]}) has image_grid_thw "
-                f"{(t, gh, gw)} but the processor settings predict a {rw}x{rh} resize, i.e. "
-                f"{(1, rh // patch, rw // patch)}; corelens does not understand this processor"
-            )
+        rw, rh = gw * patch, gh * patch
+        check_resize(self.name, image, size, (rw, rh), patch * merge, (t, gh, gw))
         scale, offset = Affine.identity(size).resize((rw, rh)).inverse()
         cell = patch * merge
         view = ViewGeometry.from_affine("image", gh // merge, gw // merge, (cell, cell), scale,

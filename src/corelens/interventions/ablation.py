@@ -54,7 +54,7 @@ def _reference_z(model: Any, reference: MultimodalBatch,
                  layers: Sequence[int]) -> dict[int, Float[Tensor, "batch pos head d"]]:
     names = [act_name("z", l) for l in layers]
     with torch.no_grad():
-        _, cache = model.run_with_cache(reference, names_filter=names)
+        _, cache = model.run_with_cache(reference, names_filter=names, logits_to_keep=1)
     return {l: cache[n].detach() for l, n in zip(layers, names)}
 
 
@@ -232,7 +232,8 @@ def score_batch(model: Any, batch: MultimodalBatch, heads: Sequence[Head], metho
     """(correct answers, summed answer log-prob, n) of one batch with ``heads`` ablated."""
     with ablate(model, heads, method, batch=batch if method != "zero" else None,
                 reference=reference), torch.no_grad():
-        logprobs, correct, _ = score_logits(model(batch), batch)
+        logprobs, correct, _ = score_logits(model(batch, logits_to_keep=batch.logits_to_keep),
+                                            batch)
     return float(correct.sum()), float(logprobs.sum()), len(batch)
 
 

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from corelens.core.evaluate import logits_to_keep
 from corelens.data.batch import MultimodalBatch, repeat_batch
 from corelens.errors import LayoutError
 
@@ -31,7 +32,7 @@ def cache_activations(model: Any, batch: MultimodalBatch, names: list[str]
                       ) -> dict[str, Tensor]:
     """The activations at ``names`` of one forward of ``batch`` (no grad, detached)."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch, names_filter=names)
+        _, cache = model.run_with_cache(batch, names_filter=names, logits_to_keep=1)
     return {n: cache[n].detach() for n in names}
 
 
@@ -146,7 +147,7 @@ def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
     inner.get_image_features = record
     try:
         with torch.no_grad():
-            model(batch)
+            model(batch, return_type=None)
     finally:
         del inner.get_image_features
     return got.get("out")
@@ -209,6 +210,6 @@ def sweep(
 
         with torch.no_grad():
             logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
-                                          **extra)
+                                          logits_to_keep=logits_to_keep(metric, big), **extra)
         out.append(metric(logits, big).float().view(len(chunk), B).cpu())
     return torch.cat(out)

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from corelens.core.evaluate import score_logits
+from corelens.core.evaluate import logits_to_keep, query_metric, score_logits
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.heads import Head
@@ -67,6 +67,7 @@ from corelens.interventions.core import (
 
 
 # --- metrics -------------------------------------------------------------------------------
+@query_metric
 def answer_logprob(logits: Tensor, batch: MultimodalBatch) -> Float[Tensor, " batch"]:
     """Sum over answer tokens of their log-probability (teacher forcing); differentiable.
 
@@ -81,8 +82,10 @@ def logit_diff(answer_ids: Tensor, wrong_ids: Tensor) -> Metric:
     On a batch stacked k times (``repeat_batch``, as ``patch_heads``'s sweep runs it), the ids
     repeat with it: copy i's example e uses ``answer_ids[e]``."""
 
+    @query_metric
     def metric(logits: Tensor, batch: MultimodalBatch) -> Tensor:
-        q = batch.last_prompt_positions.to(logits.device)
+        # logits over the last k positions only (logits_to_keep) are offset by seq_len - k
+        q = batch.last_prompt_positions.to(logits.device) - (batch.seq_len - logits.shape[1])
         rows = logits[torch.arange(len(q), device=logits.device), q].float()
         idx = torch.arange(len(q), device=logits.device)
         a, w = answer_ids.to(logits.device), wrong_ids.to(logits.device)
@@ -313,7 +316,8 @@ def path_patch(
         hooks += [(n, freeze(n)) for n in mlp_names]
     if receivers == "logits":
         with torch.no_grad():
-            logits = model.run_with_hooks(target, fwd_hooks=hooks)
+            logits = model.run_with_hooks(target, fwd_hooks=hooks,
+                                          logits_to_keep=logits_to_keep(metric, target))
         return float(metric(logits, target).mean())
 
     rec_names = sorted({act_name(kind, l) for l, _, kind in receivers})
@@ -325,7 +329,8 @@ def path_patch(
         return hook
 
     with torch.no_grad():
-        model.run_with_hooks(target, fwd_hooks=hooks + [(n, record(n)) for n in rec_names])
+        model.run_with_hooks(target, fwd_hooks=hooks + [(n, record(n)) for n in rec_names],
+                             return_type=None)
 
     def patch_receivers(name: str, picks: list[int]):
         def hook(x: Tensor, hook: Any) -> Tensor:
@@ -340,7 +345,8 @@ def path_patch(
         by_name.setdefault(act_name(kind, l), []).append(int(h))
     with torch.no_grad():
         logits = model.run_with_hooks(target, fwd_hooks=[(n, patch_receivers(n, hs))
-                                                         for n, hs in by_name.items()])
+                                                         for n, hs in by_name.items()],
+                                      logits_to_keep=logits_to_keep(metric, target))
     return float(metric(logits, target).mean())
 
 

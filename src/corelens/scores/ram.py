@@ -296,7 +296,7 @@ def batch_record(model: Any, metric: RamMetric, batch_examples: Sequence[Any]) -
     (per-example |R_e|, |V_e| and every score's example-level values)."""
     batch = model.prepare_examples(batch_examples)
     with torch.no_grad(), metric.attach(batch):
-        model(batch)
+        model(batch, return_type=None)  # no score reads the logits
     ex = metric.example_level()
     n_ev, n_vis = metric.sizes()
     return {"n_evidence": n_ev.tolist(), "n_vision": n_vis.tolist(),

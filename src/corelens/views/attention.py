@@ -58,7 +58,8 @@ def query_patterns(
                                  f"the full {T}: pass a cache made without positions=")
             out[layer] = pat if queries is None else pat[:, queries]
         return out
-    _, got = model.run_with_cache(batch, names_filter=names, positions=queries)
+    _, got = model.run_with_cache(batch, names_filter=names, positions=queries,
+                                  logits_to_keep=1)
     return {layer: got[n][example].float().cpu() for layer, n in zip(layers, names)}
 
 
@@ -179,7 +180,7 @@ def token_values(model: Any, batch: MultimodalBatch, hook_name: str, head: int |
     if hook_name not in model.hook_dict:
         raise InputError(f"no hook point {hook_name!r} on this model (see model.hook_dict)")
     if cache is None or hook_name not in cache:
-        _, cache = model.run_with_cache(batch, names_filter=hook_name)
+        _, cache = model.run_with_cache(batch, names_filter=hook_name, logits_to_keep=1)
     act = cache[hook_name]
     if act.ndim < 2 or act.shape[0] != len(batch) or act.shape[1] != batch.seq_len:
         raise InputError(f"{hook_name} has shape {tuple(act.shape)}, not [batch, seq, ...]: "

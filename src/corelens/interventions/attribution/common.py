@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from corelens.core.attention import AttentionInputs
+from corelens.core.evaluate import logits_to_keep
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
 from corelens.hook_names import EMBED, act_name
@@ -83,7 +84,8 @@ def backward(
     hooks = [(EMBED, make_leaf), *edits, *[(n, keep(n)) for n in names]]
     with torch.enable_grad(), (attention_taps(model, taps, range(model.cfg.n_layers))
                                if taps is not None else contextlib.nullcontext()):
-        logits = model.run_with_hooks(big, fwd_hooks=hooks, **extra)
+        logits = model.run_with_hooks(big, fwd_hooks=hooks,
+                                      logits_to_keep=logits_to_keep(metric, big), **extra)
         value = metric(logits, big).float().view(copies, len(batch)).mean(1).sum()
         grads = torch.autograd.grad(value, [acts[n] for n in names], allow_unused=True)
     return ({n: acts[n].detach() for n in names},
