@@ -88,9 +88,11 @@ def heads_draw(seed: int = 0) -> list[tuple[int, int]]:
     return sorted(random.Random(seed).sample(pool, math.ceil(FRAC * LAYERS * HEADS)))
 
 
-def _setup(folder: str, variant: str, mb, shared: dict | None = None):
+def _setup(folder: str, variant: str, mb, shared: dict | None = None, device=None, dtype=None):
     """(hf model, hybrid or None, fastv or None, prefill(use_cache)) of one variant; models in
-    ``shared`` are reused (the interleaved run loads each model once)."""
+    ``shared`` are reused (the interleaved run loads each model once). ``device`` / ``dtype``:
+    where and in what the models load (None: the CPU and the checkpoint's dtype, as this
+    bench runs); ``mb`` must already be on that device (``bench/gpu_check.py``)."""
     import torch
 
     shared = {} if shared is None else shared
@@ -101,13 +103,16 @@ def _setup(folder: str, variant: str, mb, shared: dict | None = None):
 
         if "hf" not in shared:
             shared["hf"] = AutoModelForImageTextToText.from_pretrained(
-                folder, attn_implementation="sdpa").eval()
+                folder, attn_implementation="sdpa",
+                **({} if dtype is None else {"dtype": dtype})).eval()
+            if device is not None:
+                shared["hf"] = shared["hf"].to(device)
         hf = shared["hf"]
     else:
         from corelens import HookedMLLM
 
         if "model" not in shared:
-            shared["model"] = HookedMLLM.from_pretrained(folder)
+            shared["model"] = HookedMLLM.from_pretrained(folder, device=device, dtype=dtype)
         model = shared["model"]
         hf = model.hf_model
     from corelens.accel import FastV, HybridAttention

@@ -40,6 +40,14 @@ def single(tiny_model, data):
     return score_all(tiny_model("llava"), data[1], batch_size=BATCH, progress=False)
 
 
+@pytest.fixture(scope="module")
+def single_all(tiny_model, data):
+    """What ``corelens score --metric all`` computes in one process: every score, Kang's
+    spatial entropy included (``RamParams(kang_entropy=True)``)."""
+    return score_all(tiny_model("llava"), data[1], batch_size=BATCH, progress=False,
+                     params=RamParams(kang_entropy=True))
+
+
 def _launch(args: list[str], env_extra: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 -m corelens ARGS`` (gloo on CPU)."""
@@ -74,11 +82,12 @@ def _load_all(path: Path) -> dict[str, HeadScores]:
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_ranks_equal_single_process(tiny_folder, data, single, tmp_path):
+def test_torchrun_two_gloo_ranks_equal_single_process(tiny_folder, data, single_all,
+                                                       tmp_path):
     out, partial = tmp_path / "scores.json", tmp_path / "partial.jsonl"
     run = _torchrun(tiny_folder("llava"), data[0], out, partial)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    _assert_same(_load_all(out), single)
+    _assert_same(_load_all(out), single_all)
     # rank r ran global batches r, r + 2, ... and wrote them to its own file
     for r in (0, 1):
         lines = rank_file(partial, r).read_text().splitlines()
@@ -86,7 +95,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tiny_folder, data, single,
 
 
 @pytest.mark.slow
-def test_torchrun_crash_then_resume(tiny_folder, data, single, tmp_path):
+def test_torchrun_crash_then_resume(tiny_folder, data, single_all, tmp_path):
     out, partial = tmp_path / "scores.json", tmp_path / "partial.jsonl"
     crashed = _torchrun(tiny_folder("llava"), data[0], out, partial, {FAIL_ENV: "1:1"})
     assert crashed.returncode != 0 and not out.exists()
@@ -95,7 +104,7 @@ def test_torchrun_crash_then_resume(tiny_folder, data, single, tmp_path):
     assert 1 in done_before and 3 not in done_before  # rank 1 died after its first batch
     run = _torchrun(tiny_folder("llava"), data[0], out, partial)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    _assert_same(_load_all(out), single)
+    _assert_same(_load_all(out), single_all)
     # finished batches were kept, not recomputed: old lines are prefixes, each batch once
     ids = []
     for f in partial_files(partial):
@@ -254,3 +263,76 @@ def test_pattern_rows_fp32_from_bf16():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, full.pattern_rows(rows), rtol=0, atol=1e-6)
     assert half.pattern_rows(rows).dtype == torch.bfloat16  # the default is unchanged
+
+
+# ------------------------------------------------------------------------- patching sweeps
+def _pairs(n: int) -> tuple[list, list]:
+    """n clean examples and their corrupted partners: same prompt and image size, another
+    image and another answer."""
+    from dataclasses import replace
+
+    from conftest import noise_image
+
+    clean = grounded_examples("llava", n)
+    corrupted = [replace(e, images=[noise_image(*e.images[0].size, 50 + i)],
+                         answer="blue" if e.answer != "blue" else "red")
+                 for i, e in enumerate(clean)]
+    return clean, corrupted
+
+
+def test_patch_pairs_is_the_batch_weighted_mean_and_resumes(tiny_model, tmp_path):
+    from corelens.interventions.patching import patch_heads, prepare_pair
+    from corelens.interventions.runs import patch_pairs
+
+    model = tiny_model("llava")
+    clean, corrupted = _pairs(5)
+    whole = patch_pairs(model, clean, corrupted, batch_size=5, progress=False)
+    pair = prepare_pair(model, clean, corrupted)
+    ref = patch_heads(model, pair.clean, pair.corrupted, pair.logit_diff)
+    torch.testing.assert_close(whole["scores"], ref, rtol=0, atol=1e-6)
+    # batches of 2, 2, 1: the mean over pairs, weighted by batch size
+    parts = [prepare_pair(model, clean[i:i + 2], corrupted[i:i + 2]) for i in (0, 2, 4)]
+    by_hand = sum(patch_heads(model, p.clean, p.corrupted, p.logit_diff).double() * len(p.clean)
+                  for p in parts) / 5
+    partial = tmp_path / "patch.jsonl"
+    got = patch_pairs(model, clean, corrupted, batch_size=2, partial=str(partial),
+                      progress=False)
+    torch.testing.assert_close(got["scores"], by_hand.float(), rtol=0, atol=1e-6)
+    lines = partial.read_text().splitlines()
+    partial.write_text(lines[0] + "\n")  # stopped after the first of 3 batches
+    again = patch_pairs(model, clean, corrupted, batch_size=2, partial=str(partial),
+                        progress=False)
+    assert len(partial.read_text().splitlines()) == 3
+    assert torch.equal(again["scores"], got["scores"]) and again["baseline"] == got["baseline"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["exact", "eap"])
+def test_torchrun_patching_sweep_equals_one_process(tiny_folder, tiny_model, tmp_path, method):
+    from corelens.interventions.runs import patch_pairs
+
+    clean, corrupted = _pairs(5)
+    save_jsonl(clean, tmp_path / "clean.jsonl")
+    save_jsonl(corrupted, tmp_path / "corrupted.jsonl")
+    ref = patch_pairs(tiny_model("llava"), load_jsonl(tmp_path / "clean.jsonl"),
+                      load_jsonl(tmp_path / "corrupted.jsonl"), method=method, batch_size=2,
+                      progress=False)
+    out = tmp_path / "patch.json"
+    run = _launch(["patch", "--model", tiny_folder("llava"), "--clean",
+                   str(tmp_path / "clean.jsonl"), "--corrupted", str(tmp_path / "corrupted.jsonl"),
+                   "--out", str(out), "--method", method, "--batch-size", "2"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["baseline"] == ref["baseline"] and got["n_pairs"] == 5
+    if method == "exact":
+        assert torch.equal(torch.tensor(got["patched"]), ref["scores"])
+    else:
+        from corelens.interventions.attribution.edges import EdgeScores
+
+        torch.testing.assert_close(EdgeScores.from_dict(got["edges"]).scores,
+                                   ref["edges"].scores, rtol=0, atol=0, equal_nan=True)
+    # 3 batches, each computed once, dealt over the two ranks
+    units = read_records(partial_files(str(out) + ".partial"))
+    assert sorted(units) == [0, 1, 2]
+    assert {f.name for f in partial_files(str(out) + ".partial")} == {
+        "patch.json.partial.rank0.jsonl", "patch.json.partial.rank1.jsonl"}

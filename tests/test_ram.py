@@ -205,3 +205,23 @@ def test_kang_spatial_entropy_by_hand():
     assert ent[2].item() == pytest.approx(float(-(p * p.log()).sum()))
     assert ent[3].item() == 0.0
     assert ent[4].item() == pytest.approx(float(-(p3 * p3.log()).sum()))
+
+
+def test_kang_entropy_is_opt_in_and_asked_for_by_name(tiny_model):
+    """Off by default (RAM then costs about a forward); RamParams(kang_entropy=True) or asking
+    for the score by name computes it, and the other scores do not change."""
+    from conftest import grounded_examples
+
+    from corelens.scores.ram import RamParams, score_all, score_heads
+
+    model = tiny_model("llava")
+    examples = grounded_examples("llava", 3)
+    plain = score_all(model, examples, progress=False)
+    full = score_all(model, examples, params=RamParams(kang_entropy=True), progress=False)
+    assert "kang_spatial_entropy" not in plain and "kang_spatial_entropy" in full
+    assert full["kang_spatial_entropy"].params["kang_entropy"] is True
+    for name, hs in plain.items():
+        assert torch.equal(hs.scores.nan_to_num(-1), full[name].scores.nan_to_num(-1)), name
+    by_name = score_heads(model, examples, "kang_spatial_entropy", progress=False)
+    assert torch.equal(by_name.scores.nan_to_num(-1),
+                       full["kang_spatial_entropy"].scores.nan_to_num(-1))

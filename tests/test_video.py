@@ -584,7 +584,7 @@ def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
     ex = GroundedExample([], "what is it ?", "red", videos=[noise_video(80, 50, 6, 0)],
                          boxes=[Evidence.in_frames(0, (2, 4), (0, 0, 32, 20))])
     batch = model.prepare_examples([ex])
-    reg = example_regions(batch, RamParams())[0]
+    reg = example_regions(batch, RamParams(kang_entropy=True))[0]
     vis = batch.layout.video(0, 0).vision_positions
     assert len(reg.grids) == 3
     for k, (pos, rr, cc, n_r, n_c) in enumerate(reg.grids):
@@ -599,7 +599,7 @@ def test_kang_entropy_of_a_video_weighs_frame_spans_by_mass(tiny_model):
     got = masses(rows, reg)["kang_spatial_entropy"][0]
     assert got.tolist() == pytest.approx([math.log(2) / 3, math.log(2)])
     mixed = model.prepare_examples(_video_examples("qwen2_vl")[1:])
-    (grid,) = example_regions(mixed, RamParams())[0].grids
+    (grid,) = example_regions(mixed, RamParams(kang_entropy=True))[0].grids
     img = mixed.layout.image(0, 0)
     assert grid[0].tolist() == img.positions[(img.rows.kind == 0) & (img.rows.view == 0)].tolist()
 

@@ -32,6 +32,7 @@ _EXPORTS = {
     "ablate": "corelens.interventions.ablation",
     "ablation_curve": "corelens.interventions.ablation",
     "text_to_image_knockout": "corelens.interventions.ablation",
+    "patch_pairs": "corelens.interventions.runs",
     "AttentionBackend": "corelens.core.attention",
     "AttentionInputs": "corelens.core.attention",
     "EvalResult": "corelens.core.evaluate",
@@ -83,6 +84,7 @@ __all__ = [
     "get_family",
     "load_jsonl",
     "load_refcoco",
+    "patch_pairs",
     "patching",
     "ram",
     "saes",
@@ -128,5 +130,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         ablation_curve,
         text_to_image_knockout,
     )
+    from corelens.interventions.runs import patch_pairs  # noqa: F401
     from corelens.scores import ram  # noqa: F401
     from corelens.scores.head_scores import HeadScores  # noqa: F401

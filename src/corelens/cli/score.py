@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     """Score every head; rank 0 writes ``--out``."""
     with rank_session(args) as (model, world):
         examples = load_jsonl(args.data)
-        params = RamParams(tau=args.tau, query=args.query, mass_floor=args.mass_floor)
+        params = RamParams(tau=args.tau, query=args.query, mass_floor=args.mass_floor,
+                           kang_entropy=args.metric in ("kang_spatial_entropy", "all"))
         result = score_all(
             model, examples, batch_size=args.batch_size, params=params,
             partial=args.partial if args.partial is not None else f"{args.out}.partial",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -249,6 +249,8 @@ def score_heads(
     """
     if metric not in SCORES:
         raise ValueError(f"unknown score {metric!r}; registered: {', '.join(SCORES)}")
+    if metric == "kang_spatial_entropy":  # asked for by name: compute it
+        params = replace(params or RamParams(), kang_entropy=True)
     result = score_all(model, examples, batch_size=batch_size, params=params, partial=partial,
                        dataset=dataset, progress=progress)
     if result is None:
@@ -256,7 +258,8 @@ def score_heads(
     if metric not in result:
         raise ValueError(f"score {metric!r} was not computed on these examples (selectivity "
                          f"needs distractor boxes; value_weighted_ram needs "
-                         f"RamParams(value_weighted=True)); computed: {', '.join(result)}")
+                         f"RamParams(value_weighted=True), kang_spatial_entropy "
+                         f"RamParams(kang_entropy=True)); computed: {', '.join(result)}")
     return result[metric]
 
 

@@ -26,6 +26,8 @@ class RamParams:
     exclude_sink: bool = False  # renormalise rows without the sink tokens' mass
     high_norm_factor: float = 10.0  # a vision token whose layer-input norm exceeds this x the
     #                                 median vision-token norm is a high-norm (sink) token
+    kang_entropy: bool = False  # also compute kang_spatial_entropy (a connected-components
+    #                             pass per head and query row: off, RAM costs about a forward)
 
 
 #: one token grid: (positions, rows, cols, n_rows, n_cols)
@@ -42,8 +44,9 @@ class ExampleRegions:
     distractors: list[Int[Tensor, " d"]]
     sink: int  # first real token
     # token grids for kang_spatial_entropy: the first image's first view, or -- for an example
-    # with videos and no image -- one grid per frame span of that video (``first_view_grids``)
-    grids: list[Grid] = field(default_factory=list)
+    # with videos and no image -- one grid per frame span of that video (``first_view_grids``);
+    # None: the score is not asked for (``RamParams.kang_entropy``)
+    grids: list[Grid] | None = field(default_factory=list)
 
 
 def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRegions]:
@@ -60,7 +63,8 @@ def example_regions(batch: MultimodalBatch, params: RamParams) -> list[ExampleRe
         out.append(ExampleRegions(q.cpu(), batch.evidence_positions(e, tau=params.tau).cpu(),
                                   batch.layout.vision_positions(e).cpu(),
                                   [d.cpu() for d in batch.distractor_positions(e, params.tau)],
-                                  first, first_view_grids(batch, e)))
+                                  first, first_view_grids(batch, e) if params.kang_entropy
+                                  else None))
     return out
 
 

@@ -143,7 +143,10 @@ def _spatial_entropy(x: ScoreInputs) -> Tensor:
 @mean_score("kang_spatial_entropy")
 def _kang(x: ScoreInputs) -> Tensor:
     """Kang et al. 2025: entropy of the blob sizes of the thresholded map over the first view
-    (a video: frame spans' entropies weighted by their attention mass); NaN without a grid."""
+    (a video: frame spans' entropies weighted by their attention mass); NaN without a grid;
+    needs ``RamParams.kang_entropy``."""
+    if x.regions.grids is None:
+        return None
     if not x.regions.grids:
         return torch.full(x.rows.shape[:2], math.nan, device=x.rows.device)
     ents, weights = [], []

@@ -81,7 +81,10 @@ class EdgeScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeScores":
-        d = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EdgeScores":
         scores = torch.tensor([[math.nan if v is None else v for v in row]
                                for row in d["scores"]], dtype=torch.float32)
         return cls(d["senders"], d["receivers"], scores, d["method"], d.get("meta", {}))

@@ -42,11 +42,13 @@ def tiny_llava(
     image_size: int = 64,
     patch: int = 8,
     center_crop: bool = True,
+    vision: dict[str, Any] | None = None,
     **text_kw: Any,
 ) -> tuple[Any, Any]:
     """A random LLaVA (1-layer CLIP tower read at layer -2, so patch-local; Llama decoder of
     the given shape) and its offline processor; the tokenizer is saved to ``folder``. Extra
-    keyword arguments go to the ``LlamaConfig``."""
+    keyword arguments go to the ``LlamaConfig``, ``vision`` to the ``CLIPVisionConfig`` (e.g.
+    CLIP-L/14-336's widths for a real-size model)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -57,8 +59,9 @@ def tiny_llava(
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     tok = build_tokenizer(folder)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, image_size=image_size, patch_size=patch)
+    vc = CLIPVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, image_size=image_size,
+                                    patch_size=patch), **(vision or {})})
     text = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads,
                 head_dim=d_model // heads, vocab_size=len(tok), max_position_embeddings=512)

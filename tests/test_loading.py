@@ -1,6 +1,7 @@
-"""Resolution settings the way HF users set them (issue #16, item 1) and the CPU dtype default
-(item 2): each way of capping an image's tokens works, the layout follows the processor's
-actual output, the forward still equals HF's, and a wrong knob is named."""
+"""Loading real checkpoints (issue #16): resolution settings the way HF users set them (each
+way of capping an image's tokens works, the layout follows the processor's actual output, the
+forward still equals HF's, a wrong knob is named), the CPU dtype default, sharded hub-format
+safetensors."""
 
 from __future__ import annotations
 
@@ -158,3 +159,16 @@ def test_fp16_checkpoint_loads_in_bf16_on_cpu_with_a_notice(tmp_path):
         fp32 = HookedMLLM.from_pretrained(tmp_path, dtype="float32")
     assert next(kept.hf_model.parameters()).dtype == torch.float16
     assert next(fp32.hf_model.parameters()).dtype == torch.float32
+
+
+def test_sharded_hub_format_checkpoint_loads_and_matches_hf(tmp_path):
+    build_tiny("qwen2_5_vl", tmp_path, seed=0)
+    hf = hf_reference("qwen2_5_vl", str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()  # only the shards from here on
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and not (tmp_path / "model.safetensors").exists()
+    model = HookedMLLM.from_pretrained(tmp_path)
+    batch = model.prepare([IMAGE], "what is it?", "red")
+    assert_matches_hf(model, hf_reference("qwen2_5_vl", str(tmp_path)), batch)
