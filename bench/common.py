@@ -31,7 +31,8 @@ def build_llava(folder: str, *, d_model: int = 512, layers: int = 8, heads: int 
     proc.save_pretrained(folder)
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB: ``VmHWM`` (peak RSS), ``VmRSS`` (RSS now)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -39,7 +40,7 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM (Linux >= 4.0) so the peak measures only what follows."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -55,10 +56,10 @@ def timed(fn: Callable[[], object], repeats: int) -> dict:
     import gc
 
     gc.collect()
-    if _reset_peak():
-        base = _status_kb("VmRSS")
+    if reset_peak():
+        base = status_kb("VmRSS")
         fn()
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
     else:  # no reset: the process's all-time peak (an overestimate of the base)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fn()

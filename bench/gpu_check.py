@@ -104,9 +104,9 @@ def _error(err: BaseException) -> dict:
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    """a / b rounded; None where either is missing or b is not positive (a CPU RSS delta can
-    be 0: the allocator reused memory)."""
-    if a is None or b is None or not b > 0 or not math.isfinite(a):
+    """a / b rounded; None where either is missing or not positive (a CPU RSS delta can be 0:
+    the allocator reused memory, and a ratio of 0 or of 0 would mean nothing)."""
+    if a is None or b is None or not b > 0 or not a > 0 or not math.isfinite(a):
         return None
     return round(a / b, 3)
 

@@ -13,16 +13,19 @@ edge to 336 and centre-crops 336 px. The tokenizer is corelens's word-level test
     python bench/real_smoke.py --folder /tmp/llava-7b-random   # builds it once (~14 GB)
     python bench/real_smoke.py --folder /tmp/llava-7b-random --layers 4   # a shallower check
 
-Each variant runs in its own process (its peak RSS is its own): ``hf`` (the HF model, SDPA,
-logits at the answer positions only, ``logits_to_keep``), ``corelens_ram`` (``HookedMLLM`` +
-``RamMetric``, as ``score_all`` runs a batch), ``corelens_logits`` (``HookedMLLM`` forward with
-the same ``logits_to_keep``: compared with ``hf``'s logits). Needs ~16 GB of free memory at full
-depth; prints one JSON line.
+Each variant runs in its own process (its peak RSS is its own), one forward each (a bf16
+forward at full depth takes minutes on a CPU without bf16 instructions): ``hf`` (the HF model,
+SDPA, logits at the answer positions only, ``logits_to_keep``) and ``corelens_ram``
+(``HookedMLLM`` with ``RamMetric`` attached and the same ``logits_to_keep``: RAM and the answer
+logits from one forward, the logits compared with ``hf``'s). Time and peak RSS above the
+loaded model are of that one call. Needs ~16 GB of free memory at full depth; prints one JSON
+line.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import run_isolated, threads, timed  # noqa: E402
+from common import reset_peak, run_isolated, status_kb, threads  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32064,
@@ -77,6 +80,17 @@ def _example():
                            answer="red blue", boxes=[(0, 0, 320, 240)], id="smoke")
 
 
+def once(fn) -> dict:
+    """Seconds and peak RSS above the RSS before it (MB) of one call."""
+    gc.collect()
+    base = status_kb("VmRSS" if reset_peak() else "VmHWM")
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 2),
+            "peak_rss_delta_mb": round((status_kb("VmHWM") - base) / 1024, 1)}
+
+
 def run_variant(folder: str, variant: str) -> dict:
     import torch
 
@@ -93,6 +107,7 @@ def run_variant(folder: str, variant: str) -> dict:
         from transformers import AutoModelForImageTextToText
 
         del model
+        gc.collect()
         t0 = time.perf_counter()
         hf = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16,
                                                          attn_implementation="sdpa").eval()
@@ -101,20 +116,16 @@ def run_variant(folder: str, variant: str) -> dict:
         def fn():
             with torch.no_grad():
                 got["logits"] = hf(**batch.inputs, logits_to_keep=keep).logits
-    elif variant == "corelens_ram":
+    else:
         from corelens.scores.ram import RamMetric
 
         metric = RamMetric(model)
 
         def fn():
             with torch.no_grad(), metric.attach(batch):
-                model(batch, return_type=None)
-            got["ram"] = metric.example_level()["ram"][0]
-    else:
-        def fn():
-            with torch.no_grad():
                 got["logits"] = model(batch, logits_to_keep=keep)
-    out = timed(fn, repeats=1)
+            got["ram"] = metric.example_level()["ram"][0]
+    out = once(fn)
     out.update(load_seconds=round(load_s, 1), seq_len=batch.seq_len,
                vision_tokens=len(batch.layout.vision_positions(0)))
     if "logits" in got:
@@ -146,9 +157,9 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         report["built"] = run_isolated_build(folder, args.layers, args.shard)
     rows = {v: run_isolated(__file__, "--folder", str(folder), "--_variant", v)
-            for v in ("hf", "corelens_ram", "corelens_logits")}
-    hf, ram, lg = rows["hf"], rows["corelens_ram"], rows["corelens_logits"]
-    diff = (torch.tensor(lg.pop("answer_logits")) - torch.tensor(hf.pop("answer_logits")))
+            for v in ("hf", "corelens_ram")}
+    hf, ram = rows["hf"], rows["corelens_ram"]
+    diff = (torch.tensor(ram.pop("answer_logits")) - torch.tensor(hf.pop("answer_logits")))
     report.update(
         rows=rows,
         ram_time_vs_hf_forward=round(ram["seconds"] / hf["seconds"], 3),

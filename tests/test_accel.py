@@ -828,3 +828,29 @@ def test_reserved_cache_writes_in_place_and_equals_growing_cache(tiny_model):
     assert grow_bytes == res_bytes and res_ptrs == 1
     t = batch.seq_len
     assert cache.kf[0].shape[2] == t + 3 and cache.slots[None].f_ok.shape[1] == t + 3
+
+
+def test_from_scores_plans_kv_groups_to_the_budget(tiny_model):
+    """GQA (4 query heads over 2 KV heads per layer): groups ranked by the max (or mean) of
+    their heads' scores, exactly ceil(budget * layers * kv_heads) kept full, where the top
+    heads by themselves would fill more groups."""
+    from corelens.errors import InputError
+
+    model = tiny_model("qwen2_5_vl")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n_kv = model.cfg.n_key_value_heads
+    assert (L, H, n_kv) == (2, 4, 2)
+    scores = torch.tensor([[0.9, 0.0, 0.0, 0.8],    # L0: group 0 max 0.9 / mean 0.45, group 1
+                           [0.7, 0.7, 0.6, 0.1]])   # max 0.8 / mean 0.4; L1: 0.7 / 0.7, 0.6 / .35
+    by_max = HybridAttention.from_scores(model, scores, kv_budget=0.5)
+    assert by_max.full_kv_heads == [(0, 0), (0, 1)] and by_max.kv_budget == 0.5
+    by_mean = HybridAttention.from_scores(model, scores, kv_budget=0.5, reduce="mean")
+    assert by_mean.full_kv_heads == [(0, 0), (1, 0)]
+    heads = [(l, h) for l in range(L) for h in range(H) if scores[l, h] >= 0.7]  # top 4 heads
+    assert HybridAttention(model, heads).kv_budget == 0.75  # 3 of 4 groups
+    one = HybridAttention.from_scores(model, scores, kv_budget=0.01)  # at least one group
+    assert one.full_kv_heads == [(0, 0)]
+    with pytest.raises(InputError, match="2 layers x 4 heads"):
+        HybridAttention.from_scores(model, torch.zeros(3, 4))
+    with pytest.raises(InputError, match="kv_budget"):
+        HybridAttention.from_scores(model, scores, kv_budget=0)

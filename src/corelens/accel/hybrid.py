@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -105,6 +106,31 @@ class HybridAttention:
     def kv_budget(self) -> float:
         """Fraction of KV heads kept full."""
         return len(self.full_kv_heads) / (self.n_layers * self.n_kv)
+
+    @classmethod
+    def from_scores(cls, model: Any, scores: Any, kv_budget: float = 0.1,
+                    reduce: str = "max", **kw: Any) -> "HybridAttention":
+        """Plan at KV-group granularity: rank each layer's KV groups (the query heads sharing
+        a KV head under GQA) by ``reduce`` ("max" or "mean") of their heads' scores
+        (``HeadScores`` or a ``[layer, head]`` tensor; NaN ranks last) and keep the top
+        ``ceil(kv_budget * layers * kv_heads)`` groups full, so the KV budget is what is asked
+        for. (``HybridAttention(model, scores.top(frac))`` keeps every group that holds a top
+        head: with 7 query heads per KV head, a top-10% of heads fills most groups.)"""
+        tc = text_config(model)
+        n_layers, n_heads = tc.num_hidden_layers, tc.num_attention_heads
+        n_kv = getattr(tc, "num_key_value_heads", None) or n_heads
+        values = torch.as_tensor(getattr(scores, "scores", scores), dtype=torch.float32)
+        if tuple(values.shape) != (n_layers, n_heads):
+            raise InputError(f"scores are {tuple(values.shape)}, the model has "
+                             f"{n_layers} layers x {n_heads} heads")
+        if not 0 < kv_budget <= 1 or reduce not in ("max", "mean"):
+            raise InputError("from_scores wants 0 < kv_budget <= 1 and reduce 'max' or 'mean'")
+        groups = values.nan_to_num(float("-inf")).view(n_layers, n_kv, n_heads // n_kv)
+        ranked = groups.amax(-1) if reduce == "max" else groups.mean(-1)
+        k = math.ceil(kv_budget * n_layers * n_kv)
+        top = ranked.flatten().argsort(descending=True, stable=True)[:k].tolist()
+        rep = n_heads // n_kv
+        return cls(model, [(i // n_kv, (i % n_kv) * rep) for i in top], **kw)
 
     @classmethod
     def random(cls, model: Any, n_kv_heads: int, seed: int = 0, **kw: Any) -> "HybridAttention":

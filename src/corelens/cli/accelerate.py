@@ -36,6 +36,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="examples to score heads on (JSONL or zoo:N:SEED); default: "
                    "zoo:N//2:SEED+1 with zoo data, else a seeded half of --data (the other "
                    "half is evaluated)")
+    p.add_argument("--kv-budget", type=float, default=None,
+                   help="plan by KV group instead of --frac: keep this fraction of the KV heads "
+                   "full, the groups ranked by their best head's score (GQA models)")
     for flag, typ in (("--frac", float), ("--n-sink", int), ("--window", int),
                       ("--n-pooled", int), ("--fastv-k", int), ("--fastv-ratio", float),
                       ("--limit", int), ("--seed", int), ("--batch-size", int)):
@@ -120,7 +123,8 @@ def main_accelerate(args: Any) -> dict[str, Any]:
     ``scores`` (a HeadScores JSON, or a metric name of ``corelens.scores.ram`` such as ``"ram"`` or
     ``"selectivity"`` to score heads first, never on the evaluation examples: see ``_load``),
     ``data`` (a corelens JSONL, or ``zoo:N[:SEED]``: N fresh examples of the shipped model's
-    task), and optional ``score_data`` (JSONL or ``zoo:N:SEED``), ``frac``, ``n_sink``, ``window``,
+    task), and optional ``score_data`` (JSONL or ``zoo:N:SEED``), ``frac`` (or ``kv_budget``:
+    ``HybridAttention.from_scores``), ``n_sink``, ``window``,
     ``n_pooled``, ``fastv_k``, ``fastv_ratio``, ``limit``, ``seed``, ``batch_size``, ``out``
     (missing or None = the defaults above). Returns (and prints as JSON) the report."""
     def get(name: str, default: Any) -> Any:
@@ -130,13 +134,16 @@ def main_accelerate(args: Any) -> dict[str, Any]:
     model, scores, examples, sets = _load(args)
     frac = get("frac", 0.1)
     kw = dict(n_sink=get("n_sink", 4), window=get("window", 64), n_pooled=get("n_pooled", 0))
-    core = HybridAttention(model, scores.top(frac=frac), **kw)
+    budget = get("kv_budget", None)
+    core = (HybridAttention.from_scores(model, scores, kv_budget=budget, **kw)
+            if budget is not None else HybridAttention(model, scores.top(frac=frac), **kw))
     rand = HybridAttention.random(model, len(core.full_kv_heads), seed=get("seed", 0), **kw)
     fastv = FastV(model, k=get("fastv_k", 2), ratio=get("fastv_ratio", 0.5))
     variants: dict[str, Intervention | None] = {"full": None, "core_hybrid": core,
                                                 "random_hybrid": rand, "fastv": fastv}
     report: dict[str, Any] = {
-        "model": str(args.model), "metric": scores.metric, **sets, "frac": frac, **kw,
+        "model": str(args.model), "metric": scores.metric, **sets, "frac": frac,
+        "planned_by": "kv_group" if budget is not None else "head", **kw,
         "kv_budget": core.kv_budget,
         "core_heads": [head_name(h) for h in core.heads],
         "random_kv_heads": [kv_head_name(g) for g in rand.full_kv_heads],

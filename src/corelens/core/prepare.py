@@ -256,29 +256,38 @@ def prepare(
     tokenizer.padding_side = "left"
     try:
         enc = processor(**kw)
-        prompt_enc = processor(**{**kw, "text": prompt_texts}) if answers is not None else enc
     finally:
         tokenizer.padding_side = old_side
     inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     seq = ids.shape[1]
+    # The answer's tokens: the text alone, tokenised with and without the answer (image tokens
+    # are expanded in the middle of the prompt, never at its end, so the images need not be
+    # processed twice); checked against the processor's own ids below.
+    text_ids = (tokenizer(texts)["input_ids"], tokenizer(prompt_texts)["input_ids"]) \
+        if answers is not None else None
 
     query_positions, answer_tokens, prompt_lengths = [], [], []
     for e in range(n):
         real = ids[e][mask[e].bool()]
         pad = seq - real.numel()
-        p_real = prompt_enc["input_ids"][e][prompt_enc["attention_mask"][e].bool()]
-        lp = p_real.numel()
-        prompt_lengths.append(lp)
-        if answers is None:
-            query_positions.append(torch.tensor([pad + lp - 1]))
+        if text_ids is None:
+            prompt_lengths.append(real.numel())
+            query_positions.append(torch.tensor([pad + real.numel() - 1]))
             answer_tokens.append(torch.zeros(0, dtype=torch.long))
             continue
-        if lp >= real.numel() or not torch.equal(real[:lp], p_real):
+        full, prompt = text_ids[0][e], text_ids[1][e]
+        n_ans = len(full) - len(prompt)
+        if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= real.numel():
             raise InputError(
                 f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
                 "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
             )
+        if real[-n_ans:].tolist() != full[-n_ans:]:
+            raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the answer "
+                              f"{answers[e]!r} unlike its tokenizer does alone")
+        lp = real.numel() - n_ans
+        prompt_lengths.append(lp)
         _check_answer(tokenizer, real[lp:], str(answers[e]), _where(e, example_ids[e]))
         answer_tokens.append(real[lp:].clone())
         query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
