@@ -210,8 +210,8 @@ def run_units(
     mine = [u for u in units if u not in finished][rank::size]
     path = None
     if partial is not None:
-        path = Path(partial) if size == 1 and not dist.is_initialized() else rank_file(partial,
-                                                                                       rank)
+        grouped = dist.is_available() and dist.is_initialized()
+        path = Path(partial) if size == 1 and not grouped else rank_file(partial, rank)
     writer = _Writer(path)
     new: dict[Hashable, dict[str, Any]] = {}
     label = f"{desc} (rank {rank}/{size})" if size > 1 else desc
