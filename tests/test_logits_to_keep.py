@@ -57,6 +57,10 @@ def test_trimmed_logits_score_exactly_as_full_ones(setup):
     # a position outside the window is refused, not read from the wrong row
     with pytest.raises(ValueError, match="logits_to_keep"):
         rows_at(part, batch, 0, torch.tensor([0]))
+    with torch.no_grad():
+        last = model(batch, logits_to_keep=1)  # only the final position: not the answer's
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        diff(last, batch)  # (an index from the end would read another position silently)
 
 
 def test_built_in_metrics_trim_user_metrics_do_not(setup):

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from corelens import views
 from corelens.accel import HybridAttention
-from corelens.core.evaluate import evaluate, logits_to_keep
+from corelens.core.evaluate import evaluate, metric_value
 from corelens.data.examples import check_disjoint, split_examples
 from corelens.heads import head_name
 from corelens.interventions.ablation import ablation_curve
@@ -87,11 +86,7 @@ def run_study(
         pair = prepare_pair(model, [c for c, _ in pairs], [k for _, k in pairs])
         clean, corrupt, metric = pair.clean, pair.corrupted, pair.logit_diff
         effects = patch_heads(model, clean, corrupt, metric)
-        with torch.no_grad():
-            base = float(metric(model(corrupt, logits_to_keep=logits_to_keep(metric, corrupt)),
-                                corrupt).mean())
-            full = float(metric(model(clean, logits_to_keep=logits_to_keep(metric, clean)),
-                                clean).mean())
+        base, full = metric_value(model, corrupt, metric), metric_value(model, clean, metric)
         patch_fig = views.patching_heatmap(effects - base, title="activation patching: "
                                            "logit diff restored by each head (clean -> corrupted)")
         for head in core:

@@ -9,6 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from corelens.errors import InputError
+
 
 @dataclass
 class EvalResult:
@@ -77,16 +79,31 @@ def logits_to_keep(metric: Callable | None, batch: Any) -> int:
     return batch.logits_to_keep if getattr(metric, "reads_query_positions_only", False) else 0
 
 
-def rows_at(logits: Float[Tensor, "batch k vocab"], batch: Any, example: int,
+def window_offset(seq_len: int, kept: int, positions: Tensor) -> int:
+    """Where position 0 of logits over the last ``kept`` of ``seq_len`` positions (a forward
+    with ``logits_to_keep=kept``) sits in the sequence; an ``InputError`` if ``positions`` reach
+    before it (they would index from the end silently)."""
+    offset = seq_len - kept
+    if offset and int(positions.min()) < offset:
+        raise InputError(f"the logits cover the last {kept} of {seq_len} positions, not "
+                         f"position {int(positions.min())}: run the forward with "
+                         "logits_to_keep=batch.logits_to_keep (or 0 for all)")
+    return offset
+
+
+def rows_at(logits: Float[Tensor, "batch k vocab"], batch: Any, example: int | Tensor,
             positions: Tensor) -> Float[Tensor, "n vocab"]:
     """``logits[example, positions]`` for logits over the whole sequence or over its last
     ``k`` positions only (a forward with ``logits_to_keep=k``)."""
-    offset = batch.seq_len - logits.shape[1]
-    if offset and int(positions.min()) < offset:
-        raise ValueError(f"the logits cover the last {logits.shape[1]} of {batch.seq_len} "
-                         f"positions, not position {int(positions.min())}: run the forward "
-                         f"with logits_to_keep=batch.logits_to_keep (or 0 for all)")
-    return logits[example, positions - offset]
+    return logits[example, positions - window_offset(batch.seq_len, logits.shape[1], positions)]
+
+
+def metric_value(model: Any, batch: Any, metric: Callable) -> float:
+    """``metric(logits, batch)`` of the unpatched forward, averaged over the batch (logits
+    only where a ``query_metric`` reads them)."""
+    with torch.no_grad():
+        logits = model(batch, logits_to_keep=logits_to_keep(metric, batch))
+    return float(metric(logits, batch).mean())
 
 
 @query_metric

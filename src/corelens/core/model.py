@@ -15,6 +15,7 @@ from corelens import compat
 from corelens.core import cache_budget, resolution
 from corelens.core.attention import AttentionBackend
 from corelens.core.cache import MLLMActivationCache
+from corelens.core.evaluate import window_offset
 from corelens.core.prepare import prepare as _prepare
 from corelens.core.tl_surface import read_through_bridge, with_name
 from corelens.data.batch import MultimodalBatch
@@ -121,9 +122,9 @@ class HookedMLLM(torch.nn.Module):
         try:
             hf_model = family.hf_class(config).from_pretrained(name_or_dir, **model_kw)
         except TypeError as err:
-            if "unexpected keyword argument" not in str(err):
+            bad = resolution.unexpected_keywords(err, model_kw)
+            if bad is None:
                 raise
-            bad = [k for k in model_kw if repr(k) in str(err) or f"'{k}'" in str(err)]
             raise resolution.unknown_setting(
                 family, processor, bad or list(model_kw), "from_pretrained") from err
         processor = resolution.with_settings(family, processor, settings, hf_model.config,
@@ -189,8 +190,8 @@ class HookedMLLM(torch.nn.Module):
             return _prepare(self.family, self.hf_model, processor, images, prompts, answers,
                             boxes, **kw)
         except TypeError as err:
-            bad = [k for k in kw if f"'{k}'" in str(err)]
-            if not bad or "unexpected keyword argument" not in str(err):
+            bad = resolution.unexpected_keywords(err, kw)
+            if not bad:
                 raise
             raise resolution.unknown_setting(self.family, self.processor, bad,
                                              "prepare") from err
@@ -486,12 +487,7 @@ def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"], seq: 
     if not name.startswith(("blocks.", "embed", "hook_embed", "unembed", "ln_final")):
         return act  # vision encoder / projector: batched by image, not by sequence
     if name.startswith(("unembed", "hook_unembed")) and act.ndim == 3 and act.shape[1] < seq:
-        offset = seq - act.shape[1]
-        if int(idx.min()) < offset:
-            raise InputError(f"positions from {int(idx.min())} are cached, but the logits cover "
-                             f"the last {act.shape[1]} of {seq} positions (logits_to_keep): "
-                             "raise logits_to_keep or leave it out")
-        idx = idx - offset
+        idx = idx - window_offset(seq, act.shape[1], idx)
     if name.endswith(("hook_pattern", "hook_attn_scores")) and act.ndim == 4:
         b, h, _, k = act.shape
         return torch.gather(act, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], k))

@@ -79,6 +79,14 @@ def unknown_setting(family: Family, processor: Any, names: Any, where: str) -> I
             f"{family.name} resizes every image to its vision tower's fixed size"))
 
 
+def unexpected_keywords(err: TypeError, names: Any) -> list[str] | None:
+    """The keywords among ``names`` that a ``TypeError`` ("... got an unexpected keyword
+    argument 'x'") names; None if it is another ``TypeError``."""
+    if "unexpected keyword argument" not in str(err):
+        return None
+    return [k for k in names if f"'{k}'" in str(err)]
+
+
 def _rebuilt(part: Any, settings: Mapping[str, Any]) -> Any:
     """``part`` rebuilt by HF from its dict plus ``settings`` (HF's own meaning of each)."""
     own = {k: v for k, v in settings.items() if k in settings_of(part)}

@@ -58,9 +58,9 @@ def fit_to_tiles(w: int, h: int, tile: int) -> tuple[int, int]:
 
 
 class Idefics3Like(Family):
-    resolution_settings = ("size", "max_image_size", "do_image_splitting")
     """What Idefics3 and SmolVLM share: splitting geometry and pixel shuffle."""
 
+    resolution_settings = ("size", "max_image_size", "do_image_splitting")
     image_processing: ClassVar[str]  # HF module with the image processor's size arithmetic
 
     # --- processor arithmetic -----------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from corelens.core.evaluate import logits_to_keep, query_metric, score_logits
+from corelens.core.evaluate import logits_to_keep, query_metric, rows_at, score_logits
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import LayoutError
 from corelens.heads import Head
@@ -84,10 +84,9 @@ def logit_diff(answer_ids: Tensor, wrong_ids: Tensor) -> Metric:
 
     @query_metric
     def metric(logits: Tensor, batch: MultimodalBatch) -> Tensor:
-        # logits over the last k positions only (logits_to_keep) are offset by seq_len - k
-        q = batch.last_prompt_positions.to(logits.device) - (batch.seq_len - logits.shape[1])
-        rows = logits[torch.arange(len(q), device=logits.device), q].float()
+        q = batch.last_prompt_positions.to(logits.device)
         idx = torch.arange(len(q), device=logits.device)
+        rows = rows_at(logits, batch, idx, q).float()
         a, w = answer_ids.to(logits.device), wrong_ids.to(logits.device)
         if len(a) != len(q) and len(a) and len(q) % len(a) == 0:
             a, w = a.repeat(len(q) // len(a)), w.repeat(len(q) // len(a))

@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from corelens.core.evaluate import logits_to_keep
+from corelens.core.evaluate import metric_value
 from corelens.errors import InputError
 from corelens.interventions.attribution import atp_star, attribute_heads, edge_attribution
 from corelens.interventions.attribution.edges import EdgeScores
@@ -35,10 +35,7 @@ def batch_record(model: Any, clean: Sequence[Any], corrupted: Sequence[Any], met
     pair = prepare_pair(model, clean, corrupted)
     source, target = pair.source_target(direction)  # type: ignore[arg-type]
     metric = pair.logit_diff
-    with torch.no_grad():
-        base = float(metric(model(target, logits_to_keep=logits_to_keep(metric, target)),
-                            target).mean())
-    rec: dict[str, Any] = {"n": len(clean), "baseline": base}
+    rec: dict[str, Any] = {"n": len(clean), "baseline": metric_value(model, target, metric)}
     if method == "exact":
         rec["scores"] = patch_heads(model, source, target, metric, node=node,  # type: ignore
                                     heads_per_forward=heads_per_forward).tolist()
