@@ -119,11 +119,58 @@ def test_the_image_is_in(model, examples):
     assert torch.equal(a.acts[first], b.acts[first])
 
 
-def test_vision_tower_hooks_are_refused(model, examples):
-    with pytest.raises(InputError, match="batched by image"):
-        ActivationStore(model, examples, "vision_encoder.encoder_layers.0.hook_out")
+TOWER = "vision_encoder.encoder_layers.0.hook_out"  # [images, CLS + 8x8 patches, d]
+
+
+def test_tower_store_gives_the_towers_rows_exactly(model, examples):
+    """Tower hooks: one row per patch (and CLS) of every image, read straight off the cache."""
+    ref = activations(model, examples[:8], TOWER, batch_size=4)
+    got = _cat(_drain(ActivationStore(model, examples[:8], TOWER, batch_size=4,
+                                      buffer_tokens=300, out_batch_size=50, progress=False)))
+    order = (got[1][:, 0] * 1000 + got[1][:, 5] * 8 + got[1][:, 6]).argsort()
+    assert torch.equal(got[0][order], ref.acts) and torch.equal(got[1][order], ref.meta)
+    side = 8  # toy-llava: 64 px images, 8 px patches, CLIP's CLS first
+    for start in (0, 4):
+        batch = model.prepare_examples(examples[start:start + 4])
+        _, cache = model.run_with_cache(batch, names_filter=[TOWER])
+        act = cache[TOWER]
+        for e in range(4):
+            mine = ref.meta[ref.example == start + e]
+            rows = ref.acts[ref.example == start + e]
+            cls = mine[:, 2] == ROLES.index("structural")
+            assert cls.sum() == 1 and torch.equal(rows[cls][0], act[e, 0])
+            assert torch.equal(rows[~cls], act[e, 1:])  # row-major patches
+            r, c = mine[~cls, 5], mine[~cls, 6]
+            assert torch.equal(r * side + c, torch.arange(side * side))
+            assert (mine[:, 1] == -1).all() and (mine[:, 3] == 0).all()
+    vision_only = activations(model, examples[:4], TOWER, roles=("vision",), batch_size=4)
+    assert len(vision_only) == 4 * side * side
+    with pytest.raises(InputError, match="not a per-patch"):
+        activations(model, examples[:2], "vision_encoder.hook_in")  # the pixels
+
+
+def test_tower_store_sees_the_image_and_resumes(model, examples, tmp_path):
+    exs = examples[:4]
+    grey = [dataclasses.replace(e, images=[Image.new("RGB", e.images[0].size, (127,) * 3)])
+            for e in exs]
+    a = activations(model, exs, TOWER, roles=("vision",), batch_size=4)
+    b = activations(model, grey, TOWER, roles=("vision",), batch_size=4)
+    assert ((a.acts - b.acts).norm(dim=-1) > 1e-3).float().mean() > 0.9
+    kw = dict(batch_size=2, buffer_tokens=140, out_batch_size=40, seed=5, progress=False)
+    whole = _drain(ActivationStore(model, examples[:12], TOWER, **kw))
+    partial = tmp_path / "tower.json"
+    first = _drain(ActivationStore(model, examples[:12], TOWER, partial=partial, **kw), n=7)
+    rest = _drain(ActivationStore(model, examples[:12], TOWER, partial=partial, **kw))
+    assert len(first + rest) == len(whole)
+    for x, y in zip(first + rest, whole):
+        assert torch.equal(x.meta, y.meta) and torch.equal(x.acts, y.acts)
+
+
+def test_non_token_hooks_are_refused(model, examples):
     with pytest.raises(InputError, match="query, key"):
         activations(model, examples[:2], "blocks.0.attn.hook_pattern")
+    with pytest.raises(InputError, match="query, key"):
+        ActivationStore(model, examples, "vision_encoder.encoder_layers.0.attn.hook_pattern")
     with pytest.raises(InputError, match="no hook"):
         activations(model, examples[:2], "blocks.9.hook_resid_post")
 

@@ -30,6 +30,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.sources import _bridge_builder
+from transformers import vision_utils
 from transformers.cache_utils import Cache
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.processing_utils import ProcessorMixin
@@ -137,6 +138,16 @@ def processor_images_kwargs(processor: Any) -> dict[str, Any] | None:
         return None
 
 
+def qwen2_5_vl_window_index(vision_config: Any, grid_thw: Tensor) -> Tensor:
+    """Qwen2.5-VL's window order of the merge blocks of the images of ``grid_thw`` (HF's own
+    ``get_vision_window_index``, as the tower's forward calls it): block ``window_index[i]`` (in
+    the processor's order) is the i-th block the tower's layers and merger see."""
+    index, _ = vision_utils.get_vision_window_index(
+        grid_thw, spatial_merge_size=vision_config.spatial_merge_size,
+        window_size=vision_config.window_size, patch_size=vision_config.patch_size)
+    return torch.as_tensor(index, dtype=torch.long).cpu()
+
+
 def qwen3_vl_deepstack(decoder: Any) -> Callable[..., Tensor] | None:
     """Qwen3-VL's DeepStack step (adds vision features at the vision positions after early
     decoder layers), or None for decoders without one."""
@@ -236,6 +247,8 @@ def _private_names() -> tuple[PrivateName, ...]:
         PrivateName(modeling_qwen3_vl.Qwen3VLTextModel, "_deepstack_process",
                     ("hidden_states", "visual_pos_masks", "visual_embeds")),
         PrivateName(Cache, "update", ("key_states", "value_states", "layer_idx")),
+        PrivateName(vision_utils, "get_vision_window_index",
+                    ("grid_thw", "spatial_merge_size", "window_size", "patch_size")),
         PrivateName(Cache, "get_seq_length"),
         PrivateName(module, "_forward_hooks"),
         PrivateName(module, "_forward_pre_hooks"),

@@ -17,8 +17,10 @@ from corelens.core.attention import AttentionBackend
 from corelens.core.cache import MLLMActivationCache
 from corelens.core.evaluate import window_offset
 from corelens.core.prepare import prepare as _prepare
+from corelens.core.prepare import tower_layout as _tower_layout
 from corelens.core.tl_surface import read_through_bridge, with_name
 from corelens.data.batch import MultimodalBatch
+from corelens.data.tower import TowerLayout
 from corelens.errors import InputError
 from corelens.families import Family, family_for_config
 from corelens.families.adapters import register_adapters
@@ -187,8 +189,10 @@ class HookedMLLM(torch.nn.Module):
         settings, kw = resolution.split_settings(self.processor, kw)
         processor = resolution.with_settings(self.family, self.processor, settings)
         try:
-            return _prepare(self.family, self.hf_model, processor, images, prompts, answers,
-                            boxes, **kw)
+            batch = _prepare(self.family, self.hf_model, processor, images, prompts, answers,
+                             boxes, **kw)
+            batch.settings = dict(settings)
+            return batch
         except TypeError as err:
             bad = resolution.unexpected_keywords(err, kw)
             if not bad:
@@ -205,6 +209,16 @@ class HookedMLLM(torch.nn.Module):
                             distractors=[ex.distractors for ex in examples],
                             videos=[getattr(ex, "videos", []) for ex in examples],
                             ids=[ex.id for ex in examples], **kw)
+
+    def tower_layout(self, batch: MultimodalBatch,
+                     hook_name: str = "vision_projector.hook_in") -> TowerLayout:
+        """Where each row of a vision-tower / projector activation of ``batch`` sits: the patch
+        grid of every picture the tower encodes (image, tile, crop, thumbnail), with boxes in
+        original pixels (``corelens.data.tower``); ``.rows(act.shape, hook_name)`` maps the rows
+        of an activation. ``hook_name`` matters where hooks see the patches in different orders
+        (Qwen2.5-VL's windows). Images only: video frames go through the tower apart."""
+        processor = resolution.with_settings(self.family, self.processor, batch.settings)
+        return _tower_layout(self.family, self.hf_model, processor, batch, hook_name)
 
     def _inputs(self, inp: ModelInput) -> tuple[Tensor, dict[str, Any]]:
         if isinstance(inp, MultimodalBatch):

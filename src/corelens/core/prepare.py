@@ -13,6 +13,7 @@ from PIL import Image
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import ImageLayout, VisionLayout, check_box
+from corelens.data.tower import TowerLayout
 from corelens.errors import InputError, LayoutError
 from corelens.families import FAMILIES
 from corelens.families.base import PLACEHOLDER, VIDEO_PLACEHOLDER, Family
@@ -345,6 +346,30 @@ def _check_answer(tokenizer: Any, tokens: torch.Tensor, answer: str, where: str)
             f"{decoded[0]!r}, so the score would be for that string, not the answer. Fix: "
             f"write the answer as the tokenizer gives it back (e.g. {decoded[1].strip()!r})"
         )
+
+
+def tower_layout(family: Family, hf_model: Any, processor: Any, batch: MultimodalBatch,
+                 hook_name: str) -> TowerLayout:
+    """The vision tower's pictures for ``batch`` (``HookedMLLM.tower_layout``)."""
+    if any(im.is_video for ex in batch.layout.images for im in ex):
+        raise InputError("this batch holds videos: their frames go through the vision tower in "
+                         "a call of their own, so a tower hook fires twice and its rows cannot "
+                         "be told apart; map tower rows on batches of images only")
+    grids, example, image, index = [], [], [], []
+    g = 0
+    for e, ims in enumerate(batch.layout.images):
+        for im in ims:
+            got = family.tower_grids(hf_model.config, processor, batch.inputs, g, im.size)
+            grids += got
+            example += [e] * len(got)
+            image += [im.image_index] * len(got)
+            index += range(len(got))
+            g += 1
+    return TowerLayout(
+        grids, torch.tensor(example, dtype=torch.long), torch.tensor(image, dtype=torch.long),
+        torch.tensor(index, dtype=torch.long), prefix=family.tower_prefix(hf_model.config),
+        merge=family.tower_merge(hf_model.config), flat=family.flat_tower,
+        blocks=family.tower_block_order(hf_model, batch.inputs, hook_name))
 
 
 def build_layout(

@@ -39,6 +39,8 @@ class MultimodalBatch:
     ids: list[str | None] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)  # real prompt tokens per example
     videos: list[list[Any]] = field(default_factory=list)  # ``Video``s per example
+    # the image-processor settings of this call only (``prepare(..., max_pixels=...)``)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.inputs["input_ids"].shape[0])

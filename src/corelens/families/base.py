@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from corelens.data.layout import FeatureRows
+from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.errors import InputError
 
 PLACEHOLDER = "<image>"  # how corelens prompts mark an image, whatever the family's own token
@@ -134,6 +134,34 @@ class Family(ABC):
     ) -> FeatureRows:
         """The rows merged into the placeholder tokens of the ``image``-th image of the batch
         (global index over the batch, in processor order), original size ``size = (w, h)``."""
+
+    # --- the vision tower's own rows (``corelens.data.tower``) ---------------------------------
+    # the tower's activations are one flat ``[patches, ...]`` over every image (Qwen-VL), not
+    # ``[pictures, tokens, ...]``
+    flat_tower: ClassVar[bool] = False
+
+    def tower_grids(
+        self, hf_config: Any, processor: Any, inputs: dict[str, Tensor], image: int,
+        size: tuple[int, int],
+    ) -> list[ViewGeometry]:
+        """The patch grids the vision tower sees for the ``image``-th image of the batch (global
+        index, processor order): one per picture it encodes (the image, its tiles, crops,
+        thumbnail), in the tower's batch order; boxes in ORIGINAL pixels."""
+        raise NotImplementedError(f"{self.name} does not map its vision tower's rows")
+
+    def tower_prefix(self, hf_config: Any) -> int:
+        """Tokens the tower puts before each patch grid (a CLS token)."""
+        return 0
+
+    def tower_merge(self, hf_config: Any) -> int:
+        """Patches per side that the projector folds into one LM token."""
+        return 1
+
+    def tower_block_order(self, hf_model: Any, inputs: dict[str, Tensor],
+                          hook_name: str) -> Tensor | None:
+        """Flat towers: the order of the merge blocks in ``hook_name``'s rows, as indices into
+        the processor's order (None: the processor's order)."""
+        return None
 
     # --- videos ------------------------------------------------------------------------------
     supports_video: ClassVar[bool] = False

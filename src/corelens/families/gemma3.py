@@ -88,11 +88,27 @@ class Gemma3(Family):
             return FeatureRows.grid(ViewGeometry.from_affine(name, side, side, (cell, cell),
                                                              scale, offset, size))
 
+        return FeatureRows.concat([grid(name, a) for name, a in self._pictures(processor, size)])
+
+    def _pictures(self, processor: Any, size: tuple[int, int]) -> list[tuple[str, Affine]]:
+        """(name, original -> picture pixels before the resize) of the image and its crops."""
         base = Affine.identity(size)
-        views = [grid("image", base)]
-        for k, (x, y, w, h) in enumerate(self.pan_and_scan_crops(processor, size)):
-            views.append(grid(f"crop{k}", base.crop(x, y, (w, h))))
-        return FeatureRows.concat(views)
+        return [("image", base)] + [(f"crop{k}", base.crop(x, y, (w, h))) for k, (x, y, w, h)
+                                    in enumerate(self.pan_and_scan_crops(processor, size))]
+
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        vc = hf_config.vision_config
+        side, patch = int(vc.image_size // vc.patch_size), int(vc.patch_size)
+        out = []
+        for name, a in self._pictures(processor, size):
+            scale, offset = a.resize((int(vc.image_size), int(vc.image_size))).inverse()
+            out.append(ViewGeometry.from_affine(name, side, side, (patch, patch), scale, offset,
+                                                size))
+        return out
+
+    def tower_merge(self, hf_config):
+        per_side = int(hf_config.vision_config.image_size // hf_config.vision_config.patch_size)
+        return per_side // int(hf_config.mm_tokens_per_image ** 0.5)
 
     @staticmethod
     def pan_and_scan_crops(processor: Any, size: tuple[int, int]

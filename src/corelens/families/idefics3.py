@@ -128,6 +128,19 @@ class Idefics3Like(Family):
                                                                    size)))
         return FeatureRows.concat(parts)
 
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        vc = hf_config.vision_config
+        patch = int(vc.patch_size)
+        side = int(vc.image_size) // patch
+        out = []
+        for name, a in self.views(hf_config, processor, size):
+            s, o = a.inverse()
+            out.append(ViewGeometry.from_affine(name, side, side, (patch, patch), s, o, size))
+        return out
+
+    def tower_merge(self, hf_config):
+        return int(hf_config.scale_factor)
+
 
 class Idefics3(Idefics3Like):
     name = "idefics3"

@@ -122,3 +122,19 @@ class InternVL(Family):
             parts.append(FeatureRows.grid(ViewGeometry.from_affine(name, n, n, (cell, cell), s, o,
                                                                    size)))
         return FeatureRows.concat(parts)
+
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        vc = hf_config.vision_config
+        tile, patch = _side(vc.image_size), _side(vc.patch_size)
+        out = []
+        for name, a in self.views(processor, size):
+            s, o = a.inverse()
+            out.append(ViewGeometry.from_affine(name, tile // patch, tile // patch,
+                                                (patch, patch), s, o, size))
+        return out
+
+    def tower_prefix(self, hf_config):
+        return 1  # InternViT's CLS token (dropped before the pixel shuffle)
+
+    def tower_merge(self, hf_config):
+        return round(1 / float(hf_config.downsample_ratio))

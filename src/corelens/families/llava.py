@@ -31,6 +31,11 @@ def grid_view(name: str, a: Affine, patch: int, size: tuple[int, int]) -> ViewGe
                                     size)
 
 
+def cls_tokens(vision_config: Any) -> int:
+    """CLIP towers put a CLS token before the patches; SigLIP towers do not."""
+    return 1 if "clip" in str(getattr(vision_config, "model_type", "")) else 0
+
+
 class Llava(Family):
     name = "llava"
     hf_architectures = ("LlavaForConditionalGeneration",)
@@ -51,3 +56,10 @@ class Llava(Family):
                               torch.tensor([-1]), torch.tensor([-1]), [])
             rows = FeatureRows.concat([cls, rows])
         return rows
+
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        a = processed_affine(processor.image_processor, size)
+        return [grid_view("image", a, hf_config.vision_config.patch_size, size)]
+
+    def tower_prefix(self, hf_config):
+        return cls_tokens(hf_config.vision_config)

@@ -46,6 +46,7 @@ from corelens.data.layout import KIND_NEWLINE, FeatureRows, ViewGeometry
 from corelens.errors import InputError
 from corelens.families.base import Family
 from corelens.families.geometry import Affine, pad_to_square_offsets, resize_and_crop, size_dict
+from corelens.families.llava import cls_tokens
 
 
 def _token_edges(start: int, n_in: int, n_out: int, side: int, tile: int,
@@ -121,11 +122,6 @@ class LlavaOnevision(Family):
 
     # --- the layout ----------------------------------------------------------------------------
     def feature_rows(self, hf_config, processor, inputs, image, size):
-        from transformers.image_processing_utils import (
-            get_patch_output_size,
-            select_best_resolution,
-        )
-        from transformers.image_utils import ChannelDimension
         hf = importlib.import_module(self.modeling)  # HF's own grid / unpad arithmetic
         get_anyres_image_grid_shape = hf.get_anyres_image_grid_shape
         image_size_to_num_patches = hf.image_size_to_num_patches
@@ -150,7 +146,7 @@ class LlavaOnevision(Family):
                              "understand this processor")
 
         # what the tower keeps per tile: (CLS) + grid, minus the first row under "default"
-        n_cls = 1 if "clip" in str(getattr(vc, "model_type", "")) else 0
+        n_cls = cls_tokens(vc)
         drop_first = hf_config.vision_feature_select_strategy == "default"
         size_tuple, tile = self._settings(ip)
 
@@ -179,18 +175,7 @@ class LlavaOnevision(Family):
 
         # anyres canvas: resize to fit the best resolution, centre on it, cut into tiles
         pinpoints = hf_config.image_grid_pinpoints
-        bh, bw = select_best_resolution([h, w], ip.image_grid_pinpoints)
-        if [bh, bw] != list(select_best_resolution([h, w], pinpoints)):
-            raise ValueError(f"{where}: the processor and the model pick different pinpoints "
-                             f"({(bh, bw)} vs {select_best_resolution([h, w], pinpoints)}); "
-                             "their image_grid_pinpoints differ")
-        if tile != vc.image_size or bh % tile or bw % tile:
-            raise ValueError(f"{where}: tiles of {tile} px over a {bw}x{bh} canvas do not match "
-                             f"the model's {vc.image_size} px tiles; HF would mis-split them")
-        new_h, new_w = get_patch_output_size(np.zeros((1, h, w)), (bh, bw),
-                                             input_data_format=ChannelDimension.FIRST)
-        paste_x, paste_y = (bw - new_w) // 2, (bh - new_h) // 2  # _get_padding_size
-        canvas = Affine.identity(size).resize((new_w, new_h)).pad(paste_x, paste_y, (bw, bh))
+        canvas = self._canvas(hf_config, ip, size, where)
         tile_after = resize_and_crop(ip, Affine.identity((tile, tile)))
         if tile_after.offset != (0.0, 0.0) or tile_after.size != (vc.image_size, vc.image_size):
             raise ValueError(f"{where}: each {tile} px tile is cropped or resized to "
@@ -227,6 +212,56 @@ class LlavaOnevision(Family):
         boxes[..., 3] = (ys1 * sy + oy).clamp(0, h).view(nh, 1)
         view = ViewGeometry("anyres", nh, nw, boxes.float())
         return FeatureRows.concat([base_rows, FeatureRows.grid(view, newline_after_row=True)])
+
+    @staticmethod
+    def _canvas(hf_config: Any, ip: Any, size: tuple[int, int], where: str) -> Affine:
+        """original -> the anyres canvas (the image resized to fit the best pinpoint
+        resolution, centred on it), checked against the model's pinpoints and tile size."""
+        from transformers.image_processing_utils import (
+            get_patch_output_size,
+            select_best_resolution,
+        )
+        from transformers.image_utils import ChannelDimension
+
+        w, h = size
+        vc = hf_config.vision_config
+        tile = LlavaOnevision._settings(ip)[1]
+        pinpoints = hf_config.image_grid_pinpoints
+        bh, bw = select_best_resolution([h, w], ip.image_grid_pinpoints)
+        if [bh, bw] != list(select_best_resolution([h, w], pinpoints)):
+            raise ValueError(f"{where}: the processor and the model pick different pinpoints "
+                             f"({(bh, bw)} vs {select_best_resolution([h, w], pinpoints)}); "
+                             "their image_grid_pinpoints differ")
+        if tile != vc.image_size or bh % tile or bw % tile:
+            raise ValueError(f"{where}: tiles of {tile} px over a {bw}x{bh} canvas do not match "
+                             f"the model's {vc.image_size} px tiles; HF would mis-split them")
+        new_h, new_w = get_patch_output_size(np.zeros((1, h, w)), (bh, bw),
+                                             input_data_format=ChannelDimension.FIRST)
+        paste_x, paste_y = (bw - new_w) // 2, (bh - new_h) // 2  # _get_padding_size
+        return Affine.identity(size).resize((new_w, new_h)).pad(paste_x, paste_y, (bw, bh))
+
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        ip = processor.image_processor
+        vc = hf_config.vision_config
+        patch = int(vc.patch_size)
+        side = int(vc.image_size) // patch
+        grid = (patch, patch)
+        where = f"{self.name}: image {image} (size {size[0]}x{size[1]})"
+        if not self._needs_patching(inputs, image):
+            left, top, m = pad_to_square_offsets(*size)
+            a = resize_and_crop(ip, Affine.identity(size).pad(left, top, (m, m)))
+            return [_view("image", side, side, grid, a, size)]
+        size_tuple, tile = self._settings(ip)
+        base = resize_and_crop(ip, Affine.identity(size).resize((size_tuple[1], size_tuple[0])))
+        canvas = self._canvas(hf_config, ip, size, where)
+        cols, rows = canvas.size[0] // tile, canvas.size[1] // tile
+        return [_view("base", side, side, grid, base, size)] + [
+            _view(f"tile r{i + 1}c{j + 1}", side, side, grid,
+                  canvas.crop(j * tile, i * tile, (tile, tile)), size)
+            for i in range(rows) for j in range(cols)]
+
+    def tower_prefix(self, hf_config):
+        return cls_tokens(hf_config.vision_config)
 
     @staticmethod
     def _max_num_patches(hf_config: Any, processor: Any, where: str) -> int | None:
@@ -273,7 +308,7 @@ class LlavaOnevision(Family):
         vc = hf_config.vision_config
         patch = int(vc.patch_size)
         side = int(vc.image_size) // patch
-        n_cls = 1 if "clip" in str(getattr(vc, "model_type", "")) else 0
+        n_cls = cls_tokens(vc)
         if n_cls != int(hf_config.vision_feature_select_strategy == "default"):
             raise ValueError(f"{where}: vision_feature_select_strategy="
                              f"{hf_config.vision_feature_select_strategy!r} with a "

@@ -131,6 +131,17 @@ class QwenVL(Family):
                                         offset, size)
         return FeatureRows.grid(view)
 
+    flat_tower = True
+
+    def tower_grids(self, hf_config, processor, inputs, image, size):
+        patch = int(processor.image_processor.patch_size)
+        _, gh, gw = (int(v) for v in inputs["image_grid_thw"][image].tolist())
+        scale, offset = Affine.identity(size).resize((gw * patch, gh * patch)).inverse()
+        return [ViewGeometry.from_affine("image", gh, gw, (patch, patch), scale, offset, size)]
+
+    def tower_merge(self, hf_config):
+        return int(hf_config.vision_config.spatial_merge_size)
+
     supports_video = True
 
     def video_feature_rows(self, hf_config, processor, inputs, video, size, n_frames, times):
@@ -205,6 +216,18 @@ class Qwen2_5_VL(QwenVL):
     hf_architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
     modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+    # tower hooks that see the patches in the processor's order; every later one sees them in
+    # window order (HF undoes it only after the merger)
+    # (the rotary embedding is computed from the position ids before the reorder, too)
+    tower_hooks_in_processor_order = ("vision_encoder.hook_in", "vision_encoder.hook_vision_embed",
+                                      "vision_encoder.patch_embed.",
+                                      "vision_encoder.pos_embed.hook_out")
+
+    def tower_block_order(self, hf_model, inputs, hook_name):
+        if hook_name.startswith(self.tower_hooks_in_processor_order):
+            return None
+        return compat.qwen2_5_vl_window_index(hf_model.config.vision_config,
+                                              inputs["image_grid_thw"])
 
 
 class Qwen3_VL(QwenVL):

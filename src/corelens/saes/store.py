@@ -33,10 +33,14 @@ consumer that checkpoints on its own (``train_sae``) saves ``state_dict()`` with
 checkpoint and gives it back with ``load_state_dict``, so the store resumes where that
 checkpoint was taken.
 
-Vision-tower hooks (``vision_encoder.*``, ``vision_projector.*``) are batched by image, in the
-tower's own patch grid (with its CLS row, before the projector's pooling), not by sequence: they
-are refused with an ``InputError`` (``blocks.0.hook_resid_pre`` holds the projected image
-features at the vision positions).
+Vision-tower hooks (``vision_encoder.*``, ``vision_projector.*``) see no sequence: their rows
+are the patches of the pictures the tower encodes (image, anyres tiles, crops, thumbnail), laid
+out by ``model.tower_layout(batch, hook_name)`` (``corelens.data.tower``). Each row's metadata:
+``position`` -1, role ``vision`` (a patch, or a merged cell after the projector's pixel shuffle /
+pooling / merger) or ``structural`` (a CLS token), its ``image``, ``view`` = which of the image's
+tower pictures, ``row``/``col`` in that picture's grid at the hook's level
+(``store.tower_level``: ``patches``, ``patches+prefix`` or ``merged``). Batches with videos are
+refused there (the frames go through the tower in a call of their own).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from corelens.data.batch import MultimodalBatch
+from corelens.data.tower import TowerLayout
 from corelens.errors import InputError
 from corelens.hook_names import is_vision_hook
 
@@ -109,13 +114,6 @@ def check_hook(hook_name: str, model: Any = None) -> None:
     if names is not None and hook_name not in names:
         raise InputError(f"the model has no hook {hook_name!r} (model.hook_dict lists them; "
                          "corelens.hook_names.act_name('resid_post', layer) spells decoder ones)")
-    if is_vision_hook(hook_name):
-        raise InputError(
-            f"{hook_name} is a vision-tower / projector hook: its activations are batched by "
-            "image in the tower's own patch grid (CLS row included, before the projector's "
-            "pooling), not by sequence position, so they have no role or position here. Use a "
-            "decoder hook: blocks.0.hook_resid_pre holds the projected image features at the "
-            "vision positions")
     if hook_name.endswith(_NOT_SEQUENCE):
         raise InputError(f"{hook_name} is [batch, head, query, key], not one row per token: "
                          "train on hook_z / hook_q / hook_k / hook_v or a residual hook")
@@ -149,6 +147,22 @@ def token_metadata(batch: MultimodalBatch, roles: Sequence[str],
     return torch.cat(out) if out else torch.zeros(0, len(META), dtype=torch.long)
 
 
+def tower_metadata(tower: TowerLayout, level: str, roles: Sequence[str],
+                   first_example: int = 0) -> tuple[Tensor, Tensor]:
+    """``([n, len(META)], [n])``: the kept rows of a tower activation laid out on ``level``
+    (``corelens.data.tower.LEVELS``; ``tower = model.tower_layout(batch, hook_name)``) and which
+    of the activation's rows they are."""
+    rows = tower.rows_at(level)
+    meta = torch.full((len(rows), len(META)), -1, dtype=torch.long)
+    meta[:, 0] = tower.example[rows.entry] + first_example
+    meta[:, 2] = torch.where(rows.is_prefix, ROLES.index("structural"), ROLES.index("vision"))
+    meta[:, 3] = tower.image[rows.entry]
+    meta[:, 4] = tower.index[rows.entry]
+    meta[:, 5], meta[:, 6], meta[:, 7] = rows.row, rows.col, 0
+    keep = torch.isin(meta[:, 2], torch.tensor([ROLES.index(r) for r in roles])).nonzero()
+    return meta[keep[:, 0]], keep[:, 0]
+
+
 class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward is not needed."""
 
@@ -156,7 +170,8 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture(model: Any, batch: MultimodalBatch, hook_name: str) -> Tensor:
     """The activation at ``hook_name`` of one forward, ``[batch, pos, d]`` (head axes flattened,
-    as SAELens's ``get_activations`` does); the forward stops right after the hook fires."""
+    as SAELens's ``get_activations`` does; a tower hook's as it fired); the forward stops right
+    after the hook fires."""
     got: dict[str, Tensor] = {}
 
     def grab(act: Tensor, hook: Any) -> None:
@@ -172,16 +187,34 @@ def capture(model: Any, batch: MultimodalBatch, hook_name: str) -> Tensor:
         raise InputError(f"hook {hook_name!r} did not fire in the forward; names such as "
                          "corelens.hook_names.act_name('resid_post', 1) do")
     act = got["act"]
+    if is_vision_hook(hook_name):
+        return act
     if act.ndim < 3 or tuple(act.shape[:2]) != tuple(batch.shape):
         raise InputError(f"{hook_name} gives {tuple(act.shape)}, not [batch, pos, ...] = "
                          f"{tuple(batch.shape)} + (...)")
     return act.reshape(*act.shape[:2], -1)
 
 
+def tower_level(model: Any, batch: MultimodalBatch, hook_name: str) -> str:
+    """Which grid ``hook_name``'s rows are laid out on (one forward up to the hook)."""
+    act = capture(model, batch, hook_name)
+    return model.tower_layout(batch, hook_name).level(act.shape, hook_name)
+
+
 def batch_activations(model: Any, batch: MultimodalBatch, hook_name: str,
                       roles: Sequence[str], first_example: int = 0,
                       dtype: torch.dtype = torch.float32) -> ActivationBatch:
-    """The kept tokens of one prepared batch, in (example, position) order."""
+    """The kept tokens of one prepared batch, in (example, position) order (tower hooks: the
+    kept rows, in the activation's order)."""
+    if is_vision_hook(hook_name):
+        act = capture(model, batch, hook_name)
+        tower = model.tower_layout(batch, hook_name)
+        meta, keep = tower_metadata(tower, tower.level(act.shape, hook_name), roles,
+                                    first_example)
+        flat = act if tower.flat else act.flatten(0, 1)
+        rows = flat.reshape(len(flat), -1)[keep.to(act.device)]
+        ids = [batch.ids[e - first_example] if batch.ids else None for e in meta[:, 0].tolist()]
+        return ActivationBatch(rows.to(dtype), meta, ids)
     meta = token_metadata(batch, roles, first_example)
     act = capture(model, batch, hook_name)
     rows = act[(meta[:, 0] - first_example).to(act.device), meta[:, 1].to(act.device)]
@@ -244,6 +277,7 @@ class ActivationStore:
         self._state = self._fresh()
         self._prepared: dict[int, tuple[MultimodalBatch, int]] = {}
         self.peak_buffer = 0  # most activations held at once (tests check the bound)
+        self.tower_level: str | None = None  # a tower hook's grid (corelens.data.tower.LEVELS)
         if self.partial is not None and self.partial.is_file():
             saved = json.loads(self.partial.read_text())
             if saved.get("run") != self.run:
@@ -308,13 +342,23 @@ class ActivationStore:
             start = b * self.batch_size
             batch = self.model.prepare_examples(self.examples[start:start + self.batch_size],
                                                 **self.prepare_kw)
-            n = len(token_metadata(batch, self.roles))
+            n = len(self._metadata(batch))
             if n > self.buffer_tokens:
                 raise InputError(f"example batch {b} keeps {n} tokens, more than buffer_tokens="
                                  f"{self.buffer_tokens}: raise buffer_tokens or lower "
                                  "batch_size")
             self._prepared[b] = (batch, n)
         return self._prepared[b]
+
+    def _metadata(self, batch: MultimodalBatch) -> Tensor:
+        """The kept rows' metadata of a prepared batch, known before its forward (a tower
+        hook's level is read once, off the first batch)."""
+        if not is_vision_hook(self.hook_name):
+            return token_metadata(batch, self.roles)
+        if self.tower_level is None:
+            self.tower_level = tower_level(self.model, batch, self.hook_name)
+        tower = self.model.tower_layout(batch, self.hook_name)
+        return tower_metadata(tower, self.tower_level, self.roles)[0]
 
     def _plan(self, order: list[int], start: int) -> list[int]:
         """The batches of the fill starting at ``order[start]``: as many as fit the buffer."""
