@@ -33,6 +33,11 @@ _EXPORTS = {
     "ablation_curve": "corelens.interventions.ablation",
     "text_to_image_knockout": "corelens.interventions.ablation",
     "patch_pairs": "corelens.interventions.runs",
+    "FaithfulnessCurve": "corelens.interventions.circuit",
+    "acdc": "corelens.interventions.circuit",
+    "edge_patching": "corelens.interventions.circuit",
+    "faithfulness_curve": "corelens.interventions.circuit",
+    "circuit_benchmark": "corelens.interventions.discovery",
     "AttentionBackend": "corelens.core.attention",
     "AttentionInputs": "corelens.core.attention",
     "EvalResult": "corelens.core.evaluate",
@@ -63,6 +68,7 @@ __all__ = [
     "EvalResult",
     "Evidence",
     "FAMILIES",
+    "FaithfulnessCurve",
     "GroundedExample",
     "HeadScores",
     "HookedMLLM",
@@ -78,8 +84,12 @@ __all__ = [
     "ablate",
     "ablation_curve",
     "accel",
+    "acdc",
     "attribution",
+    "circuit_benchmark",
+    "edge_patching",
     "evaluate",
+    "faithfulness_curve",
     "family_for_config",
     "get_family",
     "load_jsonl",
@@ -130,6 +140,13 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         ablation_curve,
         text_to_image_knockout,
     )
+    from corelens.interventions.circuit import (  # noqa: F401
+        FaithfulnessCurve,
+        acdc,
+        edge_patching,
+        faithfulness_curve,
+    )
+    from corelens.interventions.discovery import circuit_benchmark  # noqa: F401
     from corelens.interventions.runs import patch_pairs  # noqa: F401
     from corelens.scores import ram  # noqa: F401
     from corelens.scores.head_scores import HeadScores  # noqa: F401

@@ -2,8 +2,10 @@
 
 score heads (RAM, selectivity) -> CoRe heads -> ablation curve (top vs random vs bottom) ->
 activation patching of every head and path patching of the CoRe heads on clean/corrupted pairs
--> views (RAM heatmap, ablation curves, patching heatmap, overlays of the CoRe heads, a
-circuitsvis view) -> ``OUT/report.html`` (self-contained) and ``OUT/summary.json``.
+-> edges ranked by EAP-IG on half of the pairs, their faithfulness curve (vs a random
+ranking) on the other half -> views (RAM heatmap, ablation curves, patching heatmap,
+faithfulness curves, overlays of the CoRe heads, a circuitsvis view) -> ``OUT/report.html``
+(self-contained) and ``OUT/summary.json``.
 ``corelens demo`` runs it on the shipped toy model; ``corelens report`` on any model + JSONL.
 """
 
@@ -22,6 +24,7 @@ from corelens.core.evaluate import evaluate, metric_value
 from corelens.data.examples import check_disjoint, split_examples
 from corelens.heads import head_name
 from corelens.interventions.ablation import ablation_curve
+from corelens.interventions.discovery import circuit_benchmark
 from corelens.interventions.patching import patch_heads, path_patch, prepare_pair
 from corelens.scores.ram import score_all
 from corelens.zoo.scenes import recolor_target
@@ -81,7 +84,7 @@ def run_study(
     i5 = list(fracs).index(0.05) if 0.05 in fracs else 0
     steps.update()
 
-    patch_fig, path_effects = None, {}
+    patch_fig, path_effects, circuit = None, {}, None
     if pairs:
         pair = prepare_pair(model, [c for c, _ in pairs], [k for _, k in pairs])
         clean, corrupt, metric = pair.clean, pair.corrupted, pair.logit_diff
@@ -93,6 +96,9 @@ def run_study(
             path_effects[head_name(head)] = path_patch(
                 model, clean, corrupt, metric, [head], "logits") - base
         path_effects["clean_minus_corrupted"] = full - base
+        if len(pairs) >= 4 and not model.family.sandwich_norms:  # edges need additive heads
+            circuit = circuit_benchmark(model, list(pairs), ("eap-ig", "random"),
+                                        seed=0, steps=5)
     steps.update()
 
     accel_result: dict[str, Any] = {}
@@ -122,6 +128,11 @@ def run_study(
         items.append(patch_fig)
         items.append("<p>path patching (sender -> logits), logit diff restored: "
                      + ", ".join(f"{k}: {v:.3f}" for k, v in path_effects.items()) + "</p>")
+    if circuit is not None:
+        items.append(views.faithfulness_curves(
+            [r.curve for r in circuit.results],
+            title=f"edges ranked on {len(circuit.discovery)} pairs, faithfulness on "
+                  f"{len(circuit.evaluation)} others"))
     if accel_result:
         items.append("<p>CoRe-guided hybrid attention (full attention only in the top heads, "
                      f"KV budget {accel_result['kv_budget']:.3f}): accuracy "
@@ -143,6 +154,10 @@ def run_study(
                               if "selectivity" in scores else None]
                              for l, h in ram.top(k=5)],
         "path_patching": path_effects,
+        "circuit": ({r.method: {"cpr": round(r.curve.cpr, 4), "cmd": round(r.curve.cmd, 4)}
+                     for r in circuit.results} | {"discovery_pairs": circuit.discovery,
+                                                   "evaluation_pairs": circuit.evaluation}
+                    if circuit is not None else {}),
         "acceleration": accel_result,
         "scoring": _record(examples, sources.get("scoring", "examples")),
         "evaluation": {**_record(eval_examples, sources.get("evaluation", "eval_examples")),

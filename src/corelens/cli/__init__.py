@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from corelens.cli import ablate, accelerate, demo, families, patch, report, score, zoo
+from corelens.cli import ablate, accelerate, circuit, demo, families, patch, report, score, zoo
 
-COMMANDS = (demo, report, patch, accelerate, score, ablate, families, zoo)
+COMMANDS = (demo, report, patch, circuit, accelerate, score, ablate, families, zoo)
 
 
 def parser() -> argparse.ArgumentParser:

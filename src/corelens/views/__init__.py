@@ -7,13 +7,30 @@
 - ``attention_overlay``, ``overlay_grid``, ``token_overlay``: values per vision token painted
   on the original image through the ``VisionLayout`` boxes (PIL images); with ``video=v`` a
   strip of frame-span tiles (``video_overlays``).
-- ``head_heatmap`` / ``ram_heatmap``, ``ablation_curves``, ``patching_heatmap``: matplotlib
-  figures.
+- ``head_heatmap`` / ``ram_heatmap``, ``ablation_curves``, ``patching_heatmap``,
+  ``faithfulness_curves``: matplotlib figures.
 - ``feature_overlay``, ``feature_attribution``, ``feature_patches_html``: SAE features on the
   image (activation overlays, activation x gradient per vision token, a page of each feature's
   top-activating patches); ``feature_activations``, ``top_patches`` give the numbers.
 - ``page`` / ``save_page``: one self-contained HTML page of views, images and figures;
   ``image_html`` / ``figure_html`` / ``save_png`` for single pictures.
+
+Example:
+    ```python
+    import tempfile
+    from pathlib import Path
+    from corelens import views, zoo
+    from corelens.scores.ram import score_all
+
+    model = zoo.load("toy-llava")
+    examples = zoo.examples("toy-llava", 16, seed=0)
+    batch = model.prepare_examples(examples[:1])
+    heads = views.attention_heads(model, batch, layer=0, collapse="row")  # circuitsvis
+    overlay = views.attention_overlay(model, batch, layer=0, head=2)  # a PIL image
+    heatmap = views.head_heatmap(score_all(model, examples, progress=False)["ram"])  # a figure
+    with tempfile.TemporaryDirectory() as tmp:
+        views.save_page([heads, overlay, heatmap], Path(tmp) / "views.html")  # one offline page
+    ```
 """
 
 from corelens.views.attention import (
@@ -50,7 +67,13 @@ from corelens.views.overlay import (
     token_overlay,
     video_overlays,
 )
-from corelens.views.plots import ablation_curves, head_heatmap, patching_heatmap, ram_heatmap
+from corelens.views.plots import (
+    ablation_curves,
+    faithfulness_curves,
+    head_heatmap,
+    patching_heatmap,
+    ram_heatmap,
+)
 from corelens.views.tokens import TokenGroup, token_groups, token_labels
 
 __all__ = [
@@ -63,6 +86,7 @@ __all__ = [
     "attention_overlay",
     "attention_patterns",
     "colored_tokens",
+    "faithfulness_curves",
     "feature_activations",
     "feature_attribution",
     "feature_overlay",

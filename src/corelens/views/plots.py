@@ -121,6 +121,28 @@ def ablation_curves(data: Any, title: str | None = None) -> Any:
     return fig
 
 
+def faithfulness_curves(curves: Sequence[Any], title: str | None = None) -> Any:
+    """Faithfulness vs % of edges kept (log x), one line per method
+    (``corelens.FaithfulnessCurve``s or their ``to_dict()``), CPR / CMD in the legend; the
+    full model (1) dashed."""
+    fig, (ax,) = _new((5.2, 3.6))
+    for c in curves:
+        d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+        if len(d["fractions"]) != len(d["faithfulness"]):
+            raise InputError("a faithfulness curve needs one faithfulness per fraction")
+        x = [100 * float(f) for f in d["fractions"]]
+        ax.plot(x, d["faithfulness"], "o-", label=f"{d.get('method') or 'ranking'} (CPR "
+                f"{d['cpr']:.3f}, CMD {d['cmd']:.3f})")
+    ax.axhline(1.0, color="gray", ls="--", lw=1, label="full model")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of edges kept (the rest ablated)")
+    ax.set_ylabel("faithfulness")
+    ax.set_title(title or "faithfulness curves")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def patching_heatmap(
     values: Float[Tensor, "layer col"] | Float[Tensor, "layer head group"],
     labels: Sequence[str] | None = None, title: str | None = None,

@@ -7,16 +7,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
-from corelens.heads import head_name, kv_head_name, parse_head
+from corelens.heads import head_name, kv_head_name
 from corelens.hook_names import EMBED, FINAL_NORM_IN, act_name
 from corelens.interventions.attribution.common import (
     backward,
@@ -90,18 +90,85 @@ class EdgeScores:
         return cls(d["senders"], d["receivers"], scores, d["method"], d.get("meta", {}))
 
 
-def _blocks(model: Any) -> list[Any]:
+# --- the graph
+@dataclass(frozen=True)
+class Graph:
+    """The senders and receivers of a model's edge graph and which edges exist (a receiver reads
+    a sender if it lies downstream: later layer, or the same layer's MLP reading its heads)."""
+
+    senders: list[str]
+    receivers: list[str]
+    exists: Bool[Tensor, "sender receiver"]
+
+    @classmethod
+    def of(cls, model: Any) -> "Graph":
+        L, H, G = model.cfg.n_layers, model.cfg.n_heads, n_kv_heads(model)
+        senders = ["embed"] + [head_name((l, h)) for l in range(L) for h in range(H)] + [
+            f"MLP{l}" for l in range(L)]
+        receivers, layer_of = [], []
+        for l in range(L):
+            names = ([f"{head_name((l, h))}.q" for h in range(H)]
+                     + [f"{kv_head_name((l, g))}.{kind}" for kind in ("k", "v") for g in range(G)]
+                     + [f"MLP{l}"])
+            receivers += names
+            layer_of += [l] * len(names)
+        receivers.append("logits")
+        layer_of.append(L)
+        r_layer = torch.tensor(layer_of)
+        r_mlp = torch.tensor([r.startswith("MLP") for r in receivers])
+        exists = torch.zeros(len(senders), len(receivers), dtype=torch.bool)
+        exists[0] = True
+        for l in range(L):
+            exists[1 + l * H:1 + (l + 1) * H] = (r_layer > l) | ((r_layer == l) & r_mlp)
+            exists[1 + L * H + l] = r_layer > l
+        return cls(senders, receivers, exists)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.exists.sum())
+
+    def mask(self, edges: Sequence[tuple[str, str]] | Sequence[tuple[str, str, float]]
+             ) -> Bool[Tensor, "sender receiver"]:
+        """The boolean ``[sender, receiver]`` mask of ``edges`` (``(sender, receiver)`` pairs or
+        ``EdgeScores.edges()`` triples)."""
+        s_index = {s: i for i, s in enumerate(self.senders)}
+        r_index = {r: i for i, r in enumerate(self.receivers)}
+        out = torch.zeros_like(self.exists)
+        for e in edges:
+            try:
+                i, j = s_index[e[0]], r_index[e[1]]
+            except KeyError as err:
+                raise InputError(f"edge {e[0]!r} -> {e[1]!r} is not in this model's graph "
+                                 f"(unknown {err.args[0]!r})") from None
+            if not self.exists[i, j]:
+                raise InputError(f"edge {e[0]!r} -> {e[1]!r} does not exist: the receiver does "
+                                 "not read that sender")
+            out[i, j] = True
+        return out
+
+    def top(self, scores: EdgeScores, n: int) -> Bool[Tensor, "sender receiver"]:
+        """The mask of the ``n`` edges with the largest |score| (ties: ``EdgeScores.edges``)."""
+        self.check_scores(scores)
+        return self.mask(scores.edges()[:n])
+
+    def check_scores(self, scores: EdgeScores) -> None:
+        if scores.senders != self.senders or scores.receivers != self.receivers:
+            raise InputError("these edge scores are for another graph (other senders / "
+                             "receivers): compute them on this model")
+
+
+def decoder_blocks(model: Any) -> list[Any]:
     return list(model.bridge.blocks)
 
 
-def _check_eap_supported(model: Any) -> None:
+def check_eap_supported(model: Any) -> None:
     if model.family.sandwich_norms:
         raise InputError(f"edge attribution needs per-head residual contributions; the "
                          f"{model.family.name} family normalises the attention and MLP outputs "
                          "before the residual add (sandwich norms), so heads do not add up")
 
 
-def _weight(linear: Any, n: int, name: str) -> Float[Tensor, "n d_head d_model"]:
+def projection_weight(linear: Any, n: int, name: str) -> Float[Tensor, "n d_head d_model"]:
     w = getattr(getattr(linear, "original_component", linear), "weight", None)
     if not isinstance(w, Tensor) or w.ndim != 2:
         raise InputError(f"edge attribution reads {name} as a plain linear weight; this "
@@ -123,7 +190,7 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
     """dM/d(input of each receiver of ``layer``), [receiver, N, t, d_model]: q / k / v of every
     (KV) head, then the MLP — each gradient pulled back through its own projection slice and
     the layer's norm only."""
-    block = _blocks(model)[layer]
+    block = decoder_blocks(model)[layer]
     ln1 = getattr(block.ln1, "original_component", block.ln1)
     ln2 = getattr(block.ln2, "original_component", block.ln2)
     x = acts[act_name("resid_pre", layer)]
@@ -131,7 +198,7 @@ def _receiver_grads(model: Any, layer: int, acts: dict[str, Tensor],
     for kind in ("q", "k", "v"):
         g = grads[act_name(kind, layer)].float()  # [N, t, n, d_head]
         n = g.shape[2]
-        w = _weight(getattr(block.attn, kind), n, f"W_{kind.upper()}")
+        w = projection_weight(getattr(block.attn, kind), n, f"W_{kind.upper()}")
         u = torch.einsum("Ntnk,nkd->nNtd", g, w.to(g.device))
         parts.append(_pull_back(ln1, x, u))
         name = head_name if kind == "q" else kv_head_name
@@ -152,7 +219,7 @@ def edge_attribution(
     docstring). Batched: one backward gives every receiver's gradient; EAP-IG runs its steps as
     ``steps_per_forward`` stacked copies per forward."""
     check_aligned(source, target)
-    _check_eap_supported(model)
+    check_eap_supported(model)
     if method not in ("eap", "eap-ig"):
         raise InputError(f"method must be 'eap' or 'eap-ig', not {method!r}")
     m = 1 if method == "eap" else int(steps)
@@ -169,15 +236,15 @@ def edge_attribution(
                      for n in ("resid_pre", "resid_mid", "q", "k", "v", "mlp_in")]
     names = list(dict.fromkeys(names + [FINAL_NORM_IN]))
 
-    senders = ["embed"] + [head_name((l, h)) for l in range(L) for h in range(H)] + [
-        f"MLP{l}" for l in range(L)]
+    graph = Graph.of(model)
+    senders = graph.senders
     deltas = {"embed": (src[emb] - tgt[emb]).float()}
     for l in range(L):
         deltas[z_names[l]] = (src[z_names[l]] - tgt[z_names[l]]).float()
         deltas[mlp_names[l]] = (src[mlp_names[l]] - tgt[mlp_names[l]]).float()
     w_o = []
     for l in range(L):
-        w = _weight(_blocks(model)[l].attn.o, 1, "W_O")[0]  # [d_model, H * d_head]
+        w = projection_weight(decoder_blocks(model)[l].attn.o, 1, "W_O")[0]  # [d_model, H * d_head]
         w_o.append(w.view(w.shape[0], H, -1))
 
     def contract(g: Tensor, layer: int) -> Tensor:
@@ -224,14 +291,9 @@ def edge_attribution(
     assert scores is not None
     scores = (scores / m).detach()  # the metric's 1/B is already inside the gradients
 
-    r_layer = [L if r == "logits" else int(r[3:]) if r.startswith("MLP")
-               else parse_head(r.split(".")[0])[0] for r in labels]
-    r_mlp = torch.tensor([r.startswith("MLP") for r in labels])
-    r_layer_t = torch.tensor(r_layer)
-    for l in range(L):  # no edge unless the receiver reads the sender's output
-        heads_ok = (r_layer_t > l) | ((r_layer_t == l) & r_mlp)
-        scores[1 + l * H:1 + (l + 1) * H, ~heads_ok] = math.nan
-        scores[1 + L * H + l, ~(r_layer_t > l)] = math.nan
+    if labels != graph.receivers:
+        raise AssertionError("edge attribution's receivers are out of the graph's order")
+    scores[~graph.exists] = math.nan  # no edge unless the receiver reads the sender's output
     return EdgeScores(senders, labels, scores, method,
                       {"steps": m, "n_examples": B, "n_layers": L, "n_heads": H,
                        "n_kv_heads": n_kv_heads(model)})
