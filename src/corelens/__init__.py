@@ -50,6 +50,7 @@ _EXPORTS = {
     "family_for_config": "corelens.families",
     "get_family": "corelens.families",
     "HeadScores": "corelens.scores.head_scores",
+    "flow_ram": "corelens.scores.flow",
     "ImageLayout": "corelens.data.layout",
     "TokenInfo": "corelens.data.layout",
     "ViewGeometry": "corelens.data.layout",
@@ -91,6 +92,7 @@ __all__ = [
     "evaluate",
     "faithfulness_curve",
     "family_for_config",
+    "flow_ram",
     "get_family",
     "load_jsonl",
     "load_refcoco",
@@ -149,4 +151,5 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from corelens.interventions.discovery import circuit_benchmark  # noqa: F401
     from corelens.interventions.runs import patch_pairs  # noqa: F401
     from corelens.scores import ram  # noqa: F401
+    from corelens.scores.flow import flow_ram  # noqa: F401
     from corelens.scores.head_scores import HeadScores  # noqa: F401

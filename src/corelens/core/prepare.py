@@ -12,7 +12,7 @@ from PIL import Image
 
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
-from corelens.data.layout import ImageLayout, VisionLayout, check_box
+from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, check_box
 from corelens.data.tower import TowerLayout
 from corelens.errors import InputError, LayoutError
 from corelens.families import FAMILIES
@@ -188,6 +188,7 @@ def prepare(
     has_template = family.has_chat_template(processor)
 
     texts, prompt_texts = [], []
+    chat: dict[tuple[str, int, int], str] = {}
     for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
         raw = raw_flags[e]
         if not raw and not has_template:
@@ -219,7 +220,10 @@ def prepare(
                         f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
                         f"{k} {what}(s) were given"
                     )
-            text = family.build_prompt(processor, p, len(ims), len(vids))
+            key = (p, len(ims), len(vids))
+            if key not in chat:  # one chat-template render per distinct question
+                chat[key] = family.build_prompt(processor, p, len(ims), len(vids))
+            text = chat[key]
         else:
             for tok, what, k in ((img_tok, "image", len(ims)), (vid_tok, "video", len(vids))):
                 n_marks = p.count(tok) if tok else 0
@@ -383,6 +387,16 @@ def build_layout(
     tid = family.image_token_id(hf_config, processor)
     vid = family.video_token_id(hf_config, processor) if any(video_lists) else None
     images: list[list[ImageLayout]] = []
+    seen: dict[Any, FeatureRows] = {}  # images the family lays out alike share their rows
+
+    def image_rows(image: int, size: tuple[int, int]) -> FeatureRows:
+        key = family.layout_key(inputs, image, size)
+        if key is None:
+            return family.feature_rows(hf_config, processor, inputs, image, size)
+        if key not in seen:
+            seen[key] = family.feature_rows(hf_config, processor, inputs, image, size)
+        return seen[key]
+
     g = gv = 0
     for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
         per_image: list[ImageLayout] = []
@@ -391,8 +405,7 @@ def build_layout(
                 continue
             slots = (ids[e] == token).nonzero().flatten()
             if what == "image":
-                rows = [family.feature_rows(hf_config, processor, inputs, g + i, im.size)
-                        for i, im in enumerate(items)]
+                rows = [image_rows(g + i, im.size) for i, im in enumerate(items)]
             else:
                 rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
                                                   len(v), v.timestamps)

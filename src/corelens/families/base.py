@@ -163,6 +163,13 @@ class Family(ABC):
         the processor's order (None: the processor's order)."""
         return None
 
+    def layout_key(self, inputs: dict[str, Tensor], image: int,
+                   size: tuple[int, int]) -> Any:
+        """Within one ``prepare`` call, images with equal keys get the same ``feature_rows``
+        (computed once); None: always compute. Default: the original size, for families whose
+        layout depends on the size and the processor settings alone."""
+        return size
+
     # --- videos ------------------------------------------------------------------------------
     supports_video: ClassVar[bool] = False
 

@@ -121,6 +121,9 @@ class LlavaOnevision(Family):
         return flags[image] if image < len(flags) else True
 
     # --- the layout ----------------------------------------------------------------------------
+    def layout_key(self, inputs, image, size):
+        return size, self._needs_patching(inputs, image)  # multi-image samples are not tiled
+
     def feature_rows(self, hf_config, processor, inputs, image, size):
         hf = importlib.import_module(self.modeling)  # HF's own grid / unpad arithmetic
         get_anyres_image_grid_shape = hf.get_anyres_image_grid_shape

@@ -131,6 +131,9 @@ class QwenVL(Family):
                                         offset, size)
         return FeatureRows.grid(view)
 
+    def layout_key(self, inputs, image, size):
+        return size, tuple(int(v) for v in inputs["image_grid_thw"][image].tolist())
+
     flat_tower = True
 
     def tower_grids(self, hf_config, processor, inputs, image, size):
