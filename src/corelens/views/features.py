@@ -17,8 +17,9 @@
   role, encoded by the SAE), shown as crops of the original image around the token's box with
   the activation value, on a self-contained HTML page (PNGs as data URIs).
 
-SAEs at decoder hook points only (one row per sequence position); vision-tower hooks are
-refused with the store's message (``saes.store.check_hook``).
+SAEs at decoder hook points only (one row per sequence position): a vision-tower SAE's rows are
+tower patches, not the vision tokens these views paint, and is refused (train and inspect it
+through ``saes.store`` with ``model.tower_layout``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
-from corelens.hook_names import EMBED
+from corelens.hook_names import EMBED, is_vision_hook
 from corelens.interventions.core import Metric
 from corelens.interventions.patching import answer_logprob
 from corelens.saes.attach import saes as spliced
@@ -67,6 +68,10 @@ def _check(model: Any, sae: SAE) -> None:
     if not name:
         raise InputError("this SAE names no hook point: set sae.cfg.metadata.hook_name")
     check_hook(name, model)
+    if is_vision_hook(name):
+        raise InputError(f"{name} is a vision-tower hook: these views paint the decoder's vision "
+                         "tokens; use an SAE trained at a decoder hook (its tower rows are laid "
+                         "out by model.tower_layout(batch, hook) for the activation store)")
 
 
 def _per_vision_token(batch: MultimodalBatch, rows: Tensor, one: bool) -> list[Tensor]:
