@@ -7,6 +7,7 @@
 # and PyPI's torchvision does not import beside other torch builds.
 # `make lock` refreshes requirements.lock from pyproject.toml's ranges (uv, pinned below);
 # `make test-latest` runs the fast tier on the newest releases those ranges allow.
+# `make docs` builds the documentation site (mkdocs.yml) into site/, offline.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 OUT ?= corelens-demo
 VERSIONS := import corelens.compat as c; print(' '.join(f'{k}=={v}' for k, v in c.versions().items()))
 
-.PHONY: setup demo test test-fast test-latest lint lock clean
+.PHONY: setup demo test test-fast test-latest lint lock docs clean
 
 setup: $(STAMP)
 
@@ -48,6 +49,13 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x
 
+# the documentation site, strictly (a broken reference or a failing notebook fails it), offline:
+# open site/index.html. The notebooks are rendered from their executed copies in
+# build/notebooks/ (tests/test_notebooks.py leaves them there); docs/hooks.py executes those that
+# are missing or stale first (docs/run_notebooks.py). tests/test_docs_site.py builds it too.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -f mkdocs.yml -d site
+
 # drift check: a second venv with the newest releases pyproject.toml allows (torch pair kept)
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PY) -m venv $(LATEST_VENV)
@@ -66,4 +74,4 @@ lock:
 		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu -q -o $(LOCK)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) $(OUT) .pytest_cache site build/notebooks

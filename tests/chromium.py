@@ -56,6 +56,7 @@ class RenderResult:
     exceptions: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)  # non-local URLs the page asked for
     dom: dict[str, Any] = field(default_factory=dict)
+    probe: Any = None  # what ``render(probe=...)`` returned
     screenshot: bytes = b""
 
 
@@ -122,9 +123,10 @@ class _Pipe:
 
 
 def render(path: str | Path, width: int = 1280, height: int = 2000,
-           settle: float = 1.0, timeout: float = 90.0) -> RenderResult:
+           settle: float = 1.0, timeout: float = 90.0, probe: str | None = None) -> RenderResult:
     """Open ``path`` (a local HTML file) in a fresh headless Chromium profile; wait until it
-    has loaded and every circuitsvis view has rendered (or ``timeout``), then ``settle``."""
+    has loaded and every circuitsvis view has rendered (or ``timeout``), then ``settle``.
+    ``probe``: a JS expression returning a JSON string, evaluated last (``RenderResult.probe``)."""
     url = Path(path).resolve().as_uri()
     profile = tempfile.mkdtemp(prefix="corelens-chromium-")
     to_r, to_w = os.pipe()
@@ -170,9 +172,13 @@ def render(path: str | Path, width: int = 1280, height: int = 2000,
                 break
             pipe.pump(0.25)
         pipe.pump(settle)  # any late request or error shows up
-        probe = pipe.call("Runtime.evaluate", {"expression": DOM_PROBE, "returnByValue": True},
-                          session=session)
-        out.dom = json.loads(probe["result"]["value"])
+        dom = pipe.call("Runtime.evaluate", {"expression": DOM_PROBE, "returnByValue": True},
+                        session=session)
+        out.dom = json.loads(dom["result"]["value"])
+        if probe is not None:
+            found = pipe.call("Runtime.evaluate", {"expression": probe, "returnByValue": True},
+                              session=session)
+            out.probe = json.loads(found["result"]["value"])
         shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
         out.screenshot = base64.b64decode(shot["data"])
         for e in pipe.events:

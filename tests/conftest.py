@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -11,6 +12,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# names this test session (both xdist workers): a notebook executed in it is reused by the other
+# tests of the session, never by a later one (docs/run_notebooks.py, tests/test_notebooks.py)
+os.environ.setdefault("CORELENS_TEST_RUN",
+                      os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex)
 torch.set_num_threads(1)  # tiny models on 2 cores run 10-30x faster single-threaded
 
 from corelens import compat  # noqa: E402

@@ -49,6 +49,24 @@ sliding windows apply by position on a pruned layer, and expired keys are freed)
 M-RoPE (Qwen-VL) a generated token's position id is the prompt's largest id + 1 (+ 1 per
 step), the same in all three rows, as HF's ``rope_deltas`` give; FastV's kept tokens keep their
 own (3-D) ids, and Qwen3-VL's DeepStack features reach only the kept tokens after the pruning layer.
+
+Example:
+    ```python
+    from corelens import evaluate, zoo
+    from corelens.accel import FastV, HybridAttention
+    from corelens.scores.ram import score_all
+
+    model = zoo.load("toy-llava-deep")
+    examples = zoo.examples("toy-llava-deep", 32, seed=0)
+    core = score_all(model, examples, progress=False)["ram"].top(frac=0.1)
+    hybrid = HybridAttention(model, core, n_sink=4, window=8)
+    with hybrid.attach():  # CoRe heads full, the others streaming
+        evaluate(model, examples, progress=False).accuracy
+    with FastV(model, k=2, ratio=0.5).attach():  # the baseline: half the vision tokens dropped
+        evaluate(model, examples, progress=False).accuracy
+    tokens = hybrid.generate(model.prepare_examples(examples[:2]), max_new_tokens=3)
+    tokens.shape  # Int[Tensor, "batch new"]: [2, 3]
+    ```
 """
 
 from corelens.accel.cache import FastVCache, HybridCache, cache_nbytes

@@ -38,7 +38,26 @@ Mode = Literal["auto", "sdpa", "eager"]
 
 @dataclass
 class AttentionInputs:
-    """What one decoder attention layer attends with, after RoPE and the KV cache."""
+    """What one decoder attention layer attends with, after RoPE and the KV cache.
+
+    ``q``: ``Float[Tensor, "batch head q_pos d_head"]``; ``k`` / ``v``:
+    ``Float[Tensor, "batch kv_head k_pos d_head"]`` (under GQA ``n_rep`` query heads share a KV
+    head); ``mask``: additive, ``Float[Tensor, "batch one_or_head q_pos k_pos"]``, or None for
+    plain causal. A ``tap`` on ``model.attention`` receives one at every call of its layer.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0))
+        rows = batch.last_prompt_positions[:, None]  # Int[Tensor, "batch r"]
+        seen = []
+        with model.attention.tap(0, lambda a: seen.append(a.pattern_rows(rows))):
+            model(batch)
+        seen[0].shape  # Float[Tensor, "batch head r k_pos"]: [2, 4, 1, seq]; rows sum to 1
+        ```
+    """
 
     layer: int
     q: Float[Tensor, "batch head q_pos d_head"]
@@ -144,7 +163,28 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> 
 
 
 class AttentionBackend:
-    """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks)."""
+    """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks).
+
+    ``model.attention`` is this backend. The decoder runs SDPA unless a hook on
+    ``hook_pattern`` / ``hook_attn_scores`` is live (or within ``use("eager")``), and each head
+    can be steered: ``key_mask`` (the keys a head may see, a
+    ``Bool[Tensor, "batch_or_1 head_or_1 q_or_1 k_pos"]``), ``tap`` (a layer's
+    ``AttentionInputs``: exact attention rows without a ``T x T`` pattern), ``kernel`` (compute
+    the attention yourself, as ``corelens.accel`` does).
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0))
+        text_only = ~batch.layout.vision_mask()[:, None, None, :]  # [batch, 1, 1, k_pos]
+        with model.attention.key_mask(layer=0, allowed=text_only):  # layer 0 sees no image
+            blind = model(batch)
+        with model.attention.use("eager"):  # the pattern is computed, its hooks fire
+            logits = model(batch)
+        ```
+    """
 
     def __init__(self, bridge: Any, rotary: Callable[..., tuple[Tensor, Tensor]],
                  hf_config: Any = None) -> None:

@@ -18,7 +18,20 @@ class EvalResult:
 
     ``logprobs[e]``: the answer's log-probability, summed over its tokens (teacher forcing);
     ``correct[e]``: the greedy argmax at every query position equals the answer token there;
-    ``predictions[e]``: those argmax tokens, decoded.
+    ``predictions[e]``: those argmax tokens, decoded. ``logprobs`` is ``Float[Tensor, "n"]``
+    and ``correct`` ``Bool[Tensor, "n"]``, one entry per example; ``accuracy`` and
+    ``mean_logprob`` are their means.
+
+    Example:
+        ```python
+        from corelens import evaluate, zoo
+
+        model = zoo.load("toy-llava")
+        result = evaluate(model, zoo.examples("toy-llava", 8, seed=0), progress=False)
+        result.accuracy, result.mean_logprob  # floats: means over the 8 examples
+        result.correct  # Bool[Tensor, "n"]: [8]
+        result.predictions[:2], result.answers[:2]  # decoded argmax vs the answers
+        ```
     """
 
     logprobs: Float[Tensor, " n"]
@@ -47,7 +60,23 @@ class EvalResult:
 def evaluate(model: Any, examples: Sequence[Any], batch_size: int = 32,
              progress: bool = True) -> EvalResult:
     """Run ``model`` (a ``HookedMLLM``; active hooks and ablations apply) on ``examples``
-    (``GroundedExample``s) in batches and score each answer under teacher forcing."""
+    (``GroundedExample``s) in batches and score each answer under teacher forcing.
+
+    Returns an ``EvalResult``: per example the answer's summed log-prob (``logprobs``,
+    ``Float[Tensor, "n"]``) and whether the greedy tokens are the answer (``correct``,
+    ``Bool[Tensor, "n"]``).
+
+    Example:
+        ```python
+        from corelens import ablate, evaluate, zoo
+
+        model = zoo.load("toy-llava")
+        examples = zoo.examples("toy-llava", 32, seed=0)
+        evaluate(model, examples, progress=False).accuracy  # the toy model: 1.0
+        with ablate(model, [(0, 1), (0, 2)]):  # hooks and ablations apply inside
+            evaluate(model, examples, progress=False).accuracy
+        ```
+    """
     from tqdm import tqdm
 
     examples = list(examples)

@@ -48,6 +48,20 @@ class HookedMLLM(torch.nn.Module):
 
     Build it with ``from_pretrained`` (hub id or local folder) or ``from_hf``. Every method that
     runs the model takes a ``MultimodalBatch`` from ``prepare`` (or text, for text-only runs).
+    ``model(batch)`` returns the logits, ``Float[Tensor, "batch pos d_vocab"]``;
+    ``run_with_cache`` returns them with the cache, where an attention pattern is
+    ``Float[Tensor, "batch head query_pos key_pos"]``.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")  # a HookedMLLM; or HookedMLLM.from_pretrained(folder)
+        batch = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0))
+        logits, cache = model.run_with_cache(batch)  # logits: [2, seq, d_vocab]
+        cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, query_pos, key_pos]
+        model.to_str_tokens(batch)[:3]  # ['<s>', '<img 0:r0,c0>', '<img 0:r0,c1>']
+        ```
     """
 
     def __init__(self, hf_model: Any, processor: Any, family: Family | None = None) -> None:

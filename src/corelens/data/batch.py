@@ -24,6 +24,23 @@ class MultimodalBatch:
     decoder's ``position_ids``). ``query_positions[e]`` are the positions whose next token is an
     answer token of example e (teacher forcing), or the last prompt position when no answer was
     given; ``answer_tokens[e]`` are those answer token ids, aligned with them.
+
+    Shapes: ``input_ids`` and ``attention_mask`` are ``Int[Tensor, "batch seq"]``;
+    ``query_positions[e]`` and ``answer_tokens[e]`` ``Int[Tensor, "q"]``; ``layout`` (a
+    ``VisionLayout``) places every vision token, ``evidence_positions(e)`` gives R_e,
+    ``Int[Tensor, "r"]``.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0))
+        batch.input_ids.shape  # [batch, seq]
+        batch.query_positions[0], batch.answer_tokens[0]  # Int[Tensor, "q"] each
+        batch.evidence_positions(0)  # R_e: vision tokens on the evidence box
+        batch.layout.vision_positions(0)  # V_e: all 64 vision tokens of example 0
+        ```
     """
 
     inputs: dict[str, Tensor]

@@ -40,6 +40,17 @@ class Video:
     (Qwen2.5-VL derives ``second_per_grid_ts`` from them, Qwen3-VL its ``<t seconds>`` text).
     Without ``fps`` corelens reports times as unknown, but HF's processors assume 24 fps
     (Qwen2.5-VL's temporal ids, Qwen3-VL's timestamps): pass the real ``fps`` for video work.
+
+    Example:
+        ```python
+        import numpy as np
+        from corelens import Video
+
+        frames = np.zeros((8, 48, 64, 3), dtype=np.uint8)  # [T, H, W, 3]
+        video = Video(frames, fps=2.0, frame_indices=list(range(0, 16, 2)))
+        len(video), video.size  # (8, (64, 48)): 8 frames of width 64, height 48
+        video.timestamps[:3]  # [0.0, 1.0, 2.0]: source frames 0, 2, 4 at 2 fps
+        ```
     """
 
     frames: list[Image.Image]
@@ -129,6 +140,17 @@ class Evidence(tuple):
     It is the tuple ``(image, box)`` -- so code that unpacks ``(image, box)`` pairs keeps working
     -- with ``image`` None for video evidence, plus ``kind`` ("image" | "frames" | "page"),
     ``video`` and ``frames`` (``(start, end)``, end exclusive) attributes.
+
+    Example:
+        ```python
+        from corelens import Evidence
+
+        ev = Evidence.in_image(0, (10, 10, 50, 40))  # (x0, y0, x1, y1) in image 0
+        image, box = ev  # still the pair: 0, (10.0, 10.0, 50.0, 40.0)
+        clip = Evidence.in_frames(0, (2, 5), (0, 0, 32, 32))  # frames 2, 3, 4 of video 0
+        clip.kind, clip.video, clip.frames  # ('frames', 0, (2, 5))
+        Evidence.on_page(3, (0, 0, 100, 20)).kind  # 'page'
+        ```
     """
 
     kind: str
@@ -337,6 +359,22 @@ class GroundedExample:
     carries the model family's own image (video) token once per image (video), e.g.
     ``"USER: <image> What colour is the square? ASSISTANT:"`` for LLaVA. A question that holds
     the family's image token is also used verbatim when the processor has no chat template.
+
+    Example:
+        ```python
+        from PIL import Image
+        from corelens import Evidence, GroundedExample
+
+        example = GroundedExample(
+            images=[Image.new("RGB", (64, 64), "white")],
+            question="what colour is the square ?",
+            answer="red",
+            boxes=[(8, 8, 24, 24)],  # the evidence: (x0, y0, x1, y1) in image 0
+            distractors=[Evidence.in_image(0, (40, 40, 56, 56))],
+            id="ex-0",
+        ).validate()
+        example.boxes[0].kind, example.boxes[0].box  # ('image', (8.0, 8.0, 24.0, 24.0))
+        ```
     """
 
     images: list[Image.Image]

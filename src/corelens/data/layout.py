@@ -40,7 +40,18 @@ class ViewGeometry:
     """One view of an image (the whole image, an anyres tile set, a base thumbnail, a frame).
 
     ``rows x cols`` is the view's token grid; ``boxes[r, c]`` the box of that token in the
-    original image.
+    original image (``boxes``: ``Float[Tensor, "rows cols 4"]``, x0, y0, x1, y1 in pixels).
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 1, seed=0))
+        view = batch.layout.image(0, 0).views[0]
+        view.name, view.rows, view.cols  # ('image', 8, 8)
+        view.boxes[0, 0]  # tensor([0., 0., 8., 8.]): the top-left token's box
+        ```
     """
 
     name: str
@@ -139,7 +150,24 @@ class FeatureRows:
 
 @dataclass
 class ImageLayout:
-    """One image of one example: its original size and where its tokens went."""
+    """One image of one example: its original size and where its tokens went.
+
+    ``positions``: ``Int[Tensor, "n"]``, every feature row of the image (delimiters and
+    newline rows included); ``vision_positions``: ``Int[Tensor, "v"]``, its image-feature
+    tokens, with their boxes in ``boxes``, ``Float[Tensor, "v 4"]`` (original pixels). For a
+    video, ``frame_ranges`` / ``time_ranges`` give the frames and seconds each token spans.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 1, seed=0))
+        img = batch.layout.image(0, 0)  # example 0, image 0
+        img.size  # (64, 64): the original (width, height)
+        img.vision_positions.shape, img.boxes.shape  # ([64], [64, 4])
+        ```
+    """
 
     image_index: int  # index of the image (or video) within its example's images (videos)
     size: tuple[int, int]  # original (width, height) of the image / of every frame
@@ -186,6 +214,23 @@ class ImageLayout:
 
 @dataclass
 class TokenInfo:
+    """What one sequence position is, as ``VisionLayout.token_info`` reports it: the image (or
+    video) of the example it belongs to, the view, its row and column in the view's grid and
+    its box in original pixels; for a video token also the frames ``[start, end)`` and the
+    seconds it spans. ``label()`` is its name in ``HookedMLLM.to_str_tokens``.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        layout = model.prepare_examples(zoo.examples("toy-llava", 1, seed=0)).layout
+        info = layout.token_info(0, int(layout.vision_positions(0)[5]))
+        info.image, info.row, info.col, info.box  # (0, 0, 5, (40.0, 0.0, 48.0, 8.0))
+        info.label()  # '<img 0:r0,c5>'
+        ```
+    """
+
     example: int
     position: int
     image: int  # index of the image, or of the video when ``modality == "video"``
@@ -264,6 +309,20 @@ class VisionLayout:
     pixels, and for video tokens the frames and seconds they span.
 
     ``images[e]``: example e's images in order, then its videos in order (see the module doc).
+    Positions come back as ``Int[Tensor, "v"]`` (``vision_positions``, ``positions_in_box``,
+    ``positions_in_frames``), the mask of all vision tokens as ``Bool[Tensor, "batch seq"]``.
+
+    Example:
+        ```python
+        from corelens import zoo
+
+        model = zoo.load("toy-llava")
+        layout = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0)).layout
+        v = layout.vision_positions(0)  # V_e of example 0: [64]
+        layout.vision_mask().shape  # [batch, seq]
+        layout.token_info(0, int(v[0])).label()  # '<img 0:r0,c0>'
+        layout.positions_in_box(0, (0, 0, 16, 16))  # the 4 tokens covering that box
+        ```
     """
 
     images: list[list[ImageLayout]]  # [example][image..., video...]

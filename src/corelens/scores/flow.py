@@ -89,7 +89,19 @@ def flow_batch(model: Any, batch: MultimodalBatch, params: RamParams | None = No
 def flow_ram(model: Any, examples: Sequence[Any], *, batch_size: int = 8,
              params: RamParams | None = None, alpha: float = ALPHA, dataset: str = "",
              progress: bool = True) -> HeadScores:
-    """Multi-hop RAM of every head over grounded examples (see the module docstring)."""
+    """Multi-hop RAM of every head over grounded examples (see the module docstring):
+    ``scores`` ``[layer, head]``, ``per_example`` ``[example, layer, head]``.
+
+    Example:
+        ```python
+        from corelens import flow_ram, zoo
+
+        model = zoo.load("toy-llava")
+        flow = flow_ram(model, zoo.examples("toy-llava", 8, seed=0), progress=False)
+        flow.scores.shape  # [layer, head]: [4, 4]
+        flow.top(k=3)  # the heads most of the answer's rollout to the evidence runs through
+        ```
+    """
     params = params or RamParams()
     parts = []
     for start in tqdm(range(0, len(examples), batch_size), disable=not progress,

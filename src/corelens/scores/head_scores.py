@@ -19,9 +19,24 @@ from corelens.heads import Head, head_name  # noqa: F401  (head_name: re-exporte
 class HeadScores:
     """A [n_layers, n_heads] score tensor and its metadata.
 
-    ``per_example`` ([n_examples, n_layers, n_heads], optional) keeps the per-example values of
+    ``scores``: ``Float[Tensor, "layer head"]``. ``per_example``
+    (``Float[Tensor, "example layer head"]``, optional) keeps the per-example values of
     mean-type scores so intervals come for free; NaN marks heads without a score (e.g. a ratio
-    score under its mass floor). ``params`` records the definition's parameters.
+    score under its mass floor). ``params`` records the definition's parameters. Heads are
+    ``(layer, head)`` pairs: ``scores[h]`` is one head's value.
+
+    Example:
+        ```python
+        from corelens import zoo
+        from corelens.scores.ram import score_all
+
+        model = zoo.load("toy-llava")
+        ram = score_all(model, zoo.examples("toy-llava", 16, seed=0), progress=False)["ram"]
+        ram.scores.shape, ram.per_example.shape  # ([4, 4], [16, 4, 4])
+        ram.top(frac=0.05)  # the CoRe heads: ceil(0.05 * 16) = 1 head, e.g. [(0, 1)]
+        ram.rank()[:3], ram[0, 2]  # heads by score; one head's score
+        lo, hi = ram.bootstrap(n=200, seed=0)  # 95% intervals, Float[Tensor, "layer head"]
+        ```
     """
 
     scores: Float[Tensor, "layer head"]

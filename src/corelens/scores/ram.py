@@ -20,7 +20,20 @@ ratio scores are ratios of sums over examples, and a head whose mean visual mass
 ``mass_floor`` gets NaN for them, so that noise cannot top a ranking.
 
 ``score_all`` runs on ``corelens.runner``: resumable from its partial file, and data-parallel
-under ``torchrun`` with the same result as one process (docs/scaling.md).
+under ``torchrun`` with the same result as one process (docs/scaling.md). It returns one
+``HeadScores`` per registered score, each ``Float[Tensor, "layer head"]``.
+
+Example:
+    ```python
+    from corelens import zoo
+    from corelens.scores.ram import RamParams, score_all
+
+    model = zoo.load("toy-llava")
+    examples = zoo.examples("toy-llava", 16, seed=0)
+    scores = score_all(model, examples, params=RamParams(tau=0.5), progress=False)
+    scores["ram"].scores.shape  # [layer, head]: [4, 4]
+    scores["ram"].top(frac=0.05), scores["selectivity"].top(k=3)  # CoRe heads; by selectivity
+    ```
 """
 
 from __future__ import annotations
@@ -80,13 +93,22 @@ class RamMetric:
     """A hook metric: attach it to a forward and it records every registered score for every
     layer and head (an ``Intervention`` that only reads).
 
-    >>> metric = RamMetric(model)
-    >>> with metric.attach(batch):
-    ...     model(batch)          # any forward of this batch: hooks, patching, your own code
-    >>> metric.token_level[0]["ram"]   # [layer, head, q] for example 0
+    ``token_level[e][name]`` keeps one value per query token, ``Float[Tensor, "layer head q"]``;
+    ``example_level()`` the mean over them, ``Float[Tensor, "example layer head"]``.
 
-    ``token_level[e][name]`` keeps one value per query token; ``example_level()`` the mean over
-    them, [n_examples, layer, head].
+    Example:
+        ```python
+        from corelens import zoo
+        from corelens.scores.ram import RamMetric
+
+        model = zoo.load("toy-llava")
+        batch = model.prepare_examples(zoo.examples("toy-llava", 2, seed=0))
+        metric = RamMetric(model)
+        with metric.attach(batch):
+            model(batch)  # any forward of this batch: hooks, patching, your own code
+        metric.token_level[0]["ram"].shape  # [layer, head, q] for example 0
+        metric.example_level()["ram"].shape  # [example, layer, head]
+        ```
     """
 
     def __init__(self, model: Any, params: RamParams | None = None) -> None:

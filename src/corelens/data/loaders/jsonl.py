@@ -110,6 +110,19 @@ def load_jsonl(path: str | os.PathLike[str], *, skip_invalid: bool = False,
     (files exist and are images, boxes are non-empty and inside their image, question and answer
     are non-empty, ids are unique). ``load_images=False`` leaves the images undecoded (lazily
     opened: the size is known, the pixels are decoded on first use, in the file's own mode).
+
+    Example:
+        ```python
+        import tempfile
+        from pathlib import Path
+        from corelens import load_jsonl, save_jsonl, zoo
+
+        examples = zoo.examples("toy-llava", 4, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_jsonl(examples, Path(tmp) / "data.jsonl")
+            back = load_jsonl(path)  # validated GroundedExamples
+        [e.answer for e in back] == [e.answer for e in examples]  # True
+        ```
     """
     path = Path(path)
     if not path.is_file():
@@ -203,6 +216,17 @@ def save_jsonl(examples: Iterable[GroundedExample], path: str | os.PathLike[str]
     ``<example>_v<video>_<frame>.png`` (once per distinct video), with each video's fps and
     frame indices. Examples are
     validated first and the JSONL file is only written once all of them passed.
+
+    Example:
+        ```python
+        import tempfile
+        from pathlib import Path
+        from corelens import save_jsonl, zoo
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_jsonl(zoo.examples("toy-llava", 4, seed=0), Path(tmp) / "data.jsonl")
+            sorted(p.name for p in (Path(tmp) / "data_images").iterdir())[:2]  # the PNGs
+        ```
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,15 @@ def load_refcoco(root: str | os.PathLike[str], dataset: str = "refcocog", split:
     examples returned (images beyond it are never opened).
 
     The refs file is a pickle: only load files from a source you trust.
+
+    Example:
+        ```python
+        from corelens import load_refcoco
+
+        # data/refer/refcocog/refs(umd).p, data/refer/refcocog/instances.json, data/refer/images/
+        examples = load_refcoco("data/refer", dataset="refcocog", split="val", limit=100)
+        examples[0].question, examples[0].answer, examples[0].boxes[0]
+        ```
     """
     if limit is not None and limit < 0:
         raise InputError(f"limit must be >= 0, got {limit}")
