@@ -4,7 +4,9 @@ Pinned config: random LLaVA-shaped model (Llama decoder d_model 512, 8 layers, 8
 heads), one image of 64 vision tokens per example, batch of 2 clean/corrupted pairs. Both
 sweeps run in this process, side by side; the ratio is what counts. Each batched row is run
 twice: reusing the target's image features across the stacked copies (the default) and
-rerunning the vision tower per copy (``reuse_vision=False``).
+rerunning the vision tower per copy (``reuse_vision=False``), and with and without ``resume``
+(a forward patching layer l starts from the unedited run's output of block l - 1). The loop
+is one full forward per head (``heads_per_forward=1, resume=False``).
 
     python bench/patching.py --json
 """
@@ -41,21 +43,23 @@ def main() -> None:
     clean = model.prepare([Image.new("RGB", (64, 64), (200, 30, 30))] * 2, **kw)
     corrupt = model.prepare([Image.new("RGB", (64, 64), (30, 30, 200))] * 2, **kw)
 
-    def run(k: int, reuse: bool = True) -> tuple[float, torch.Tensor]:
+    def run(k: int, reuse: bool = True, resume: bool = True) -> tuple[float, torch.Tensor]:
         t = time.perf_counter()
         out = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=k,
-                          reuse_vision=reuse)
+                          reuse_vision=reuse, resume=resume)
         return time.perf_counter() - t, out
 
     run(args.heads_per_forward[0])  # warm-up
-    loop_s, loop = run(1)
+    loop_s, loop = run(1, resume=False)  # the obvious loop: one full forward per head
     rows = []
-    for k in args.heads_per_forward:
-        for reuse in (True, False):
-            s, out = run(k, reuse)
-            rows.append({"heads_per_forward": k, "reuse_vision": reuse, "seconds": round(s, 3),
-                         "speedup_vs_loop": round(loop_s / s, 3),
-                         "max_abs_diff_vs_loop": float((out - loop).abs().max())})
+    settings = [(1, True, True)] + [(k, reuse, resume) for k in args.heads_per_forward
+                                    for reuse, resume in ((True, True), (True, False),
+                                                          (False, False))]
+    for k, reuse, resume in settings:
+        s, out = run(k, reuse, resume)
+        rows.append({"heads_per_forward": k, "reuse_vision": reuse, "resume": resume,
+                     "seconds": round(s, 3), "speedup_vs_loop": round(loop_s / s, 3),
+                     "max_abs_diff_vs_loop": float((out - loop).abs().max())})
     report = {"n_heads": model.cfg.n_layers * model.cfg.n_heads, "seq_len": clean.seq_len,
               "loop_seconds": round(loop_s, 3), "batched": rows}
     print(json.dumps(report, indent=1) if args.json else report)

@@ -129,3 +129,17 @@ def test_hook_registry_is_the_table_hook_dict_reads(tiny_model):
 
     with pytest.raises(CorelensError, match="_hook_registry"):
         compat.hook_registry(Broken())
+
+
+def test_replace_and_restore_forward_swap_a_bridge_components_forward(tiny_model):
+    """The bridge's components are nn.Modules whose attribute setting TransformerLens
+    intercepts: the instance forward goes in and comes out without touching the class."""
+    model = tiny_model("llava")
+    block = model.bridge.blocks[0]
+    x = torch.randn(1, 3, model.cfg.d_model)
+    compat.replace_forward(block, lambda self, *a, **kw: "replaced")
+    assert block(x) == "replaced" and "forward" not in vars(model.bridge.blocks[1])
+    compat.restore_forward(block)
+    assert "forward" not in vars(block)
+    compat.restore_forward(block)  # restoring twice is a no-op
+    assert block.forward.__func__ is type(block).forward

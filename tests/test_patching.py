@@ -289,8 +289,43 @@ def test_batched_sweep_runs_the_vision_tower_once(name, tiny_model):
         rerun = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=3,
                             reuse_vision=False)
     n_chunks = -(-model.cfg.n_layers * model.cfg.n_heads // 3)
-    assert n_reused == 2 and len(calls) == 1 + n_chunks
+    # rerun: the source's cache, the unedited target once (the block outputs that chunks
+    # editing only later layers resume from), then every chunk
+    assert n_reused == 2 and len(calls) == 2 + n_chunks
     assert torch.allclose(reused, rerun, atol=1e-5)
+
+
+def test_resumed_sweep_skips_the_blocks_before_the_first_edit(tiny_model):
+    """One stacked forward per layer: with ``resume`` the forward patching layer l starts from
+    the unedited run's output of block l - 1 (recorded once), and the numbers are those of the
+    full forwards."""
+    from corelens.interventions.core import first_block
+
+    model = tiny_model("llava")
+    clean, corrupt = _pair(model, "llava")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    assert L >= 2
+    runs = {0: 0, L - 1: 0}
+
+    def count(layer):
+        def hook(x, hook):
+            runs[layer] += 1
+        return hook
+    counters = [(f"blocks.{l}.hook_resid_pre", count(l)) for l in runs]
+    with model.hooks(fwd_hooks=counters):
+        resumed = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=H)
+        skipped = dict(runs)
+        runs.update({l: 0 for l in runs})
+        full = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=H,
+                           resume=False)
+    # the source's cache, one unedited target run (its image features and the block outputs
+    # that chunks resume from), then only the layer-0 chunk runs block 0
+    assert skipped == {0: 3, L - 1: 2 + L}
+    assert runs == {0: 2 + L, L - 1: 2 + L}  # the image features' run, then every chunk
+    torch.testing.assert_close(resumed, full, rtol=0, atol=1e-5)
+    assert first_block(["blocks.3.attn.hook_z", "blocks.1.hook_resid_post"], 4) == 1
+    assert first_block(["ln_final.hook_normalized"], 4) == 4
+    assert first_block(["blocks.2.attn.hook_z", "hook_embed"], 4) == 0
 
 
 def _one_forward_each(model, target, metric, name, src, edits):

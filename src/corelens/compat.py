@@ -42,7 +42,7 @@ __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateN
            "build_bridge_from_module", "gated_hook_reason", "has_attn_implementation", "has_hooks",
            "hook_registry",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
-           "refresh_hook_registry", "register_tl_adapter", "replace_forward",
+           "refresh_hook_registry", "register_tl_adapter", "replace_forward", "restore_forward",
            "replace_qwen3_vl_deepstack", "require", "set_attn_implementation", "update_kv_cache",
            "versions"]
 
@@ -106,6 +106,12 @@ def replace_forward(component: Any, fn: Callable[..., Any]) -> None:
     """Make ``fn(component, ...)`` the bridge component's forward. A plain ``forward =`` on a
     bridge component is forwarded to the HF module it wraps, hence ``object.__setattr__``."""
     object.__setattr__(component, "forward", types.MethodType(fn, component))
+
+
+def restore_forward(component: Any) -> None:
+    """Undo ``replace_forward``: the component's class forward again."""
+    if "forward" in vars(component):
+        object.__delattr__(component, "forward")
 
 
 def has_hooks(module: torch.nn.Module) -> bool:

@@ -11,14 +11,16 @@ Heads are ``corelens.heads.Head``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from corelens import compat
 from corelens.core.evaluate import logits_to_keep
 from corelens.data.batch import MultimodalBatch, repeat_batch
 from corelens.errors import LayoutError
@@ -132,25 +134,50 @@ def image_features(model: Any, batch: MultimodalBatch) -> Any | None:
     """The batch's image encoder outputs (vision tower + projector, as the HF model's
     ``get_image_features`` returns them), recorded from one forward; None when the model has no
     such method or the batch no image."""
+    return unedited_run(model, batch, features=True)[0]
+
+
+def _features_method(model: Any, batch: MultimodalBatch) -> tuple[Any, Any] | None:
+    """(the HF model's inner module, its ``get_image_features``) when the batch's image
+    features can be handed to later forwards, else None."""
     inner = getattr(getattr(model, "hf_model", None), "model", None)
     fn = getattr(inner, "get_image_features", None)
     if fn is None or batch.inputs.get("pixel_values") is None:
         return None
     if batch.inputs.get("pixel_values_videos") is not None:
         return None  # HF takes encoder outputs only in place of ALL pixel inputs: run the tower
+    return inner, fn
+
+
+def unedited_run(model: Any, batch: MultimodalBatch, *, features: bool,
+                 blocks: Collection[int] = ()) -> tuple[Any | None, dict[int, Any]]:
+    """One unedited forward of ``batch`` recording what stacked forwards reuse: its image
+    features (``image_features``; None where they cannot be handed over) and what decoder
+    ``blocks`` return, as returned (``skip_blocks``). No forward when nothing is recorded."""
+    method = _features_method(model, batch) if features else None
+    if method is None and not blocks:
+        return None, {}
     got: dict[str, Any] = {}
+    outputs: dict[int, Any] = {}
+    handles = [model.bridge.blocks[i].register_forward_hook(
+        lambda mod, args, out, i=i: outputs.__setitem__(i, out)) for i in sorted(set(blocks))]
+    if method is not None:
+        inner, fn = method
 
-    def record(*args: Any, **kw: Any) -> Any:
-        got["out"] = fn(*args, **kw)
-        return got["out"]
+        def record(*args: Any, **kw: Any) -> Any:
+            got["out"] = fn(*args, **kw)
+            return got["out"]
 
-    inner.get_image_features = record
+        inner.get_image_features = record
     try:
         with torch.no_grad():
             model(batch, return_type=None)
     finally:
-        del inner.get_image_features
-    return got.get("out")
+        if method is not None:
+            del inner.get_image_features
+        for h in handles:
+            h.remove()
+    return got.get("out"), outputs
 
 
 def repeat_image_features(features: Any, k: int) -> Any:
@@ -181,18 +208,76 @@ def stacked(model: Any, batch: MultimodalBatch, k: int,
         "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
 
 
+def first_block(names: Sequence[str], n_layers: int) -> int:
+    """The first decoder block that hooks ``names`` can change: blocks before it compute what
+    they compute in the unedited run (``ln_final`` / ``unembed`` hooks: after every block;
+    embeddings, vision tower: the first)."""
+    first = n_layers
+    for name in names:
+        head, _, rest = name.partition(".")
+        if head == "blocks" and rest.split(".", 1)[0].isdigit():
+            first = min(first, int(rest.split(".", 1)[0]))
+        elif not name.startswith(("ln_final", "unembed", "hook_unembed")):
+            return 0
+    return first
+
+
+def _stack_output(out: Any, k: int, batch: int) -> Any:
+    """A block output for ``k`` stacked copies (tensors with the batch first repeated)."""
+    if isinstance(out, Tensor):
+        return out.repeat(k, *([1] * (out.ndim - 1))) if out.shape[:1] == (batch,) else out
+    if isinstance(out, tuple):
+        return type(out)(_stack_output(o, k, batch) for o in out)
+    return out
+
+
+@contextmanager
+def skip_blocks(model: Any, upto: int, outputs: dict[int, Any], k: int,
+                batch: int) -> Iterator[None]:
+    """While active, decoder blocks ``< upto`` do not run: block ``upto - 1`` returns its
+    recorded output (stacked ``k`` times), so an edit at block ``upto`` or later resumes from
+    there. The blocks before it return a copy of the same (the decoder loop passes each output
+    on to a block that ignores it; one shared copy instead of one per block keeps the memory
+    at two stacked outputs, and keeps anything done to it in place away from the one used)."""
+    blocks = list(model.bridge.blocks)[:upto]
+    if blocks:
+        resumed = _stack_output(outputs[upto - 1], k, batch)
+        filler = _stack_output(outputs[upto - 1], k, batch) if upto > 1 else None
+    for i, block in enumerate(blocks):
+        out = resumed if i == upto - 1 else filler
+        compat.replace_forward(block, lambda self, *a, _o=out, **kw: _o)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            compat.restore_forward(block)
+
+
 def sweep(
     model: Any, target: MultimodalBatch, metric: Metric, jobs: Sequence[Sequence[tuple[str, Edit]]],
-    *, per_forward: int, reuse_vision: bool = True, progress: bool = False, desc: str = "",
+    *, per_forward: int, reuse_vision: bool = True, resume: bool = True, progress: bool = False,
+    desc: str = "",
 ) -> Float[Tensor, "job batch"]:
     """The metric of the target run under each job (a list of (hook name, in-place edit of
     that copy's rows)), ``per_forward`` jobs per forward as stacked copies of the target that
-    reuse its image features. Equal to running the jobs one forward each."""
+    reuse its image features. Equal to running the jobs one forward each.
+
+    ``resume``: a forward whose jobs edit nothing before decoder block l does not run blocks
+    < l; it starts from block l - 1's output in the unedited run, recorded once in the run that
+    records the image features (memory: one block output of the target batch per distinct
+    resume point, plus two stacked ones in flight). Jobs in layer order resume late: an
+    all-heads sweep costs ~L(L+1)/2 block forwards per stacked forward instead of L^2.
+    """
     B = len(target)
     per_forward = max(1, int(per_forward))
-    features = image_features(model, target) if reuse_vision and per_forward > 1 else None
+    firsts = [first_block([name for name, _ in job], len(model.bridge.blocks)) for job in jobs]
+    starts = range(0, len(jobs), per_forward)
+    uptos = [min(firsts[s:s + per_forward]) if resume else 0 for s in starts]
+    features, outputs = unedited_run(model, target, features=reuse_vision and per_forward > 1,
+                                     blocks={u - 1 for u in uptos if u > 0})
     out = []
-    for start in tqdm(range(0, len(jobs), per_forward), disable=not progress, desc=desc):
+    for start, upto in tqdm(zip(starts, uptos), total=len(starts), disable=not progress,
+                            desc=desc):
         chunk = jobs[start:start + per_forward]
         big, extra = stacked(model, target, len(chunk), features)
         by_name: dict[str, list[tuple[int, Edit]]] = {}
@@ -208,7 +293,7 @@ def sweep(
                 return x
             return hook
 
-        with torch.no_grad():
+        with torch.no_grad(), skip_blocks(model, upto, outputs, len(chunk), B):
             logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
                                           logits_to_keep=logits_to_keep(metric, big), **extra)
         out.append(metric(logits, big).float().view(len(chunk), B).cpu())

@@ -162,7 +162,7 @@ def prepare_pair(model: Any, clean: Sequence[Any], corrupted: Sequence[Any]) -> 
 def patch_heads(
     model: Any, source: MultimodalBatch, target: MultimodalBatch, metric: Metric,
     *, heads_per_forward: int = 8, node: Literal["z", "q", "k", "v"] = "z",
-    reuse_vision: bool = True, progress: bool = False,
+    reuse_vision: bool = True, resume: bool = True, progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """Metric of the target run with one head's z (all positions) taken from the source.
 
@@ -170,7 +170,8 @@ def patch_heads(
     KV head's key / value input (``[layer, kv_head]``: shared by the KV group under GQA).
     ``heads_per_forward`` patched copies of the target run in one forward; ``reuse_vision``:
     the copies reuse the target's image features (computed once) instead of rerunning the
-    vision tower per copy."""
+    vision tower per copy; ``resume``: a forward patching layer l or later does not rerun the
+    blocks before it (``interventions.core.sweep``)."""
     check_aligned(source, target)
     L = model.cfg.n_layers
     if node not in ("z", "q", "k", "v"):
@@ -187,7 +188,7 @@ def patch_heads(
 
     values = sweep(model, target, metric, [job(l, h) for l in range(L) for h in range(H)],
                     per_forward=heads_per_forward, reuse_vision=reuse_vision,
-                    progress=progress, desc="patching heads")
+                    resume=resume, progress=progress, desc="patching heads")
     return values.mean(1).view(L, H)
 
 
