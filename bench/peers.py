@@ -24,10 +24,11 @@ Widths (``--width toy|real|both``):
   vision tokens, 587 tokens in all; ``--real-pairs`` pairs: the same prompt and teacher-forced
   answer "red", the corrupted image's square blue instead of red, metric logit("red") -
   logit("blue"). On CPU one forward of one example is ~7 s, so by default the sweep covers
-  ``--real-heads 8`` heads (the first 4 of each layer: one stacked forward for corelens) with
-  the same code ``patch_heads`` runs (``cache_activations`` + ``sweep``), and the row also
-  gives an estimate for all 64 heads (below). ``--real-heads all`` runs ``patch_heads``.
-  The default real run took 7.4 min (one thread, load average 4-6; 5.4 GB peak RSS).
+  ``--real-heads 16`` heads (the first 8 of each layer: one stacked forward per layer for
+  corelens, so the layer-1 forward resumes at layer 1 as in the full sweep) with the same code
+  ``patch_heads`` runs (``cache_activations`` + ``sweep``), and the row also gives an estimate
+  for all 64 heads (below: every layer is sampled alike, so the per-head cost scales).
+  ``--real-heads all`` runs ``patch_heads``.
 
 Rows (``rows[i]``: ``width``, ``comparison``, ``corelens_s``, ``nnsight_s``,
 ``ratio_nnsight_over_corelens`` (> 1: corelens is faster), ``max_abs_diff``, ``tolerance``):
@@ -361,8 +362,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="toy examples' seed")
     ap.add_argument("--real-pairs", type=int, default=1)
     ap.add_argument("--real-repeats", type=int, default=1)
-    ap.add_argument("--real-heads", default="8",
-                    help="heads swept at real width (split over the layers), or 'all' "
+    ap.add_argument("--real-heads", default="16",
+                    help="heads swept at real width (split over the layers; a multiple of 8 "
+                    "per layer keeps each stacked forward in one layer, so it resumes there), "
+                    "or 'all' "
                     "(patch_heads itself; ~65 forwards a side: ~8 min a side on one CPU core)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--_width")
