@@ -14,13 +14,19 @@ runs in its own subprocess; ratios are measured side by side in one run.
   inflated every decode ratio;
 - ``corelens_full``: the HookedMLLM with its owned attention, no acceleration (bridge overhead),
   on the same preallocated cache;
-- ``hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7``),
-  ``n_sink=4, window=64``. The model has random weights, so there are no CoRe heads to find:
-  the full heads are a fixed seeded draw (``heads_draw(0)``). Speed depends on how many heads
-  are full, not on which: ``hybrid_other_heads`` checks that;
-- ``hybrid_other_heads``: another seeded draw of KV heads at the same KV budget. Which heads to
-  keep decides accuracy, measured on a trained model with RAM-selected heads by
-  ``bench/accel_toy.py`` (CoRe vs random heads);
+- ``hybrid``: ``HybridAttention`` with 10% of the heads full (``ceil(0.1 * 64) = 7`` query
+  heads), ``n_sink=4, window=64``. The model has random weights, so there are no CoRe heads to
+  find: the full heads are a fixed seeded draw (``heads_draw(0)``). Under GQA the KV groups of
+  those heads keep their full cache and the groups' other query heads stream over it. Speed
+  depends on how many heads are full, not on which: ``hybrid_other_heads`` checks that;
+- ``hybrid_whole_groups``: the same draw with every query head of its KV groups full (the rule
+  before issue #17: under GQA 7 query heads made 6 groups = 24 query heads full);
+- ``hybrid_kv_budget``: planned by KV group, ``HybridAttention.from_scores`` on seeded random
+  scores (``scores_draw(0)``) with ``kv_budget=0.25`` (at most 4 of 16 GQA KV heads full) and
+  ``frac=0.1`` (the 7 best query heads of those groups full);
+- ``hybrid_other_heads``: another seeded draw at the same budgets (as many KV groups and full
+  query heads as ``hybrid``). Which heads to keep decides accuracy, measured on a trained model
+  with RAM-selected heads by ``bench/accel_toy.py`` (CoRe vs random heads);
 - ``fastv``: K=2, R=50%, decoding on the same preallocated cache (its layers ``k..`` hold fewer
   tokens: a per-layer ``key_mask`` hides their unfilled slots).
 
@@ -57,9 +63,11 @@ from common import build_llava, run_isolated, threads, timed  # noqa: E402
 
 TOKENS = {576: (24, 1), 2304: (48, 1), 8192: (64, 2)}  # tokens -> (grid side, images)
 PATCH = 16
-VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "hybrid", "hybrid_other_heads", "fastv")
+VARIANTS = ("hf_sdpa", "hf_dynamic", "corelens_full", "hybrid", "hybrid_whole_groups",
+            "hybrid_kv_budget", "hybrid_other_heads", "fastv")
 KV_TOUCH = {"hf_dynamic": 3}  # KV bytes touched per step / KV bytes (default 1)
 FRAC, N_SINK, WINDOW, FASTV_K, FASTV_R = 0.1, 4, 64, 2, 0.5
+KV_BUDGET = 0.25  # hybrid_kv_budget: at most this fraction of the KV heads full
 D_MODEL, LAYERS, HEADS, FF = 512, 8, 8, int(512 * 2.6875)
 
 
@@ -86,6 +94,20 @@ def heads_draw(seed: int = 0) -> list[tuple[int, int]]:
 
     pool = [(l, h) for l in range(LAYERS) for h in range(HEADS)]
     return sorted(random.Random(seed).sample(pool, math.ceil(FRAC * LAYERS * HEADS)))
+
+
+def whole_groups(heads: list[tuple[int, int]], kv_heads: int) -> list[tuple[int, int]]:
+    """Every query head of the KV groups of ``heads``: the rule before issue #17 (a full KV
+    group's query heads all attended fully)."""
+    rep = HEADS // kv_heads
+    return sorted({(l, h // rep * rep + r) for l, h in heads for r in range(rep)})
+
+
+def scores_draw(seed: int = 0):
+    """Seeded random head scores [layer, head] (the model has no CoRe heads to find)."""
+    import torch
+
+    return torch.rand(LAYERS, HEADS, generator=torch.Generator().manual_seed(seed))
 
 
 def _setup(folder: str, variant: str, mb, shared: dict | None = None, device=None, dtype=None):
@@ -118,12 +140,19 @@ def _setup(folder: str, variant: str, mb, shared: dict | None = None, device=Non
     from corelens.accel import FastV, HybridAttention
 
     hybrid = None
+    kw = {"n_sink": N_SINK, "window": WINDOW}
     if variant == "hybrid":
-        hybrid = HybridAttention(model, heads_draw(0), n_sink=N_SINK, window=WINDOW)
+        hybrid = HybridAttention(model, heads_draw(0), **kw)
+    elif variant == "hybrid_whole_groups":
+        n_kv = model.hf_model.config.get_text_config().num_key_value_heads
+        hybrid = HybridAttention(model, whole_groups(heads_draw(0), n_kv), **kw)
+    elif variant == "hybrid_kv_budget":
+        hybrid = HybridAttention.from_scores(model, scores_draw(0), kv_budget=KV_BUDGET,
+                                             frac=FRAC, **kw)
     elif variant == "hybrid_other_heads":
         core = HybridAttention(model, heads_draw(0))
-        hybrid = HybridAttention.random(model, len(core.full_kv_heads), seed=1, n_sink=N_SINK,
-                                        window=WINDOW)
+        hybrid = HybridAttention.random(model, len(core.full_kv_heads), seed=1,
+                                        n_heads=len(core.full_heads), **kw)
     fastv = FastV(model, k=FASTV_K, ratio=FASTV_R) if variant == "fastv" else None
 
     def prefill(use_cache: bool = False):
@@ -151,6 +180,7 @@ def _decoder(variant: str, hf, hybrid, prefill, mb, steps: int, batch: int, atte
     if hybrid is not None:
         logits, cache, _ = res
         extra["full_kv_heads"] = len(hybrid.full_kv_heads)
+        extra["full_heads"] = len(hybrid.full_heads)
         extra["kv_budget"] = hybrid.kv_budget
     else:
         logits, cache = res.logits[:, -1], res.past_key_values
@@ -295,7 +325,7 @@ def _stream_keys(vision, t: int) -> int:
     return int((window + older).sum())
 
 
-def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_kv: int | None,
+def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_q: int | None,
              batch: int, kv_len: dict) -> dict:
     vision, t = _layout(folder, tokens)
     d, dh = D_MODEL, D_MODEL // HEADS
@@ -318,7 +348,7 @@ def ceilings(folder: str, tokens: int, kv_heads: int, variant: str, full_kv: int
         var = FASTV_K * full_layer + (LAYERS - FASTV_K) * (
             linear(t2) + HEADS * 4 * dh * t2 * (t2 + 1) / 2) + proj
     else:
-        fq = full_kv * n_rep  # full query heads over all layers
+        fq = full_q  # full query heads over all layers
         sq = LAYERS * HEADS - fq
         var = LAYERS * linear(t) + proj + 4 * dh * (fq * causal + sq * _stream_keys(vision, t))
     # decode, per step at `batch`: bytes = weights + the KV cache read by attention (1x the KV
@@ -408,8 +438,9 @@ def main() -> None:
                 }
                 if "kv_budget" in r:
                     e["full_kv_heads"] = r["full_kv_heads"]
+                    e["full_heads"] = r["full_heads"]
                     e["kv_budget"] = round(r["kv_budget"], 4)
-                e.update(ceilings(folder, tokens, kv_heads, v, r.get("full_kv_heads"),
+                e.update(ceilings(folder, tokens, kv_heads, v, r.get("full_heads"),
                                   args.batch, kv_len))
                 entry["variants"][v] = e
             same = {v: rows[v]["decode_tokens"] for v in ("hf_dynamic", "corelens_full")

@@ -132,7 +132,7 @@ def test_kv_cache_keeps_vision_only_for_full_kv_heads(tiny_model):
     model = tiny_model("llava")  # 2 layers, 4 query heads, 2 KV heads
     batch = model.prepare([noise_image(80, 50, 0)], ["what is the color ?"])
     hybrid = HybridAttention(model, [(0, 1)], n_sink=2, window=12)
-    assert hybrid.full_kv_heads == [(0, 0)] and hybrid.full_heads == [(0, 0), (0, 1)]
+    assert hybrid.full_kv_heads == [(0, 0)] and hybrid.full_heads == [(0, 1)]
     _, cache, _ = hybrid.prefill(batch)
     t = batch.seq_len
     n_vision = int(batch.layout.vision_mask().sum())
@@ -171,8 +171,8 @@ def test_pooled_summaries_cache_equals_prefill(tiny_model):
         finally:
             hybrid._plan = None
     assert (logits - ref[:, t - 1:]).abs().max() < TOL
-    with torch.no_grad(), _masked(model, hybrid_reference(model, batch, [(1, 2)], n_sink=2,
-                                                          window=5)):
+    with torch.no_grad(), _masked(model, _per_query_head_reference(model, batch, [(1, 2)],
+                                                                   n_sink=2, window=5)):
         no_pool = _run(model, batch)
     assert (ref[:, :t] - no_pool)[batch.attention_mask.bool()].abs().max() > 1e-4
 
@@ -296,7 +296,19 @@ def _reference(model, batch, hybrid, seq_len=None):
     """The per-head key mask the hybrid must equal, built from first principles
     (tests/masks_reference.py: sinks + window + text within the model's own mask), not from
     ``HybridAttention.allowed`` / ``_plan``, which the kernel itself uses."""
-    return hybrid_reference(model, batch, hybrid.heads, hybrid.n_sink, hybrid.window, seq_len)
+    return _per_query_head_reference(model, batch, hybrid.heads, hybrid.n_sink, hybrid.window,
+                                      seq_len)
+
+
+def _per_query_head_reference(model, batch, heads, n_sink, window, seq_len=None):
+    """Per layer, bool [batch, head, seq, seq]: the model's own mask for each CoRe query head
+    in ``heads`` and nowhere else; every other query head (those sharing a CoRe head's KV
+    head under GQA included) sees own mask AND (sink | window | text)."""
+    out = hybrid_reference(model, batch, [], n_sink, window, seq_len)  # every head streaming
+    own = own_masks(model, batch, seq_len)
+    for layer, head in heads:
+        out[layer][:, head] = own[layer]
+    return out
 
 
 def _mask_case(tiny_model, name, sinks_in_image=True):
@@ -556,11 +568,11 @@ def test_main_accelerate_on_a_shipped_toy_model(tmp_path):
     assert report["core_heads"] == [f"L{l}H{h}" for l, h in sorted(core)]
     rep = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
     rand = [tuple(int(x) for x in kv[1:].split("KV")) for kv in report["random_kv_heads"]]
-    rand = [(l, g * rep) for l, g in rand]
+    rand = [(l, g * rep + r) for l, g in rand for r in range(rep)]  # whole groups
 
     def hybrid_ref(heads):
-        return lambda batch: _masked(model, hybrid_reference(model, batch, heads, n_sink=2,
-                                                               window=8))
+        return lambda batch: _masked(model, _per_query_head_reference(model, batch, heads,
+                                                                      n_sink=2, window=8))
 
     def fastv_ref(batch, k=2, ratio=0.9):
         vision = batch.layout.vision_mask()
@@ -854,3 +866,98 @@ def test_from_scores_plans_kv_groups_to_the_budget(tiny_model):
         HybridAttention.from_scores(model, torch.zeros(3, 4))
     with pytest.raises(InputError, match="kv_budget"):
         HybridAttention.from_scores(model, scores, kv_budget=0)
+
+
+def test_from_scores_frac_keeps_the_best_query_heads_of_the_kept_groups(tiny_model):
+    """With ``frac``, only the best-scoring query heads of the kept KV groups attend fully;
+    a kept group left without one is not kept (the budget is an upper bound)."""
+    from corelens.errors import InputError
+
+    model = tiny_model("qwen2_5_vl")  # 2 layers x 4 query heads over 2 KV heads
+    scores = torch.tensor([[0.9, 0.0, 0.0, 0.8],
+                           [0.7, 0.7, 0.6, 0.1]])
+    two = HybridAttention.from_scores(model, scores, kv_budget=0.5, frac=0.25)  # 2 heads
+    assert two.full_heads == [(0, 0), (0, 3)] and two.full_kv_heads == [(0, 0), (0, 1)]
+    one = HybridAttention.from_scores(model, scores, kv_budget=0.5, frac=0.125)  # 1 head
+    assert one.full_heads == [(0, 0)] and one.kv_budget == 0.25
+    whole = HybridAttention.from_scores(model, scores, kv_budget=0.5)
+    assert whole.full_heads == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    with pytest.raises(InputError, match="frac"):
+        HybridAttention.from_scores(model, scores, frac=0)
+
+
+def test_random_draws_query_heads_inside_the_kv_groups(tiny_model):
+    from corelens.errors import InputError
+
+    model = tiny_model("qwen2_5_vl")
+    some = HybridAttention.random(model, 3, seed=4, n_heads=4)
+    assert len(some.full_kv_heads) == 3 and len(some.full_heads) == 4
+    assert {(l, h // 2) for l, h in some.full_heads} == set(some.full_kv_heads)
+    whole = HybridAttention.random(model, 3, seed=4)
+    assert whole.full_kv_heads == some.full_kv_heads  # the same groups
+    assert whole.full_heads == [(l, 2 * g + r) for l, g in whole.full_kv_heads for r in (0, 1)]
+    with pytest.raises(InputError, match="n_heads"):
+        HybridAttention.random(model, 3, n_heads=2)
+
+
+def test_split_of_a_gqa_layer():
+    """Which KV heads each kind of query head reads (4 query heads per KV head)."""
+    from corelens.accel.split import read_kv_heads, split_layer
+
+    s = split_layer({1}, 8, 2)
+    assert (s.full_q.tolist(), s.full_kv.tolist(), s.stream_kv.tolist()) == ([1], [0], [1])
+    assert s.stream_q.tolist() == [0, 2, 3, 4, 5, 6, 7] and s.mixed
+    assert s.row_full.tolist() == [[False, True, False, False]]
+    # the streaming call runs over both groups (the full head's row is overwritten)
+    assert s.stream_groups.tolist() == [0, 1] and s.stream_group_q.tolist() == list(range(8))
+    whole = split_layer({0, 1, 2, 3}, 8, 2)
+    assert whole.stream_groups.tolist() == [1] and whole.stream_group_q.tolist() == [4, 5, 6, 7]
+    assert not whole.mixed and whole.full_q_kv.tolist() == [0]
+    assert read_kv_heads([1, 5], 4) == [0, 1] and read_kv_heads([1, 2, 5], 4) == [0, 0, 1]
+    assert read_kv_heads([0, 1, 4, 5], 4) == [0, 1]  # even: SDPA's enable_gqa pairs them
+
+
+MIXED = {"one_mixed_group_per_layer": [(0, 1), (1, 3)],
+         "every_group_mixed": [(0, 0), (0, 2), (1, 1)]}
+
+
+def _mixed_case(tiny_model, name, heads):
+    model = tiny_model(name)  # 4 query heads over 2 KV heads
+    batch = {"gemma3": _gemma_batch, "llava": _batch}.get(name, _two)(model)
+    hybrid = HybridAttention(model, MIXED[heads], n_sink=2, window=4)
+    assert all(s.mixed for s in hybrid.splits if len(s.full_q))
+    assert hybrid.full_heads == sorted(MIXED[heads])
+    whole = HybridAttention(model, [(l, 2 * g + r) for l, g in hybrid.full_kv_heads
+                                    for r in (0, 1)], n_sink=2, window=4)
+    assert whole.full_kv_heads == hybrid.full_kv_heads
+    return model, batch, hybrid, whole
+
+
+@pytest.mark.parametrize("heads", list(MIXED))
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "internvl", "gemma3"])
+def test_streaming_heads_of_a_full_kv_group_prefill(tiny_model, name, heads):
+    """Under GQA a CoRe head's KV head keeps every key, but the other query heads of its
+    group are streaming heads: prefill equals the per-query-head reference, and differs from
+    the whole-group rule (every query head of a full group attending fully)."""
+    model, batch, hybrid, whole = _mixed_case(tiny_model, name, heads)
+    valid = batch.attention_mask.bool()
+    got, ref, _ = _hybrid_prefill(model, batch, hybrid)
+    with torch.no_grad(), _masked(model, _reference(model, batch, whole)):
+        whole_ref = model(batch)
+    assert (got - ref)[valid].abs().max() < TOL
+    assert (whole_ref - ref)[valid].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("heads", list(MIXED))
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "internvl", "gemma3"])
+def test_streaming_heads_of_a_full_kv_group_decode(tiny_model, name, heads):
+    """Cached decoding with mixed groups (the streaming query heads of a full group read the
+    streaming key set from the group's full cache; Gemma 3 past its sliding window) equals the
+    per-query-head reference, and holds the same KV bytes as the whole-group plan."""
+    model, batch, hybrid, whole = _mixed_case(tiny_model, name, heads)
+    n = 9 if name == "gemma3" else 5
+    toks, logits = hybrid.generate(batch, max_new_tokens=n, return_logits=True)
+    assert (logits - _decode_reference(model, batch, hybrid, toks)).abs().max() < TOL
+    assert (_decode_reference(model, batch, whole, toks) - logits).abs().max() > 1e-3
+    whole.generate(batch, max_new_tokens=n)
+    assert hybrid.last_cache.nbytes() == whole.last_cache.nbytes()

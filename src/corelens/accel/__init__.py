@@ -2,10 +2,13 @@
 
 ``HybridAttention(model, heads)`` runs the decoder with two kinds of heads:
 
-- **full heads** — the CoRe heads (a list of ``(layer, head)``, e.g. ``HeadScores.top(0.1)``)
-  attend to every token, exactly like the model's own attention. Under GQA the unit is a KV head:
-  a KV head is full if ANY of its query heads is a CoRe head, and then all of its query heads
-  attend fully (they read the same keys; restricting them would save neither compute nor cache).
+- **full heads** — the CoRe heads (a list of ``(layer, query head)``, e.g.
+  ``HeadScores.top(0.1)``) attend to every token, exactly like the model's own attention. Under
+  GQA the cache's unit is a KV head: a KV head keeps every token if ANY of its query heads is a
+  CoRe head (a *full group*); the group's other query heads are streaming heads like any other,
+  reading the streaming key set from the group's full cache (in prefill they skip the vision
+  keys in compute; in decoding the group's cache is read once for all of its query heads).
+  ``HybridAttention.from_scores(..., kv_budget=, frac=)`` plans the groups to a KV budget.
 - **streaming heads** — every other head. For EVERY query row ``i`` (vision rows included in
   prefill; ``i`` = index in the sequence, padding included), a streaming head sees exactly the
   keys ``j`` that the model's own attention lets row ``i`` see (causal, not padding; Gemma 3:
@@ -32,10 +35,13 @@
 The saving is real: streaming heads are computed over a gathered key set (sinks + text +
 summaries, then the window as a band: queries in blocks of ``window`` rows against a slab of
 ``2 * window`` keys, ``3 * window`` with bidirectional image blocks), never as full attention
-with a mask. In cached decoding (``generate`` / ``prefill`` + ``decode_step``) the vision keys /
-values are stored only for full KV heads; streaming KV heads keep sinks, text, summaries and the
-last ``window`` prompt tokens. Sliding-window layers hold only what the next token can still
-see (original index ``> i - sliding_window``): the others are freed, as in Gemma's own cache.
+with a mask: one SDPA call per layer for all of them (the slabs built once per KV head). In
+cached decoding (``generate`` / ``prefill`` + ``decode_step``) the vision keys / values are
+stored only for full KV heads (with the pooled summaries, if any, for their streaming query
+heads); streaming KV heads keep sinks, text, summaries and the last ``window`` prompt tokens.
+A step folds each KV group's query heads into rows: each cache is read once per group.
+Sliding-window layers hold only what the next token can still see (original index
+``> i - sliding_window``): the others are freed, as in Gemma's own cache.
 
 Baselines: ``full`` (the model as is), ``HybridAttention.random`` (random KV heads at the same
 KV-head budget) and ``FastV`` (after layer ``k``, drop ``ratio`` of the vision tokens that get

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from corelens.accel.decoding import alive_index, gather_heads, neg_inf
@@ -20,30 +20,46 @@ from corelens.errors import InputError
 @dataclass
 class Slots:
     """What the entries of a hybrid cache hold, for the layers of one sliding window (or the
-    full-attention layers): full-head entries ``f_*`` and streaming-head entries ``s_*``, each
-    with its original sequence index (a summary: its chunk's last token)."""
+    full-attention layers): full-KV-head entries ``f_*`` and streaming-KV-head entries ``s_*``,
+    each with its original sequence index (a summary: its chunk's last token) and its kind for
+    a streaming query head: 0 kept for good (sink, text), 1 window-only (seen while
+    ``pos >= i - window``), 2 summary (a full head never sees it)."""
 
     f_pos: Int[Tensor, "batch n"]
+    f_kind: Int[Tensor, "batch n"]
     f_ok: Bool[Tensor, "batch n"]  # key valid (not padding)
+    f_bias: Float[Tensor, "batch n"]  # score bias for a streaming query head (log chunk size)
     s_pos: Int[Tensor, "batch m"]
-    s_kind: Int[Tensor, "batch m"]  # 0 kept for good, 1 window-only, 2 summary
+    s_kind: Int[Tensor, "batch m"]
     s_ok: Bool[Tensor, "batch m"]
-    s_bias: Tensor  # [batch, m] score bias (log chunk size of a summary)
+    s_bias: Float[Tensor, "batch m"]
+
+    FIELDS = ("f_pos", "f_kind", "f_ok", "f_bias", "s_pos", "s_kind", "s_ok", "s_bias")
 
     def repeat(self, n: int) -> "Slots":
-        return Slots(*(getattr(self, f).repeat_interleave(n, 0) for f in
-                        ("f_pos", "f_ok", "s_pos", "s_kind", "s_ok", "s_bias")))
+        return Slots(*(getattr(self, f).repeat_interleave(n, 0) for f in self.FIELDS))
 
     def append(self, i: int) -> None:
         """One new (text) token at sequence index ``i``: every head keeps it."""
         b, dev = self.f_ok.shape[0], self.f_ok.device
-        one = torch.ones(b, 1, dtype=torch.bool, device=dev)
-        pos = torch.full((b, 1), i, dtype=torch.long, device=dev)
-        self.f_pos, self.f_ok = torch.cat([self.f_pos, pos], 1), torch.cat([self.f_ok, one], 1)
-        self.s_pos = torch.cat([self.s_pos, pos], 1)
-        self.s_kind = torch.cat([self.s_kind, torch.zeros_like(pos)], 1)
-        self.s_ok = torch.cat([self.s_ok, one], 1)
-        self.s_bias = torch.cat([self.s_bias, torch.zeros(b, 1, device=dev)], 1)
+        new = {"pos": torch.full((b, 1), i, dtype=torch.long, device=dev),
+               "kind": torch.zeros(b, 1, dtype=torch.long, device=dev),
+               "ok": torch.ones(b, 1, dtype=torch.bool, device=dev),
+               "bias": torch.zeros(b, 1, device=dev)}
+        for side in "fs":
+            for f, x in new.items():
+                setattr(self, f"{side}_{f}", torch.cat([getattr(self, f"{side}_{f}"), x], 1))
+
+    def keep(self, side: str, idx: Int[Tensor, "batch k"]) -> None:
+        """Keep entries ``idx`` of side ``"f"`` or ``"s"``."""
+        for f in ("pos", "kind", "ok", "bias"):
+            setattr(self, f"{side}_{f}", getattr(self, f"{side}_{f}").gather(1, idx))
+
+    def streaming_sees(self, side: str, i: int, window: int) -> Bool[Tensor, "batch n"]:
+        """Which entries of side ``side`` a streaming query head at index ``i`` sees (before
+        the layer's sliding window)."""
+        pos, kind, ok = (getattr(self, f"{side}_{f}") for f in ("pos", "kind", "ok"))
+        return ok & ((kind != 1) | (pos >= i - window))
 
 
 class HybridCache:
@@ -66,8 +82,8 @@ class HybridCache:
         self.vs: list[Tensor | None] = [None] * n_layers
         self.slots: dict[int | None, Slots] = {}
         self.length = 0  # sequence length so far (the next token's index)
-        self.masks: dict[int | None, tuple[Tensor, Tensor]] = {}  # per sliding window:
-        # this step's additive (full heads, streaming heads) masks
+        self.masks: dict[int | None, StepMasks] = {}  # per sliding window: this step's masks
+        self._group_masks: dict[tuple, Tensor] = {}
         self.mrope = False  # the model takes [3, batch, 1] step positions (M-RoPE)
 
     def _used(self, name: str, layer: int) -> int:
@@ -126,14 +142,13 @@ class HybridCache:
             layers = [l for l, w in enumerate(self.sliding) if w == sw]
             f_idx = alive_index(sl.f_ok & (sl.f_pos > i - sw))
             if f_idx.shape[1] < sl.f_pos.shape[1]:
-                sl.f_pos, sl.f_ok = sl.f_pos.gather(1, f_idx), sl.f_ok.gather(1, f_idx)
+                sl.keep("f", f_idx)
                 self._compact(("kf", "vf"), layers, f_idx)
             s_alive = sl.s_ok & (sl.s_pos > i - sw) & ((sl.s_kind != 1)
                                                         | (sl.s_pos >= i - self.window))
             s_idx = alive_index(s_alive)
             if s_idx.shape[1] < sl.s_pos.shape[1]:
-                for f in ("s_pos", "s_kind", "s_ok", "s_bias"):
-                    setattr(sl, f, getattr(sl, f).gather(1, s_idx))
+                sl.keep("s", s_idx)
                 self._compact(("ks", "vs"), layers, s_idx)
 
     def _compact(self, names: tuple[str, str], layers: list[int], idx: Tensor) -> None:
@@ -157,15 +172,47 @@ class HybridCache:
             sl.append(i)
         self.length += 1
         neg = neg_inf(dtype)
-        self.masks = {}
+        self.masks, self._group_masks = {}, {}
+
+        def additive(seen: Tensor, bias: Tensor | float = 0.0) -> Tensor:
+            return torch.where(seen, bias, neg).to(dtype)[:, None, None, :]
+
         for sw, sl in self.slots.items():  # a sliding layer sees keys j > i - sliding_window
-            full = sl.f_ok
-            stream = sl.s_ok & ((sl.s_kind != 1) | (sl.s_pos >= i - self.window))
+            full = sl.f_ok & (sl.f_kind != 2)
+            full_stream = sl.streaming_sees("f", i, self.window)
+            stream = sl.streaming_sees("s", i, self.window)
             if sw is not None:
                 full = full & (sl.f_pos > i - sw)
+                full_stream = full_stream & (sl.f_pos > i - sw)
                 stream = stream & (sl.s_pos > i - sw)
-            self.masks[sw] = (torch.where(full, 0.0, neg).to(dtype)[:, None, None, :],
-                              torch.where(stream, sl.s_bias, neg).to(dtype)[:, None, None, :])
+            self.masks[sw] = StepMasks(additive(full), additive(full_stream, sl.f_bias),
+                                       additive(stream, sl.s_bias))
+
+    def group_mask(self, sliding: int | None,
+                   row_full: Bool[Tensor, "groups rep"]) -> Float[Tensor, "batch groups rep n"]:
+        """This step's additive mask over the full cache for the query heads of full KV groups
+        folded into rows (group g, row r = query head ``g * rep + r``): the full mask on the
+        rows of full query heads, the streaming one on the others. Built once per step and
+        pattern."""
+        m = self.masks[sliding]
+        if bool(row_full.all()):
+            return m.full
+        key = (sliding, tuple(row_full.flatten().tolist()), row_full.shape)
+        if key not in self._group_masks:
+            rows = row_full.to(m.full.device)[None, :, :, None]
+            self._group_masks[key] = torch.where(rows, m.full, m.full_stream)
+        return self._group_masks[key]
+
+
+@dataclass
+class StepMasks:
+    """A decoding step's additive masks ``[batch, 1, 1, n]`` for one sliding window: over the
+    full cache for full query heads (``full``) and for streaming query heads of full groups
+    (``full_stream``), over the streaming cache (``stream``)."""
+
+    full: Tensor
+    full_stream: Tensor
+    stream: Tensor
 
 
 class FastVCache:

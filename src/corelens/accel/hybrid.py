@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from corelens.accel.cache import HybridCache, Slots
@@ -24,6 +23,7 @@ from corelens.accel.decoding import (
     text_config,
 )
 from corelens.accel.plan import StreamPlan, layout_masks, plan_streaming
+from corelens.accel.split import LayerSplit, split_layer
 from corelens.core.attention import KernelCall, additive_mask
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError
@@ -33,14 +33,6 @@ from corelens.heads import Head
 # the registered families whose traits allow hybrid attention (prefill and cached decoding)
 PREFILL_FAMILIES = frozenset(n for n, f in FAMILIES.items() if f.supports_hybrid_attention)
 DECODE_FAMILIES = PREFILL_FAMILIES
-
-
-@dataclass
-class LayerSplit:
-    full_q: Tensor  # query heads attending fully (grouped by KV head)
-    full_kv: Tensor
-    stream_q: Tensor
-    stream_kv: Tensor
 
 
 class HybridAttention:
@@ -76,17 +68,10 @@ class HybridAttention:
             if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
                 raise InputError(f"head L{l}H{h} is outside this model "
                                  f"({self.n_layers} layers x {self.n_heads} heads)")
-        full = [set() for _ in range(self.n_layers)]
+        full: list[set[int]] = [set() for _ in range(self.n_layers)]
         for l, h in self.heads:
-            full[l].add(h // self.n_rep)
-        self.splits: list[LayerSplit] = []
-        for l in range(self.n_layers):
-            fkv = sorted(full[l])
-            skv = [g for g in range(self.n_kv) if g not in full[l]]
-            fq = [g * self.n_rep + r for g in fkv for r in range(self.n_rep)]
-            sq = [g * self.n_rep + r for g in skv for r in range(self.n_rep)]
-            lt = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-            self.splits.append(LayerSplit(lt(fq), lt(fkv), lt(sq), lt(skv)))
+            full[l].add(h)
+        self.splits: list[LayerSplit] = [split_layer(f, self.n_heads, self.n_kv) for f in full]
         self._plan: StreamPlan | None = None
         self._cache: HybridCache | None = None
         self._building = False
@@ -99,7 +84,8 @@ class HybridAttention:
 
     @property
     def full_heads(self) -> list[Head]:
-        """(layer, query head) pairs that attend fully (CoRe heads and their GQA group)."""
+        """(layer, query head) pairs that attend fully: the CoRe heads. (Their GQA groups'
+        other query heads are streaming heads reading the group's full KV cache.)"""
         return [(l, int(h)) for l, s in enumerate(self.splits) for h in s.full_q]
 
     @property
@@ -109,12 +95,17 @@ class HybridAttention:
 
     @classmethod
     def from_scores(cls, model: Any, scores: Any, kv_budget: float = 0.1,
-                    reduce: str = "max", **kw: Any) -> "HybridAttention":
+                    reduce: str = "max", frac: float | None = None,
+                    **kw: Any) -> "HybridAttention":
         """Plan at KV-group granularity: rank each layer's KV groups (the query heads sharing
         a KV head under GQA) by ``reduce`` ("max" or "mean") of their heads' scores
         (``HeadScores`` or a ``[layer, head]`` tensor; NaN ranks last) and keep the top
-        ``ceil(kv_budget * layers * kv_heads)`` groups full, so the KV budget is what is asked
-        for. (``HybridAttention(model, scores.top(frac))`` keeps every group that holds a top
+        ``ceil(kv_budget * layers * kv_heads)`` groups' KV cache full. Which query heads attend
+        fully: without ``frac``, every query head of a kept group (the KV budget is then exact);
+        with ``frac``, the ``ceil(frac * layers * heads)`` best-scoring query heads of the kept
+        groups (a kept group left without one is not kept: the budget is then an upper
+        bound), the other query heads of the kept groups streaming over the group's full
+        cache. (``HybridAttention(model, scores.top(frac))`` keeps every group that holds a top
         head: with 7 query heads per KV head, a top-10% of heads fills most groups.)"""
         tc = text_config(model)
         n_layers, n_heads = tc.num_hidden_layers, tc.num_attention_heads
@@ -125,29 +116,52 @@ class HybridAttention:
                              f"{n_layers} layers x {n_heads} heads")
         if not 0 < kv_budget <= 1 or reduce not in ("max", "mean"):
             raise InputError("from_scores wants 0 < kv_budget <= 1 and reduce 'max' or 'mean'")
-        groups = values.nan_to_num(float("-inf")).view(n_layers, n_kv, n_heads // n_kv)
+        if frac is not None and not 0 < frac <= 1:
+            raise InputError(f"from_scores wants 0 < frac <= 1, got {frac}")
+        rep = n_heads // n_kv
+        values = values.nan_to_num(float("-inf"))
+        groups = values.view(n_layers, n_kv, rep)
         ranked = groups.amax(-1) if reduce == "max" else groups.mean(-1)
         k = math.ceil(kv_budget * n_layers * n_kv)
         top = ranked.flatten().argsort(descending=True, stable=True)[:k].tolist()
-        rep = n_heads // n_kv
-        return cls(model, [(i // n_kv, (i % n_kv) * rep) for i in top], **kw)
+        heads = [(i // n_kv, (i % n_kv) * rep + r) for i in top for r in range(rep)]
+        if frac is not None:
+            n = math.ceil(frac * n_layers * n_heads)
+            heads = sorted(heads, key=lambda lh: -float(values[lh]))[:n]
+        return cls(model, heads, **kw)
 
     @classmethod
-    def random(cls, model: Any, n_kv_heads: int, seed: int = 0, **kw: Any) -> "HybridAttention":
+    def random(cls, model: Any, n_kv_heads: int, seed: int = 0, n_heads: int | None = None,
+               **kw: Any) -> "HybridAttention":
         """Random KV heads (``n_kv_heads`` of them, e.g. another plan's ``len(full_kv_heads)``)
-        kept full: the random-head baseline at the same KV budget."""
+        kept full: the random-head baseline at the same KV budget. Without ``n_heads`` every
+        query head of those groups attends fully; with it, ``n_heads`` random query heads of
+        those groups (at least one per group, e.g. another plan's ``len(full_heads)``), the
+        others streaming."""
         tc = text_config(model)
         n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
         rep = tc.num_attention_heads // n_kv
         pool = [(l, g) for l in range(tc.num_hidden_layers) for g in range(n_kv)]
-        chosen = random.Random(seed).sample(pool, n_kv_heads)
-        return cls(model, [(l, g * rep) for l, g in chosen], **kw)
+        if not 0 <= n_kv_heads <= len(pool):
+            raise InputError(f"n_kv_heads must be in [0, {len(pool)}], got {n_kv_heads}")
+        rng = random.Random(seed)
+        chosen = rng.sample(pool, n_kv_heads)
+        if n_heads is None:
+            return cls(model, [(l, g * rep + r) for l, g in chosen for r in range(rep)], **kw)
+        if not n_kv_heads <= n_heads <= n_kv_heads * rep:
+            raise InputError(f"n_heads must be in [{n_kv_heads}, {n_kv_heads * rep}] for "
+                             f"{n_kv_heads} KV groups of {rep} query heads, got {n_heads}")
+        one_each = [(l, g * rep + rng.randrange(rep)) for l, g in chosen]
+        rest = [(l, g * rep + r) for l, g in chosen for r in range(rep)
+                if (l, g * rep + r) not in one_each]
+        return cls(model, one_each + rng.sample(rest, n_heads - n_kv_heads), **kw)
 
     def allowed(self, batch: MultimodalBatch, seq_len: int | None = None) -> list[Tensor]:
         """The per-head key mask equivalent to this hybrid (``n_pooled = 0``): per layer a bool
         [batch, head, seq, seq] for ``model.attention.key_mask``, which intersects it with the
         model's own mask (causal, padding, bidirectional image blocks, sliding windows): the
-        streaming heads' sinks + text + the two-sided band ``|i - j| <= window``. ``seq_len`` >
+        streaming heads' (every query head but the CoRe heads, GQA group-mates included)
+        sinks + text + the two-sided band ``|i - j| <= window``. ``seq_len`` >
         the batch's extends it with text tokens (generated ones). O(T^2): for tests and small
         inputs."""
         if self.n_pooled:
@@ -219,33 +233,44 @@ class HybridAttention:
         if t != plan.seq_len or k.shape[2] != t:
             raise InputError(f"hybrid attention was planned for {plan.seq_len} tokens, the "
                              f"model was called on {t}")
-        z = q.new_empty(b, h, t, d)
-        if len(split.full_q):
-            kf, vf = k[:, split.full_kv], v[:, split.full_kv]
-            mask = additive_mask(call.mask, q.dtype, t, t)
-            zf = F.scaled_dot_product_attention(
-                q[:, split.full_q], kf, vf, attn_mask=mask, scale=call.scaling,
-                is_causal=mask is None and t > 1, enable_gqa=self.n_rep > 1)
-            if len(split.stream_q) == 0:
-                z = zf
-            else:
-                z[:, split.full_q] = zf
-        if len(split.stream_q):
-            ks, vs = k[:, split.stream_kv], v[:, split.stream_kv]
-            z[:, split.stream_q] = self._stream_prefill(q[:, split.stream_q], ks, vs,
-                                                        call.scaling, plan,
-                                                        self.sliding[call.layer])
         if self._building:
             self._store(call.layer, split, k, v, plan)
+        if len(split.stream_q) == 0:
+            return self._full_prefill(q, k, v, split, call)
+        sliding = self.sliding[call.layer]
+        if len(split.stream_groups) == self.n_kv:  # every KV group has a streaming head
+            z = self._stream_prefill(q, k, v, call.scaling, plan, sliding)
+        else:
+            z = q.new_empty(b, h, t, d)
+            rows, groups = split.stream_group_q, split.stream_groups
+            z[:, rows] = self._stream_prefill(q[:, rows], k[:, groups], v[:, groups],
+                                              call.scaling, plan, sliding)
+        if len(split.full_q):  # overwrites the full heads' rows of the streaming call
+            z[:, split.full_q] = self._full_prefill(q, k, v, split, call)
         return z
 
     # --- prefill -----------------------------------------------------------------------------
+    def _full_prefill(self, q: Float[Tensor, "b h t d"], k: Float[Tensor, "b kv t d"],
+                      v: Float[Tensor, "b kv t d"], split: LayerSplit,
+                      call: KernelCall) -> Float[Tensor, "b full t d"]:
+        """The full query heads, exactly the model's attention (its own mask)."""
+        t = q.shape[2]
+        kf, vf = k[:, split.full_q_kv], v[:, split.full_q_kv]
+        mask = additive_mask(call.mask, q.dtype, t, t)
+        return F.scaled_dot_product_attention(
+            q[:, split.full_q], kf, vf, attn_mask=mask, scale=call.scaling,
+            is_causal=mask is None and t > 1, enable_gqa=len(split.full_q) != kf.shape[1])
+
+    def _pooled(self, x: Float[Tensor, "b kv t d"],
+                plan: StreamPlan) -> Float[Tensor, "b kv p d"]:
+        """The pooled summaries' keys (or values): each chunk's mean."""
+        return torch.einsum("bpt,bhtd->bhpd", plan.pool_w.to(x.dtype), x)
+
     def _globals(self, k: Tensor, v: Tensor, plan: StreamPlan) -> tuple[Tensor, Tensor]:
         kg, vg = gather_heads(k, plan.glob_idx), gather_heads(v, plan.glob_idx)
         if self.n_pooled:
-            w = plan.pool_w.to(k.dtype)
-            kg = torch.cat([kg, torch.einsum("bpt,bhtd->bhpd", w, k)], 2)
-            vg = torch.cat([vg, torch.einsum("bpt,bhtd->bhpd", w, v)], 2)
+            kg = torch.cat([kg, self._pooled(k, plan)], 2)
+            vg = torch.cat([vg, self._pooled(v, plan)], 2)
         return kg, vg
 
     def _block_mask(self, plan: StreamPlan, dtype: torch.dtype, device: torch.device,
@@ -327,8 +352,10 @@ class HybridAttention:
     # --- cached decoding -----------------------------------------------------------------------
     def _store(self, layer: int, split: LayerSplit, k: Tensor, v: Tensor, plan: StreamPlan) -> None:
         c = self._cache
-        c.kf[layer] = k[:, split.full_kv].contiguous()
-        c.vf[layer] = v[:, split.full_kv].contiguous()
+        kf, vf = k[:, split.full_kv], v[:, split.full_kv]
+        # the pooled summaries first (none without n_pooled): slots as in _start_cache
+        c.kf[layer] = torch.cat([self._pooled(kf, plan), kf], 2)
+        c.vf[layer] = torch.cat([self._pooled(vf, plan), vf], 2)
         ks, vs = k[:, split.stream_kv], v[:, split.stream_kv]
         kg, vg = self._globals(ks, vs, plan)
         tail = c._tail_idx
@@ -349,7 +376,11 @@ class HybridAttention:
         tail, tail_ok = tail.gather(1, order), tail_ok.gather(1, order)
         c._tail_idx = tail.contiguous()  # type: ignore[attr-defined]
         slots = Slots(
-            f_pos=torch.arange(t, device=dev)[None].expand(b, t), f_ok=plan.valid.clone(),
+            f_pos=torch.cat([plan.pool_last, torch.arange(t, device=dev)[None].expand(b, t)], 1),
+            f_kind=torch.cat([torch.full_like(plan.pool_last, 2),
+                              (plan.valid & ~glob).long()], 1),
+            f_ok=torch.cat([plan.pool_ok, plan.valid], 1),
+            f_bias=torch.cat([plan.pool_bias, torch.zeros(b, t, device=dev)], 1),
             s_pos=torch.cat([plan.glob_idx, plan.pool_last, tail], 1),
             s_kind=torch.cat([torch.zeros_like(plan.glob_idx), torch.full_like(plan.pool_last, 2),
                               torch.ones_like(tail)], 1),
@@ -359,33 +390,40 @@ class HybridAttention:
         c.slots = {sw: slots.repeat(1) for sw in set(self.sliding)}
         return c
 
-    def _decode(self, call: KernelCall, split: LayerSplit) -> Tensor:
+    def _decode(self, call: KernelCall, split: LayerSplit) -> Float[Tensor, "b h 1 d"]:
+        """One step: the query heads folded into rows of their KV group ([b, kv, rep, d]), so
+        each cache is read once per group (no copy per query head): one call over the full
+        cache (full query heads with the full mask, the full groups' streaming query heads
+        with the streaming one), one over the streaming cache."""
         c = self._cache
         q, k, v = call.q, call.k, call.v
         if q.shape[2] != 1:
             raise InputError("hybrid cached decoding runs one token per step")
-        l = call.layer
+        l, sw = call.layer, self.sliding[call.layer]
         b, h, _, d = q.shape
-        z = q.new_empty(b, h, 1, d)
-        full_mask, stream_mask = c.masks[self.sliding[l]]
-        slots = c.slots[self.sliding[l]]
-        if len(split.full_q):
+        rows = q.reshape(b, self.n_kv, self.n_rep, d)
+        slots = c.slots[sw]
+        parts = []
+        if len(split.full_kv):
             nf = slots.f_pos.shape[1]
             kf = c._append("kf", l, k[:, split.full_kv], nf)
             vf = c._append("vf", l, v[:, split.full_kv], nf)
-            zf = F.scaled_dot_product_attention(q[:, split.full_q], kf, vf,
-                                                attn_mask=full_mask, scale=call.scaling,
-                                                enable_gqa=self.n_rep > 1)
-            if len(split.stream_q) == 0:
-                return zf
-            z[:, split.full_q] = zf
-        ns = slots.s_pos.shape[1]
-        ks = c._append("ks", l, k[:, split.stream_kv], ns)
-        vs = c._append("vs", l, v[:, split.stream_kv], ns)
-        z[:, split.stream_q] = F.scaled_dot_product_attention(
-            q[:, split.stream_q], ks, vs, attn_mask=stream_mask, scale=call.scaling,
-            enable_gqa=self.n_rep > 1)
-        return z
+            parts.append((split.full_kv, F.scaled_dot_product_attention(
+                rows[:, split.full_kv], kf, vf, attn_mask=c.group_mask(sw, split.row_full),
+                scale=call.scaling)))
+        if len(split.stream_kv):
+            ns = slots.s_pos.shape[1]
+            ks = c._append("ks", l, k[:, split.stream_kv], ns)
+            vs = c._append("vs", l, v[:, split.stream_kv], ns)
+            parts.append((split.stream_kv, F.scaled_dot_product_attention(
+                rows[:, split.stream_kv], ks, vs, attn_mask=c.masks[sw].stream,
+                scale=call.scaling)))
+        if len(parts) == 1:
+            return parts[0][1].reshape(b, h, 1, d)
+        z = q.new_empty(b, self.n_kv, self.n_rep, d)
+        for kv, zp in parts:
+            z[:, kv] = zp
+        return z.view(b, h, 1, d)
 
     @torch.no_grad()
     def prefill(self, batch: MultimodalBatch) -> tuple[Tensor, HybridCache, Tensor]:
