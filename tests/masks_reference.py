@@ -11,8 +11,8 @@ it is compared against.
 - a streaming head sees, of those, the keys that are a sink (one of the first ``n_sink``
   non-padding tokens), in the window ``|i - j| <= window``, or text (not an image-feature token
   of the batch's ``VisionLayout``);
-- a full head (a CoRe head, or any query head sharing a CoRe head's KV head) sees the model's
-  own mask.
+- a full head (a CoRe head; under GQA not its group-mates, which stream over the group's full
+  cache) sees the model's own mask.
 """
 
 from __future__ import annotations
@@ -88,14 +88,13 @@ def streaming_keys(valid: Tensor, images: list[list[Tensor]], n_sink: int,
     return band | sink[:, None, :] | text[:, None, :]
 
 
-def full_query_heads(heads, n_layers: int, n_heads: int, n_kv: int) -> list[set[int]]:
-    """Per layer, the query heads that attend fully: every query head whose KV head is shared
-    with a CoRe head (GQA groups of ``n_heads // n_kv`` consecutive query heads)."""
-    rep = n_heads // n_kv
+def full_query_heads(heads, n_layers: int) -> list[set[int]]:
+    """Per layer, the query heads that attend fully: the CoRe heads themselves. (Under GQA
+    their group-mates stream, reading the group's full cache: the keys a head sees do not
+    depend on which cache holds them.)"""
     full = [set() for _ in range(n_layers)]
     for layer, head in heads:
-        group = head // rep
-        full[layer] |= set(range(group * rep, (group + 1) * rep))
+        full[layer].add(head)
     return full
 
 
@@ -104,13 +103,11 @@ def hybrid_reference(model, batch, heads, n_sink: int, window: int,
     """Per layer, the bool [batch, head, seq, seq] mask of what each head of the hybrid sees
     (own mask for full heads; own mask AND (sink | window | text) for streaming heads), for the
     batch extended with text tokens to ``seq_len``."""
-    tc = text_config(model)
-    n_heads = tc.num_attention_heads
-    n_kv = getattr(tc, "num_key_value_heads", None) or n_heads
+    n_heads = text_config(model).num_attention_heads
     valid = extended_valid(batch, seq_len)
     images = image_positions(batch)
     windows = layer_windows(model)
-    full = full_query_heads(heads, len(windows), n_heads, n_kv)
+    full = full_query_heads(heads, len(windows))
     stream = streaming_keys(valid, images, n_sink, window)
     out = []
     for layer, sw in enumerate(windows):
