@@ -215,3 +215,25 @@ def test_circuit_cli_splits_and_scores(tmp_path, capsys):
     assert "CPR" in printed and "eap-ig" in printed
     with pytest.raises(InputError, match="--zoo-pairs|--clean"):
         main(["circuit", "--model", "toy-llava", "--out", str(out)])
+    with pytest.raises(InputError, match="toy-llava's task asks shape"):
+        main(["circuit", "--model", "toy-llava", "--zoo-pairs", "4", "--zoo-question",
+              "relation", "--out", str(out)])
+
+
+def test_circuit_cli_asks_one_question_type_of_a_mixed_task(tmp_path, monkeypatch):
+    import corelens.cli.circuit as cli_circuit
+    from corelens.cli import main
+
+    seen = []
+
+    def spy(model, pairs, *a, **kw):
+        seen.extend(pairs)
+        return real(model, pairs, *a, **kw)
+
+    real = cli_circuit.circuit_benchmark
+    monkeypatch.setattr(cli_circuit, "circuit_benchmark", spy)
+    out = tmp_path / "circuit.json"
+    assert main(["circuit", "--model", "toy-llava-2hop", "--zoo-pairs", "6", "--zoo-question",
+                 "relation", "--method", "random", "--out", str(out), "--no-progress"]) == 0
+    assert len(seen) == 6 and all(" left of the " in c.question for c, _ in seen)
+    assert all(c.answer != r.answer for c, r in seen)  # the target recoloured

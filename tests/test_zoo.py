@@ -131,6 +131,58 @@ def test_scene_sizes_and_multi_image(size, grid, n_images):
         assert len({ex.boxes[0][0] for ex in exs}) > 1
 
 
+def test_question_mixture_relations_and_distractor_pairs():
+    # the controls of toy-llava-2hop's task: a weighted question mix, one relation word, and
+    # an exact number of distractor pairs (objects other than the anchor with an occupied
+    # neighbour in the question's direction)
+    from corelens.zoo.scenes import RELATIONS, _other_pairs
+
+    for pairs in (0, 1, 2):
+        task = SceneTask(question_types=("shape", "relation"), question_weights=(1, 3),
+                         relations=("left",), distractor_pairs=pairs, n_objects=(2, 4))
+        exs = make_examples(task, 200, seed=2)
+        share = Counter(e.metadata["qtype"] for e in exs)["relation"] / len(exs)
+        assert 0.65 < share < 0.85
+        for ex in exs:
+            if ex.metadata["qtype"] != "relation":
+                continue
+            assert " left of the " in ex.question
+            objs, tgt = ex.metadata["objects"], ex.metadata["target"]
+            anchor = objs[1]
+            assert (anchor["row"], anchor["col"] - 1) == (tgt["row"], tgt["col"])
+            cells = {(o["row"], o["col"]) for o in objs}
+            others = [o for o in objs if o is not anchor]
+            assert sum((o["row"], o["col"] - 1) in cells for o in others) == pairs
+            assert ex.metadata["n_objects"] >= 2 + pairs
+    from corelens.zoo.scenes import SceneObject
+
+    row = [SceneObject(0, 0, c, "square", "red") for c in (0, 1, 2)]  # a chain of three
+    assert _other_pairs([row[0], row[1], row[2]], RELATIONS["left"]) == 1
+    with pytest.raises(ValueError, match="question_weights"):
+        SceneTask(question_types=("shape", "relation"), question_weights=(1,))
+    with pytest.raises(ValueError, match="relations"):
+        SceneTask(relations=("behind",))
+
+
+def test_two_hop_curriculum_phases():
+    from corelens.zoo.train import RECIPES, curriculum
+
+    r = RECIPES["toy-llava-2hop"]
+    assert 0 < r.one_hop_steps < r.pairs_step < r.steps and r.layers <= 4
+    assert r.late_retrieval == 0 and r.sparsity == 0 and not r.init_from  # no depth lever
+    early = curriculum(r, 0)
+    assert early.question_types == ("shape",) and early.question_weights is None
+    mid, late = curriculum(r, r.one_hop_steps), curriculum(r, r.pairs_step)
+    assert mid.question_types == late.question_types == ("shape", "relation")
+    assert mid.distractor_pairs == 0 and late.distractor_pairs == r.task.distractor_pairs == 1
+    # the other recipes' curricula are what they were: only the number of objects changes
+    for name in ("toy-llava", "toy-llava-dense", "toy-qwen-vl", "toy-llava-deep"):
+        for step in (0, 500, 5000):
+            t = curriculum(RECIPES[name], step)
+            assert t.question_types == ("shape",) and t.question_weights is None
+            assert t.distractor_pairs is None
+
+
 def test_scene_task_roundtrip_and_errors(tmp_path):
     task = SceneTask(n_objects=(1, 3), question_types=("shape", "color"))
     task.save(tmp_path / "t.json")

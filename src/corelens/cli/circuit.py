@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from corelens.errors import InputError
 from corelens.interventions.circuit import MIB_FRACTIONS
 from corelens.interventions.discovery import METHODS, circuit_benchmark
 from corelens.report import toy_pairs
+from corelens.zoo.scenes import make_examples
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +32,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoo-pairs", type=int, default=None, help="instead of JSONL: N scene "
                    "pairs of a zoo model's task (the queried object recoloured), drawn from "
                    "--data-seed (outside the model's training seeds)")
+    p.add_argument("--zoo-question", default=None, help="with --zoo-pairs: only this "
+                   "question type of the model's task (e.g. relation for toy-llava-2hop)")
     p.add_argument("--data-seed", type=int, default=41)
     p.add_argument("--method", default=",".join(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)}")
@@ -55,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
         if name not in zoo.names():
             raise InputError("--zoo-pairs needs a zoo model (corelens zoo list); give --clean "
                              "and --corrupted JSONL for other models")
-        pairs = toy_pairs(zoo.examples(name, args.zoo_pairs, seed=args.data_seed),
-                          zoo.task(name))
+        task = zoo.task(name)
+        if args.zoo_question:
+            if args.zoo_question not in task.question_types:
+                raise InputError(f"--zoo-question {args.zoo_question!r}: {name}'s task asks "
+                                 f"{', '.join(task.question_types)}")
+            task = replace(task, question_types=(args.zoo_question,), question_weights=None)
+        pairs = toy_pairs(make_examples(task, args.zoo_pairs, seed=args.data_seed), task)
     elif args.clean and args.corrupted:
         clean, corrupted = load_jsonl(args.clean), load_jsonl(args.corrupted)
         if len(clean) != len(corrupted):

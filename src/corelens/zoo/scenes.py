@@ -13,6 +13,11 @@ answer is the one holding the query — the lever that made content retrieval le
 - ``relation``: "what color is <left of|right of|above|below> the <shape>" -> colour of the
   object in the neighbouring cell (which must be occupied)
 
+``question_weights`` mixes the types unevenly; ``relations`` restricts the relation words;
+``distractor_pairs`` = k draws relation scenes in which exactly k objects other than the anchor
+have an occupied neighbour in the question's direction (None: the other objects fall where
+they may), so "the colour next to any object" is not the answer.
+
 Sizes: ``image_size`` pixels square; with patch size p the model sees ``(image_size / p) ** 2``
 vision tokens per image, e.g. 32 px / 8 = 16 tokens, 64 / 8 = 64, 256 / 8 = 1,024.
 """
@@ -64,10 +69,22 @@ class SceneTask:
     n_images: int = 1
     background: tuple[int, int, int] = (0, 0, 0)
     margin: float = 0.125  # empty border of a cell, as a fraction of the cell
+    question_weights: tuple[float, ...] | None = None  # per question type (None: uniform)
+    relations: tuple[str, ...] = tuple(RELATIONS)
+    distractor_pairs: int | None = None
 
     def __post_init__(self) -> None:
         self.n_objects = tuple(self.n_objects)  # type: ignore[assignment]
         self.question_types = tuple(self.question_types)
+        self.relations = tuple(self.relations)
+        if self.question_weights is not None:
+            self.question_weights = tuple(self.question_weights)
+            if len(self.question_weights) != len(self.question_types):
+                raise ValueError(f"question_weights {self.question_weights} must give one "
+                                 f"weight per question type {self.question_types}")
+        if not self.relations or set(self.relations) - set(RELATIONS):
+            raise ValueError(f"relations {self.relations} must be a non-empty subset of "
+                             f"{tuple(RELATIONS)}")
         self.colors = tuple(self.colors)
         self.shapes = tuple(self.shapes)
         self.background = tuple(self.background)  # type: ignore[assignment]
@@ -171,10 +188,12 @@ def _box(task: SceneTask, r: int, c: int) -> tuple[int, int, int, int]:
 def make_example(task: SceneTask, seed: int, qtype: str | None = None) -> GroundedExample:
     """One example, deterministic from ``(task, seed)``."""
     rng = random.Random(f"corelens-scene-{seed}")
-    qtype = qtype or rng.choice(task.question_types)
+    if qtype is None:
+        qtype = (rng.choice(task.question_types) if task.question_weights is None
+                 else rng.choices(task.question_types, weights=task.question_weights)[0])
     n = rng.randint(*task.n_objects)
     if qtype == "relation":
-        n = max(n, 2)
+        n = max(n, 2 + (task.distractor_pairs or 0))
     for _attempt in range(1000):
         objs = _draw_objects(task, rng, n, qtype)
         if objs is not None:
@@ -223,7 +242,7 @@ def _draw_objects(task: SceneTask, rng: random.Random, n: int, qtype: str) -> An
         if task.n_images > 1:
             raise ValueError("position questions need a single image (rows/cols are per image)")
     else:  # relation: "what color is <rel> the <shape>" -> the neighbour of the anchor
-        rel = rng.choice(list(RELATIONS))
+        rel = rng.choice(task.relations)
         dr, dc = RELATIONS[rel]
         i, r, c = places[0]
         ar, ac = r - dr, c - dc  # the anchor sits on the other side of the target
@@ -237,6 +256,9 @@ def _draw_objects(task: SceneTask, rng: random.Random, n: int, qtype: str) -> An
         colors = [rng.choice(task.colors) for _ in range(len(places))]
     objects = [SceneObject(i, r, c, s, col, _box(task, r, c))
                for (i, r, c), s, col in zip(places, shapes, colors)]
+    if (qtype == "relation" and task.distractor_pairs is not None
+            and _other_pairs(objects, RELATIONS[rel]) != task.distractor_pairs):
+        return None
     target = objects[ti]
     if qtype == "shape":
         question, answer = f"what color is the {target.shape}", target.color
@@ -248,6 +270,14 @@ def _draw_objects(task: SceneTask, rng: random.Random, n: int, qtype: str) -> An
         question = f"what color is {RELATION_WORDS[rel]} the {objects[1].shape}"
         answer = target.color
     return objects, target, question, answer
+
+
+def _other_pairs(objects: list[SceneObject], step: tuple[int, int]) -> int:
+    """How many objects other than the anchor (``objects[1]``) have an occupied cell at
+    ``step`` from them: the distractor pairs of a relation scene."""
+    cells = {(o.image, o.row, o.col) for o in objects}
+    dr, dc = step
+    return sum((o.image, o.row + dr, o.col + dc) in cells for o in objects[:1] + objects[2:])
 
 
 # Example seeds in [TRAIN_SEEDS_START, TRAIN_SEEDS_END) are reserved for training streams: every

@@ -105,6 +105,8 @@ class Recipe:
     init_offset: int = 0  # ... its decoder layers become layers offset.. ; the ones below start
     # as the identity (attention and MLP output projections zero)
     curriculum_steps: int = 400  # steps per curriculum stage (max objects 2, 3, ... final)
+    one_hop_steps: int = 0  # the first steps ask only the task's first question type
+    pairs_step: int = 0  # relation scenes have no distractor pairs before this step
     eval_every: int = 250
     eval_examples: int = 256  # held-out examples per evaluation (twice as many at the end)
     ckpt_every: int = 250
@@ -132,6 +134,18 @@ RECIPES: dict[str, Recipe] = {
                              init_offset=4, late_retrieval=4, late_mode="penalty", steps=1000,
                              lr=5e-4, warmup=50, curriculum_steps=0, sparsity=0.05,
                              sparsity_start=0, sparsity_ramp=1),
+    # two hops, no depth lever, from scratch: "what color is left of the <shape>" (the target
+    # precedes the anchor in raster order, so under causal masking the anchor's image token can
+    # read it). One token per cell (patch 16 on 64 px), two layers. The curriculum: one-hop
+    # ``shape`` questions only for ``one_hop_steps``, then half shape questions throughout,
+    # distractor pairs (other objects with a left neighbour) from ``pairs_step``. The run sits
+    # on the shortcut plateau (~0.6: the colour left of any object) until ~7,000 steps, then
+    # climbs; ~25 minutes on one thread (docs/zoo.md)
+    "toy-llava-2hop": Recipe(task=SceneTask(n_objects=(2, 4), question_types=("shape", "relation"),
+                                            question_weights=(1, 1), relations=("left",),
+                                            distractor_pairs=1),
+                             patch_size=16, layers=2, steps=12000, one_hop_steps=1500,
+                             pairs_step=3000),
 }
 
 
@@ -283,6 +297,10 @@ def curriculum(recipe: Recipe, step: int) -> SceneTask:
     cur_hi = min(hi, 2 + step // max(1, recipe.curriculum_steps))
     t = SceneTask.from_dict(recipe.task.to_dict())
     t.n_objects = (min(lo, 1) if cur_hi < hi else lo, cur_hi)
+    if step < recipe.one_hop_steps:
+        t.question_types, t.question_weights = t.question_types[:1], None
+    if step < recipe.pairs_step and t.distractor_pairs:
+        t.distractor_pairs = 0
     return t
 
 
@@ -381,7 +399,9 @@ def hoyer_penalty(acts: list[torch.Tensor], batch: Any, heads: int) -> torch.Ten
 
 @torch.no_grad()
 def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed: int = 12345,
-             batch_size: int = 64, knockout: int = 0) -> float:
+             batch_size: int = 64, knockout: int = 0,
+             by_type: dict[str, list[int]] | None = None) -> float:
+    """Held-out accuracy; ``by_type`` (if given) collects [right, asked] per question type."""
     hf_model.eval()
     exs = make_examples(task, n, seed=seed)
     good = 0
@@ -393,9 +413,14 @@ def accuracy(hf_model: Any, processor: Any, task: SceneTask, n: int = 256, seed:
         hit = (logits.argmax(-1) == ans)
         # an example is right when all its answer tokens are
         k = 0
-        for q in b.query_positions:
-            good += int(hit[k:k + len(q)].all())
+        for ex, q in zip(exs[i:i + batch_size], b.query_positions):
+            right = int(hit[k:k + len(q)].all())
+            good += right
             k += len(q)
+            if by_type is not None:
+                counts = by_type.setdefault(ex.metadata["qtype"], [0, 0])
+                counts[0] += right
+                counts[1] += 1
     return good / n
 
 
@@ -507,11 +532,16 @@ def train(name: str, out: str | Path, seed: int = 0, steps: int | None = None,
         bar.set_postfix(post)
         done = step + 1
         if done % recipe.eval_every == 0 or done == recipe.steps:
+            types: dict[str, list[int]] = {}
             acc = accuracy(model, proc, recipe.task, n=recipe.eval_examples,
-                           knockout=late_k if knocking(step) else 0)
-            log["evals"].append({"step": done, "accuracy": acc, "loss": ema,
-                                 "seconds": round(time.time() - t0, 1)})
-            bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})")
+                           knockout=late_k if knocking(step) else 0, by_type=types)
+            entry = {"step": done, "accuracy": acc, "loss": ema,
+                     "seconds": round(time.time() - t0, 1)}
+            if len(types) > 1:  # a mixture: each type's accuracy too
+                entry["by_type"] = {t: r / a for t, (r, a) in sorted(types.items())}
+            log["evals"].append(entry)
+            bar.write(f"step {done}: held-out accuracy {acc:.3f} (loss {ema:.3f})"
+                      + "".join(f", {t} {v:.3f}" for t, v in entry.get("by_type", {}).items()))
         if done % recipe.ckpt_every == 0 or done == recipe.steps:
             log["seconds"] = round(time.time() - t0, 1)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
