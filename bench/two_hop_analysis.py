@@ -171,8 +171,9 @@ def main() -> None:
     report["RAM (answer row -> target)"] = fmt_heads(ram, 4)
     report["RAM top 5% layers"] = sorted({l for l, _ in ram.top(frac=0.05)})
     report["RAM on the anchor (answer row -> anchor)"] = fmt_heads(ram_anchor, 4)
-    flow = flow_ram(model, score_set, batch_size=64, progress=False)
-    report["flow_ram (multi-hop RAM, answer -> target)"] = fmt_heads(flow, 8)
+    for mix in ("norms", "rollout"):
+        flow = flow_ram(model, score_set, batch_size=64, mix=mix, progress=False)
+        report[f"flow_ram, mix={mix} (multi-hop RAM, answer -> target)"] = fmt_heads(flow, 8)
     report["RAM, all heads"] = fmt_heads(ram, 8)
 
     s1, s2 = stage_heads(stage_attention(hf, batches(score_set)))
@@ -182,6 +183,10 @@ def main() -> None:
         stage_attention(hf, eval_b), s1, s2)
     report["path patching (second set, first 128 examples)"] = path_effects(
         model, eval_set[:128], task.colors, s1, s2)
+    report["path patching, each layer-0 head -> later values, MLPs recomputed"] = {
+        f"L0H{h}": path_effects(model, eval_set[:128], task.colors, (0, h), s2)[
+            f"L0H{h} -> values of all heads in layers > 0, MLPs recomputed"]
+        for h in range(model.cfg.n_heads)}
 
     text = json.dumps(report, indent=2)
     print(text)

@@ -53,7 +53,7 @@ from corelens.data.batch import MultimodalBatch
 from corelens.hook_names import act_name
 from corelens.runner import run_units
 from corelens.scores.head_scores import HeadScores
-from corelens.scores.regions import ExampleRegions, RamParams, example_regions
+from corelens.scores.regions import ExampleRegions, RamParams, example_regions, key_weights
 from corelens.scores.registry import (
     SCORES,
     ScoreInputs,
@@ -137,7 +137,8 @@ class RamMetric:
                 return  # a cached decoding step: not this batch's prefill
             with torch.no_grad():
                 rows = inputs.pattern_rows(rows_idx.to(inputs.q.device), torch.float32)
-                weight = self._key_weights(inputs) if self.params.value_weighted else None
+                weight = (key_weights(self.model, inputs) if self.params.value_weighted
+                          else None)
                 per_layer[inputs.layer] = [
                     masses(rows[e, :, : len(reg.queries)], reg,
                            None if weight is None else weight[e], self.params.exclude_sink,
@@ -204,15 +205,6 @@ class RamMetric:
              for name in steps[0][0][e]}
             for e in range(len(self.regions))]
         return texts
-
-    def _key_weights(self, inputs: AttentionInputs) -> Float[Tensor, "batch head key"]:
-        """|v_k W_O^h|: the norm of what key k writes through head h."""
-        attn = self.model.attention.layers[inputs.layer]
-        w_o = attn.o.original_component.weight  # [d_model, heads * d_head]
-        h, d = inputs.q.shape[1], inputs.q.shape[3]
-        w_o = w_o.view(w_o.shape[0], h, d).permute(1, 2, 0)  # [head, d_head, d_model]
-        v = inputs.v.repeat_interleave(inputs.n_rep, dim=1) if inputs.n_rep > 1 else inputs.v
-        return torch.einsum("bhkd,hdm->bhkm", v.to(w_o.dtype), w_o).norm(dim=-1).float()
 
     def example_level(self) -> dict[str, Float[Tensor, "example layer head"]]:
         """Each score's mean over query tokens, per example."""

@@ -1,5 +1,6 @@
 """The position sets a head score is measured on: queries Q_e, evidence R_e, vision V_e,
-distractors, the sink, and the token grids of the first view.
+distractors, the sink, and the token grids of the first view; and ``key_weights``, the weight
+of each key in the value-weighted scores.
 
 They are built from ``MultimodalBatch.evidence_positions`` / ``distractor_positions`` and the
 ``VisionLayout``: the same definitions patching's ``position_groups`` and the views use.
@@ -8,10 +9,13 @@ They are built from ``MultimodalBatch.evidence_positions`` / ``distractor_positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from jaxtyping import Int
+import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from corelens.core.attention import AttentionInputs
 from corelens.data.batch import MultimodalBatch
 
 
@@ -84,3 +88,14 @@ def first_view_grids(batch: MultimodalBatch, e: int) -> list[Grid]:
             out.append((img.positions[sel].cpu(), img.rows.row[sel], img.rows.col[sel],
                         view.rows, view.cols))
     return out
+
+
+def key_weights(model: Any, inputs: AttentionInputs) -> Float[Tensor, "batch head key"]:
+    """|v_k W_O^h|: the norm of what key k writes through head h (``RamParams.value_weighted``
+    weighs each key's attention by it, after Kobayashi et al. 2020)."""
+    attn = model.attention.layers[inputs.layer]
+    w_o = attn.o.original_component.weight  # [d_model, heads * d_head]
+    h, d = inputs.q.shape[1], inputs.q.shape[3]
+    w_o = w_o.view(w_o.shape[0], h, d).permute(1, 2, 0)  # [head, d_head, d_model]
+    v = inputs.v.repeat_interleave(inputs.n_rep, dim=1) if inputs.n_rep > 1 else inputs.v
+    return torch.einsum("bhkd,hdm->bhkm", v.to(w_o.dtype), w_o).norm(dim=-1).float()
