@@ -15,6 +15,25 @@ from corelens.scores.ram import score_all
 from corelens.scores.regions import RamParams, example_regions
 
 
+def _compose(S, M, reg):
+    """[layer, head]: e_q^T M_{L-1} ... M_{l+1} S_{l,h} M_{l-1} ... M_0 1_R, product by product."""
+    T = M[0].shape[0]
+    ev = torch.zeros(T)
+    ev[reg.evidence] = 1.0
+    q = torch.zeros(T)
+    q[reg.queries] = 1.0 / len(reg.queries)
+    per_layer = []
+    for l in range(len(M)):
+        up = ev.clone()
+        for k in range(l):  # u_l = M_{l-1} ... M_0 1_R
+            up = M[k] @ up
+        down = q.clone()
+        for k in reversed(range(l + 1, len(M))):  # w_l^T = e_q^T M_{L-1} ... M_{l+1}
+            down = down @ M[k]
+        per_layer.append(torch.stack([down @ S[l][h] @ up for h in range(S[l].shape[0])]))
+    return torch.stack(per_layer)
+
+
 def _by_hand(model, batch, alpha):
     """Every layer's rollout matrix from run_with_cache's patterns, composed explicitly."""
     L = model.cfg.n_layers
@@ -26,20 +45,7 @@ def _by_hand(model, batch, alpha):
         A = [cache[n][e].float().cpu() for n in names]  # [H, T, T]
         T = A[0].shape[-1]
         M = [alpha * torch.eye(T) + (1 - alpha) * a.mean(0) for a in A]
-        ev = torch.zeros(T)
-        ev[reg.evidence] = 1.0
-        q = torch.zeros(T)
-        q[reg.queries] = 1.0 / len(reg.queries)
-        per_layer = []
-        for l in range(L):
-            up = ev.clone()
-            for k in range(l):  # u_l = M_{l-1} ... M_0 1_R
-                up = M[k] @ up
-            down = q.clone()
-            for k in reversed(range(l + 1, L)):  # w_l^T = e_q^T M_{L-1} ... M_{l+1}
-                down = down @ M[k]
-            per_layer.append(torch.stack([down @ A[l][h] @ up for h in range(A[l].shape[0])]))
-        out.append(torch.stack(per_layer))
+        out.append(_compose(A, M, reg))
     return torch.stack(out)
 
 
@@ -70,21 +76,7 @@ def _by_hand_norms(model, batch):
             total = x + c.sum((0, 2))
             C.append(c / total[None, :, None])
             M.append(torch.diag(x / total) + (c / total[None, :, None]).sum(0))
-        T = M[0].shape[0]
-        ev = torch.zeros(T)
-        ev[reg.evidence] = 1.0
-        q = torch.zeros(T)
-        q[reg.queries] = 1.0 / len(reg.queries)
-        per_layer = []
-        for l in range(L):
-            up = ev.clone()
-            for k in range(l):
-                up = M[k] @ up
-            down = q.clone()
-            for k in reversed(range(l + 1, L)):
-                down = down @ M[k]
-            per_layer.append(torch.stack([down @ C[l][h] @ up for h in range(H)]))
-        out.append(torch.stack(per_layer))
+        out.append(_compose(C, M, reg))
     return torch.stack(out)
 
 
