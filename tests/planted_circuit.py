@@ -6,11 +6,11 @@ and the signed colour.
 
 Each variant is the family's tiny model (``corelens.zoo.tiny``) rebuilt from its config with
 ``rope_theta = 1e30`` (rotary leaves q/k dim 7 alone: its frequency is 1e30^(-7/8), an angle of
-~1e-26 per position, so cos = 1 and sin ~ 0 in float32 -- this covers Qwen2.5-VL's M-RoPE too,
-whose last frequency index 7 is a width one), attention biases on (Qwen2's q/k/v biases are
-always there; Llama's and Qwen3's come with ``attention_bias``) and untied embeddings; decoder
-d_model 64, 2 layers, 4 heads of 16, 2 KV heads. Residual dims 5, 6, 8, 9, 10 are the
-circuit's ("circuit dims"); nothing else reads or writes them.
+~1e-26 per position, so cos = 1 and sin ~ 0 in float32 -- this covers the Qwen-VLs' M-RoPE
+too, plain or interleaved: only the axis that index 7 follows differs), attention biases on
+(Qwen2's q/k/v biases are always there; Llama's and Qwen3's come with ``attention_bias``) and
+untied embeddings; decoder d_model 64, 2 layers, 4 heads of 16, 2 KV heads. Residual dims 5,
+6, 8, 9, 10 are the circuit's ("circuit dims"); nothing else reads or writes them.
 
 - Vision: every vision token gets a fixed noise vector (std NOISE, 0 on the circuit dims: the
   projector / merger's last bias); evidence tokens get the marker on dim 5 (~28), every token its
@@ -26,14 +26,21 @@ circuit's ("circuit dims"); nothing else reads or writes them.
     MLP fc2 zeroed); the pixel shuffle concatenates 2x2 patches (4 x 32 channels), the
     projector's LayerNorm(128) keeps the signs (every pair is +-, so the mean is 0) and its MLP
     sums the four sub-patches.
-  - Qwen2.5-VL (no absolute position in the tower: 2D rotary inside the window attention only,
-    so a uniform image gives every patch the same features): the marker is the content's
-    "warmth" (R + G)/2 - B (red and green 0.5, gray exactly 0), read by the Conv3d patch embed
-    into tower dim 0, with (R - G) in dim 1 and the brightness R + G + B in dim 2 (the merger's
-    RMSNorm then sees the same norm for red and green); the vision blocks are identities
-    (attention proj and MLP down_proj zeroed, window reordering then does nothing); the merger
-    (RMSNorm(32) per patch, 2x2 patches concatenated, Linear-GELU-Linear) sums the four
-    sub-patches, and gelu(marker) is exactly 0 on gray.
+  - Idefics3, SmolVLM (SigLIP, learned position embedding, pixel shuffle, image splitting off:
+    one 32-px view): the same patch scheme; the projector is one bias-free Linear (no GELU),
+    so the position embedding marks evidence patches with +-10 and leaves the rest at 0 (the
+    marker is 0 off the evidence, not negative), and a constant +-10 pair in every patch
+    carries the noise through the post-LayerNorm.
+  - Qwen2-VL, Qwen2.5-VL, Qwen3-VL (no absolute position that survives a uniform image: 2D
+    rotary inside the vision attention only, Qwen3-VL's learned position embedding zeroed):
+    the marker is the content's "warmth" (R + G)/2 - B (red and green 0.5, gray exactly 0),
+    read by the Conv3d patch embed as a +- pair of tower dims, beside +-(R - G) and
+    +-(R + G + B) (the merger's LayerNorm / RMSNorm sees mean 0 and the same norm for red and
+    green); the vision blocks are identities (attention proj and the MLP's last linear zeroed,
+    Qwen2.5-VL's window reordering then does nothing); the merger (norm per patch, 2x2 patches
+    concatenated, Linear-GELU-Linear) sums the four sub-patches, and gelu(marker) is exactly 0
+    on gray. Qwen3-VL's DeepStack mergers are zeroed (they add exactly 0 after decoder layer 0:
+    EAP's graph has no edge for them, and the edge methods warn so).
 - Text: embeddings are noise (std NOISE, so the residual is not dominated by the circuit dims)
   and 0 on the circuit dims, except the token "color" (T), which carries dim 10 = TAU.
 - L0H2, the sender: constant query (q-bias A_Q e_7), its KV head 1 keys read dim 5 -> it attends
@@ -41,11 +48,11 @@ circuit's ("circuit dims"); nothing else reads or writes them.
   to dim 8 (the moved colour). L0H3 shares KV head 1 but its output drops that value dim.
 - L1H1, the receiver: constant query, KV head 0 keys read dim 10 -> it attends to T; value dim 0
   reads dim 8, written to dim 9. L1H0 shares KV head 0 and drops that value dim.
-  (InternVL's Qwen3 decoder normalises q and k per head, q_norm / k_norm: the query is then
-  4 e_7 whatever A_Q, and a key's dim 7 is divided by the RMS of its head's 16 dims, so a score
-  is at most 4 x 4 x gain / 4: k_norm's gain on dim 7 is K_NORM_GAIN = 3 (scores up to 12, the
-  receiver's attention at T saturates as in the other decoders); keys that read no marker stay
-  exactly 0, so the evidence alone still gets the raised score.)
+  (InternVL's and Qwen3-VL's Qwen3 decoders normalise q and k per head, q_norm / k_norm: the
+  query is then 4 e_7 whatever A_Q, and a key's dim 7 is divided by the RMS of its head's 16
+  dims, so a score is at most 4 x 4 x gain / 4: k_norm's gain on dim 7 is K_NORM_GAIN = 3
+  (scores up to 12, the receiver's attention at T saturates as in the other decoders); keys
+  that read no marker stay exactly 0, so the evidence alone still gets the raised score.)
 - Unembedding: the rows of "red" and "green" are equal except dim 9 (+U / -U): logit(red) -
   logit(green) = 2 U x_9 / rms(x) at the answer position.
 - Every other head and both MLPs are random but blind to the circuit dims (zero weights on them
@@ -80,7 +87,7 @@ CIRCUIT_DIMS = [5, 6, 8, 9, 10]
 SENDER, RECEIVER = (0, 2), (1, 1)
 SENDER_KV, RECEIVER_KV = 1, 0
 A_Q, W_K, TAU, U, NOISE = 4.0, 1.0, 60.0, 20.0, 3.0
-K_NORM_GAIN = 3.0  # decoders with q_norm / k_norm (InternVL's Qwen3)
+K_NORM_GAIN = 3.0  # decoders with q_norm / k_norm (InternVL's, Qwen3-VL's)
 PROMPT, OTHER_PROMPT = "what is the color of the square ?", "what is the shape of the square ?"
 RED, GREEN, GRAY = (255, 0, 0), (0, 255, 0), (128, 128, 128)
 # the planted edges (EAP's graph names)
@@ -193,23 +200,78 @@ def _vision_internvl(model: Any, gen: torch.Generator) -> None:
     _projector(proj.linear_1, proj.linear_2, marker, colour, gen)
 
 
-def _vision_qwen2_5_vl(model: Any, gen: torch.Generator) -> None:
+def _vision_qwen(model: Any, gen: torch.Generator) -> None:
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: a content marker (their towers have no absolute position
+    that survives a uniform image; Qwen3-VL's learned one is zeroed)."""
     visual = model.model.visual
-    conv = visual.patch_embed.proj  # Conv3d [C, 3, temporal, p, p], no bias
+    conv = visual.patch_embed.proj  # Conv3d [C, 3, temporal, p, p]
     conv.weight.zero_()
+    if conv.bias is not None:
+        conv.bias.zero_()
+    if getattr(visual, "pos_embed", None) is not None:
+        visual.pos_embed.weight.zero_()
     n = conv.weight[0, 0].numel()
+    # +- pairs (the merger's LayerNorm / RMSNorm sees mean 0 and the same norm for red and
+    # green): warmth (R + G)/2 - B, the colour R - G, the brightness R + G + B
     for ch, (r, g, b) in enumerate([(0.5, 0.5, -1.0), (1.0, -1.0, 0.0), (1.0, 1.0, 1.0)]):
-        conv.weight[ch, 0], conv.weight[ch, 1], conv.weight[ch, 2] = r / n, g / n, b / n
-    for blk in visual.blocks:  # identities
-        for lin in (blk.attn.proj, blk.mlp.down_proj):
+        for sign, c in ((1.0, 2 * ch), (-1.0, 2 * ch + 1)):
+            conv.weight[c, 0], conv.weight[c, 1], conv.weight[c, 2] = (
+                sign * r / n, sign * g / n, sign * b / n)
+    for blk in visual.blocks:  # identities: attention output and the MLP's last linear zeroed
+        last = [m for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for lin in (blk.attn.proj, last):
             lin.weight.zero_()
             lin.bias.zero_()
+    for merger in getattr(visual, "deepstack_merger_list", []):  # Qwen3-VL: DeepStack adds 0
+        merger.linear_fc2.weight.zero_()
+        merger.linear_fc2.bias.zero_()
     merger = visual.merger
-    merger.ln_q.weight.fill_(1.0)
+    norm = getattr(merger, "ln_q", None) or merger.norm
+    norm.weight.fill_(1.0)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.zero_()
+    lin1, lin2 = ((merger.mlp[0], merger.mlp[2]) if hasattr(merger, "mlp")
+                  else (merger.linear_fc1, merger.linear_fc2))
     c = conv.weight.shape[0]  # the merger concatenates 2 x 2 patches' channels
-    marker = {k * c: 3.7 for k in range(4)}
-    colour = {k * c + 1: 1.13 for k in range(4)}
-    _projector(merger.mlp[0], merger.mlp[2], marker, colour, gen)
+    marker = {k * c + i: w for k in range(4) for i, w in ((0, 2.6), (1, -2.6))}
+    colour = {k * c + i: w for k in range(4) for i, w in ((2, 0.8), (3, -0.8))}
+    _projector(lin1, lin2, marker, colour, gen)
+
+
+def _vision_idefics3(model: Any, gen: torch.Generator) -> None:
+    """Idefics3 / SmolVLM: SigLIP (learned position embedding), pixel shuffle, one bias-free
+    Linear: no GELU, so the marker is 0 off the evidence (not negative) and the noise comes
+    through a constant tower pair."""
+    v = VARIANTS[model.config.model_type]
+    tower = model.model.vision_model
+    emb = tower.embeddings
+    patch = emb.patch_embedding.kernel_size[0]
+    _red_minus_green_conv(emb.patch_embedding, patch ** 2)
+    patches = v.grid * v.token_px // patch
+    pos = emb.position_embedding.weight
+    pos.zero_()
+    for r in range(patches):
+        for c in range(patches):
+            j = r * patches + c  # no CLS row
+            pos[j, 4], pos[j, 5] = 10.0, -10.0  # constant: the noise's carrier
+            if (r // (v.token_px // patch), c // (v.token_px // patch)) in v.evidence_cells:
+                pos[j, 0], pos[j, 1] = 10.0, -10.0
+    for layer in tower.encoder.layers:  # identities
+        for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    tower.post_layernorm.weight.fill_(1.0)
+    tower.post_layernorm.bias.zero_()
+    proj = model.model.connector.modality_projection.proj  # [d_model, 4 x 32]
+    proj.weight.zero_()
+    c = tower.config.hidden_size  # the pixel shuffle concatenates 2 x 2 patches' channels
+    noise = NOISE * torch.randn(proj.weight.shape[0], generator=gen) / 16.0
+    noise[CIRCUIT_DIMS] = 0.0
+    for k in range(4):
+        proj.weight[5, k * c], proj.weight[5, k * c + 1] = 1.5, -1.5
+        proj.weight[6, k * c + 2], proj.weight[6, k * c + 3] = 0.9, -0.9
+        proj.weight[:, k * c + 4] += noise
+        proj.weight[:, k * c + 5] -= noise
 
 
 VARIANTS: dict[str, Variant] = {
@@ -217,8 +279,10 @@ VARIANTS: dict[str, Variant] = {
     "llava": Variant("llava", 8, 8, _vision_llava),
     # 4-px patches, pixel shuffle 2 x 2: one 32-px tile = 4 x 4 tokens of 8 px
     "internvl": Variant("internvl", 4, 8, _vision_internvl),
+    # 4-px patches, pixel shuffle 2 x 2, no image splitting: one 32-px view = 4 x 4 tokens of 8 px
+    **{f: Variant(f, 4, 8, _vision_idefics3) for f in ("idefics3", "smolvlm")},
     # 8-px patches, merger 2 x 2: 64 x 64 px = 4 x 4 tokens of 16 px
-    "qwen2_5_vl": Variant("qwen2_5_vl", 4, 16, _vision_qwen2_5_vl),
+    **{f: Variant(f, 4, 16, _vision_qwen) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
 }
 
 
@@ -235,7 +299,7 @@ def _blind(linear: torch.nn.Linear) -> None:
 
 
 def _plant_decoder(model: Any, tok: Any, gen: torch.Generator) -> None:
-    lm = model.model.language_model
+    lm = model.get_decoder()
     d = lm.config.hidden_size // lm.config.num_attention_heads  # head_dim 16 in every variant
     assert getattr(lm.config, "head_dim", d) == d
     emb = lm.embed_tokens.weight
@@ -293,7 +357,11 @@ def build_planted_circuit(folder, family: str = "llava") -> None:
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg).eval()
     proc = AutoProcessor.from_pretrained(folder)
-    proc.image_processor.do_normalize = False  # pixels x / 255: gray gives R - G = 0 exactly
+    ip = proc.image_processor
+    ip.do_normalize = False  # pixels x / 255: gray gives R - G = 0 exactly
+    if getattr(ip, "do_image_splitting", False):  # Idefics3 / SmolVLM: one 32-px view
+        ip.do_image_splitting = False
+        ip.size = {"longest_edge": VARIANTS[family].grid * VARIANTS[family].token_px}
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         v.vision(model, gen)

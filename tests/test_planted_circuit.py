@@ -1,7 +1,7 @@
 """Every causal method recovers a circuit planted by hand (``planted_circuit.py``): the evidence
 colour goes vision tokens -> L0H2 (sender, at every later position) -> L1H1 (receiver, reading
 it at the token "color") -> the answer logit. Every test runs on every planted family (LLaVA,
-Qwen2.5-VL, InternVL: ``pc.VARIANTS``).
+InternVL, Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``pc.VARIANTS``).
 
 What the construction fixes exactly, and the tolerances used:
 - the two runs of a pair differ only in the sign of the circuit dims, so logit_diff(corrupted)
@@ -30,6 +30,9 @@ from corelens.interventions.discovery import METHODS, circuit_benchmark
 from corelens.interventions.patching import patch_heads, path_patch
 
 CHAIN = pc.KNOWN
+# the planted Qwen3-VL's DeepStack mergers output exactly 0 (planted_circuit.py): the edge
+# methods' warning that DeepStack features are outside the graph is true and harmless here
+pytestmark = pytest.mark.filterwarnings("ignore:.*DeepStack.*:UserWarning")
 
 
 @pytest.fixture(scope="module", params=list(pc.VARIANTS))
@@ -176,14 +179,16 @@ def test_edge_attribution_ranks_the_planted_path_first(planted, method):
 def test_qk_fix_where_attention_saturates(planted):
     """Noising the receiver's keys: the corrupted prompt asks about "shape", so T (which the
     receiver attends to with most of its mass, a saturated softmax) is gone. Patching L1's KV
-    head 0 keys from that run spreads the receiver's attention and moves the metric by most of
-    its clean value; plain AtP, linearised through the saturated softmax at the clean run,
-    finds less than a third of that; AtP*'s exact pattern recomputation is within 5%."""
+    head 0 keys from that run spreads the receiver's attention and moves the metric by a large
+    part of its clean value (0.41 of it on Idefics3 / SmolVLM, 0.74-0.86 on the others: spread
+    attention still reads the colour wherever the sender wrote it, after the evidence); plain
+    AtP, linearised through the saturated softmax at the clean run, finds less than a third of
+    that; AtP*'s exact pattern recomputation is within 5%."""
     model, clean, _, metric, c, _ = planted
     _, other = pc.pairs(model, noising_prompt=True)
     exact = patch_heads(model, other, clean, metric, node="k")[1, pc.RECEIVER_KV] - c
     plain = attribute_heads(model, other, clean, metric, node="k")[1, pc.RECEIVER_KV]
     star = atp_star(model, other, clean, metric, node="k", grad_drop=False)[1, pc.RECEIVER_KV]
-    assert abs(exact) > 0.5 * c  # the key patch matters (it spreads the receiver's attention)
+    assert abs(exact) > 0.35 * c  # the key patch matters (it spreads the receiver's attention)
     assert abs(star - exact) < 0.05 * abs(exact)
     assert abs(plain - exact) > 0.5 * abs(exact)  # plain AtP: a false negative in the making
