@@ -20,7 +20,10 @@ untied embeddings; decoder d_model 64, 2 layers, 4 heads of 16, 2 KV heads. Resi
   - LLaVA (CLIP, learned position embedding): the patch conv reads (R - G) into tower dims 2/3;
     the position embedding marks the evidence patches (dims 0/1 = +-10, -+10 elsewhere); the
     tower's pre-LayerNorm keeps both (signs and norms), the Linear-GELU-Linear projector maps
-    them.
+    them. LLaVA-NeXT (CLIP) and LLaVA-OneVision (SigLIP: no CLS, no pre-LayerNorm, the
+    projector reads the raw pairs): the same, encoder layers made identities; anyres turns a
+    32-px image into a base view and one tile of the same scale, so the evidence is 4 tokens in
+    each view; ``image_newline`` (after each tile row) is noise off the circuit dims.
   - InternVL (InternViT, learned position embedding, pixel shuffle): the same patch / position
     scheme on its 4-px patches; its encoder layers are made identities (attention output and
     MLP fc2 zeroed); the pixel shuffle concatenates 2x2 patches (4 x 32 channels), the
@@ -64,12 +67,14 @@ and q/k norms only see squares), so logit_diff(corrupted) = -logit_diff(clean) e
 L0H2 and L1H1 have a z that differs, and the only sender -> receiver path that matters is L0H2
 -> L1's KV head 0 value input. A gray evidence square moves no colour: logit_diff 0.
 
-Not planted: Gemma 3 (its sandwich norms normalise each attention / MLP output before the
-residual add, so heads do not add up and the edge graph refuses it, ``check_eap_supported``).
+Every family corelens supports is planted but Gemma 3: its sandwich norms normalise each
+attention / MLP output before the residual add, so heads do not add up and the edge graph
+refuses it (``check_eap_supported``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -156,26 +161,49 @@ def _red_minus_green_conv(conv: Any, patch_pixels: int) -> None:
 
 
 def _position_marker(pos: torch.Tensor, patches: int, per_token: int,
-                     cells: list[tuple[int, int]]) -> None:
-    """Position embedding rows (row 0 is CLS) of a ``patches`` x ``patches`` grid: dims 0 / 1 =
-    +-10 on the patches of the evidence LM tokens (``per_token`` patches a side), -+10 elsewhere."""
+                     cells: list[tuple[int, int]], cls_row: bool = True) -> None:
+    """Position embedding rows (row 0 is CLS where ``cls_row``) of a ``patches`` x ``patches``
+    grid: dims 0 / 1 = +-10 on the patches of the evidence LM tokens (``per_token`` patches a
+    side), -+10 elsewhere."""
     pos.zero_()
     for r in range(patches):
         for c in range(patches):
             s = 1.0 if (r // per_token, c // per_token) in cells else -1.0
-            pos[1 + r * patches + c, 0], pos[1 + r * patches + c, 1] = 10.0 * s, -10.0 * s
+            j = int(cls_row) + r * patches + c
+            pos[j, 0], pos[j, 1] = 10.0 * s, -10.0 * s
 
 
 def _vision_llava(model: Any, gen: torch.Generator) -> None:
-    v = VARIANTS["llava"]
+    """LLaVA, LLaVA-NeXT (CLIP: CLS, pre-LayerNorm), LLaVA-OneVision (SigLIP: neither); one LM
+    token per patch. NeXT / OneVision's anyres: a 32-px image is one base view and one tile of
+    the same scale, so the same patches are marked in both; the learned ``image_newline`` after
+    each tile row gets noise off the circuit dims."""
+    v = VARIANTS[model.config.model_type]
     tower = model.model.vision_tower
-    _red_minus_green_conv(tower.embeddings.patch_embedding, v.token_px ** 2)
-    _position_marker(tower.embeddings.position_embedding.weight, v.grid, 1, v.evidence_cells)
-    tower.embeddings.class_embedding.zero_()
-    tower.pre_layrnorm.weight.fill_(1.0)
-    tower.pre_layrnorm.bias.zero_()
+    emb = tower.embeddings
+    _red_minus_green_conv(emb.patch_embedding, v.token_px ** 2)
+    cls = getattr(emb, "class_embedding", None)
+    _position_marker(emb.position_embedding.weight, v.grid, 1, v.evidence_cells,
+                     cls_row=cls is not None)
+    if cls is not None:
+        cls.zero_()
+    pre = getattr(tower, "pre_layrnorm", None)
+    if pre is not None:
+        pre.weight.fill_(1.0)
+        pre.bias.zero_()
+    for layer in tower.encoder.layers:  # identities (LLaVA reads before its only one)
+        for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    # the projector reads the LayerNorm'd +-10 pairs (10 / sqrt(400 / 32) each) or raw ones
+    k = 1.0 if pre is not None else 10.0 / math.sqrt(400.0 / 32) / 10.0
     proj = model.model.multi_modal_projector
-    _projector(proj.linear_1, proj.linear_2, {0: 5.0, 1: -5.0}, {2: 3.0, 3: -3.0}, gen)
+    _projector(proj.linear_1, proj.linear_2, {0: 5.0 * k, 1: -5.0 * k},
+               {2: 3.0 * k, 3: -3.0 * k}, gen)
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        newline.copy_(NOISE * torch.randn(newline.shape, generator=gen))
+        newline[CIRCUIT_DIMS] = 0.0
 
 
 def _vision_internvl(model: Any, gen: torch.Generator) -> None:
@@ -277,6 +305,8 @@ def _vision_idefics3(model: Any, gen: torch.Generator) -> None:
 VARIANTS: dict[str, Variant] = {
     # CLIP 8-px patches, one LM token each: 64 x 64 px = 8 x 8 tokens
     "llava": Variant("llava", 8, 8, _vision_llava),
+    # 8-px patches of 32-px tiles: a 32-px image = base view + one tile, 4 x 4 tokens each
+    **{f: Variant(f, 4, 8, _vision_llava) for f in ("llava_next", "llava_onevision")},
     # 4-px patches, pixel shuffle 2 x 2: one 32-px tile = 4 x 4 tokens of 8 px
     "internvl": Variant("internvl", 4, 8, _vision_internvl),
     # 4-px patches, pixel shuffle 2 x 2, no image splitting: one 32-px view = 4 x 4 tokens of 8 px
