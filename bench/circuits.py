@@ -6,9 +6,10 @@ circuit is known (the planted model) by recall / precision of its edges at the k
 
 Models: the planted two-layer circuit (``tests/planted_circuit.py``: evidence colour ->
 L0H2 -> L1's KV head 0 value -> L1H1 -> logits; pairs red vs green evidence, each scene with
-random distractor cells, seeded) on every planted family (``planted``: LLaVA,
-``planted-qwen2_5_vl``, ``planted-internvl``), the shipped toy models (pairs: the queried object
-recoloured, ``report.toy_pairs``, scenes drawn outside the training seeds), and
+random distractor cells, seeded) on every planted family (``planted``: LLaVA;
+``planted-<family>``: every other family in ``planted_circuit.VARIANTS``), the shipped toy
+models (pairs: the queried object recoloured, ``report.toy_pairs``, scenes drawn outside the
+training seeds), and
 ``toy-llava-2hop`` when the zoo has it.
 
     python bench/circuits.py [--pairs 24] [--models planted,planted-qwen2_5_vl,toy-llava]
