@@ -6,11 +6,14 @@ circuit is known (the planted model) by recall / precision of its edges at the k
 
 Models: the planted two-layer circuit (``tests/planted_circuit.py``: evidence colour ->
 L0H2 -> L1's KV head 0 value -> L1H1 -> logits; pairs red vs green evidence, each scene with
-random distractor cells, seeded), the shipped toy models (pairs: the queried object
-recoloured, ``report.toy_pairs``, scenes drawn outside the training seeds), and
+random distractor cells, seeded) on every planted family (``planted``: LLaVA;
+``planted-<family>``: every other family in ``planted_circuit.VARIANTS``), the shipped toy
+models (pairs: the queried object recoloured, ``report.toy_pairs``, scenes drawn outside the
+training seeds), and
 ``toy-llava-2hop`` when the zoo has it.
 
-    python bench/circuits.py [--pairs 24] [--models planted,toy-llava] [--methods ...] [--json F]
+    python bench/circuits.py [--pairs 24] [--models planted,planted-qwen2_5_vl,toy-llava]
+                             [--methods ...] [--json F]
 """
 
 from __future__ import annotations
@@ -18,66 +21,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
 
 import torch
 
+from corelens import HookedMLLM, zoo
+from corelens.interventions.discovery import METHODS, circuit_benchmark
+from corelens.report import toy_pairs
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import planted_circuit as pc  # noqa: E402  (tests/, on the path just above)
 
-
-def planted_pairs(n: int, seed: int):
-    """Red vs green evidence, distractor cells of random colours (never on the evidence)."""
-    import planted_circuit as pc
-    from PIL import ImageDraw
-
-    from corelens.data.examples import GroundedExample
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        cells = [(r, c) for r in range(pc.GRID) for c in range(pc.GRID)
-                 if (r, c) not in pc.EVIDENCE_CELLS]
-        picks = rng.sample(cells, rng.randint(2, 6))
-        colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in picks]
-        pair = []
-        for colour, answer in ((pc.RED, "red"), (pc.GREEN, "green")):
-            img = pc.scene(colour)
-            draw = ImageDraw.Draw(img)
-            for (r, c), fill in zip(picks, colours):
-                draw.rectangle([c * pc.PATCH, r * pc.PATCH, (c + 1) * pc.PATCH - 1,
-                                (r + 1) * pc.PATCH - 1], fill=fill)
-            pair.append(GroundedExample([img], pc.PROMPT, answer, [(0, pc.BOX)],
-                                        id=f"planted-{seed}-{i}"))
-        out.append(tuple(pair))
-    return out
+# "planted" is the LLaVA variant; "planted-<family>" every other (pc.VARIANTS)
+PLANTED = {"planted": "llava"} | {f"planted-{f}": f for f in pc.VARIANTS if f != "llava"}
 
 
 def load(name: str, n_pairs: int, seed: int, folder: str):
-    from corelens import HookedMLLM, zoo
-    from corelens.heads import head_name
-    from corelens.report import toy_pairs
-
-    if name == "planted":
-        import planted_circuit as pc
-
-        pc.build_planted_circuit(folder)
-        known = {("embed", f"L0KV{pc.SENDER_KV}.v"),
-                 (head_name(pc.SENDER), f"L1KV{pc.RECEIVER_KV}.v"),
-                 (head_name(pc.RECEIVER), "logits")}
-        return HookedMLLM.from_pretrained(folder), planted_pairs(n_pairs, seed), known
+    if name in PLANTED:
+        pc.build_planted_circuit(folder, PLANTED[name])
+        model = HookedMLLM.from_pretrained(folder)
+        return model, pc.grounded_pairs(PLANTED[name], n_pairs, seed), pc.KNOWN
     model = zoo.load(name)
     return model, toy_pairs(zoo.examples(name, n_pairs, seed=seed), zoo.task(name)), None
 
 
 def main() -> None:
-    from corelens import zoo
-    from corelens.interventions.discovery import METHODS, circuit_benchmark
-
     ap = argparse.ArgumentParser()
-    default = ["planted", "toy-llava"] + [m for m in ("toy-llava-2hop",) if m in zoo.names()]
+    default = [*PLANTED, "toy-llava"] + [m for m in ("toy-llava-2hop",) if m in zoo.names()]
     ap.add_argument("--models", default=",".join(default))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pairs", type=int, default=24)
