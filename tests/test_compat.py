@@ -143,3 +143,51 @@ def test_replace_and_restore_forward_swap_a_bridge_components_forward(tiny_model
     assert "forward" not in vars(block)
     compat.restore_forward(block)  # restoring twice is a no-op
     assert block.forward.__func__ is type(block).forward
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "idefics3"])
+def test_direct_norms_call_the_hf_norm_once_with_tls_output(tiny_model, family):
+    """Every native-path norm of the bridge is switched; with no hook inside a norm it computes
+    the norm once (TL's own forward computes it by hand for hook_scale / hook_normalized, then
+    again through the HF module: two rsqrt) and the output is TL's, bit for bit, hook_in /
+    hook_out firing; a hook on hook_scale gets TL's forward and its values."""
+    from torch.overrides import TorchFunctionMode
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
+
+    class CountRsqrt(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.rsqrt
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(family)
+    norms = [m for m in model.bridge.modules() if isinstance(m, NormalizationBridge)
+             and type(m).forward is NormalizationBridge.forward]
+    switched = [m for m in norms if "forward" in vars(m)]
+    assert switched and len(switched) == sum(compat._native_norm(m) for m in norms)
+    norm = model.bridge.blocks[0].ln1
+    assert norm in switched
+    x = torch.randn(2, 5, model.cfg.d_model)
+    seen = []
+    norm.hook_out.add_hook(lambda t, hook: seen.append(t.clone()))
+    try:
+        with torch.no_grad():
+            with CountRsqrt() as direct_ops:
+                direct = norm(x)
+            assert direct_ops.n == 1 and torch.equal(seen[-1], direct)
+            with CountRsqrt() as tl_ops:
+                reference = NormalizationBridge.forward(norm, x)
+            assert tl_ops.n == 2 and torch.equal(direct, reference)
+            scales = []
+            norm.hook_scale.add_hook(lambda t, hook: scales.append(t))
+            with CountRsqrt() as hooked_ops:
+                assert torch.equal(norm(x), reference)
+            assert len(scales) == 1 and hooked_ops.n == 2
+    finally:
+        norm.hook_out.remove_hooks()
+        norm.hook_scale.remove_hooks()

@@ -29,6 +29,7 @@ from transformer_lens.factories.architecture_adapter_factory import Architecture
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformer_lens.model_bridge.sources import _bridge_builder
 from transformers import vision_utils
 from transformers.cache_utils import Cache
@@ -39,8 +40,8 @@ from corelens.errors import CorelensError
 
 __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateName",
            "accelerate_execution_device", "apply_position_embedding_hooks",
-           "build_bridge_from_module", "gated_hook_reason", "has_attn_implementation", "has_hooks",
-           "hook_registry",
+           "build_bridge_from_module", "direct_norms", "gated_hook_reason",
+           "has_attn_implementation", "has_hooks", "hook_registry",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
            "refresh_hook_registry", "register_tl_adapter", "replace_forward", "restore_forward",
            "replace_qwen3_vl_deepstack", "require", "set_attn_implementation", "update_kv_cache",
@@ -119,6 +120,38 @@ def has_hooks(module: torch.nn.Module) -> bool:
     accessor for this)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
+
+
+def direct_norms(bridge: Any) -> int:
+    """Make every TransformerLens ``NormalizationBridge`` of ``bridge`` on its native path call
+    the HF norm once when nothing hooks ``hook_scale`` / ``hook_normalized``. TL's native path
+    computes the norm a first time to feed those two hook points and then again through the HF
+    module, whose output it returns; without a hook there the first pass is waste. The output
+    is the HF module's, bit for bit; ``hook_in`` / ``hook_out`` fire as before, and with a hook
+    on either inner point TL's own forward runs. Returns how many norms were switched."""
+    n = 0
+    for module in bridge.modules():
+        if type(module).forward is NormalizationBridge.forward and _native_norm(module):
+            replace_forward(module, _direct_norm)
+            n += 1
+    return n
+
+
+def _native_norm(norm: Any) -> bool:
+    """Whether TL's forward of ``norm`` returns its HF module's output (its native path)."""
+    folding = bool(getattr(norm.config, "layer_norm_folding", False))
+    return (norm.original_component is not None
+            and not isinstance(norm.original_component, torch.nn.Identity)
+            and bool(norm.use_native_layernorm_autograd or folding))
+
+
+def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+    if (kwargs or has_hooks(self.hook_scale) or has_hooks(self.hook_normalized)
+            or not _native_norm(self)):
+        return NormalizationBridge.forward(self, hidden_states, **kwargs)
+    x = self.hook_in(hidden_states)
+    out = self.original_component(x)
+    return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
 
 
 def has_attn_implementation(config: Any) -> bool:
@@ -246,6 +279,7 @@ def _private_names() -> tuple[PrivateName, ...]:
                     ("self", "hook_point_name")),
         PrivateName(mixin, "_apply_position_embedding_hooks", ("self", "position_embeddings")),
         PrivateName(GeneralizedComponent, "original_component"),
+        PrivateName(NormalizationBridge, "_hf_autograd_forward_with_hooks", ("self", "x")),
         PrivateName(GeneralizedComponent, "__setattr__", ("self", "name", "value")),
         PrivateName(BaseTensorConversion, "handle_conversion"),
         PrivateName(BaseTensorConversion, "revert"),

@@ -71,6 +71,7 @@ class HookedMLLM(torch.nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.bridge = _build_bridge(hf_model, processor, self.family)
         self.hf_model = hf_model  # the same modules the bridge wraps
+        compat.direct_norms(self.bridge)
         self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
         self.vision_token_ids = _vision_token_ids(self.family, hf_model.config, processor)
         self.eval()
