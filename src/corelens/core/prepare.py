@@ -268,34 +268,46 @@ def prepare(
     seq = ids.shape[1]
     # The answer's tokens: the text alone, tokenised with and without the answer (image tokens
     # are expanded in the middle of the prompt, never at its end, so the images need not be
-    # processed twice); checked against the processor's own ids below.
-    text_ids = (tokenizer(texts)["input_ids"], tokenizer(prompt_texts)["input_ids"]) \
-        if answers is not None else None
+    # processed twice); checked against the processor's own ids below. One tokenizer call, on
+    # the distinct texts (examples share prompts, often whole texts).
+    text_ids: dict[str, list[int]] = {}
+    if answers is not None:
+        distinct = list(dict.fromkeys(prompt_texts + texts))
+        text_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+    n_real = mask.bool().sum(1).tolist()
+    # left padding (as asked): each example's real tokens are the tail of its row
+    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
+    checked: set[tuple[tuple[int, ...], str]] = set()  # (tokens, answer) already checked
 
     query_positions, answer_tokens, prompt_lengths = [], [], []
     for e in range(n):
-        real = ids[e][mask[e].bool()]
-        pad = seq - real.numel()
-        if text_ids is None:
-            prompt_lengths.append(real.numel())
-            query_positions.append(torch.tensor([pad + real.numel() - 1]))
+        nr = n_real[e]
+        pad = seq - nr
+        if answers is None:
+            prompt_lengths.append(nr)
+            query_positions.append(torch.tensor([pad + nr - 1]))
             answer_tokens.append(torch.zeros(0, dtype=torch.long))
             continue
-        full, prompt = text_ids[0][e], text_ids[1][e]
+        full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
         n_ans = len(full) - len(prompt)
-        if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= real.numel():
+        if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
             raise InputError(
                 f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
                 "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
             )
-        if real[-n_ans:].tolist() != full[-n_ans:]:
+        tokens = (ids[e, seq - n_ans:] if left else ids[e][mask[e].bool()][-n_ans:]).clone()
+        tail = tokens.tolist()
+        if tail != full[-n_ans:]:
             raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the answer "
                               f"{answers[e]!r} unlike its tokenizer does alone")
-        lp = real.numel() - n_ans
+        lp = nr - n_ans
         prompt_lengths.append(lp)
-        _check_answer(tokenizer, real[lp:], str(answers[e]), _where(e, example_ids[e]))
-        answer_tokens.append(real[lp:].clone())
-        query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
+        key = (tuple(tail), str(answers[e]))
+        if key not in checked:
+            _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
+            checked.add(key)
+        answer_tokens.append(tokens)
+        query_positions.append(torch.arange(pad + lp - 1, pad + nr - 1))
 
     layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
@@ -343,8 +355,11 @@ def _check_answer(tokenizer: Any, tokens: torch.Tensor, answer: str, where: str)
             "Fix: write the answer in words of the model's vocabulary (check "
             "model.tokenizer.tokenize(answer)), or drop the example"
         )
+    want = _squash(answer)
+    if _squash(tokenizer.decode(ids, skip_special_tokens=False)) == want:
+        return  # the usual case: one decode
     decoded = [tokenizer.decode(ids, skip_special_tokens=skip) for skip in (False, True)]
-    if _squash(answer) not in {_squash(d) for d in decoded}:
+    if want not in {_squash(d) for d in decoded}:
         raise InputError(
             f"{where}: the answer {answer!r} does not survive tokenisation: its tokens decode to "
             f"{decoded[0]!r}, so the score would be for that string, not the answer. Fix: "
@@ -397,33 +412,41 @@ def build_layout(
             seen[key] = family.feature_rows(hf_config, processor, inputs, image, size)
         return seen[key]
 
+    # every image (video) token of the batch found at once, then split per example
+    slots_of: dict[str, tuple[torch.Tensor, ...]] = {}
+    for what, token, lists in (("image", tid, image_lists), ("video", vid, video_lists)):
+        if any(lists):
+            rows_at, cols_at = (ids == token).nonzero(as_tuple=True)
+            counts = torch.bincount(rows_at, minlength=len(lists)).tolist()
+            slots_of[what] = cols_at.split(counts)
     g = gv = 0
     for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
         per_image: list[ImageLayout] = []
         for what, token, items in (("image", tid, ims), ("video", vid, vids)):
             if not items:
                 continue
-            slots = (ids[e] == token).nonzero().flatten()
+            slots = slots_of[what][e]
             if what == "image":
                 rows = [image_rows(g + i, im.size) for i, im in enumerate(items)]
             else:
                 rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
                                                   len(v), v.timestamps)
                         for i, v in enumerate(items)]
-            need = sum(len(r) for r in rows)
+            sizes = [len(r) for r in rows]
+            need = sum(sizes)
             if need != slots.numel():
                 raise LayoutError(
                     f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
                     f"its {len(items)} {what}(s) need {need} "
-                    f"({', '.join(str(len(r)) for r in rows)}); the prompt's {what} placeholders "
+                    f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
                     f"and the {what}s do not match"
                 )
             start = 0
-            for i, (item, r) in enumerate(zip(items, rows)):
-                per_image.append(ImageLayout(i, item.size, slots[start:start + len(r)], r,
+            for i, (item, r, k) in enumerate(zip(items, rows, sizes)):
+                per_image.append(ImageLayout(i, item.size, slots[start:start + k], r,
                                              modality=what, n_frames=len(item) if
                                              what == "video" else 1))
-                start += len(r)
+                start += k
         images.append(per_image)
         g += len(ims)
         gv += len(vids)

@@ -327,16 +327,21 @@ class VisionLayout:
 
     images: list[list[ImageLayout]]  # [example][image..., video...]
     seq_len: int
-    _by_position: list[dict[int, tuple[int, int]]] = field(default_factory=list, repr=False)
+    # per example, position -> (image, row): built on the first ``token_info`` (a python dict of
+    # every vision token costs more than the rest of the layout, and most batches never ask)
+    _by_position: list[dict[int, tuple[int, int]]] | None = field(default=None, repr=False,
+                                                                   compare=False)
 
-    def __post_init__(self) -> None:
-        self._by_position = []
-        for ex in self.images:
-            table: dict[int, tuple[int, int]] = {}
-            for i, img in enumerate(ex):
-                for j, p in enumerate(img.positions.tolist()):
-                    table[p] = (i, j)
-            self._by_position.append(table)
+    def _position_table(self, example: int) -> dict[int, tuple[int, int]]:
+        if self._by_position is None:
+            self._by_position = []
+            for ex in self.images:
+                table: dict[int, tuple[int, int]] = {}
+                for i, img in enumerate(ex):
+                    for j, p in enumerate(img.positions.tolist()):
+                        table[p] = (i, j)
+                self._by_position.append(table)
+        return self._by_position[example]
 
     @property
     def n_examples(self) -> int:
@@ -441,7 +446,7 @@ class VisionLayout:
     def token_info(self, example: int, position: int) -> TokenInfo | None:
         """What sits at ``position``: (image or video, view, row, col, box, frames, seconds), or
         None for a text token."""
-        hit = self._by_position[example].get(int(position))
+        hit = self._position_table(example).get(int(position))
         if hit is None:
             return None
         i, j = hit
