@@ -12,7 +12,7 @@ from PIL import Image
 
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
-from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, check_box
+from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, validate_box
 from corelens.data.tower import TowerLayout
 from corelens.errors import InputError, LayoutError
 from corelens.families import FAMILIES
@@ -38,7 +38,8 @@ def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
         for im in lst:
             if not isinstance(im, Image.Image):
                 raise InputError(f"example {e}: images must be PIL images, got {type(im).__name__}")
-        out.append([im.convert("RGB") for im in lst])
+        # RGB images as given (the processor copies them anyway), others converted
+        out.append([im if im.mode == "RGB" else im.convert("RGB") for im in lst])
     return out
 
 
@@ -105,7 +106,8 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
                         raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
                                          f"video {ev.video}, which has {nf} frame(s) (0-based, "
                                          "end exclusive)")
-                    check_box(box, vids[ev.video].size, where=f"example {e}, video {ev.video}: ")
+                    validate_box(box, vids[ev.video].size,
+                                 where=f"example {e}, video {ev.video}: ")
             else:
                 img = ev[0]
                 if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
@@ -113,7 +115,7 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
                         f"example {e}: box refers to image {img}, but the example has "
                         f"{len(image_lists[e])} image(s)"
                     )
-                check_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
+                validate_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
                           where=f"example {e}, image {img}: ")
             norm.append(ev)
         out.append(norm)
@@ -279,35 +281,45 @@ def prepare(
     left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
     checked: set[tuple[tuple[int, ...], str]] = set()  # (tokens, answer) already checked
 
-    query_positions, answer_tokens, prompt_lengths = [], [], []
-    for e in range(n):
-        nr = n_real[e]
-        pad = seq - nr
-        if answers is None:
+    # per example, the answer's length and the positions that predict its tokens; the tokens
+    # and positions of the whole batch go into one tensor each, split per example at the end
+    n_ans_of, queries, tails = [], [], []
+    prompt_lengths = []
+    if answers is None:
+        for nr in n_real:
             prompt_lengths.append(nr)
-            query_positions.append(torch.tensor([pad + nr - 1]))
-            answer_tokens.append(torch.zeros(0, dtype=torch.long))
-            continue
-        full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
-        n_ans = len(full) - len(prompt)
-        if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
-            raise InputError(
-                f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
-                "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
-            )
-        tokens = (ids[e, seq - n_ans:] if left else ids[e][mask[e].bool()][-n_ans:]).clone()
-        tail = tokens.tolist()
-        if tail != full[-n_ans:]:
-            raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the answer "
-                              f"{answers[e]!r} unlike its tokenizer does alone")
-        lp = nr - n_ans
-        prompt_lengths.append(lp)
-        key = (tuple(tail), str(answers[e]))
-        if key not in checked:
-            _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
-            checked.add(key)
-        answer_tokens.append(tokens)
-        query_positions.append(torch.arange(pad + lp - 1, pad + nr - 1))
+            n_ans_of.append(0)
+            queries.append(seq - 1)
+    else:
+        n_of = [len(text_ids[t]) - len(text_ids[p]) for t, p in zip(texts, prompt_texts)]
+        widest = max(1, min(seq, max(n_of)))
+        ends = ids[:, seq - widest:].tolist() if left else None
+        for e in range(n):
+            nr, n_ans = n_real[e], n_of[e]
+            full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
+            if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
+                raise InputError(
+                    f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
+                    "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
+                )
+            tail = (ends[e][widest - n_ans:] if ends is not None
+                    else ids[e][mask[e].bool()][-n_ans:].tolist())
+            if tail != full[-n_ans:]:
+                raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
+                                  f"answer {answers[e]!r} unlike its tokenizer does alone")
+            lp = nr - n_ans
+            prompt_lengths.append(lp)
+            key = (tuple(tail), str(answers[e]))
+            if key not in checked:
+                _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
+                checked.add(key)
+            n_ans_of.append(n_ans)
+            tails += tail
+            queries += range(seq - nr + lp - 1, seq - 1)
+    answer_tokens = list(torch.tensor(tails, dtype=ids.dtype if answers is not None
+                                      else torch.long).split(n_ans_of))
+    query_positions = list(torch.tensor(queries, dtype=torch.long).split(
+        [k or 1 for k in n_ans_of]))
 
     layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
@@ -443,7 +455,8 @@ def build_layout(
                 )
             start = 0
             for i, (item, r, k) in enumerate(zip(items, rows, sizes)):
-                per_image.append(ImageLayout(i, item.size, slots[start:start + k], r,
+                at = slots if len(items) == 1 else slots[start:start + k]
+                per_image.append(ImageLayout(i, item.size, at, r,
                                              modality=what, n_frames=len(item) if
                                              what == "video" else 1))
                 start += k

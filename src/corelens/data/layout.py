@@ -288,7 +288,14 @@ def box_overlap_fraction(
 
 
 def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> Tensor:
-    """Validate an ``(x0, y0, x1, y1)`` box against an image of ``size = (w, h)``."""
+    """Validate an ``(x0, y0, x1, y1)`` box against an image of ``size = (w, h)``; the box as a
+    tensor."""
+    return torch.tensor(validate_box(box, size, where))
+
+
+def validate_box(box: Sequence[float], size: tuple[int, int],
+                 where: str = "") -> tuple[float, float, float, float]:
+    """``check_box`` without the tensor: the box as floats, or a ``LayoutError``."""
     if len(box) != 4:
         raise LayoutError(f"{where}box {tuple(box)} must have 4 numbers (x0, y0, x1, y1)")
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -300,7 +307,7 @@ def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> T
             f"{where}box {tuple(box)} lies outside the image of size {w}x{h} (width x height); "
             "boxes are (x0, y0, x1, y1) in original-image pixels, x1/y1 exclusive"
         )
-    return torch.tensor([x0, y0, x1, y1])
+    return x0, y0, x1, y1
 
 
 @dataclass
