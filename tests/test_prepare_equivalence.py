@@ -10,12 +10,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAMILY_NAMES, grounded_examples, noise_image
 from prepare_reference import assert_same_batch, reference_batch
 from tokenizers import AddedToken
 
 from corelens import GroundedExample, HookedMLLM, InputError
 from corelens.data.examples import Evidence, Video
+from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families import FAMILIES
 from corelens.zoo.tiny import tiny_image_sizes
 
@@ -83,3 +85,41 @@ def test_an_answer_that_tokenises_unlike_in_context_is_refused_alike(name, tiny_
     assert got.startswith(_raise(lambda: reference_batch(model, batch)))
     ok = [exs[0], replace(bad, question=bad.question + " ?"), exs[2]]  # the token is not matched
     assert_same_batch(model.prepare_examples(ok), reference_batch(model, ok))
+
+
+def _affine_reference(rows, cols, cell, scale, offset, size, row_range=None, col_range=None):
+    """``ViewGeometry.from_affine``'s boxes, written out (as before it was memoised)."""
+    r0, r1 = row_range or (0, rows)
+    c0, c1 = col_range or (0, cols)
+    xs = (torch.arange(c0, c1 + 1, dtype=torch.float64) * cell[0] * scale[0] + offset[0])
+    ys = (torch.arange(r0, r1 + 1, dtype=torch.float64) * cell[1] * scale[1] + offset[1])
+    xs, ys = xs.clamp(0, size[0]), ys.clamp(0, size[1])
+    boxes = torch.empty(r1 - r0, c1 - c0, 4, dtype=torch.float64)
+    boxes[..., 0], boxes[..., 2] = xs[:-1].view(1, -1), xs[1:].view(1, -1)
+    boxes[..., 1], boxes[..., 3] = ys[:-1].view(-1, 1), ys[1:].view(-1, 1)
+    return boxes.float()
+
+
+@pytest.mark.parametrize("args", [
+    (8, 8, (8, 8), (1.0, 1.0), (0.0, 0.0), (64, 64)),
+    (6, 9, (14, 14), (0.37, 0.41), (-3.5, 2.25), (50, 37)),
+    (6, 9, (14, 14), (0.37, 0.41), (-3.5, 2.25), (50, 37), (1, 5), (2, 7)),
+    (3, 4, (16, 16), (2, 3), (1, -1), (97, 130)),  # ints where floats are expected
+])
+def test_memoised_geometry_equals_the_formula(args):
+    for _ in range(2):  # computed, then from the cache
+        view = ViewGeometry.from_affine("v", *args)
+        want = _affine_reference(*args)
+        assert view.boxes.dtype == want.dtype and torch.equal(view.boxes, want)
+        assert (view.rows, view.cols) == tuple(want.shape[:2])
+        for newline in (False, True):
+            rows = FeatureRows.grid(view, newline_after_row=newline)
+            per_row = view.cols + newline
+            r = torch.arange(view.rows).repeat_interleave(per_row)
+            c = torch.arange(per_row).repeat(view.rows)
+            kind = (c == view.cols).long() if newline else torch.zeros_like(c)
+            c = torch.where(kind == 1, -1, c)
+            for got, exp in zip((rows.kind, rows.view, rows.row, rows.col),
+                                (kind, torch.where(kind == 0, 0, -1), r, c)):
+                assert torch.equal(got, exp)
+            assert rows.views == [view]

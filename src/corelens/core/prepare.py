@@ -328,7 +328,9 @@ def prepare(
                             boxes=box_lists, distractors=distractor_lists,
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
-    return batch.to(device) if device is not None else batch
+    if device is None or all(v.device == torch.device(device) for v in inputs.values()):
+        return batch  # already there (``to`` would copy the batch for nothing)
+    return batch.to(device)
 
 
 def _where(e: int, ex_id: Any) -> str:
