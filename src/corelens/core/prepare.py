@@ -116,7 +116,7 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
                         f"{len(image_lists[e])} image(s)"
                     )
                 validate_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
-                          where=f"example {e}, image {img}: ")
+                             where=f"example {e}, image {img}: ")
             norm.append(ev)
         out.append(norm)
     return out
