@@ -85,6 +85,24 @@ def reference_layout(model, inputs, image_lists, video_lists) -> VisionLayout:
     return VisionLayout(images, int(ids.shape[1]))
 
 
+def reference_position_ids(model, inputs):
+    """M-RoPE families: HF's ``get_rope_index`` on the whole batch (no sharing between alike
+    examples); others: the family's position ids."""
+    hf = model.hf_model
+    if not hasattr(getattr(hf, "model", None), "get_rope_index"):
+        return model.family.position_ids(hf, inputs)
+    ids, cfg = inputs["input_ids"], hf.config
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        types = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
+    pos, _ = hf.model.get_rope_index(
+        ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        attention_mask=inputs.get("attention_mask"))
+    return pos
+
+
 def reference_batch(model, examples) -> dict[str, Any]:
     """What ``model.prepare_examples(examples)`` must hold, field by field."""
     examples = [ex.validate() for ex in examples]
@@ -131,7 +149,7 @@ def reference_batch(model, examples) -> dict[str, Any]:
         answer_tokens.append(real[lp:].clone())
         query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
     layout = reference_layout(model, inputs, image_lists, video_lists)
-    inputs["position_ids"] = model.family.position_ids(model.hf_model, inputs)
+    inputs["position_ids"] = reference_position_ids(model, inputs)
     return dict(inputs=inputs, layout=layout, query_positions=query_positions,
                 answer_tokens=answer_tokens, prompt_lengths=prompt_lengths, prompts=texts,
                 images=image_lists, videos=video_lists)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILY_NAMES, grounded_examples, noise_image
-from prepare_reference import assert_same_batch, reference_batch
+from prepare_reference import assert_same_batch, reference_batch, reference_position_ids
 from tokenizers import AddedToken
 
 from corelens import GroundedExample, HookedMLLM, InputError
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families import FAMILIES
+from corelens.families.qwen_vl import _alike_examples
 from corelens.zoo.tiny import tiny_image_sizes
 
 
@@ -123,3 +124,19 @@ def test_memoised_geometry_equals_the_formula(args):
                                 (kind, torch.where(kind == 0, 0, -1), r, c)):
                 assert torch.equal(got, exp)
             assert rows.views == [view]
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n.startswith("qwen")])
+def test_mrope_ids_shared_by_alike_examples_equal_hf_on_the_whole_batch(name, tiny_model):
+    """Qwen-VL runs ``get_rope_index`` once per kind of example (token types, padding, image
+    grids); the ids equal HF's on the whole batch, with alike examples among unlike ones."""
+    model = tiny_model(name)
+    exs = _examples(name)
+    batch = model.prepare_examples(exs)
+    types = (batch.input_ids == model.hf_model.config.image_token_id).long()
+    first, inverse, _ = _alike_examples(types, batch.attention_mask,
+                                        batch.inputs["image_grid_thw"])
+    assert len(first) < len(exs) and len(set(inverse.tolist())) == len(first)
+    want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
+                                          if k != "position_ids"})
+    assert torch.equal(batch.inputs["position_ids"], want)
