@@ -8,7 +8,9 @@
   tokens and query positions, checks the answer's tokenisation and lays out every vision token
   (``VisionLayout``).
 
-Interleaved repeats, the median of each; the ratio corelens / bare is printed per model.
+Interleaved repeats, the median of each; the ratio corelens / bare is printed per model, by
+wall clock and by this process's CPU time (``time.process_time``: steadier on a shared machine,
+where waiting for a core inflates wall times; it counts the tokenizer's worker threads too).
 
     python bench/prepare.py [--repeats 9] [--json F]
 """
@@ -61,14 +63,25 @@ def measure(model, examples, repeats: int) -> dict:
 
     bare(), ours()  # warm
     times = {"bare": [], "corelens": []}
+    cpu = {"bare": [], "corelens": []}
     for _ in range(repeats):
         for name, fn in (("bare", bare), ("corelens", ours)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     return {"bare_s": med["bare"], "corelens_s": med["corelens"],
-            "ratio": med["corelens"] / med["bare"], "n_examples": len(examples)}
+            "ratio": med["corelens"] / med["bare"], "bare_cpu_s": cmed["bare"],
+            "corelens_cpu_s": cmed["corelens"], "cpu_ratio": cmed["corelens"] / cmed["bare"],
+            "n_examples": len(examples)}
+
+
+def _line(name: str, r: dict) -> str:
+    return (f"{name:<15} bare {r['bare_s'] * 1e3:6.1f} ms  corelens {r['corelens_s'] * 1e3:6.1f} ms"
+            f"  ratio {r['ratio']:.2f}   | CPU bare {r['bare_cpu_s'] * 1e3:6.1f} ms  corelens "
+            f"{r['corelens_cpu_s'] * 1e3:6.1f} ms  ratio {r['cpu_ratio']:.2f}")
 
 
 def main() -> None:
@@ -85,8 +98,7 @@ def main() -> None:
     for name in ("toy-llava", "toy-qwen-vl"):
         model = zoo.load(name)
         out[name] = measure(model, zoo.examples(name, 16, seed=3), args.repeats)
-        print(f"{name:<14} bare {out[name]['bare_s'] * 1e3:6.1f} ms  corelens "
-              f"{out[name]['corelens_s'] * 1e3:6.1f} ms  ratio {out[name]['ratio']:.2f}")
+        print(_line(name, out[name]))
     from PIL import Image
     for fam in ("llava_next", "idefics3", "internvl", "gemma3"):
         with tempfile.TemporaryDirectory() as folder:
@@ -97,8 +109,7 @@ def main() -> None:
                                    "what color is the square ?", "red", [(0, (0, 0, 8, 8))])
                    for i in range(16)]
             out[f"tiny {fam}"] = r = measure(model, exs, args.repeats)
-        print(f"{'tiny ' + fam:<14} bare {r['bare_s'] * 1e3:6.1f} ms  corelens "
-              f"{r['corelens_s'] * 1e3:6.1f} ms  ratio {r['ratio']:.2f}")
+        print(_line(f"tiny {fam}", r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

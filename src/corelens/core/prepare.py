@@ -12,7 +12,7 @@ from PIL import Image
 
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
-from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, check_box
+from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, validate_box
 from corelens.data.tower import TowerLayout
 from corelens.errors import InputError, LayoutError
 from corelens.families import FAMILIES
@@ -38,7 +38,8 @@ def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
         for im in lst:
             if not isinstance(im, Image.Image):
                 raise InputError(f"example {e}: images must be PIL images, got {type(im).__name__}")
-        out.append([im.convert("RGB") for im in lst])
+        # RGB images as given (the processor copies them anyway), others converted
+        out.append([im if im.mode == "RGB" else im.convert("RGB") for im in lst])
     return out
 
 
@@ -105,7 +106,8 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
                         raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
                                          f"video {ev.video}, which has {nf} frame(s) (0-based, "
                                          "end exclusive)")
-                    check_box(box, vids[ev.video].size, where=f"example {e}, video {ev.video}: ")
+                    validate_box(box, vids[ev.video].size,
+                                 where=f"example {e}, video {ev.video}: ")
             else:
                 img = ev[0]
                 if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
@@ -113,8 +115,8 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
                         f"example {e}: box refers to image {img}, but the example has "
                         f"{len(image_lists[e])} image(s)"
                     )
-                check_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
-                          where=f"example {e}, image {img}: ")
+                validate_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
+                             where=f"example {e}, image {img}: ")
             norm.append(ev)
         out.append(norm)
     return out
@@ -268,34 +270,56 @@ def prepare(
     seq = ids.shape[1]
     # The answer's tokens: the text alone, tokenised with and without the answer (image tokens
     # are expanded in the middle of the prompt, never at its end, so the images need not be
-    # processed twice); checked against the processor's own ids below.
-    text_ids = (tokenizer(texts)["input_ids"], tokenizer(prompt_texts)["input_ids"]) \
-        if answers is not None else None
+    # processed twice); checked against the processor's own ids below. One tokenizer call, on
+    # the distinct texts (examples share prompts, often whole texts).
+    text_ids: dict[str, list[int]] = {}
+    if answers is not None:
+        distinct = list(dict.fromkeys(prompt_texts + texts))
+        text_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+    n_real = mask.bool().sum(1).tolist()
+    # left padding (as asked): each example's real tokens are the tail of its row
+    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
+    checked: set[tuple[tuple[int, ...], str]] = set()  # (tokens, answer) already checked
 
-    query_positions, answer_tokens, prompt_lengths = [], [], []
-    for e in range(n):
-        real = ids[e][mask[e].bool()]
-        pad = seq - real.numel()
-        if text_ids is None:
-            prompt_lengths.append(real.numel())
-            query_positions.append(torch.tensor([pad + real.numel() - 1]))
-            answer_tokens.append(torch.zeros(0, dtype=torch.long))
-            continue
-        full, prompt = text_ids[0][e], text_ids[1][e]
-        n_ans = len(full) - len(prompt)
-        if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= real.numel():
-            raise InputError(
-                f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the prompt "
-                "(tokenising prompt + answer changes the prompt's tokens, or adds none)"
-            )
-        if real[-n_ans:].tolist() != full[-n_ans:]:
-            raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the answer "
-                              f"{answers[e]!r} unlike its tokenizer does alone")
-        lp = real.numel() - n_ans
-        prompt_lengths.append(lp)
-        _check_answer(tokenizer, real[lp:], str(answers[e]), _where(e, example_ids[e]))
-        answer_tokens.append(real[lp:].clone())
-        query_positions.append(torch.arange(pad + lp - 1, pad + real.numel() - 1))
+    # per example, the answer's length and the positions that predict its tokens; the tokens
+    # and positions of the whole batch go into one tensor each, split per example at the end
+    n_ans_of, queries, tails = [], [], []
+    prompt_lengths = []
+    if answers is None:
+        for nr in n_real:
+            prompt_lengths.append(nr)
+            n_ans_of.append(0)
+            queries.append(seq - 1)
+    else:
+        n_of = [len(text_ids[t]) - len(text_ids[p]) for t, p in zip(texts, prompt_texts)]
+        widest = max(1, min(seq, max(n_of)))
+        ends = ids[:, seq - widest:].tolist() if left else None
+        for e in range(n):
+            nr, n_ans = n_real[e], n_of[e]
+            full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
+            if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
+                raise InputError(
+                    f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
+                    "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
+                )
+            tail = (ends[e][widest - n_ans:] if ends is not None
+                    else ids[e][mask[e].bool()][-n_ans:].tolist())
+            if tail != full[-n_ans:]:
+                raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
+                                  f"answer {answers[e]!r} unlike its tokenizer does alone")
+            lp = nr - n_ans
+            prompt_lengths.append(lp)
+            key = (tuple(tail), str(answers[e]))
+            if key not in checked:
+                _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
+                checked.add(key)
+            n_ans_of.append(n_ans)
+            tails += tail
+            queries += range(seq - nr + lp - 1, seq - 1)
+    answer_tokens = list(torch.tensor(tails, dtype=ids.dtype if answers is not None
+                                      else torch.long).split(n_ans_of))
+    query_positions = list(torch.tensor(queries, dtype=torch.long).split(
+        [k or 1 for k in n_ans_of]))
 
     layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
@@ -304,7 +328,9 @@ def prepare(
                             boxes=box_lists, distractors=distractor_lists,
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
-    return batch.to(device) if device is not None else batch
+    if device is None or all(v.device == torch.device(device) for v in inputs.values()):
+        return batch  # already there (``to`` would copy the batch for nothing)
+    return batch.to(device)
 
 
 def _where(e: int, ex_id: Any) -> str:
@@ -343,8 +369,11 @@ def _check_answer(tokenizer: Any, tokens: torch.Tensor, answer: str, where: str)
             "Fix: write the answer in words of the model's vocabulary (check "
             "model.tokenizer.tokenize(answer)), or drop the example"
         )
+    want = _squash(answer)
+    if _squash(tokenizer.decode(ids, skip_special_tokens=False)) == want:
+        return  # the usual case: one decode
     decoded = [tokenizer.decode(ids, skip_special_tokens=skip) for skip in (False, True)]
-    if _squash(answer) not in {_squash(d) for d in decoded}:
+    if want not in {_squash(d) for d in decoded}:
         raise InputError(
             f"{where}: the answer {answer!r} does not survive tokenisation: its tokens decode to "
             f"{decoded[0]!r}, so the score would be for that string, not the answer. Fix: "
@@ -397,33 +426,42 @@ def build_layout(
             seen[key] = family.feature_rows(hf_config, processor, inputs, image, size)
         return seen[key]
 
+    # every image (video) token of the batch found at once, then split per example
+    slots_of: dict[str, tuple[torch.Tensor, ...]] = {}
+    for what, token, lists in (("image", tid, image_lists), ("video", vid, video_lists)):
+        if any(lists):
+            rows_at, cols_at = (ids == token).nonzero(as_tuple=True)
+            counts = torch.bincount(rows_at, minlength=len(lists)).tolist()
+            slots_of[what] = cols_at.split(counts)
     g = gv = 0
     for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
         per_image: list[ImageLayout] = []
         for what, token, items in (("image", tid, ims), ("video", vid, vids)):
             if not items:
                 continue
-            slots = (ids[e] == token).nonzero().flatten()
+            slots = slots_of[what][e]
             if what == "image":
                 rows = [image_rows(g + i, im.size) for i, im in enumerate(items)]
             else:
                 rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
                                                   len(v), v.timestamps)
                         for i, v in enumerate(items)]
-            need = sum(len(r) for r in rows)
+            sizes = [len(r) for r in rows]
+            need = sum(sizes)
             if need != slots.numel():
                 raise LayoutError(
                     f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
                     f"its {len(items)} {what}(s) need {need} "
-                    f"({', '.join(str(len(r)) for r in rows)}); the prompt's {what} placeholders "
+                    f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
                     f"and the {what}s do not match"
                 )
             start = 0
-            for i, (item, r) in enumerate(zip(items, rows)):
-                per_image.append(ImageLayout(i, item.size, slots[start:start + len(r)], r,
+            for i, (item, r, k) in enumerate(zip(items, rows, sizes)):
+                at = slots if len(items) == 1 else slots[start:start + k]
+                per_image.append(ImageLayout(i, item.size, at, r,
                                              modality=what, n_frames=len(item) if
                                              what == "video" else 1))
-                start += len(r)
+                start += k
         images.append(per_image)
         g += len(ims)
         gv += len(vids)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import typing
 from typing import Any, Mapping
 
@@ -33,8 +34,13 @@ _PARTS = ("image_processor", "video_processor")
 def settings_of(part: Any) -> frozenset[str]:
     """The keywords the HF image / video processor ``part`` accepts as settings."""
     kinds = getattr(type(part), "valid_kwargs", None)
-    if kinds is None:
-        return frozenset()
+    return frozenset() if kinds is None else _declared(kinds)
+
+
+@functools.lru_cache(maxsize=None)
+def _declared(kinds: type) -> frozenset[str]:
+    """The settings a ``valid_kwargs`` class declares (a class's annotations do not change:
+    resolved once per class, not on every ``prepare``)."""
     try:
         names = typing.get_type_hints(kinds)
     except Exception:  # an annotation HF's module cannot resolve at runtime

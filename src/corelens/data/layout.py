@@ -21,6 +21,7 @@ example's images first (``images[e][i]`` is image i, as before) and then its vid
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
@@ -86,18 +87,46 @@ class ViewGeometry:
         to the image. ``row_range``/``col_range`` select a sub-grid (e.g. after unpadding)."""
         r0, r1 = row_range or (0, rows)
         c0, c1 = col_range or (0, cols)
-        cw, ch = cell
-        xs = torch.arange(c0, c1 + 1, dtype=torch.float64) * cw * scale[0] + offset[0]
-        ys = torch.arange(r0, r1 + 1, dtype=torch.float64) * ch * scale[1] + offset[1]
-        w, h = image_size
-        xs, ys = xs.clamp(0, w), ys.clamp(0, h)
-        nr, nc = r1 - r0, c1 - c0
-        boxes = torch.empty(nr, nc, 4, dtype=torch.float64)
-        boxes[..., 0] = xs[:-1].view(1, nc)
-        boxes[..., 2] = xs[1:].view(1, nc)
-        boxes[..., 1] = ys[:-1].view(nr, 1)
-        boxes[..., 3] = ys[1:].view(nr, 1)
-        return cls(name=name, rows=nr, cols=nc, boxes=boxes.float())
+        boxes = _affine_boxes(int(r0), int(r1), int(c0), int(c1),
+                              *(float(v) for v in (*cell, *scale, *offset)),
+                              float(image_size[0]), float(image_size[1]))
+        return cls(name=name, rows=r1 - r0, cols=c1 - c0, boxes=boxes)
+
+
+# Layouts repeat: every image of one size has the same token boxes and grid indices, batch after
+# batch. The two pure functions below are memoised; what they return is shared (as rows of equal
+# images within one batch always were) and never modified in place.
+@functools.lru_cache(maxsize=4096)
+def _affine_boxes(r0: int, r1: int, c0: int, c1: int, cw: float, ch: float, sx: float,
+                  sy: float, ox: float, oy: float, w: float, h: float) -> Tensor:
+    """``ViewGeometry.from_affine``'s boxes (float32 ``[rows, cols, 4]``)."""
+    xs = torch.arange(c0, c1 + 1, dtype=torch.float64) * cw * sx + ox
+    ys = torch.arange(r0, r1 + 1, dtype=torch.float64) * ch * sy + oy
+    xs, ys = xs.clamp(0, w), ys.clamp(0, h)
+    nr, nc = r1 - r0, c1 - c0
+    boxes = torch.empty(nr, nc, 4, dtype=torch.float64)
+    boxes[..., 0] = xs[:-1].view(1, nc)
+    boxes[..., 2] = xs[1:].view(1, nc)
+    boxes[..., 1] = ys[:-1].view(nr, 1)
+    boxes[..., 3] = ys[1:].view(nr, 1)
+    return boxes.float()
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_indices(rows: int, cols: int, newline_after_row: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``FeatureRows.grid``'s (kind, view, row, col)."""
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    kind = torch.zeros(rows * cols, dtype=torch.long)
+    if newline_after_row:
+        per_row = cols + 1
+        r = torch.arange(rows).repeat_interleave(per_row)
+        c = torch.arange(per_row).repeat(rows)
+        kind = (c == cols).long()
+        c = torch.where(kind == 1, -1, c)
+    vidx = torch.where(kind == KIND_VISION, 0, -1)
+    return kind, vidx, r, c
 
 
 @dataclass
@@ -128,16 +157,7 @@ class FeatureRows:
     @classmethod
     def grid(cls, view: ViewGeometry, newline_after_row: bool = False) -> "FeatureRows":
         """Row-major tokens of one view, optionally with a newline row after each grid row."""
-        r = torch.arange(view.rows).repeat_interleave(view.cols)
-        c = torch.arange(view.cols).repeat(view.rows)
-        kind = torch.zeros(view.rows * view.cols, dtype=torch.long)
-        if newline_after_row:
-            per_row = view.cols + 1
-            r = torch.arange(view.rows).repeat_interleave(per_row)
-            c = torch.arange(per_row).repeat(view.rows)
-            kind = (c == view.cols).long()
-            c = torch.where(kind == 1, -1, c)
-        vidx = torch.where(kind == KIND_VISION, 0, -1)
+        kind, vidx, r, c = _grid_indices(int(view.rows), int(view.cols), bool(newline_after_row))
         return cls(kind, vidx, r, c, [view])
 
     def boxes(self) -> Float[Tensor, "n 4"]:
@@ -288,7 +308,14 @@ def box_overlap_fraction(
 
 
 def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> Tensor:
-    """Validate an ``(x0, y0, x1, y1)`` box against an image of ``size = (w, h)``."""
+    """Validate an ``(x0, y0, x1, y1)`` box against an image of ``size = (w, h)``; the box as a
+    tensor."""
+    return torch.tensor(validate_box(box, size, where))
+
+
+def validate_box(box: Sequence[float], size: tuple[int, int],
+                 where: str = "") -> tuple[float, float, float, float]:
+    """``check_box`` without the tensor: the box as floats, or a ``LayoutError``."""
     if len(box) != 4:
         raise LayoutError(f"{where}box {tuple(box)} must have 4 numbers (x0, y0, x1, y1)")
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -300,7 +327,7 @@ def check_box(box: Sequence[float], size: tuple[int, int], where: str = "") -> T
             f"{where}box {tuple(box)} lies outside the image of size {w}x{h} (width x height); "
             "boxes are (x0, y0, x1, y1) in original-image pixels, x1/y1 exclusive"
         )
-    return torch.tensor([x0, y0, x1, y1])
+    return x0, y0, x1, y1
 
 
 @dataclass
@@ -327,16 +354,21 @@ class VisionLayout:
 
     images: list[list[ImageLayout]]  # [example][image..., video...]
     seq_len: int
-    _by_position: list[dict[int, tuple[int, int]]] = field(default_factory=list, repr=False)
+    # per example, position -> (image, row): built on the first ``token_info`` (a python dict of
+    # every vision token costs more than the rest of the layout, and most batches never ask)
+    _by_position: list[dict[int, tuple[int, int]]] | None = field(default=None, repr=False,
+                                                                   compare=False)
 
-    def __post_init__(self) -> None:
-        self._by_position = []
-        for ex in self.images:
-            table: dict[int, tuple[int, int]] = {}
-            for i, img in enumerate(ex):
-                for j, p in enumerate(img.positions.tolist()):
-                    table[p] = (i, j)
-            self._by_position.append(table)
+    def _position_table(self, example: int) -> dict[int, tuple[int, int]]:
+        if self._by_position is None:
+            self._by_position = []
+            for ex in self.images:
+                table: dict[int, tuple[int, int]] = {}
+                for i, img in enumerate(ex):
+                    for j, p in enumerate(img.positions.tolist()):
+                        table[p] = (i, j)
+                self._by_position.append(table)
+        return self._by_position[example]
 
     @property
     def n_examples(self) -> int:
@@ -441,7 +473,7 @@ class VisionLayout:
     def token_info(self, example: int, position: int) -> TokenInfo | None:
         """What sits at ``position``: (image or video, view, row, col, box, frames, seconds), or
         None for a text token."""
-        hit = self._by_position[example].get(int(position))
+        hit = self._position_table(example).get(int(position))
         if hit is None:
             return None
         i, j = hit

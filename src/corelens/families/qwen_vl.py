@@ -176,19 +176,32 @@ class QwenVL(Family):
 
     # --- decoder -----------------------------------------------------------------------------
     def position_ids(self, hf_model, inputs):
-        """``[3, batch, seq]`` M-RoPE ids from the model's own ``get_rope_index``."""
+        """``[3, batch, seq]`` M-RoPE ids from the model's own ``get_rope_index``, run once per
+        distinct example: its loop computes each example from that example's token types,
+        padding and image grids alone, so examples alike in all three (one prompt shape at one
+        image size) share the result. Batches with videos go through it whole."""
         cfg = hf_model.config
         ids = inputs["input_ids"]
         types = inputs.get("mm_token_type_ids")
         if types is None:  # what the processor returns: 0 text, 1 image, 2 video
             types = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
+        mask = inputs.get("attention_mask")
+        grid = inputs.get("image_grid_thw")
+        alike = (_alike_examples(types, mask, grid)
+                 if inputs.get("video_grid_thw") is None and grid is not None else None)
+        if alike is None:
+            first, inverse, grids = None, None, grid
+        else:
+            first, inverse, grid_rows = alike
+            grids = grid[grid_rows]
+        pick = (lambda t: t) if first is None else (lambda t: None if t is None else t[first])
         pos, _ = hf_model.model.get_rope_index(
-            ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
+            pick(ids), mm_token_type_ids=pick(types), image_grid_thw=grids,
             video_grid_thw=inputs.get("video_grid_thw"),
             second_per_grid_ts=inputs.get("second_per_grid_ts"),
-            attention_mask=inputs.get("attention_mask"),
+            attention_mask=pick(mask),
         )
-        return pos
+        return pos if inverse is None else pos[:, inverse]
 
     def rotary(self) -> Callable[..., tuple[Tensor, Tensor]]:
         apply_rope = importlib.import_module(self.modeling).apply_rotary_pos_emb
@@ -267,3 +280,37 @@ class Qwen3_VL(QwenVL):
             raise InputError(f"{self.name}: its video processor needs at least 2 frames per video "
                              f"(one temporal patch), got frame counts {lengths}; repeat the "
                              "frame or pass it as an image")
+
+
+def _alike_examples(types: Tensor, mask: Tensor | None, grid: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Examples of an image-only batch that ``get_rope_index`` computes alike: (the first of
+    each kind, which kind each example is, the ``image_grid_thw`` rows of those firsts in
+    order); None when every example is its own kind or the batch is not what it expects. An
+    example's kind: its token types and padding, and the grids of its images (one per run of
+    image tokens among its real tokens, consumed in order, as ``get_rope_index`` does)."""
+    n = types.shape[0]
+    if n < 2:
+        return None
+    rows_t = types.tolist()
+    rows_m = mask.tolist() if mask is not None else [[1] * types.shape[1]] * n
+    grids = [tuple(g) for g in grid.tolist()]
+    kinds: dict[tuple, int] = {}
+    first, inverse, grid_rows = [], [], []
+    g = 0
+    for t, m in zip(rows_t, rows_m):
+        real = [v for v, k in zip(t, m) if k]
+        if any(v not in (0, 1) for v in real):
+            return None
+        runs = sum(1 for i, v in enumerate(real) if v == 1 and (i == 0 or real[i - 1] != 1))
+        own = range(g, g + runs)
+        key = (tuple(t), tuple(m), tuple(grids[i] for i in own if i < len(grids)))
+        if key not in kinds:
+            kinds[key] = len(first)
+            first.append(len(inverse))
+            grid_rows += own
+        inverse.append(kinds[key])
+        g += runs
+    if g != len(grids) or len(first) == n:
+        return None
+    return (torch.tensor(first), torch.tensor(inverse), torch.tensor(grid_rows, dtype=torch.long))
