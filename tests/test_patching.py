@@ -425,6 +425,11 @@ def test_sweeps_that_edit_before_z_or_read_every_row_compute_in_full(name, tiny_
 
     jobs = [z_job(l, h) for l in range(L) for h in range(H)]
     assert replays_z([n for job in jobs[:H] for n, _ in job], 0)
+    assert replays_z(["blocks.1.attn.hook_z", "blocks.1.hook_resid_post", "blocks.2.attn.hook_q",
+                      "ln_final.hook_normalized"], 1)
+    for before in ("hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre",
+                   "blocks.1.attn.hook_rot_k", "vision_encoder.hook_in"):
+        assert not replays_z(["blocks.1.attn.hook_z", before], 1)
     assert trims_last_block([n for job in jobs[:H] for n, _ in job], L, replayed=False)
     assert not trims_last_block(["ln_final.hook_normalized"], L, replayed=False)
     assert not trims_last_block([f"blocks.{L - 1}.hook_resid_post"], L, replayed=False)

@@ -248,10 +248,19 @@ def _rest(name: str, layer: int) -> str | None:
 
 def replays_z(names: Sequence[str], layer: int) -> bool:
     """Whether hooks ``names`` leave ``layer``'s attention, up to its head outputs z, as in
-    the unedited run, given that nothing before ``layer`` is hooked: at ``layer`` they hook z
-    or what comes after it only."""
-    rests = [r for n in names if (r := _rest(n, layer)) is not None]
-    return all(r in Z_HOOKS or r.startswith(AFTER_Z_HOOKS) for r in rests)
+    the unedited run: they hook z or what comes after it at ``layer``, later blocks, the final
+    norm and the unembedding, nothing before (embeddings, the vision tower, earlier blocks)."""
+    for name in names:
+        head, _, rest = name.partition(".")
+        if head == "blocks" and rest.split(".", 1)[0].isdigit():
+            at = int(rest.split(".", 1)[0])
+            after = rest.split(".", 1)[1] if "." in rest else ""
+            if at < layer or (at == layer and not (after in Z_HOOKS
+                                                   or after.startswith(AFTER_Z_HOOKS))):
+                return False
+        elif not name.startswith(AFTER_BLOCKS):
+            return False
+    return True
 
 
 def trims_last_block(names: Sequence[str], n_layers: int, replayed: bool) -> bool:
