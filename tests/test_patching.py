@@ -450,6 +450,14 @@ def test_sweeps_that_edit_before_z_or_read_every_row_compute_in_full(name, tiny_
     got = sweep(model, corrupt, every_row, jobs, per_forward=H)
     torch.testing.assert_close(got, loop(jobs, every_row), rtol=0, atol=1e-4)
 
+    def scale(x):  # an edit before every block: the layer-0 attention must not replay
+        x.mul_(1.5)
+    mixed = [[("embed.hook_out", scale)] + z_job(0, h) for h in range(H)]
+    got = sweep(model, corrupt, answer_logprob, mixed, per_forward=H)
+    torch.testing.assert_close(got, loop(mixed, answer_logprob), rtol=0, atol=1e-4)
+    plain = sweep(model, corrupt, answer_logprob, mixed[:1], per_forward=1)
+    assert (got[0] - plain[0]).abs().max() < 1e-4
+
 
 def _one_forward_each(model, target, metric, name, src, edits):
     """The obvious loop: one forward per edit (an in-place edit of the hooked tensor)."""
