@@ -13,8 +13,7 @@ Heads are ``corelens.heads.Head``.
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Collection, Iterator, Sequence
 
@@ -358,7 +357,7 @@ def last_rows(model: Any, n: int, replayed: bool) -> Iterator[None]:
                     else type(self).forward(self, h, *rest, **kw))
         if n >= hidden.shape[1] or not attention.can_trim(layer) or _hooked(self, replayed):
             return run(hidden)
-        keys = (contextlib.nullcontext() if replayed
+        keys = (nullcontext() if replayed
                 else attention.keys_from(layer, self.ln1(hidden)))
         with keys:
             return _merge(hidden, run(hidden[:, -n:]), n)
