@@ -33,21 +33,23 @@ Widths (``--width toy|real|both``):
 Rows (``rows[i]``: ``width``, ``comparison``, ``corelens_s``, ``nnsight_s``,
 ``ratio_nnsight_over_corelens`` (> 1: corelens is faster), ``max_abs_diff``, ``tolerance``):
 
-- ``patch_heads_sweep``: the clean -> corrupted activation patching of each head's output z
-  (the input of ``o_proj``, head h = columns h*d_head:(h+1)*d_head, all positions), metric
-  the logit difference clean answer - corrupted answer at the answer position, mean over the
-  pairs, per (layer, head). corelens: ``patching.patch_heads(model, pair.clean,
-  pair.corrupted, pair.logit_diff)`` (batched: 8 patched copies per forward, the vision tower
-  run once). nnsight: one trace of the clean inputs saving every layer's ``o_proj.input``, then
-  one trace of the corrupted inputs per head assigning that head's slice and saving the answer
-  row of ``lm_head.output`` (nnsight refuses to batch invokes of multimodal encodings --
-  "Can't batch these inputs; pass text or token ids" -- so its batched-invoker pattern does not
-  apply). SDPA attention on both sides. Tolerance 1e-4. With a head subset the row adds
-  ``heads_swept``, ``forward_s`` (one plain HF forward of the batch) and
-  ``est_all_heads_corelens_s`` = 2 forwards + (L*H / K) * (corelens_s - 2 forwards),
+- ``patch_heads_sweep``: the clean -> corrupted activation patching of each head's output z (the
+  input of ``o_proj``, head h = columns h*d_head:(h+1)*d_head, all positions), metric the logit
+  difference clean answer - corrupted answer at the answer position, mean over the pairs, per
+  (layer, head). corelens: ``patching.patch_heads(model, pair.clean, pair.corrupted,
+  pair.logit_diff)`` (batched: 8 patched copies per forward, the vision tower run once; each
+  forward resumes at its patched layer, replays that layer's attention from the z recorded in
+  the unedited run and runs the last block at the answer rows only:
+  ``interventions.core.sweep``). nnsight: one trace of the clean inputs saving every layer's
+  ``o_proj.input``, then one trace of the corrupted inputs per head assigning that head's slice
+  and saving the answer row of ``lm_head.output`` (nnsight refuses to batch invokes of
+  multimodal encodings -- "Can't batch these inputs; pass text or token ids" -- so its
+  batched-invoker pattern does not apply). SDPA attention on both sides. Tolerance 1e-4. With a
+  head subset the row adds ``heads_swept``, ``forward_s`` (one plain HF forward of the batch)
+  and ``est_all_heads_corelens_s`` = 2 forwards + (L*H / K) * (corelens_s - 2 forwards),
   ``est_all_heads_nnsight_s`` = 1 forward + (L*H / K) * (nnsight_s - 1 forward) (corelens's
-  fixed cost is the clean cache and the image-feature forward; nnsight's the clean cache),
-  and ``est_all_heads_ratio``.
+  fixed cost is the clean cache and the image-feature forward; nnsight's the clean cache), and
+  ``est_all_heads_ratio``.
 - ``all_patterns``: every decoder layer's attention pattern [batch, head, query, key] of the
   clean batch. corelens: ``model.run_with_cache(batch, names_filter=...)`` keeping
   ``blocks.*.attn.hook_pattern`` (the decoder's, as nnsight's side; the vision tower's

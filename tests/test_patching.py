@@ -328,6 +328,137 @@ def test_resumed_sweep_skips_the_blocks_before_the_first_edit(tiny_model):
     assert first_block(["blocks.2.attn.hook_z", "hook_embed"], 4) == 0
 
 
+def _count_calls(model, part):
+    """Calls of each decoder layer's ``attn.<part>`` projection (the wrapped nn.Linear)."""
+    calls = {l: 0 for l in range(model.cfg.n_layers)}
+    handles = [getattr(model.bridge.blocks[l].attn, part).original_component
+               .register_forward_hook(lambda m, a, o, l=l: calls.__setitem__(l, calls[l] + 1))
+               for l in range(model.cfg.n_layers)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_replayed_and_trimmed_sweep_equals_one_head_per_forward(name, tiny_model):
+    """One stacked forward per layer: the layer-l forward replays layer l's attention (its
+    recorded z fed to hook_z and o_proj: no q, k, v projection runs there) and the last block
+    computes only the rows the metric reads (its keys and values over every row); the numbers
+    are those of one full forward per head, on every family."""
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    assert L >= 2
+    counts = [_count_calls(model, p) for p in ("q", "k", "v")]
+    rows = []
+    mlp = model.bridge.blocks[L - 1].mlp.original_component.register_forward_hook(
+        lambda m, a, o: rows.append(a[0].shape[1]))
+    try:
+        swept = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=H)
+    finally:
+        for _, handles in counts:
+            for h in handles:
+                h.remove()
+        mlp.remove()
+    # the source's cache and the unedited target run compute every layer; then the layer-l
+    # forward skips layer l's q, k, v (replayed) and layer l' > l computes them: l' is the
+    # last block, whose queries are the metric's rows only
+    for calls, _ in counts:
+        assert calls == {l: 2 + l for l in range(L)}
+    keep = corrupt.logits_to_keep
+    assert keep < corrupt.seq_len and rows == [corrupt.seq_len] * 2 + [keep] * L
+    looped = _one_head_loop(model, clean, corrupt, answer_logprob)
+    torch.testing.assert_close(swept, looped, rtol=0, atol=1e-4)
+    plain = patch_heads(model, clean, corrupt, answer_logprob, heads_per_forward=H,
+                        resume=False)
+    torch.testing.assert_close(swept, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3"])
+def test_sweeps_that_edit_before_z_or_read_every_row_compute_in_full(name, tiny_model):
+    """A job editing hook_q (or the pattern) at its first layer changes what comes before z:
+    that layer is computed, not replayed; a live hook before z (here a read-only one on the
+    rotated queries) also turns replay off; a metric reading every row keeps the last block
+    whole. All still equal one full forward per job."""
+    from corelens.interventions.core import replays_z, sweep, trims_last_block
+
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    src = {n: t for n, t in model.run_with_cache(clean)[1].items()}
+
+    def q_job(l, h):
+        def edit(x):
+            x[:, :, h] = src[f"blocks.{l}.attn.hook_q"][:, :, h]
+        return [(f"blocks.{l}.attn.hook_q", edit)]
+
+    def pattern_job(l, h):
+        def edit(x):
+            x[:, h] = x[:, h].roll(1, dims=-1)  # move each query's attention one key on
+        return [(f"blocks.{l}.attn.hook_pattern", edit)]
+
+    def z_job(l, h):
+        def edit(x):
+            x[:, :, h] = src[f"blocks.{l}.attn.hook_z"][:, :, h]
+        return [(f"blocks.{l}.attn.hook_z", edit)]
+
+    def every_row(logits, batch):  # not a query_metric: the forward keeps every row
+        return logits.float().logsumexp(-1).mean(-1)
+
+    def loop(jobs, metric):
+        out = []
+        for job in jobs:
+            hooks = [(n, lambda x, hook, e=e: (x := x.clone(), e(x))[0]) for n, e in job]
+            with torch.no_grad():
+                out.append(metric(model.run_with_hooks(corrupt, fwd_hooks=hooks), corrupt))
+        return torch.stack(out)
+
+    for make in (q_job, pattern_job):
+        jobs = [make(l, h) for l in range(L) for h in range(H)]
+        assert not replays_z([n for job in jobs[:H] for n, _ in job], 0)
+        calls, handles = _count_calls(model, "q")
+        try:
+            got = sweep(model, corrupt, answer_logprob, jobs, per_forward=H)
+        finally:
+            for h in handles:
+                h.remove()
+        assert calls[0] == 2  # the unedited run, then the layer-0 forward computes it
+        torch.testing.assert_close(got, loop(jobs, answer_logprob), rtol=0, atol=1e-4)
+
+    jobs = [z_job(l, h) for l in range(L) for h in range(H)]
+    assert replays_z([n for job in jobs[:H] for n, _ in job], 0)
+    assert replays_z(["blocks.1.attn.hook_z", "blocks.1.hook_resid_post", "blocks.2.attn.hook_q",
+                      "ln_final.hook_normalized"], 1)
+    for before in ("hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre",
+                   "blocks.1.attn.hook_rot_k", "vision_encoder.hook_in"):
+        assert not replays_z(["blocks.1.attn.hook_z", before], 1)
+    assert trims_last_block([n for job in jobs[:H] for n, _ in job], L, replayed=False)
+    assert not trims_last_block(["ln_final.hook_normalized"], L, replayed=False)
+    assert not trims_last_block([f"blocks.{L - 1}.hook_resid_post"], L, replayed=False)
+    calls, handles = _count_calls(model, "q")
+    seen = []
+    try:
+        replayed = sweep(model, corrupt, answer_logprob, jobs, per_forward=H)
+        assert calls[0] == 1  # the unedited run only: the layer-0 forward replays layer 0
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_q",
+                                     lambda x, hook: seen.append(x.shape))]):
+            got = sweep(model, corrupt, answer_logprob, jobs, per_forward=H)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[0] == 1 + 2 and len(seen) == 2  # layer 0 computed: its queries are hooked
+    torch.testing.assert_close(got, replayed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, loop(jobs, answer_logprob), rtol=0, atol=1e-4)
+    got = sweep(model, corrupt, every_row, jobs, per_forward=H)
+    torch.testing.assert_close(got, loop(jobs, every_row), rtol=0, atol=1e-4)
+
+    def scale(x):  # an edit before every block: the layer-0 attention must not replay
+        x.mul_(1.5)
+    mixed = [[("embed.hook_out", scale)] + z_job(0, h) for h in range(H)]
+    got = sweep(model, corrupt, answer_logprob, mixed, per_forward=H)
+    torch.testing.assert_close(got, loop(mixed, answer_logprob), rtol=0, atol=1e-4)
+    plain = sweep(model, corrupt, answer_logprob, mixed[:1], per_forward=1)
+    assert (got[0] - plain[0]).abs().max() < 1e-4
+
+
 def _one_forward_each(model, target, metric, name, src, edits):
     """The obvious loop: one forward per edit (an in-place edit of the hooked tensor)."""
     out = []

@@ -11,7 +11,11 @@ nothing. corelens replaces the forward of every decoder attention bridge with on
 - a per-head interface shared by everything above it: ``key_mask`` (which keys each head may
   see, combined with the model's own causal / padding / window mask) and ``tap`` (a callback
   that receives the rotated q, k, v and the mask of a layer, and can compute exact attention
-  rows for chosen queries without the full pattern, see ``AttentionInputs.pattern_rows``).
+  rows for chosen queries without the full pattern, see ``AttentionInputs.pattern_rows``);
+- two shortcuts for batched interventions (``interventions.core.sweep``): ``replay`` (a layer
+  returns ``o_proj`` of recorded head outputs z, its ``hook_z`` firing on them, instead of
+  computing q, k, v and the scores) and ``keys_from`` (a layer's call carries only its last
+  query rows; its keys and values come from every row).
 
 Every family's specifics come from the HF module itself (``scaling``, ``q_norm``/``k_norm``, the
 4-D mask HF builds with its windows and bidirectional blocks, GQA) and from the family's
@@ -193,6 +197,8 @@ class AttentionBackend:
         self._key_masks: dict[int, list[Tensor]] = {}
         self._taps: dict[int, list[Tap]] = {}
         self._kernel: Kernel | None = None
+        self._replay: dict[int, Tensor] = {}
+        self._keys_from: dict[int, Tensor] = {}
         self.layers: list[Any] = []
         added = False
         for layer, block in enumerate(bridge.blocks):
@@ -206,6 +212,10 @@ class AttentionBackend:
             attn._corelens_layer = layer
             attn._corelens_backend = self
             attn._corelens_original_forward = attn.forward
+            # what a replayed call skips: every hook point of the attention before hook_z
+            after_z = {id(attn.o.hook_in), id(attn.o.hook_out), id(attn.hook_out)}
+            attn._corelens_before_z = [m for m in attn.modules() if isinstance(m, HookPoint)
+                                       and id(m) not in after_z]
             compat.replace_forward(attn, _forward)
             self.layers.append(attn)
         if hf_config is not None:
@@ -280,6 +290,37 @@ class AttentionBackend:
             self._kernel = None
 
     @contextlib.contextmanager
+    def replay(self, layer: int, z: Float[Tensor, "batch pos head_x_d_head"]) -> Iterator[None]:
+        """Within the block, ``layer`` does not compute its attention: it returns
+        ``o_proj(z)`` (``z``: the input of ``o_proj``, as recorded from an earlier call with the
+        same inputs), ``hook_z`` firing on ``z`` as usual, so an edit there acts as on a computed
+        z. A call with a live hook on any hook point before ``hook_z`` in the layer (q, k, v,
+        rotary, scores, pattern, ...), or one this forward does not own, computes instead."""
+        self._replay[layer] = z
+        try:
+            yield
+        finally:
+            self._replay.pop(layer, None)
+
+    @contextlib.contextmanager
+    def keys_from(self, layer: int, hidden: Float[Tensor, "batch pos d_model"]) -> Iterator[None]:
+        """Within the block, the calls of ``layer`` carry only the LAST query rows of the
+        sequence (their ``hidden_states`` have ``t < pos`` rows): the keys and values come from
+        ``hidden`` (the attention input of every row), the queries from the call's rows.
+        ``can_trim(layer)`` says whether this forward honours it."""
+        self._keys_from[layer] = hidden
+        try:
+            yield
+        finally:
+            self._keys_from.pop(layer, None)
+
+    def can_trim(self, layer: int) -> bool:
+        """Whether ``layer``'s calls would honour ``keys_from`` and ``replay``: corelens owns its
+        forward, and no tap, kernel or live hook before ``hook_z`` would see fewer rows."""
+        attn = self.layers[layer]
+        return _unsupported(attn, attn.original_component) is None and _replayable(self, attn)
+
+    @contextlib.contextmanager
     def use(self, mode: Mode) -> Iterator[None]:
         """Within the block the decoder attention runs ``mode``: "eager" (the pattern is
         computed, its hooks fire), "sdpa", or "auto" (eager only where a pattern hook is live).
@@ -339,6 +380,13 @@ def _unsupported(attn: Any, hf_attn: Any) -> str | None:
     return None
 
 
+def _replayable(backend: AttentionBackend, attn: Any) -> bool:
+    """Whether a call may skip what comes before hook_z (or see fewer query rows) unseen: no
+    live hook there, no tap, no kernel."""
+    return (backend._kernel is None and not backend._taps.get(attn._corelens_layer)
+            and not any(compat.has_hooks(hp) for hp in attn._corelens_before_z))
+
+
 def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     backend: AttentionBackend = attn._corelens_backend
     hf_attn = attn.original_component
@@ -351,13 +399,19 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     position_embeddings = kwargs.pop("position_embeddings", None)
     mask = kwargs.pop("attention_mask", None)
     layer = attn._corelens_layer
-
-    hidden = attn.hook_in(hidden)
     b, t = hidden.shape[:2]
+
+    replayed = backend._replay.get(layer)
+    if replayed is not None and _replayable(backend, attn):
+        return _project(attn, replayed, t), None
+    hidden = attn.hook_in(hidden)
+    every = backend._keys_from.get(layer)  # the keys' rows when this call has the last queries
+    kv_hidden = hidden if every is None else every
+    tk_in = kv_hidden.shape[1]
     d = hf_attn.head_dim
     q = attn.q(hidden).view(b, t, -1, d)
-    k = attn.k(hidden).view(b, t, -1, d)
-    v = attn.v(hidden).view(b, t, -1, d)
+    k = attn.k(kv_hidden).view(b, tk_in, -1, d)
+    v = attn.v(kv_hidden).view(b, tk_in, -1, d)
     if getattr(hf_attn, "q_norm", None) is not None:  # per-head q/k norm (Qwen3, Gemma3)
         q = hf_attn.q_norm(q)
         k = hf_attn.k_norm(k)
@@ -366,11 +420,17 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     if position_embeddings is not None:
         position_embeddings = compat.apply_position_embedding_hooks(attn, position_embeddings)
         cos, sin = position_embeddings
-        q, k = backend.rotary(q, k, cos, sin, hf_attn)
+        if tk_in > t:  # the last t rows: rotate them in place among every row (any RoPE layout)
+            full = q.new_zeros(b, q.shape[1], tk_in, d)
+            full[:, :, -t:] = q
+            full, k = backend.rotary(full, k, cos, sin, hf_attn)
+            q = full[:, :, -t:]
+        else:
+            q, k = backend.rotary(q, k, cos, sin, hf_attn)
     q = attn.hook_rot_q(q)
     k = attn.hook_rot_k(k)
     scaling = float(getattr(hf_attn, "scaling", d ** -0.5))
-    if backend._kernel is not None and not backend._eager(attn):
+    if backend._kernel is not None and not backend._eager(attn) and every is None:
         z = backend._kernel(KernelCall(attn, layer, q, k, v, mask, scaling, kwargs))
         if z is not None:
             return _output(attn, z, b, t), None
@@ -379,6 +439,9 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     tq, tk = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
     add_mask = backend._mask(layer, additive_mask(mask, q.dtype, tq, tk), q.dtype, tq, tk, q.device)
+    if add_mask is None and 1 < tq < tk:  # causal, the queries the last tq rows
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        add_mask = torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)[None, None]
 
     for tap in backend._taps.get(layer, ()):
         tap(AttentionInputs(layer, q, k, v, add_mask, scaling))
@@ -403,6 +466,16 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
             is_causal=add_mask is None and tq == tk and tq > 1,
         )
     return _output(attn, z, b, t), pattern
+
+
+def _project(attn: Any, z: Float[Tensor, "batch pos head_x_d_head"], t: int) -> Tensor:
+    """The attention output of a replayed call: ``o_proj`` of ``z``'s last ``t`` rows,
+    ``hook_z`` (``o.hook_in``) fired on all of ``z``."""
+    if z.shape[1] == t:
+        return attn.hook_out(attn.o(z))
+    if compat.has_hooks(attn.o.hook_out):
+        return attn.hook_out(attn.o(z)[:, -t:])
+    return attn.hook_out(attn.o.original_component(attn.o.hook_in(z)[:, -t:]))
 
 
 def _output(attn: Any, z: Tensor, b: int, t: int) -> Tensor:

@@ -5,13 +5,15 @@ cache of activations (``cache_activations``), whether two batches line up positi
 (``check_aligned``), what each position is (``token_roles``, ``position_groups``), the image
 features of a batch computed once and handed to stacked copies of it (``image_features``,
 ``stacked``), and the batched runner that applies many edits, one per stacked copy, in one
-forward (``sweep``). Nothing here knows a method (patching, attribution, ablation) or a family.
+forward (``sweep``: it resumes at the first edited block, replays that block's attention when
+only its head outputs z are edited, and runs the last block at the metric's rows only).
+Nothing here knows a method (patching, attribution, ablation) or a family.
 Heads are ``corelens.heads.Head``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Collection, Iterator, Sequence
 
@@ -19,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 
 from corelens import compat
 from corelens.core.evaluate import logits_to_keep
@@ -150,17 +153,23 @@ def _features_method(model: Any, batch: MultimodalBatch) -> tuple[Any, Any] | No
 
 
 def unedited_run(model: Any, batch: MultimodalBatch, *, features: bool,
-                 blocks: Collection[int] = ()) -> tuple[Any | None, dict[int, Any]]:
+                 blocks: Collection[int] = (), zs: Collection[int] = ()
+                 ) -> tuple[Any | None, dict[int, Any], dict[int, Tensor]]:
     """One unedited forward of ``batch`` recording what stacked forwards reuse: its image
-    features (``image_features``; None where they cannot be handed over) and what decoder
-    ``blocks`` return, as returned (``skip_blocks``). No forward when nothing is recorded."""
+    features (``image_features``; None where they cannot be handed over), what decoder
+    ``blocks`` return, as returned (``skip_blocks``), and the head outputs z (the input of
+    ``o_proj``, ``[batch, pos, head * d_head]``) of layers ``zs`` (``replay_z``). No forward
+    when nothing is recorded."""
     method = _features_method(model, batch) if features else None
-    if method is None and not blocks:
-        return None, {}
+    if method is None and not blocks and not zs:
+        return None, {}, {}
     got: dict[str, Any] = {}
     outputs: dict[int, Any] = {}
+    z: dict[int, Tensor] = {}
     handles = [model.bridge.blocks[i].register_forward_hook(
         lambda mod, args, out, i=i: outputs.__setitem__(i, out)) for i in sorted(set(blocks))]
+    handles += [model.bridge.blocks[i].attn.o.register_forward_pre_hook(
+        lambda mod, args, i=i: z.__setitem__(i, args[0].detach())) for i in sorted(set(zs))]
     if method is not None:
         inner, fn = method
 
@@ -177,7 +186,7 @@ def unedited_run(model: Any, batch: MultimodalBatch, *, features: bool,
             del inner.get_image_features
         for h in handles:
             h.remove()
-    return got.get("out"), outputs
+    return got.get("out"), outputs, z
 
 
 def repeat_image_features(features: Any, k: int) -> Any:
@@ -222,6 +231,49 @@ def first_block(names: Sequence[str], n_layers: int) -> int:
     return first
 
 
+# A block's hook points that see its head outputs z or come after them (what a job may hook at
+# the block its attention is replayed at): ``blocks.L.`` + one of these (or a prefix of it).
+Z_HOOKS = ("attn.hook_z", "attn.o.hook_in")
+AFTER_Z_HOOKS = ("attn.o.hook_out", "attn.hook_out", "hook_attn_out", "hook_resid_mid",
+                 "hook_mlp_out", "hook_resid_post", "hook_out", "ln2.", "mlp.")
+AFTER_BLOCKS = ("ln_final", "unembed", "hook_unembed")
+
+
+def _rest(name: str, layer: int) -> str | None:
+    """``name`` without ``blocks.{layer}.``; None for a hook elsewhere."""
+    prefix = f"blocks.{layer}."
+    return name[len(prefix):] if name.startswith(prefix) else None
+
+
+def replays_z(names: Sequence[str], layer: int) -> bool:
+    """Whether hooks ``names`` leave ``layer``'s attention, up to its head outputs z, as in
+    the unedited run: they hook z or what comes after it at ``layer``, later blocks, the final
+    norm and the unembedding, nothing before (embeddings, the vision tower, earlier blocks)."""
+    for name in names:
+        head, _, rest = name.partition(".")
+        if head == "blocks" and rest.split(".", 1)[0].isdigit():
+            at = int(rest.split(".", 1)[0])
+            after = rest.split(".", 1)[1] if "." in rest else ""
+            if at < layer or (at == layer and not (after in Z_HOOKS
+                                                   or after.startswith(AFTER_Z_HOOKS))):
+                return False
+        elif not name.startswith(AFTER_BLOCKS):
+            return False
+    return True
+
+
+def trims_last_block(names: Sequence[str], n_layers: int, replayed: bool) -> bool:
+    """Whether the last block may compute only the rows the metric reads under hooks ``names``:
+    nothing at it (but z where its attention is replayed: z is then every row) or after it."""
+    last = n_layers - 1
+    for name in names:
+        rest = _rest(name, last)
+        if name.startswith(AFTER_BLOCKS) or (rest is not None
+                                              and not (replayed and rest in Z_HOOKS)):
+            return False
+    return True
+
+
 def _stack_output(out: Any, k: int, batch: int) -> Any:
     """A block output for ``k`` stacked copies (tensors with the batch first repeated)."""
     if isinstance(out, Tensor):
@@ -253,10 +305,74 @@ def skip_blocks(model: Any, upto: int, outputs: dict[int, Any], k: int,
             compat.restore_forward(block)
 
 
+@contextmanager
+def replay_z(model: Any, layer: int | None, zs: dict[int, Tensor], k: int) -> Iterator[None]:
+    """While active, ``layer``'s attention returns ``o_proj`` of its recorded z (stacked ``k``
+    times; ``hook_z`` fires on it) instead of computing q, k, v and the scores
+    (``AttentionBackend.replay``). None: nothing replayed."""
+    if layer is None:
+        yield
+        return
+    z = zs[layer]
+    with model.attention.replay(layer, z.repeat(k, *([1] * (z.ndim - 1)))):
+        yield
+
+
+def _hooked(block: Any, replayed: bool) -> bool:
+    """A live hook in ``block`` that would see fewer rows (z itself, when replayed, sees all)."""
+    z = block.attn.o.hook_in if replayed else None
+    return any(compat.has_hooks(m) for m in block.modules()
+               if isinstance(m, HookPoint) and m is not z)
+
+
+def _merge(hidden: Tensor, out: Any, n: int) -> Any:
+    """A trimmed block's output over every row: the rows it did not compute pass its input."""
+    if isinstance(out, tuple):
+        return (torch.cat([hidden[:, :-n], out[0]], 1),) + out[1:]
+    return torch.cat([hidden[:, :-n], out], 1)
+
+
+@contextmanager
+def last_rows(model: Any, n: int, replayed: bool) -> Iterator[None]:
+    """While active, the last decoder block computes only the last ``n`` rows (the rows
+    ``logits_to_keep=n`` reads): its MLP, norms and attention queries run there, its keys and
+    values over every row (``AttentionBackend.keys_from``; none when its attention is
+    ``replayed``). The rows before pass its input on: exact for the kept logits only, so a
+    block with a live hook (but z when replayed), or an attention that would not honour it
+    (``can_trim``), runs in full. ``n`` 0: nothing trimmed."""
+    layer = len(model.bridge.blocks) - 1
+    if n <= 0 or layer < 0:
+        yield
+        return
+    block = model.bridge.blocks[layer]
+    attention = model.attention
+
+    def forward(self: Any, *args: Any, **kw: Any) -> Any:
+        named = "hidden_states" in kw
+        hidden = kw.pop("hidden_states") if named else args[0]
+        rest = args if named else args[1:]
+
+        def run(h: Tensor) -> Any:
+            return (type(self).forward(self, *rest, hidden_states=h, **kw) if named
+                    else type(self).forward(self, h, *rest, **kw))
+        if n >= hidden.shape[1] or not attention.can_trim(layer) or _hooked(self, replayed):
+            return run(hidden)
+        keys = (nullcontext() if replayed
+                else attention.keys_from(layer, self.ln1(hidden)))
+        with keys:
+            return _merge(hidden, run(hidden[:, -n:]), n)
+
+    compat.replace_forward(block, forward)
+    try:
+        yield
+    finally:
+        compat.restore_forward(block)
+
+
 def sweep(
     model: Any, target: MultimodalBatch, metric: Metric, jobs: Sequence[Sequence[tuple[str, Edit]]],
-    *, per_forward: int, reuse_vision: bool = True, resume: bool = True, progress: bool = False,
-    desc: str = "",
+    *, per_forward: int, reuse_vision: bool = True, resume: bool = True, replay: bool = True,
+    trim: bool = True, progress: bool = False, desc: str = "",
 ) -> Float[Tensor, "job batch"]:
     """The metric of the target run under each job (a list of (hook name, in-place edit of
     that copy's rows)), ``per_forward`` jobs per forward as stacked copies of the target that
@@ -267,17 +383,31 @@ def sweep(
     records the image features (memory: one block output of the target batch per distinct
     resume point, plus two stacked ones in flight). Jobs in layer order resume late: an
     all-heads sweep costs ~L(L+1)/2 block forwards per stacked forward instead of L^2.
+
+    ``replay``: when the jobs of a forward hook block l (its first edited block) only at its
+    head outputs z or after them (``replays_z``), block l's attention does not compute q, k, v
+    and the scores: it feeds its z of the unedited run (recorded there: one z of the target
+    batch per such layer) to ``hook_z`` and ``o_proj``. ``trim``: when the metric reads the
+    logits of the last rows only (``logits_to_keep``) and nothing hooks the last block (but z
+    where it is replayed) or after it, the last block computes those rows only (``last_rows``).
     """
     B = len(target)
+    L = len(model.bridge.blocks)
     per_forward = max(1, int(per_forward))
-    firsts = [first_block([name for name, _ in job], len(model.bridge.blocks)) for job in jobs]
+    names = [[name for name, _ in job] for job in jobs]
+    firsts = [first_block(n, L) for n in names]
     starts = range(0, len(jobs), per_forward)
-    uptos = [min(firsts[s:s + per_forward]) if resume else 0 for s in starts]
-    features, outputs = unedited_run(model, target, features=reuse_vision and per_forward > 1,
-                                     blocks={u - 1 for u in uptos if u > 0})
+    firsts_per = [min(firsts[s:s + per_forward]) for s in starts]
+    uptos = [f if resume else 0 for f in firsts_per]
+    chunk_names = [[n for job in names[s:s + per_forward] for n in job] for s in starts]
+    replays = [f if replay and f < L and replays_z(ns, f) else None
+               for f, ns in zip(firsts_per, chunk_names)]
+    features, outputs, zs = unedited_run(
+        model, target, features=reuse_vision and per_forward > 1,
+        blocks={u - 1 for u in uptos if u > 0}, zs={r for r in replays if r is not None})
     out = []
-    for start, upto in tqdm(zip(starts, uptos), total=len(starts), disable=not progress,
-                            desc=desc):
+    for start, upto, replayed, ns in tqdm(zip(starts, uptos, replays, chunk_names),
+                                          total=len(starts), disable=not progress, desc=desc):
         chunk = jobs[start:start + per_forward]
         big, extra = stacked(model, target, len(chunk), features)
         by_name: dict[str, list[tuple[int, Edit]]] = {}
@@ -293,8 +423,12 @@ def sweep(
                 return x
             return hook
 
-        with torch.no_grad(), skip_blocks(model, upto, outputs, len(chunk), B):
+        keep = logits_to_keep(metric, big)
+        trimmed = keep if trim and trims_last_block(ns, L, replayed == L - 1) else 0
+        with torch.no_grad(), skip_blocks(model, upto, outputs, len(chunk), B), \
+                replay_z(model, replayed, zs, len(chunk)), \
+                last_rows(model, trimmed, replayed == L - 1):
             logits = model.run_with_hooks(big, fwd_hooks=[(n, hook_for(n)) for n in by_name],
-                                          logits_to_keep=logits_to_keep(metric, big), **extra)
+                                          logits_to_keep=keep, **extra)
         out.append(metric(logits, big).float().view(len(chunk), B).cpu())
     return torch.cat(out)
