@@ -47,11 +47,12 @@ from corelens.core.evaluate import evaluate, score_logits
 from corelens.scores.head_scores import head_name
 from corelens.scores.ram import score_all
 
-MODELS = ("toy-llava-deep", "toy-llava", "toy-llava-dense")
+MODELS = ("toy-llava-deep", "toy-llava", "toy-llava-dense", "toy-qwen-vl")
 SECTIONS = ("table", "metrics", "fastv", "kv", "restrict", "pooled")
 N_EVAL, EVAL_SEED, N_SCORE, SCORE_SEED = 300, 0, 150, 1
 STREAM = dict(n_sink=2, window=8)
-HEADS = {"toy-llava-deep": (2, 3, 4), "toy-llava": (1, 2, 4), "toy-llava-dense": (1, 2, 4)}
+HEADS = {"toy-llava-deep": (2, 3, 4), "toy-llava": (1, 2, 4), "toy-llava-dense": (1, 2, 4),
+         "toy-qwen-vl": (1, 2, 4)}  # toy-qwen-vl: GQA, 4 query heads per layer on 2 KV heads
 FASTV_BUDGETS = ((2, 0.5), (2, 0.75), (2, 0.9), (1, 0.9), (1, 0.95))
 
 
