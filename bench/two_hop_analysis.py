@@ -31,15 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from corelens import HookedMLLM, flow_ram, zoo
 from corelens.scores.ram import score_heads
-from corelens.zoo.reference import _batches, _layers, load_plain, score, zero_layers
+from corelens.zoo.reference import (
+    _batches,
+    _layers,
+    load_plain,
+    replace_layer_outputs,
+    score,
+    zero_layers,
+)
 from corelens.zoo.scenes import SceneTask, blank_like, make_examples
 from corelens.zoo.two_hop import (
     only,
@@ -73,21 +79,6 @@ def layer_means(model: Any, batches: list, layer: int) -> tuple[torch.Tensor, to
     return sum(acc["attn"]) / n, sum(acc["mlp"]) / n
 
 
-@contextmanager
-def mean_ablate(model: Any, layer: int, means: tuple[torch.Tensor, torch.Tensor]
-                ) -> Iterator[None]:
-    attn, mlp = means
-    block = _layers(model)[layer]
-    hs = [block.self_attn.register_forward_hook(
-              lambda m, a, o: (attn.expand_as(o[0]),) + tuple(o[1:])),
-          block.mlp.register_forward_hook(lambda m, a, o: mlp.expand_as(o))]
-    try:
-        yield
-    finally:
-        for h in hs:
-            h.remove()
-
-
 def fmt_heads(scores: Any, k: int) -> list[str]:
     return [f"L{l}H{h} {scores[(l, h)]:.3f}" for l, h in scores.rank()[:k]]
 
@@ -98,7 +89,8 @@ def ablations(hf: Any, relation: list, shape: list) -> dict[str, float]:
     for layer in range(len(_layers(hf))):
         with zero_layers(hf, [layer]):
             out[f"layer {layer} zeroed"] = round(score(hf, relation)[0], 3)
-        with mean_ablate(hf, layer, layer_means(hf, relation, layer)):
+        attn_mean, mlp_mean = layer_means(hf, relation, layer)
+        with replace_layer_outputs(hf, [layer], attn_mean.expand_as, mlp_mean.expand_as):
             out[f"layer {layer} mean-ablated"] = round(score(hf, relation)[0], 3)
         out[f"layer {layer} attention zeroed at image rows"] = round(
             score_rows_zeroed(hf, relation, layer), 3)

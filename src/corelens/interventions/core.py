@@ -217,16 +217,24 @@ def stacked(model: Any, batch: MultimodalBatch, k: int,
         "mm_encoder_outputs": {"image": repeat_image_features(features, k)}}
 
 
+def _block_hook(name: str) -> tuple[int, str] | None:
+    """(layer, the rest of the name) for a hook in decoder block ``layer`` (``blocks.L.rest``;
+    rest "" for the block itself), None for a hook elsewhere."""
+    head, _, tail = name.partition(".")
+    index, _, rest = tail.partition(".")
+    return (int(index), rest) if head == "blocks" and index.isdigit() else None
+
+
 def first_block(names: Sequence[str], n_layers: int) -> int:
     """The first decoder block that hooks ``names`` can change: blocks before it compute what
     they compute in the unedited run (``ln_final`` / ``unembed`` hooks: after every block;
     embeddings, vision tower: the first)."""
     first = n_layers
     for name in names:
-        head, _, rest = name.partition(".")
-        if head == "blocks" and rest.split(".", 1)[0].isdigit():
-            first = min(first, int(rest.split(".", 1)[0]))
-        elif not name.startswith(("ln_final", "unembed", "hook_unembed")):
+        block = _block_hook(name)
+        if block is not None:
+            first = min(first, block[0])
+        elif not name.startswith(AFTER_BLOCKS):
             return 0
     return first
 
@@ -239,25 +247,19 @@ AFTER_Z_HOOKS = ("attn.o.hook_out", "attn.hook_out", "hook_attn_out", "hook_resi
 AFTER_BLOCKS = ("ln_final", "unembed", "hook_unembed")
 
 
-def _rest(name: str, layer: int) -> str | None:
-    """``name`` without ``blocks.{layer}.``; None for a hook elsewhere."""
-    prefix = f"blocks.{layer}."
-    return name[len(prefix):] if name.startswith(prefix) else None
-
-
 def replays_z(names: Sequence[str], layer: int) -> bool:
     """Whether hooks ``names`` leave ``layer``'s attention, up to its head outputs z, as in
     the unedited run: they hook z or what comes after it at ``layer``, later blocks, the final
     norm and the unembedding, nothing before (embeddings, the vision tower, earlier blocks)."""
     for name in names:
-        head, _, rest = name.partition(".")
-        if head == "blocks" and rest.split(".", 1)[0].isdigit():
-            at = int(rest.split(".", 1)[0])
-            after = rest.split(".", 1)[1] if "." in rest else ""
-            if at < layer or (at == layer and not (after in Z_HOOKS
-                                                   or after.startswith(AFTER_Z_HOOKS))):
+        block = _block_hook(name)
+        if block is None:
+            if not name.startswith(AFTER_BLOCKS):
                 return False
-        elif not name.startswith(AFTER_BLOCKS):
+            continue
+        at, rest = block
+        if at < layer or (at == layer and not (rest in Z_HOOKS
+                                               or rest.startswith(AFTER_Z_HOOKS))):
             return False
     return True
 
@@ -265,11 +267,10 @@ def replays_z(names: Sequence[str], layer: int) -> bool:
 def trims_last_block(names: Sequence[str], n_layers: int, replayed: bool) -> bool:
     """Whether the last block may compute only the rows the metric reads under hooks ``names``:
     nothing at it (but z where its attention is replayed: z is then every row) or after it."""
-    last = n_layers - 1
     for name in names:
-        rest = _rest(name, last)
-        if name.startswith(AFTER_BLOCKS) or (rest is not None
-                                              and not (replayed and rest in Z_HOOKS)):
+        block = _block_hook(name)
+        at_last = block is not None and block[0] == n_layers - 1
+        if name.startswith(AFTER_BLOCKS) or (at_last and not (replayed and block[1] in Z_HOOKS)):
             return False
     return True
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import transformers
@@ -77,25 +77,33 @@ def zero_heads(model: Any, heads: list[tuple[int, int]]) -> Iterator[None]:
 
 
 @contextmanager
-def zero_layers(model: Any, layers: list[int]) -> Iterator[None]:
-    """Zero the attention and MLP outputs of the given decoder layers (the residual stream
-    passes through them unchanged)."""
-    def attn(mod: Any, args: Any, out: Any) -> Any:
-        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+def replace_layer_outputs(model: Any, layers: list[int],
+                          attn: Callable[[torch.Tensor], torch.Tensor],
+                          mlp: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the attention and MLP outputs of the given decoder layers: ``attn(out)`` /
+    ``mlp(out)`` instead of ``out``."""
+    def on_attn(mod: Any, args: Any, out: Any) -> Any:
+        return (attn(out[0]),) + tuple(out[1:])
 
-    def mlp(mod: Any, args: Any, out: Any) -> Any:
-        return torch.zeros_like(out)
+    def on_mlp(mod: Any, args: Any, out: Any) -> Any:
+        return mlp(out)
 
     handles = []
     for layer in layers:
         block = _layers(model)[layer]
-        handles += [block.self_attn.register_forward_hook(attn),
-                    block.mlp.register_forward_hook(mlp)]
+        handles += [block.self_attn.register_forward_hook(on_attn),
+                    block.mlp.register_forward_hook(on_mlp)]
     try:
         yield
     finally:
         for hd in handles:
             hd.remove()
+
+
+def zero_layers(model: Any, layers: list[int]) -> AbstractContextManager[None]:
+    """Zero the attention and MLP outputs of the given decoder layers (the residual stream
+    passes through them unchanged)."""
+    return replace_layer_outputs(model, layers, torch.zeros_like, torch.zeros_like)
 
 
 def _batches(model: Any, proc: Any, examples: list, batch_size: int) -> list[Any]:

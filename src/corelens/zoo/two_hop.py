@@ -14,13 +14,13 @@ them, with heads chosen on one held-out set and measured on another.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 from corelens.interventions.patching import path_patch, prepare_pair
-from corelens.zoo.reference import _layers, score
+from corelens.zoo.reference import replace_layer_outputs, score
 from corelens.zoo.scenes import SceneTask, recolor_target
 
 
@@ -38,17 +38,11 @@ def with_anchor_as_evidence(ex: Any) -> Any:
                                id=f"{ex.id}-anchor")
 
 
-@contextmanager
-def zero_attention_rows(model: Any, layer: int, rows: torch.Tensor) -> Iterator[None]:
+def zero_attention_rows(model: Any, layer: int, rows: torch.Tensor
+                        ) -> AbstractContextManager[None]:
     """Zero one decoder layer's attention output at the positions ``rows`` ([b, T] bool)."""
-    def hook(mod: Any, args: Any, out: Any) -> Any:
-        return (out[0].masked_fill(rows[..., None], 0),) + tuple(out[1:])
-
-    h = _layers(model)[layer].self_attn.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    return replace_layer_outputs(model, [layer], lambda out: out.masked_fill(rows[..., None], 0),
+                                 lambda out: out)
 
 
 def score_rows_zeroed(model: Any, batches: list, layer: int, text: bool = False) -> float:
