@@ -119,7 +119,8 @@ def test_norm_flow_sees_both_stages_of_the_two_hop_model():
     anchor's token, layer 1 reads the anchor. Which layer-0 heads are stage 1 is decided
     causally on one set (path patching from the head into the layer-1 values moves >= 15% of the
     logit difference); on another set plain RAM gives layer 0 ~0, and the norm-based flow ranks
-    those stage-1 heads and the layer-1 heads above the other layer-0 heads."""
+    those stage-1 heads and the layer-1 heads above the other layer-0 heads by a margin (1.3x;
+    set after seeing seeds 4242-4244, where the norms give 1.7x on this set)."""
     from corelens.scores.ram import score_heads
     from corelens.zoo.scenes import make_examples
     from corelens.zoo.two_hop import only, path_effects
@@ -134,10 +135,13 @@ def test_norm_flow_sees_both_stages_of_the_two_hop_model():
     others = {(0, h) for h in range(H)} - stage1
     assert stage1 and others, moved
 
-    examples = make_examples(task, 96, seed=4242)
+    # seed 4244: not the scenes the norm mix was chosen on (4242, 4243)
+    examples = make_examples(task, 96, seed=4244)
     ram = score_heads(model, examples, "ram", progress=False)
     assert max(float(ram[h]) for h in stage1 | others) < 1e-3  # plain RAM: blind to stage 1
     flow = flow_ram(model, examples, progress=False)
     found = stage1 | {(1, h) for h in range(H)}
-    assert min(float(flow[h]) for h in found) > max(float(flow[h]) for h in others), (
+    # clearly above, not by a hair: the rollout (mix="rollout") orders them right on these 96
+    # scenes by 1.1x and fails the order on 256 of the same seed; the norms separate them by 1.7x
+    assert min(float(flow[h]) for h in found) > 1.3 * max(float(flow[h]) for h in others), (
         moved, flow.rank())
