@@ -25,6 +25,8 @@ layers * heads * T^2 * 4 bytes, over the RAM run's measured peak.
 
     python bench/ram.py --json
     python bench/ram.py --json --tokens 8192 --variants corelens_ram tl_hook_reduce
+    # throughput only, the forwards and RAM timed in alternation in one process (steadier)
+    python bench/ram.py --interleaved --tokens 576 2304 --variants hf_forward corelens_ram
     # real width and vocabulary (LLaVA-1.5-7B's 4096 / 32 heads / 32,000 tokens, 2 layers)
     python bench/ram.py --tokens 4096 --d-model 4096 --heads 32 --layers 2 --vocab 32000 \
         --variants hf_forward hf_forward_answer_logits corelens_ram
@@ -35,8 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build_llava, run_isolated, threads, timed  # noqa: E402
@@ -68,11 +73,10 @@ def _batch_inputs(folder: str, tokens: int):
                    answers=["red blue green"], boxes=[[(0, (0, 0, px // 4, px // 4))]])
 
 
-def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
+def _setup(folder: str, variant: str, batch: Any) -> tuple[Callable[[], None], dict]:
+    """The variant's call on ``batch`` and the dict it writes its RAM values to ("ram")."""
     import torch
 
-    torch.set_num_threads(threads())
-    batch = _batch_inputs(folder, tokens)
     ids, kw = batch.input_ids, batch.model_kwargs()
     ev = batch.evidence_positions(0)
     q = batch.query_positions[0]
@@ -135,10 +139,47 @@ def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
                 result["ram"] = torch.stack(rows)
     else:
         raise ValueError(variant)
+    return fn, result
+
+
+def run_variant(folder: str, variant: str, tokens: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads())
+    batch = _batch_inputs(folder, tokens)
+    fn, result = _setup(folder, variant, batch)
     out = timed(fn, repeats)
     out["seq_len"] = batch.seq_len
     if "ram" in result:
         out["ram"] = result["ram"].tolist()
+    return out
+
+
+def run_interleaved(folder: str, variants: list[str], tokens: int, repeats: int) -> dict:
+    """Throughput only: the variants in this one process, timed in alternation (round r runs
+    them all, its order rotated by r), so drift and other jobs' load hit them alike; each round
+    gives a paired ratio of each variant's time to ``corelens_ram``'s. No peak memory here."""
+    import torch
+
+    torch.set_num_threads(threads())
+    batch = _batch_inputs(folder, tokens)
+    calls = {v: _setup(folder, v, batch)[0] for v in variants}
+    for fn in calls.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            t = time.perf_counter()
+            calls[v]()
+            times[v].append(time.perf_counter() - t)
+    out = {"tokens": tokens, "seq_len": batch.seq_len, "mode": "interleaved",
+           "repeats": repeats, "threads": threads()}
+    for v in variants:
+        per_round = [a / b for a, b in zip(times[v], times["corelens_ram"])]
+        out[v] = {"seconds_median": round(statistics.median(times[v]), 4),
+                  "throughput_ratio_ram_vs_this_median": round(statistics.median(per_round), 3),
+                  "throughput_ratio_ram_vs_this_min_max": [round(min(per_round), 3),
+                                                           round(max(per_round), 3)]}
     return out
 
 
@@ -162,11 +203,19 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=None,
                     help="vocabulary size (default: the toy tokenizer's, 71 tokens)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="throughput only: hf_forward, hf_forward_answer_logits (if asked) and "
+                    "corelens_ram in one process, timed in alternation (no peak memory)")
     ap.add_argument("--_variant")
+    ap.add_argument("--_interleaved", action="store_true")
     ap.add_argument("--_folder")
     args = ap.parse_args()
     if args._variant:
         print(json.dumps(run_variant(args._folder, args._variant, args.tokens[0], args.repeats)))
+        return
+    if args._interleaved:
+        print(json.dumps(run_interleaved(args._folder, args.variants, args.tokens[0],
+                                         args.repeats)))
         return
     import torch
 
@@ -183,12 +232,21 @@ def main() -> None:
     def ratio(a: float, b: float) -> float:
         return round(a / max(b, 1e-9), 3)
 
+    interleaved = []
     for tokens in args.tokens:
         side, _ = TOKENS[tokens]
         folder = tempfile.mkdtemp(prefix=f"corelens-bench-ram-{tokens}-")
         extra = {"vocab_size": args.vocab} if args.vocab else {}
         build_llava(folder, image_size=side * PATCH, patch=PATCH, d_model=args.d_model,
                     layers=args.layers, heads=args.heads, kv_heads=args.heads, **extra)
+        if args.interleaved:
+            forwards = [v for v in VARIANTS[:2] if v in args.variants] or ["hf_forward"]
+            interleaved.append(run_isolated(
+                __file__, "--_interleaved", "--_folder", folder, "--tokens", str(tokens),
+                "--repeats", str(args.repeats), "--variants", *forwards, "corelens_ram"))
+            if not args.json:
+                print(json.dumps(interleaved[-1]))
+            continue
         rows = {}
         variants = [v for v in VARIANTS if v in args.variants or v == "corelens_ram"]
         if tokens > args.tl_max_tokens and "tl_cache" in variants:
@@ -242,6 +300,8 @@ def main() -> None:
                 for k, r in rows.items()))
             print(f"  max |RAM diff| vs tl_cache {report['max_abs_ram_diff_vs_tl'][-1]}, "
                   f"vs tl_hook_reduce {report['max_abs_ram_diff_vs_tl_hook_reduce'][-1]}")
+    if args.interleaved:
+        report = {"model": shape, "interleaved": interleaved}
     print(json.dumps(report, indent=1 if args.json else None))
 
 

@@ -144,6 +144,60 @@ def test_decoder_and_vision_filters_separate_the_tower(model, batch):
     assert sorted(cache.keys()) == sorted(dec)
 
 
+def _refuse(*a, **kw):
+    raise AssertionError("TransformerLens's run_with_cache was called")
+
+
+def _points_hooked(model) -> int:
+    return sum(len(p.fwd_hooks) for p in {id(p): p for p in model.hook_dict.values()}.values())
+
+
+@pytest.mark.parametrize("names_filter", [
+    None,
+    lambda n: n.endswith(("hook_pattern", "hook_resid_post")),  # aliases and the tower too
+    "blocks.1.attn.hook_pattern",
+    ["blocks.0.hook_resid_pre", "blocks.0.hook_in", "blocks.2.attn.hook_z"],  # alias + its point
+], ids=["all", "callable", "str", "list"])
+def test_run_with_cache_equals_transformerlens_run_with_cache(model, batch, names_filter,
+                                                            monkeypatch):
+    """corelens caches by itself (no per-call alias tables); the reference is TransformerLens's
+    own run_with_cache on the same bridge: the same logits, the same tensors under every name
+    asked for, and no hook left behind (one added beforehand stays)."""
+    kept: list[int] = []
+    model.add_hook("blocks.0.hook_resid_post", lambda a, hook: kept.append(1))
+    try:
+        before = _points_hooked(model)
+        tl_run_with_cache = model.bridge.run_with_cache
+        with torch.no_grad():
+            with monkeypatch.context() as m:  # corelens's own path, not a fall-back to TL's
+                m.setattr(model.bridge, "run_with_cache", _refuse)
+                logits, cache = model.run_with_cache(batch, names_filter=names_filter)
+            ids, kw = model._inputs(batch)
+            ref_logits, ref = tl_run_with_cache(ids, names_filter=names_filter, **kw)
+        assert _points_hooked(model) == before and len(kept) == 2
+    finally:
+        model.reset_hooks()
+    assert torch.equal(logits, ref_logits)
+    asked = (list(ref.keys()) if names_filter is None or callable(names_filter)
+             else [names_filter] if isinstance(names_filter, str) else names_filter)
+    assert sorted(cache.keys()) == sorted(asked) and len(asked) > 0
+    for name in asked:
+        assert torch.equal(cache[name], ref[name]), name
+
+
+def test_run_with_cache_leaves_transformerlens_options_and_errors_to_it(model, batch):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=decoder_hooks("hook_resid_pre"),
+                                        stop_at_layer=1)
+        assert list(cache.keys()) == ["blocks.0.hook_resid_pre"]
+        with pytest.raises(KeyError, match="matched no hook points"):
+            model.run_with_cache(batch, names_filter=["blocks.0.hook_not_a_hook"])
+        with pytest.warns(UserWarning, match="gated-off"):  # hook_result is off by default
+            _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith(
+                ("blocks.0.attn.hook_result", "blocks.0.attn.hook_z")))
+    assert list(cache.keys()) == ["blocks.0.attn.hook_z"]
+
+
 # --- tokens ----------------------------------------------------------------------------------
 def test_to_tokens_with_and_without_tl_arguments(model):
     tok = model.tokenizer

@@ -26,6 +26,7 @@ from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion i
     BaseTensorConversion,
 )
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
@@ -152,6 +153,22 @@ def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
     x = self.hook_in(hidden_states)
     out = self.original_component(x)
     return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
+
+
+@contextlib.contextmanager
+def temporary_hooks(hooks: list[tuple[Any, Callable[..., Any]]]) -> Iterator[None]:
+    """Within the block, each ``(hook point, fn)`` is a forward hook ``fn(act, hook=point)``;
+    on exit exactly these are removed (other hooks on the same points stay), as
+    TransformerLens's run_with_cache does, without its per-call alias tables."""
+    added: list[tuple[Any, Any]] = []
+    try:
+        for point, fn in hooks:
+            added.append((point, point.add_hook(fn, dir="fwd")))
+        yield
+    finally:
+        for point, handle in added:
+            handle.hook.remove()
+            point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
 
 
 def has_attn_implementation(config: Any) -> bool:
@@ -293,6 +310,7 @@ def _private_names() -> tuple[PrivateName, ...]:
         PrivateName(module, "_forward_hooks"),
         PrivateName(module, "_forward_pre_hooks"),
         PrivateName(module, "_backward_hooks"),
+        PrivateName(HookPoint(), "fwd_hooks"),
     )
 
 

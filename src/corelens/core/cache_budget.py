@@ -63,8 +63,9 @@ def estimate(model: Any, names: Sequence[str], batch: int, seq: int, rows: int |
     heads = int(cfg.n_heads)
     out: dict[str, int] = {}
     seen: set[int] = set()
+    hooks = model.hook_dict  # built afresh by the bridge at every access
     for name in names:
-        point = model.hook_dict.get(name)
+        point = hooks.get(name)
         if point is None or id(point) in seen or is_vision_hook(name):
             continue
         seen.add(id(point))

@@ -316,8 +316,9 @@ class HookedMLLM(torch.nn.Module):
                 out.append((name, with_name(fn, name)))
                 continue
             picked: dict[int, str] = {}  # hook point -> the name this filter reaches it by
-            for n in (n for n in self.hook_dict if name(n)):
-                point = self.hook_dict[n]
+            hook_dict = self.hook_dict  # built afresh by the bridge at every access
+            for n in (n for n in hook_dict if name(n)):
+                point = hook_dict[n]
                 if id(point) not in picked or picked[id(point)] == point.name:
                     picked[id(point)] = n  # an alias wins over the bridge's own name
             out += [(n, with_name(fn, n)) for n in picked.values()]
@@ -343,27 +344,63 @@ class HookedMLLM(torch.nn.Module):
         index = self._position_index(inp, positions, ids.shape[0])
         if check_memory:
             self._check_cache_budget(ids, names_filter, index, kw.get("logits_to_keep"))
-        if index is None:
+        names = self._own_cache_names(names_filter, kw)
+        if names is None and index is None:  # TransformerLens's options, errors and warnings
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
                                                           **kwargs, **kw)
             return logits, MLLMActivationCache.from_cache(
                 tl_cache, vision_side_inputs=self.family.vision_side_inputs)
-        idx, valid = index
-        store: dict[str, Tensor] = {}
-        names = self._names(names_filter)
+        idx, valid = index if index is not None else (None, None)
+        store: dict[str, Tensor | None] = {}
 
-        def saver(name: str) -> Callable[[Tensor, Any], None]:
-            def save(act: Tensor, hook: Any) -> None:
-                store[name] = _gather_positions(name, act.detach(), idx.to(act.device),
-                                                int(ids.shape[1]))
+        def saver(name: str) -> Callable[..., None]:
+            def save(act: Any, hook: Any) -> None:
+                if isinstance(act, tuple):  # as TransformerLens: a tuple caches its first tensor
+                    act = act[0] if act and isinstance(act[0], Tensor) else None
+                if act is None or idx is None:
+                    store[name] = None if act is None else act.detach()
+                else:
+                    store[name] = _gather_positions(name, act.detach(), idx.to(act.device),
+                                                    int(ids.shape[1]))
             return save
 
-        logits = self.bridge.run_with_hooks(ids, fwd_hooks=[(n, saver(n)) for n in names],
-                                            **kwargs, **kw)
+        if names is None:  # positions with TransformerLens's run options
+            logits = self.bridge.run_with_hooks(
+                ids, fwd_hooks=[(n, saver(n)) for n in self._names(names_filter)],
+                **kwargs, **kw)
+        else:
+            hooks = self.hook_dict
+            with compat.temporary_hooks([(hooks[n], saver(n)) for n in names]):
+                logits = self.bridge(ids, **kwargs, **kw)
         cache = MLLMActivationCache(store, self.bridge, has_batch_dim=True,
                                     vision_side_inputs=self.family.vision_side_inputs,
                                     positions=idx, position_mask=valid)
         return logits, cache
+
+    def _own_cache_names(self, names_filter: Any, kw: dict[str, Any]) -> list[str] | None:
+        """The hook names ``run_with_cache`` caches by itself (TransformerLens's own
+        ``run_with_cache`` rebuilds its alias tables at every call: ~5% of a toy forward), or
+        None where TransformerLens's must run: its own options (``stop_at_layer``,
+        ``pos_slice``, ``incl_bwd``, ...), compatibility mode, and a filter that names a hook
+        this model lacks or picks a gated-off one (TransformerLens raises / warns about those)."""
+        if set(kw) & _TL_CACHE_OPTIONS or getattr(self.bridge, "compatibility_mode", False):
+            return None
+        hooks = self.hook_dict
+        if names_filter is None:
+            return self._names(None)
+        if isinstance(names_filter, str) or (isinstance(names_filter, (list, tuple))
+                                             and all(isinstance(n, str) for n in names_filter)):
+            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            if not wanted or any(n not in hooks for n in wanted):
+                return None
+            picked = list(dict.fromkeys(wanted))
+        elif callable(names_filter):
+            picked = [n for n in hooks if names_filter(n)]
+        else:
+            return None
+        if any(compat.gated_hook_reason(self.bridge, hooks[n].name or n) for n in picked):
+            return None
+        return picked
 
     def _check_cache_budget(self, ids: Tensor, names_filter: Any,
                             index: tuple[Tensor, Tensor] | None, keep: int | None) -> None:
@@ -380,16 +417,18 @@ class HookedMLLM(torch.nn.Module):
         warnings.warn(message, cache_budget.CacheMemoryWarning, stacklevel=3)
 
     def _names(self, names_filter: Any) -> list[str]:
-        names = [n for n, hp in self.hook_dict.items()
-                 if compat.gated_hook_reason(self.bridge, hp.name or n) is None]
+        hooks = self.hook_dict
         if names_filter is None:
-            return names
-        if isinstance(names_filter, str):
-            return [n for n in names if n == names_filter]
-        if callable(names_filter):
-            return [n for n in names if names_filter(n)]
-        wanted = set(names_filter)
-        return [n for n in names if n in wanted]
+            picked = list(hooks)
+        elif isinstance(names_filter, str):
+            picked = [names_filter] if names_filter in hooks else []
+        elif callable(names_filter):
+            picked = [n for n in hooks if names_filter(n)]
+        else:
+            wanted = set(names_filter)
+            picked = [n for n in hooks if n in wanted]
+        return [n for n in picked  # the filter first: the gate check costs more than it
+                if compat.gated_hook_reason(self.bridge, hooks[n].name or n) is None]
 
     def _position_index(self, inp: ModelInput, positions: Positions,
                         batch: int) -> tuple[Tensor, Tensor] | None:
@@ -508,6 +547,12 @@ class HookedMLLM(torch.nn.Module):
         """SAELens's ``run_with_cache_with_saes``: ``run_with_cache`` with ``saes`` attached;
         the cache holds their hook points (``<hook_name>.hook_sae_acts_post``, ...)."""
         return sae_attach.run_with_cache_with_saes(self, inp, saes, **kw)
+
+
+# run_with_cache options that only TransformerLens's run_with_cache implements
+_TL_CACHE_OPTIONS = frozenset({
+    "return_cache_object", "remove_batch_dim", "stop_at_layer", "start_at_layer", "pos_slice",
+    "incl_bwd", "reset_hooks_end", "clear_contexts", "device"})
 
 
 def _gather_positions(name: str, act: Tensor, idx: Int[Tensor, "batch p"], seq: int) -> Tensor:
