@@ -27,6 +27,9 @@ layers * heads * T^2 * 4 bytes, over the RAM run's measured peak.
     python bench/ram.py --json --tokens 8192 --variants corelens_ram tl_hook_reduce
     # throughput only, the forwards and RAM timed in alternation in one process (steadier)
     python bench/ram.py --interleaved --tokens 576 2304 --variants hf_forward corelens_ram
+    # peak memory without glibc's moving mmap threshold (same MB run after run)
+    MALLOC_MMAP_THRESHOLD_=65536 python bench/ram.py --tokens 2304 8192 --repeats 1 \
+        --variants hf_forward corelens_ram
     # real width and vocabulary (LLaVA-1.5-7B's 4096 / 32 heads / 32,000 tokens, 2 layers)
     python bench/ram.py --tokens 4096 --d-model 4096 --heads 32 --layers 2 --vocab 32000 \
         --variants hf_forward hf_forward_answer_logits corelens_ram
