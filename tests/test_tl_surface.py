@@ -144,6 +144,29 @@ def test_decoder_and_vision_filters_separate_the_tower(model, batch):
     assert sorted(cache.keys()) == sorted(dec)
 
 
+def test_forwards_fill_no_kv_cache_unless_asked(model, batch):
+    """HF fills a KV cache by default that model(...), run_with_hooks and run_with_cache never
+    return (~8% of a toy forward): off unless the caller asks; the logits are the same."""
+    seen: list = []
+    text_model = model.hf_model.model.language_model
+    handle = text_model.register_forward_hook(
+        lambda mod, args, out: seen.append(out.past_key_values))
+    try:
+        with torch.no_grad():
+            plain = model(batch)
+            model.run_with_hooks(batch, fwd_hooks=[("blocks.0.hook_resid_post",
+                                                    lambda a, hook: None)])
+            model.run_with_cache(batch, names_filter="blocks.0.hook_resid_post")
+            model.run_with_cache(batch, names_filter="blocks.0.hook_resid_post",
+                                 stop_at_layer=2)  # TransformerLens's run_with_cache
+            assert seen == [None, None, None]  # stop_at_layer stops before the output
+            cached = model(batch, use_cache=True)
+    finally:
+        handle.remove()
+    assert seen[-1] is not None and seen[-1].get_seq_length() == batch.seq_len
+    assert torch.equal(plain, cached)
+
+
 def _refuse(*a, **kw):
     raise AssertionError("TransformerLens's run_with_cache was called")
 

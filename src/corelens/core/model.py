@@ -282,7 +282,7 @@ class HookedMLLM(torch.nn.Module):
         ids, kwargs = self._inputs(inp)
         if return_type is None:
             kw.setdefault("logits_to_keep", 1)
-        return self.bridge(ids, return_type=return_type, **kwargs, **kw)
+        return self.bridge(ids, return_type=return_type, **kwargs, **_without_kv_cache(kw))
 
     def run_with_hooks(self, inp: ModelInput, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
                        bwd_hooks: Sequence[tuple[Any, Callable]] = (), **kw: Any) -> Any:
@@ -290,7 +290,8 @@ class HookedMLLM(torch.nn.Module):
         added under (a TL alias such as ``blocks.0.hook_resid_post`` stays that)."""
         ids, kwargs = self._inputs(inp)
         return self.bridge.run_with_hooks(ids, fwd_hooks=self._named(fwd_hooks),
-                                          bwd_hooks=self._named(bwd_hooks), **kwargs, **kw)
+                                          bwd_hooks=self._named(bwd_hooks), **kwargs,
+                                          **_without_kv_cache(kw))
 
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[Any, Callable]] = (),
@@ -345,6 +346,7 @@ class HookedMLLM(torch.nn.Module):
         if check_memory:
             self._check_cache_budget(ids, names_filter, index, kw.get("logits_to_keep"))
         names = self._own_cache_names(names_filter, kw)
+        kw = _without_kv_cache(kw)
         if names is None and index is None:  # TransformerLens's options, errors and warnings
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
                                                           **kwargs, **kw)
@@ -547,6 +549,15 @@ class HookedMLLM(torch.nn.Module):
         """SAELens's ``run_with_cache_with_saes``: ``run_with_cache`` with ``saes`` attached;
         the cache holds their hook points (``<hook_name>.hook_sae_acts_post``, ...)."""
         return sae_attach.run_with_cache_with_saes(self, inp, saes, **kw)
+
+
+def _without_kv_cache(kw: dict[str, Any]) -> dict[str, Any]:
+    """HF's forward fills a KV cache by default (``use_cache=True``: a copy of every layer's
+    keys and values, ~8% of a toy forward) that these forwards never return; off unless the
+    caller asks for it or passes a cache."""
+    if "use_cache" in kw or any(k in kw for k in compat.KV_CACHE_KWARGS):
+        return kw
+    return {"use_cache": False, **kw}
 
 
 # run_with_cache options that only TransformerLens's run_with_cache implements
