@@ -343,9 +343,11 @@ class HookedMLLM(torch.nn.Module):
         """
         ids, kwargs = self._inputs(inp)
         index = self._position_index(inp, positions, ids.shape[0])
+        hooks = self.hook_dict  # built afresh by the bridge at every access
+        names = self._own_cache_names(names_filter, kw, hooks)
         if check_memory:
-            self._check_cache_budget(ids, names_filter, index, kw.get("logits_to_keep"))
-        names = self._own_cache_names(names_filter, kw)
+            self._check_cache_budget(ids, self._names(names_filter, hooks) if names is None
+                                     else names, index, kw.get("logits_to_keep"))
         kw = _without_kv_cache(kw)
         if names is None and index is None:  # TransformerLens's options, errors and warnings
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
@@ -371,7 +373,6 @@ class HookedMLLM(torch.nn.Module):
                 ids, fwd_hooks=[(n, saver(n)) for n in self._names(names_filter)],
                 **kwargs, **kw)
         else:
-            hooks = self.hook_dict
             with compat.temporary_hooks([(hooks[n], saver(n)) for n in names]):
                 logits = self.bridge(ids, **kwargs, **kw)
         cache = MLLMActivationCache(store, self.bridge, has_batch_dim=True,
@@ -379,7 +380,8 @@ class HookedMLLM(torch.nn.Module):
                                     positions=idx, position_mask=valid)
         return logits, cache
 
-    def _own_cache_names(self, names_filter: Any, kw: dict[str, Any]) -> list[str] | None:
+    def _own_cache_names(self, names_filter: Any, kw: dict[str, Any],
+                         hooks: dict[str, Any]) -> list[str] | None:
         """The hook names ``run_with_cache`` caches by itself (TransformerLens's own
         ``run_with_cache`` rebuilds its alias tables at every call: ~5% of a toy forward), or
         None where TransformerLens's must run: its own options (``stop_at_layer``,
@@ -387,9 +389,8 @@ class HookedMLLM(torch.nn.Module):
         this model lacks or picks a gated-off one (TransformerLens raises / warns about those)."""
         if set(kw) & _TL_CACHE_OPTIONS or getattr(self.bridge, "compatibility_mode", False):
             return None
-        hooks = self.hook_dict
         if names_filter is None:
-            return self._names(None)
+            return self._names(None, hooks)
         if isinstance(names_filter, str) or (isinstance(names_filter, (list, tuple))
                                              and all(isinstance(n, str) for n in names_filter)):
             wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
@@ -404,10 +405,10 @@ class HookedMLLM(torch.nn.Module):
             return None
         return picked
 
-    def _check_cache_budget(self, ids: Tensor, names_filter: Any,
+    def _check_cache_budget(self, ids: Tensor, names: list[str],
                             index: tuple[Tensor, Tensor] | None, keep: int | None) -> None:
         b, t = ids.shape
-        parts = cache_budget.estimate(self, self._names(names_filter), b, t,
+        parts = cache_budget.estimate(self, names, b, t,
                                       rows=None if index is None else index[0].shape[1],
                                       logits_rows=keep or None)
         total, free = sum(parts.values()), cache_budget.free_bytes(self.device)
@@ -418,8 +419,8 @@ class HookedMLLM(torch.nn.Module):
             raise InputError(message)
         warnings.warn(message, cache_budget.CacheMemoryWarning, stacklevel=3)
 
-    def _names(self, names_filter: Any) -> list[str]:
-        hooks = self.hook_dict
+    def _names(self, names_filter: Any, hooks: dict[str, Any] | None = None) -> list[str]:
+        hooks = self.hook_dict if hooks is None else hooks
         if names_filter is None:
             picked = list(hooks)
         elif isinstance(names_filter, str):
