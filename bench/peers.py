@@ -31,7 +31,10 @@ Widths (``--width toy|real|both``):
   ``--real-heads all`` runs ``patch_heads``.
 
 Rows (``rows[i]``: ``width``, ``comparison``, ``corelens_s``, ``nnsight_s``,
-``ratio_nnsight_over_corelens`` (> 1: corelens is faster), ``max_abs_diff``, ``tolerance``):
+``ratio_nnsight_over_corelens`` (> 1: corelens is faster), the same by this process's CPU time
+(``corelens_cpu_s``, ``nnsight_cpu_s``, ``cpu_ratio_nnsight_over_corelens``: steadier on a
+shared machine, where a one-thread process also waits for a core), ``max_abs_diff``,
+``tolerance``):
 
 - ``patch_heads_sweep``: the clean -> corrupted activation patching of each head's output z (the
   input of ``o_proj``, head h = columns h*d_head:(h+1)*d_head, all positions), metric the logit
@@ -263,16 +266,23 @@ def _compare(name: str, ours: Callable[[], Any], theirs: Callable[[], Any],
         raise AssertionError(f"{name}: corelens and nnsight differ (max |diff| {diff} > "
                              f"{TOL[name]})")
     times: dict[str, list[float]] = {"corelens": [], "nnsight": []}
+    cpu: dict[str, list[float]] = {"corelens": [], "nnsight": []}
     for r in range(repeats):
         order = [("corelens", ours), ("nnsight", theirs)]
         for who, fn in order if r % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[who].append(time.perf_counter() - t)
+            cpu[who].append(time.process_time() - c)
     cl, nn = statistics.median(times["corelens"]), statistics.median(times["nnsight"])
+    cl_cpu, nn_cpu = statistics.median(cpu["corelens"]), statistics.median(cpu["nnsight"])
     per_round = [n / max(c, 1e-9) for c, n in zip(times["corelens"], times["nnsight"])]
     return {"comparison": name, "corelens_s": round(cl, 4), "nnsight_s": round(nn, 4),
             "ratio_nnsight_over_corelens": round(nn / max(cl, 1e-9), 3),
+            # CPU time of this process (one thread: the work each side does, without the
+            # waits a shared machine adds to wall time)
+            "corelens_cpu_s": round(cl_cpu, 4), "nnsight_cpu_s": round(nn_cpu, 4),
+            "cpu_ratio_nnsight_over_corelens": round(nn_cpu / max(cl_cpu, 1e-9), 3),
             "ratio_per_round_median_min_max": [round(statistics.median(per_round), 3),
                                                round(min(per_round), 3),
                                                round(max(per_round), 3)],
@@ -404,7 +414,8 @@ def main() -> None:
                          else "")
                 print(f"{width:4s} {row['comparison']:18s} corelens {row['corelens_s']:.3f}s  "
                       f"nnsight {row['nnsight_s']:.3f}s  nnsight/corelens "
-                      f"{row['ratio_nnsight_over_corelens']:.2f}x  max|diff| "
+                      f"{row['ratio_nnsight_over_corelens']:.2f}x (CPU time "
+                      f"{row['cpu_ratio_nnsight_over_corelens']:.2f}x)  max|diff| "
                       f"{row['max_abs_diff']:.1e}{extra}  load {row['loadavg_start']} -> "
                       f"{row['loadavg_end']}", flush=True)
     report = {"nnsight": nnsight.__version__, "torch": torch.__version__,
