@@ -18,6 +18,7 @@ from corelens.interventions.patching import (
     patch_residual,
     patch_vision_tokens,
     path_patch,
+    path_patch_to_logits,
     position_groups,
     prepare_pair,
 )
@@ -251,6 +252,49 @@ def test_path_patching_to_logits_equals_head_patching_of_the_last_layer(tiny_mod
         via_path = path_patch(model, clean, corrupt, answer_logprob, [(L - 1, h)], "logits",
                               freeze_mlps=True)
         assert via_path == pytest.approx(float(exact[L - 1, h]), abs=1e-4)
+
+
+def _path_reference(model, source, target, metric, senders, freeze_mlps):
+    """Path patching to the logits written out: every layer's z hooked (the target's, the
+    senders' from the source), every MLP output frozen to the target's when asked."""
+    L = model.cfg.n_layers
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    mlps = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    _, src = model.run_with_cache(source, names_filter=names)
+    _, tgt = model.run_with_cache(target, names_filter=names + mlps)
+
+    def z_hook(z, hook):
+        l = int(hook.name.split(".")[1])
+        z = tgt[hook.name].clone()
+        for sl, h in senders:
+            if sl == l:
+                z[:, :, h] = src[hook.name][:, :, h]
+        return z
+
+    hooks = [(n, z_hook) for n in names]
+    if freeze_mlps:
+        hooks += [(n, lambda x, hook: tgt[hook.name]) for n in mlps]
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(target, fwd_hooks=hooks), target).mean())
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("freeze_mlps", [True, False])
+def test_path_patching_to_logits_sweep_equals_one_run_per_sender_set(name, freeze_mlps,
+                                                                     tiny_model):
+    model = tiny_model(name)
+    clean, corrupt = _pair(model, name)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    sets = [[(l, h)] for l in range(L) for h in range(H)] + [[(0, 1), (L - 1, 0)], []]
+    swept = path_patch_to_logits(model, clean, corrupt, answer_logprob, sets,
+                                 freeze_mlps=freeze_mlps, per_forward=3)
+    reference = torch.tensor([_path_reference(model, clean, corrupt, answer_logprob, s,
+                                              freeze_mlps) for s in sets])
+    assert torch.allclose(swept, reference, atol=1e-4), (swept - reference).abs().max()
+    assert (swept[:-1] - swept[-1]).abs().max() > 1e-4  # the senders change something
+    with torch.no_grad():  # no sender: the target run
+        assert float(swept[-1]) == pytest.approx(
+            float(answer_logprob(model(corrupt), corrupt).mean()), abs=1e-4)
 
 
 def test_path_patching_through_receivers(tiny_model):

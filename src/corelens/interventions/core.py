@@ -425,7 +425,9 @@ def sweep(
             return hook
 
         keep = logits_to_keep(metric, big)
-        trimmed = keep if trim and trims_last_block(ns, L, replayed == L - 1) else 0
+        # the last block trimmed only when it runs (no job edits a block: all are resumed past)
+        trimmed = (keep if trim and upto < L and trims_last_block(ns, L, replayed == L - 1)
+                   else 0)
         with torch.no_grad(), skip_blocks(model, upto, outputs, len(chunk), B), \
                 replay_z(model, replayed, zs, len(chunk)), \
                 last_rows(model, trimmed, replayed == L - 1):

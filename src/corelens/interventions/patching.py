@@ -36,7 +36,7 @@ target corrupted, source clean; noising = the reverse.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -289,37 +289,13 @@ def path_patch(
     (``hook_q`` for a query receiver (layer, head); ``hook_k`` / ``hook_v`` for a KV receiver
     (layer, kv_head) under GQA). Step 2: run the target with only those receiver inputs patched.
     With ``receivers="logits"`` step 1 is the measurement (the direct paths and, with
-    recomputed MLPs, the paths through MLPs).
+    recomputed MLPs, the paths through MLPs): ``path_patch_to_logits`` with one sender set.
     """
-    check_aligned(source, target)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    z_names = [act_name("z", l) for l in range(L)]
-    mlp_names = [act_name("mlp_out", l) for l in range(L)]
-    src_z = cache_activations(model, source, z_names)
-    tgt = cache_activations(model, target, z_names + mlp_names)
-    send = {(int(l), int(h)) for l, h in senders}
-
-    def z_hook(layer: int):
-        def hook(z: Tensor, hook: Any) -> Tensor:
-            out = tgt[z_names[layer]].clone()
-            for h in range(H):
-                if (layer, h) in send:
-                    out[:, :, h] = src_z[z_names[layer]][:, :, h]
-            return out
-        return hook
-
-    def freeze(name: str):
-        return lambda x, hook: tgt[name]
-
-    hooks: list[tuple[str, Any]] = [(z_names[l], z_hook(l)) for l in range(L)]
-    if freeze_mlps:
-        hooks += [(n, freeze(n)) for n in mlp_names]
     if receivers == "logits":
-        with torch.no_grad():
-            logits = model.run_with_hooks(target, fwd_hooks=hooks,
-                                          logits_to_keep=logits_to_keep(metric, target))
-        return float(metric(logits, target).mean())
-
+        return float(path_patch_to_logits(model, source, target, metric, [senders],
+                                          freeze_mlps=freeze_mlps, per_forward=1)[0])
+    edits = _path_edits(model, source, target, [senders], freeze_mlps)[0]
+    hooks: list[tuple[str, Any]] = [(name, _as_hook(edit)) for name, edit in edits]
     rec_names = sorted({act_name(kind, l) for l, _, kind in receivers})
     recorded: dict[str, Tensor] = {}
 
@@ -350,6 +326,73 @@ def path_patch(
     return float(metric(logits, target).mean())
 
 
+def path_patch_to_logits(
+    model: Any,
+    source: MultimodalBatch,
+    target: MultimodalBatch,
+    metric: Metric,
+    sender_sets: Sequence[Sequence[Head]],
+    *,
+    freeze_mlps: bool = True,
+    per_forward: int = 8,
+    progress: bool = False,
+    **sweep_kw: Any,
+) -> Float[Tensor, " set"]:
+    """``path_patch(..., receivers="logits")`` of every sender set (e.g. ``[[(l, h)] for each
+    head]``: each head's direct effect), the metric's mean over the batch per set: the two
+    caches once, the runs as one batched sweep (``per_forward`` stacked copies, each resumed at
+    its set's first layer, that layer's attention replayed; ``interventions.core.sweep``,
+    whose ``resume`` / ``replay`` / ``trim`` / ``reuse_vision`` pass through ``sweep_kw``).
+    Equal to one ``path_patch`` per set."""
+    jobs = _path_edits(model, source, target, sender_sets, freeze_mlps)
+    values = sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
+                   desc="path patching", **sweep_kw)
+    return values.mean(1)
+
+
+def _path_edits(model: Any, source: MultimodalBatch, target: MultimodalBatch,
+                sender_sets: Sequence[Sequence[Head]], freeze_mlps: bool
+                ) -> list[list[tuple[str, Edit]]]:
+    """Per sender set, the in-place edits of a target run with the senders' z from the source
+    and every other head's z (and, when ``freeze_mlps``, every MLP output) frozen to the target
+    run's: from the set's first layer on (before it they are the target run's values anyway)."""
+    check_aligned(source, target)
+    L = model.cfg.n_layers
+    z_names = [act_name("z", l) for l in range(L)]
+    mlp_names = [act_name("mlp_out", l) for l in range(L)]
+    src_z = cache_activations(model, source, z_names)
+    tgt = cache_activations(model, target, z_names + (mlp_names if freeze_mlps else []))
+
+    def z_edit(layer: int, heads: list[int]) -> Edit:
+        def edit(z: Tensor) -> None:
+            z.copy_(tgt[z_names[layer]])
+            for h in heads:
+                z[:, :, h] = src_z[z_names[layer]][:, :, h]
+        return edit
+
+    def frozen(name: str) -> Edit:
+        return lambda x: x.copy_(tgt[name])
+
+    jobs = []
+    for senders in sender_sets:
+        send = sorted({(int(l), int(h)) for l, h in senders})
+        edits: list[tuple[str, Edit]] = []
+        for layer in range(send[0][0] if send else L, L):
+            edits.append((z_names[layer], z_edit(layer, [h for l, h in send if l == layer])))
+            if freeze_mlps:
+                edits.append((mlp_names[layer], frozen(mlp_names[layer])))
+        jobs.append(edits)
+    return jobs
+
+
+def _as_hook(edit: Edit) -> Callable[[Tensor, Any], Tensor]:
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        x = x.clone()
+        edit(x)
+        return x
+    return hook
+
+
 __all__ = [
     "ContrastPair",
     "EdgeScores",
@@ -369,6 +412,7 @@ __all__ = [
     "patch_residual",
     "patch_vision_tokens",
     "path_patch",
+    "path_patch_to_logits",
     "position_groups",
     "prepare_pair",
     "repeat_image_features",
