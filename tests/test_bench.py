@@ -67,3 +67,19 @@ def test_attention_bench_interleaved_is_consistent():
         assert rlo >= (lo - 5e-5) / (bhi + 5e-5) - 5e-4, (variant, e)
         assert rhi <= (hi + 5e-5) / (blo - 5e-5) + 5e-4, (variant, e)
         assert e["logits_max_abs_diff_vs_hf"] < 1e-4, variant
+
+
+@pytest.mark.slow
+def test_forward_bench_computes_hfs_logits_and_its_ratios():
+    forward = BENCH.parent / "forward.py"
+    out = subprocess.run([sys.executable, str(forward), "--models", "toy-llava", "--examples",
+                          "2", "--repeats", "3"], capture_output=True, text=True, check=True,
+                         timeout=600)
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["model"] == "toy-llava" and row["batch"] == 2 and row["repeats"] == 3
+    assert set(row["seconds"]) == {"hf", "hf_no_cache", "corelens"}
+    assert all(d < 1e-5 for d in row["max_abs_diff_vs_hf"].values()), row
+    s, c = row["seconds"], row["cpu_seconds"]
+    assert all(math.isfinite(v) and v > 0 for v in [*s.values(), *c.values()]), row
+    assert _ratio_matches(row["corelens_over_hf"], s["corelens"], s["hf"]), row
+    assert abs(row["corelens_over_hf_cpu"] - c["corelens"] / c["hf"]) < 1e-2, row
