@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILY_NAMES, noise_image
 
-from corelens import LayoutError
+from corelens import InputError, LayoutError
 from corelens.data.batch import repeat_batch
 from corelens.interventions.patching import (
     answer_logprob,
@@ -295,6 +295,14 @@ def test_path_patching_to_logits_sweep_equals_one_run_per_sender_set(name, freez
     with torch.no_grad():  # no sender: the target run
         assert float(swept[-1]) == pytest.approx(
             float(answer_logprob(model(corrupt), corrupt).mean()), abs=1e-4)
+
+
+def test_path_patching_names_a_sender_outside_the_model(tiny_model):
+    model = tiny_model("llava")
+    clean, corrupt = _pair(model)
+    L = model.cfg.n_layers
+    with pytest.raises(InputError, match=rf"\({L}, 0\)\] are outside this model"):
+        path_patch_to_logits(model, clean, corrupt, answer_logprob, [[(0, 0)], [(L, 0)]])
 
 
 def test_path_patching_through_receivers(tiny_model):

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from corelens.core.evaluate import logits_to_keep, query_metric, rows_at, score_logits
 from corelens.data.batch import MultimodalBatch
-from corelens.errors import LayoutError
+from corelens.errors import InputError, LayoutError
 from corelens.heads import Head
 from corelens.hook_names import EMBED, act_name
 from corelens.interventions.attribution import (
@@ -357,7 +357,13 @@ def _path_edits(model: Any, source: MultimodalBatch, target: MultimodalBatch,
     and every other head's z (and, when ``freeze_mlps``, every MLP output) frozen to the target
     run's: from the set's first layer on (before it they are the target run's values anyway)."""
     check_aligned(source, target)
-    L = model.cfg.n_layers
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    sets = [sorted({(int(l), int(h)) for l, h in senders}) for senders in sender_sets]
+    outside = sorted({(l, h) for send in sets for l, h in send
+                      if not (0 <= l < L and 0 <= h < H)})
+    if outside:
+        raise InputError(f"sender head(s) {outside} are outside this model ({L} layers x {H} "
+                         "heads): senders are (layer, head) pairs")
     z_names = [act_name("z", l) for l in range(L)]
     mlp_names = [act_name("mlp_out", l) for l in range(L)]
     src_z = cache_activations(model, source, z_names)
@@ -374,8 +380,7 @@ def _path_edits(model: Any, source: MultimodalBatch, target: MultimodalBatch,
         return lambda x: x.copy_(tgt[name])
 
     jobs = []
-    for senders in sender_sets:
-        send = sorted({(int(l), int(h)) for l, h in senders})
+    for send in sets:
         edits: list[tuple[str, Edit]] = []
         for layer in range(send[0][0] if send else L, L):
             edits.append((z_names[layer], z_edit(layer, [h for l, h in send if l == layer])))
