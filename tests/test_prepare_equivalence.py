@@ -42,6 +42,31 @@ def test_prepare_equals_the_slow_obvious_batch(name, tiny_model):
     assert_same_batch(model.prepare_examples(one), reference_batch(model, one))
 
 
+def _image_modes(w: int, h: int) -> list:
+    """The same noise as L, RGBA (half transparent), P with a transparent index, and RGB with a
+    transparency key (HF composites the last three onto white)."""
+    base = noise_image(w, h, 5)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    keyed = base.copy()
+    keyed.info["transparency"] = base.getpixel((0, 0))
+    return [base.convert("L"), rgba, pal, keyed]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_images_that_are_not_plain_rgb_give_the_slow_obvious_batch(name, tiny_model):
+    """``prepare`` skips HF's RGB conversion when every image is plain RGB; any other image
+    (grey, alpha, palette, a transparency key) keeps it, and the pixels equal the slow way's."""
+    model = tiny_model(name)
+    w, h = tiny_image_sizes(name)[0]
+    plain = grounded_examples(name, 1)[0]
+    exs = [replace(plain, images=[im], id=f"mode{i}") for i, im in enumerate(_image_modes(w, h))]
+    for batch in [[plain] + exs] + [[ex] for ex in exs]:
+        assert_same_batch(model.prepare_examples(batch), reference_batch(model, batch))
+
+
 @pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if FAMILIES[n].supports_video])
 def test_prepare_equals_the_slow_obvious_batch_on_videos(name, tiny_model):
     model = tiny_model(name)
@@ -140,3 +165,6 @@ def test_mrope_ids_shared_by_alike_examples_equal_hf_on_the_whole_batch(name, ti
     want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
                                           if k != "position_ids"})
     assert torch.equal(batch.inputs["position_ids"], want)
+    # padding not on the left: no kinds (the whole batch goes to HF)
+    right = batch.attention_mask.flip(1)
+    assert _alike_examples(types.flip(1), right, batch.inputs["image_grid_thw"]) is None

@@ -43,6 +43,12 @@ def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
     return out
 
 
+def _plain_rgb(image_lists: list[list[Image.Image]]) -> bool:
+    """Every image RGB with no transparency key (HF composites those onto white)."""
+    return all(im.mode == "RGB" and "transparency" not in im.info
+               for ims in image_lists for im in ims)
+
+
 def _as_video_lists(videos: Any, n: int) -> list[list[Video]]:
     """Per example, a list of ``Video``s. A video may be given as a ``Video``, a list of PIL
     frames or a ``[T, H, W, 3]`` array; with one prompt, a single video needs no list."""
@@ -253,6 +259,8 @@ def prepare(
         # nested per example: processors that treat multi-image examples differently
         # (LLaVA-OneVision does not tile them) need to know which images go together
         kw["images"] = image_lists
+        if not has_video and _plain_rgb(image_lists):
+            kw["do_convert_rgb"] = False  # already RGB: HF's conversion would only copy them
     if has_video:
         flat = [v for vs in video_lists for v in vs]
         kw["videos"] = [v.array() for v in flat]
