@@ -196,63 +196,16 @@ def prepare(
     has_template = family.has_chat_template(processor)
 
     texts, prompt_texts = [], []
-    chat: dict[tuple[str, int, int], str] = {}
+    rendered: dict[tuple[str, int, int, bool], str] = {}  # one render per distinct question
     for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
-        raw = raw_flags[e]
-        if not raw and not has_template:
-            own = [(tok, what) for tok, what, k in ((img_tok, "image", len(ims)),
-                                                    (vid_tok, "video", len(vids))) if k and tok]
-            if own and not any(tok in p for tok, _ in own):
-                toks = " / ".join(repr(tok) for tok, _ in own)
-                what = " / ".join(w for _, w in own)
-                also = (f" ({PLACEHOLDER!r} marks images only for the chat template; "
-                        f"{family.name}'s own image token is {img_tok!r})"
-                        if img_tok != PLACEHOLDER and PLACEHOLDER in p else "")
-                raise InputError(
-                    f"{_where(e, example_ids[e])}: the processor has no chat template and the "
-                    f"prompt holds no {toks}{also}, so there is no way to place the example's "
-                    f"{what}(s). Fix: write the whole prompt with {toks} once per {what} "
-                    "(used verbatim: set GroundedExample.raw_prompt=True, or pass "
-                    "prepare(..., raw_prompts=[...]) / chat_template=False), or give the "
-                    "processor a chat template (processor.chat_template = '...', or a "
-                    "chat_template.jinja in the model folder)"
-                )
-            raw = True  # no template: the prompt carries its own image / video tokens
-        if not raw:
-            for mark, what, k in ((PLACEHOLDER, "image", len(ims)),
-                                  (VIDEO_PLACEHOLDER, "video", len(vids))):
-                n_marks = p.count(mark)
-                if n_marks not in (0, k) or (n_marks == 0 and k and (
-                        PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
-                    raise InputError(
-                        f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
-                        f"{k} {what}(s) were given"
-                    )
-            key = (p, len(ims), len(vids))
-            if key not in chat:  # one chat-template render per distinct question
-                chat[key] = family.build_prompt(processor, p, len(ims), len(vids))
-            text = chat[key]
-        else:
-            for tok, what, k in ((img_tok, "image", len(ims)), (vid_tok, "video", len(vids))):
-                n_marks = p.count(tok) if tok else 0
-                if n_marks != k:
-                    desc = (f"has no {what} placeholder" if n_marks == 0
-                            else f"has {n_marks} {tok!r}")
-                    raise InputError(
-                        f"{_where(e, example_ids[e])}: the raw prompt {desc} but {k} {what}(s) "
-                        f"were given; put {tok!r} in the prompt once per {what} (or, with a "
-                        "chat template, pass the question without raw_prompt / "
-                        "chat_template=False)"
-                    )
-            text = p
+        key = (p, len(ims), len(vids), raw_flags[e])
+        if key not in rendered:
+            rendered[key] = _prompt_text(family, processor, p, len(ims), len(vids), raw_flags[e],
+                                         has_template, (img_tok, vid_tok),
+                                         (e, example_ids[e]))
+        text = rendered[key]
         prompt_texts.append(text)
-        if answers is not None:
-            ans = answers[e]
-            if not ans or not str(ans).strip():
-                raise InputError(f"example {e}: the answer is empty")
-            sep = "" if text[-1:].isspace() else " "
-            text = text + sep + str(ans)
-        texts.append(text)
+        texts.append(text if answers is None else _with_answer(e, text, answers[e]))
 
     kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
     if any(image_lists):
@@ -274,60 +227,12 @@ def prepare(
     finally:
         tokenizer.padding_side = old_side
     inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    seq = ids.shape[1]
-    # The answer's tokens: the text alone, tokenised with and without the answer (image tokens
-    # are expanded in the middle of the prompt, never at its end, so the images need not be
-    # processed twice); checked against the processor's own ids below. One tokenizer call, on
-    # the distinct texts (examples share prompts, often whole texts).
-    text_ids: dict[str, list[int]] = {}
-    if answers is not None:
-        distinct = list(dict.fromkeys(prompt_texts + texts))
-        text_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
-    n_real = mask.bool().sum(1).tolist()
-    # left padding (as asked): each example's real tokens are the tail of its row
-    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
-    checked: set[tuple[tuple[int, ...], str]] = set()  # (tokens, answer) already checked
-
-    # per example, the answer's length and the positions that predict its tokens; the tokens
-    # and positions of the whole batch go into one tensor each, split per example at the end
-    n_ans_of, queries, tails = [], [], []
-    prompt_lengths = []
     if answers is None:
-        for nr in n_real:
-            prompt_lengths.append(nr)
-            n_ans_of.append(0)
-            queries.append(seq - 1)
+        answer_tokens, query_positions, prompt_lengths = _no_answers(inputs["attention_mask"])
     else:
-        n_of = [len(text_ids[t]) - len(text_ids[p]) for t, p in zip(texts, prompt_texts)]
-        widest = max(1, min(seq, max(n_of)))
-        ends = ids[:, seq - widest:].tolist() if left else None
-        for e in range(n):
-            nr, n_ans = n_real[e], n_of[e]
-            full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
-            if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
-                raise InputError(
-                    f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
-                    "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
-                )
-            tail = (ends[e][widest - n_ans:] if ends is not None
-                    else ids[e][mask[e].bool()][-n_ans:].tolist())
-            if tail != full[-n_ans:]:
-                raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
-                                  f"answer {answers[e]!r} unlike its tokenizer does alone")
-            lp = nr - n_ans
-            prompt_lengths.append(lp)
-            key = (tuple(tail), str(answers[e]))
-            if key not in checked:
-                _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
-                checked.add(key)
-            n_ans_of.append(n_ans)
-            tails += tail
-            queries += range(seq - nr + lp - 1, seq - 1)
-    answer_tokens = list(torch.tensor(tails, dtype=ids.dtype if answers is not None
-                                      else torch.long).split(n_ans_of))
-    query_positions = list(torch.tensor(queries, dtype=torch.long).split(
-        [k or 1 for k in n_ans_of]))
+        answer_tokens, query_positions, prompt_lengths = _answer_spans(
+            tokenizer, inputs["input_ids"], inputs["attention_mask"], texts, prompt_texts,
+            answers, example_ids)
 
     layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
@@ -339,6 +244,121 @@ def prepare(
     if device is None or all(v.device == torch.device(device) for v in inputs.values()):
         return batch  # already there (``to`` would copy the batch for nothing)
     return batch.to(device)
+
+
+def _prompt_text(family: Family, processor: Any, p: str, n_images: int, n_videos: int,
+                 raw: bool, has_template: bool, tokens: tuple[str, str | None],
+                 example: tuple[int, Any]) -> str:
+    """One example's prompt: its question through the chat template, or its raw prompt,
+    checked against its images / videos."""
+    e, ex_id = example
+    img_tok, vid_tok = tokens
+    if not raw and not has_template:
+        own = [(tok, what) for tok, what, k in ((img_tok, "image", n_images),
+                                                (vid_tok, "video", n_videos)) if k and tok]
+        if own and not any(tok in p for tok, _ in own):
+            toks = " / ".join(repr(tok) for tok, _ in own)
+            what = " / ".join(w for _, w in own)
+            also = (f" ({PLACEHOLDER!r} marks images only for the chat template; "
+                    f"{family.name}'s own image token is {img_tok!r})"
+                    if img_tok != PLACEHOLDER and PLACEHOLDER in p else "")
+            raise InputError(
+                f"{_where(e, ex_id)}: the processor has no chat template and the "
+                f"prompt holds no {toks}{also}, so there is no way to place the example's "
+                f"{what}(s). Fix: write the whole prompt with {toks} once per {what} "
+                "(used verbatim: set GroundedExample.raw_prompt=True, or pass "
+                "prepare(..., raw_prompts=[...]) / chat_template=False), or give the "
+                "processor a chat template (processor.chat_template = '...', or a "
+                "chat_template.jinja in the model folder)"
+            )
+        raw = True  # no template: the prompt carries its own image / video tokens
+    if raw:
+        for tok, what, k in ((img_tok, "image", n_images), (vid_tok, "video", n_videos)):
+            n_marks = p.count(tok) if tok else 0
+            if n_marks != k:
+                desc = (f"has no {what} placeholder" if n_marks == 0
+                        else f"has {n_marks} {tok!r}")
+                raise InputError(
+                    f"{_where(e, ex_id)}: the raw prompt {desc} but {k} {what}(s) "
+                    f"were given; put {tok!r} in the prompt once per {what} (or, with a "
+                    "chat template, pass the question without raw_prompt / "
+                    "chat_template=False)"
+                )
+        return p
+    for mark, what, k in ((PLACEHOLDER, "image", n_images), (VIDEO_PLACEHOLDER, "video", n_videos)):
+        n_marks = p.count(mark)
+        if n_marks not in (0, k) or (n_marks == 0 and k and (
+                PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
+            raise InputError(
+                f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
+                f"{k} {what}(s) were given"
+            )
+    return family.build_prompt(processor, p, n_images, n_videos)
+
+
+def _with_answer(e: int, text: str, answer: Any) -> str:
+    if not answer or not str(answer).strip():
+        raise InputError(f"example {e}: the answer is empty")
+    return text + ("" if text[-1:].isspace() else " ") + str(answer)
+
+
+def _no_answers(mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """No answers: no answer tokens, the last position queried, the whole text the prompt."""
+    n, seq = mask.shape
+    return (list(torch.zeros(0, dtype=torch.long).split([0] * n)),
+            list(torch.full((n,), seq - 1, dtype=torch.long).split(1)),
+            mask.bool().sum(1).tolist())
+
+
+def _answer_spans(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, texts: list[str],
+                  prompt_texts: list[str], answers: Sequence[Any], example_ids: list[Any]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Per example: the answer's tokens, the positions that predict them, the prompt's length.
+
+    The answer's tokens: the text alone, tokenised with and without the answer (image tokens
+    are expanded in the middle of the prompt, never at its end, so the images need not be
+    processed twice); checked against the processor's own ids. One tokenizer call, on the
+    distinct texts (examples share prompts, often whole texts); the rest once per distinct
+    (prompt, text), but the checks against the processor's row once per example, in order."""
+    seq = ids.shape[1]
+    distinct = list(dict.fromkeys(prompt_texts + texts))
+    text_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+    spans: dict[tuple[str, str], list[int] | None] = {}  # the answer's tokens, None: not apart
+    for key in dict.fromkeys(zip(prompt_texts, texts)):
+        prompt, full = text_ids[key[0]], text_ids[key[1]]
+        apart = len(full) > len(prompt) and full[:len(prompt)] == prompt
+        spans[key] = full[len(prompt):] if apart else None
+    n_real = mask.bool().sum(1).tolist()
+    widest = max(1, min(seq, max((len(t) for t in spans.values() if t), default=1)))
+    # left padding (as asked): each example's real tokens are the tail of its row
+    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
+    ends = ids[:, seq - widest:].tolist() if left else None
+    checked: set[Any] = set()  # (prompt, text)s and (tokens, answer)s whose answer is checked
+    n_ans_of, tails, queries, prompt_lengths = [], [], [], []
+    for e, key in enumerate(zip(prompt_texts, texts)):
+        want, nr = spans[key], n_real[e]
+        if want is None or len(want) >= nr:
+            raise InputError(
+                f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
+                "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
+            )
+        n_ans = len(want)
+        tail = (ends[e][widest - n_ans:] if ends is not None
+                else ids[e][mask[e].bool()][-n_ans:].tolist())
+        if tail != want:
+            raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
+                              f"answer {answers[e]!r} unlike its tokenizer does alone")
+        if key not in checked:
+            answer = (tuple(tail), str(answers[e]))
+            if answer not in checked:
+                _check_answer(tokenizer, tail, answer[1], _where(e, example_ids[e]))
+            checked |= {key, answer}
+        prompt_lengths.append(nr - n_ans)
+        n_ans_of.append(n_ans)
+        tails += tail
+        queries += range(seq - n_ans - 1, seq - 1)
+    return (list(torch.tensor(tails, dtype=ids.dtype).split(n_ans_of)),
+            list(torch.tensor(queries, dtype=torch.long).split(n_ans_of)), prompt_lengths)
 
 
 def _where(e: int, ex_id: Any) -> str:
