@@ -328,11 +328,12 @@ def _answer_spans(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, texts: 
         prompt, full = text_ids[key[0]], text_ids[key[1]]
         apart = len(full) > len(prompt) and full[:len(prompt)] == prompt
         spans[key] = full[len(prompt):] if apart else None
-    n_real = mask.bool().sum(1).tolist()
+    real = mask.numpy() != 0  # numpy: these few tiny ops cost several times less than in torch
+    n_real = real.sum(1).tolist()
     widest = max(1, min(seq, max((len(t) for t in spans.values() if t), default=1)))
     # left padding (as asked): each example's real tokens are the tail of its row
-    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
-    ends = ids[:, seq - widest:].tolist() if left else None
+    left = bool((real[:, 1:] >= real[:, :-1]).all())
+    ends = ids.numpy()[:, seq - widest:].tolist() if left else None
     checked: set[Any] = set()  # (prompt, text)s and (tokens, answer)s whose answer is checked
     n_ans_of, tails, queries, prompt_lengths = [], [], [], []
     for e, key in enumerate(zip(prompt_texts, texts)):
@@ -443,54 +444,62 @@ def build_layout(
     video_lists = video_lists or [[] for _ in image_lists]
     tid = family.image_token_id(hf_config, processor)
     vid = family.video_token_id(hf_config, processor) if any(video_lists) else None
-    images: list[list[ImageLayout]] = []
+    sizes = [im.size for ims in image_lists for im in ims]
+    keys = family.layout_keys(inputs, sizes) if sizes else []
     seen: dict[Any, FeatureRows] = {}  # images the family lays out alike share their rows
 
     def image_rows(image: int, size: tuple[int, int]) -> FeatureRows:
-        key = family.layout_key(inputs, image, size)
+        key = keys[image]
         if key is None:
             return family.feature_rows(hf_config, processor, inputs, image, size)
         if key not in seen:
             seen[key] = family.feature_rows(hf_config, processor, inputs, image, size)
         return seen[key]
 
-    # every image (video) token of the batch found at once, then split per example
-    slots_of: dict[str, tuple[torch.Tensor, ...]] = {}
-    for what, token, lists in (("image", tid, image_lists), ("video", vid, video_lists)):
-        if any(lists):
-            rows_at, cols_at = (ids == token).nonzero(as_tuple=True)
-            counts = torch.bincount(rows_at, minlength=len(lists)).tolist()
-            slots_of[what] = cols_at.split(counts)
+    image_slots = _slots(ids.numpy(), tid, image_lists)
+    video_slots = _slots(ids.numpy(), vid, video_lists)
+    images: list[list[ImageLayout]] = []
     g = gv = 0
     for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
         per_image: list[ImageLayout] = []
-        for what, token, items in (("image", tid, ims), ("video", vid, vids)):
-            if not items:
-                continue
-            slots = slots_of[what][e]
-            if what == "image":
-                rows = [image_rows(g + i, im.size) for i, im in enumerate(items)]
-            else:
-                rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
-                                                  len(v), v.timestamps)
-                        for i, v in enumerate(items)]
-            sizes = [len(r) for r in rows]
-            need = sum(sizes)
-            if need != slots.numel():
-                raise LayoutError(
-                    f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
-                    f"its {len(items)} {what}(s) need {need} "
-                    f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
-                    f"and the {what}s do not match"
-                )
-            start = 0
-            for i, (item, r, k) in enumerate(zip(items, rows, sizes)):
-                at = slots if len(items) == 1 else slots[start:start + k]
-                per_image.append(ImageLayout(i, item.size, at, r,
-                                             modality=what, n_frames=len(item) if
-                                             what == "video" else 1))
-                start += k
+        if ims:
+            rows = [image_rows(g + i, im.size) for i, im in enumerate(ims)]
+            per_image += _placed(e, "image", tid, ims, rows, image_slots[e])
+        if vids:
+            rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
+                                              len(v), v.timestamps)
+                    for i, v in enumerate(vids)]
+            per_image += _placed(e, "video", vid, vids, rows, video_slots[e])
         images.append(per_image)
         g += len(ims)
         gv += len(vids)
     return VisionLayout(images, int(ids.shape[1]))
+
+
+def _slots(ids: np.ndarray, token: int | None, lists: list[list[Any]]
+           ) -> tuple[torch.Tensor, ...]:
+    """Per example, the positions of ``token`` in its row: the whole batch found at once."""
+    if not any(lists):
+        return ()
+    rows_at, cols_at = np.nonzero(ids == token)
+    counts = np.bincount(rows_at, minlength=len(lists)).tolist()
+    return torch.from_numpy(cols_at.astype(np.int64, copy=False)).split(counts)
+
+
+def _placed(e: int, what: str, token: int | None, items: list[Any], rows: list[FeatureRows],
+            slots: torch.Tensor) -> list[ImageLayout]:
+    """Example ``e``'s images (videos), each with its feature rows and its run of the slots."""
+    sizes = [len(r) for r in rows]
+    if sum(sizes) != slots.shape[0]:
+        raise LayoutError(
+            f"example {e}: input_ids hold {slots.shape[0]} {what} tokens (id {token}) but "
+            f"its {len(items)} {what}(s) need {sum(sizes)} "
+            f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
+            f"and the {what}s do not match"
+        )
+    runs = (slots,) if len(items) == 1 else slots.split(sizes)
+    if what == "image":
+        return [ImageLayout(i, im.size, at, r) for i, (im, r, at) in enumerate(zip(items, rows,
+                                                                                   runs))]
+    return [ImageLayout(i, v.size, at, r, modality="video", n_frames=len(v))
+            for i, (v, r, at) in enumerate(zip(items, rows, runs))]

@@ -163,12 +163,12 @@ class Family(ABC):
         the processor's order (None: the processor's order)."""
         return None
 
-    def layout_key(self, inputs: dict[str, Tensor], image: int,
-                   size: tuple[int, int]) -> Any:
-        """Within one ``prepare`` call, images with equal keys get the same ``feature_rows``
+    def layout_keys(self, inputs: dict[str, Tensor], sizes: list[tuple[int, int]]) -> list[Any]:
+        """A key per image of the batch (processor order; ``sizes``: their original sizes):
+        within one ``prepare`` call, images with equal keys get the same ``feature_rows``
         (computed once); None: always compute. Default: the original size, for families whose
         layout depends on the size and the processor settings alone."""
-        return size
+        return list(sizes)
 
     # --- videos ------------------------------------------------------------------------------
     supports_video: ClassVar[bool] = False

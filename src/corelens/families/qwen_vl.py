@@ -132,8 +132,9 @@ class QwenVL(Family):
                                         offset, size)
         return FeatureRows.grid(view)
 
-    def layout_key(self, inputs, image, size):
-        return size, tuple(int(v) for v in inputs["image_grid_thw"][image].tolist())
+    def layout_keys(self, inputs, sizes):
+        grids = inputs["image_grid_thw"].tolist()
+        return [(size, tuple(grids[i])) for i, size in enumerate(sizes)]
 
     flat_tower = True
 
