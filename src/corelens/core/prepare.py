@@ -193,19 +193,8 @@ def prepare(
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)
     vid_tok = family.video_token_string(processor) if has_video else None
-    has_template = family.has_chat_template(processor)
-
-    texts, prompt_texts = [], []
-    rendered: dict[tuple[str, int, int, bool], str] = {}  # one render per distinct question
-    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
-        key = (p, len(ims), len(vids), raw_flags[e])
-        if key not in rendered:
-            rendered[key] = _prompt_text(family, processor, p, len(ims), len(vids), raw_flags[e],
-                                         has_template, (img_tok, vid_tok),
-                                         (e, example_ids[e]))
-        text = rendered[key]
-        prompt_texts.append(text)
-        texts.append(text if answers is None else _with_answer(e, text, answers[e]))
+    texts, prompt_texts = _texts(family, processor, prompts, answers, image_lists, video_lists,
+                                 raw_flags, example_ids, (img_tok, vid_tok))
 
     kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
     if any(image_lists):
@@ -246,11 +235,39 @@ def prepare(
     return batch.to(device)
 
 
-def _prompt_text(family: Family, processor: Any, p: str, n_images: int, n_videos: int,
-                 raw: bool, has_template: bool, tokens: tuple[str, str | None],
-                 example: tuple[int, Any]) -> str:
-    """One example's prompt: its question through the chat template, or its raw prompt,
-    checked against its images / videos."""
+def _texts(family: Family, processor: Any, prompts: list[str], answers: Sequence[Any] | None,
+           image_lists: list[list[Image.Image]], video_lists: list[list[Video]],
+           raw_flags: list[bool], example_ids: list[Any], tokens: tuple[str, str | None]
+           ) -> tuple[list[str], list[str]]:
+    """(the texts with their answers, the prompts alone). Each distinct (question, images,
+    videos, raw) is checked once, the examples in order (the first bad one raises); the chat
+    template renders the distinct questions in one call."""
+    has_template = family.has_chat_template(processor)
+    templated: dict[tuple[str, int, int, bool], bool] = {}
+    keys = []
+    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
+        key = (p, len(ims), len(vids), raw_flags[e])
+        if key not in templated:
+            templated[key] = _templated(family, p, len(ims), len(vids), raw_flags[e],
+                                        has_template, tokens, (e, example_ids[e]))
+        if answers is not None and (not answers[e] or not str(answers[e]).strip()):
+            raise InputError(f"example {e}: the answer is empty")
+        keys.append(key)
+    chat = [key for key, t in templated.items() if t]
+    text_of = {key: key[0] for key, t in templated.items() if not t}
+    text_of.update(zip(chat, family.build_prompts(processor, [key[:3] for key in chat])))
+    prompt_texts = [text_of[key] for key in keys]
+    if answers is None:
+        return prompt_texts, prompt_texts
+    return [t + ("" if t[-1:].isspace() else " ") + str(a)
+            for t, a in zip(prompt_texts, answers)], prompt_texts
+
+
+def _templated(family: Family, p: str, n_images: int, n_videos: int, raw: bool,
+               has_template: bool, tokens: tuple[str, str | None],
+               example: tuple[int, Any]) -> bool:
+    """Whether the prompt goes through the chat template (else it is used verbatim), once it
+    is checked against its images / videos."""
     e, ex_id = example
     img_tok, vid_tok = tokens
     if not raw and not has_template:
@@ -284,7 +301,7 @@ def _prompt_text(family: Family, processor: Any, p: str, n_images: int, n_videos
                     "chat template, pass the question without raw_prompt / "
                     "chat_template=False)"
                 )
-        return p
+        return False
     for mark, what, k in ((PLACEHOLDER, "image", n_images), (VIDEO_PLACEHOLDER, "video", n_videos)):
         n_marks = p.count(mark)
         if n_marks not in (0, k) or (n_marks == 0 and k and (
@@ -293,13 +310,7 @@ def _prompt_text(family: Family, processor: Any, p: str, n_images: int, n_videos
                 f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
                 f"{k} {what}(s) were given"
             )
-    return family.build_prompt(processor, p, n_images, n_videos)
-
-
-def _with_answer(e: int, text: str, answer: Any) -> str:
-    if not answer or not str(answer).strip():
-        raise InputError(f"example {e}: the answer is empty")
-    return text + ("" if text[-1:].isspace() else " ") + str(answer)
+    return True
 
 
 def _no_answers(mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
