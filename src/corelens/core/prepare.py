@@ -85,47 +85,61 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
         return [[] for _ in range(n)]
     if len(boxes) != n:
         raise InputError(f"got boxes for {len(boxes)} examples, but {n} prompts")
+    inside: set[tuple[Any, tuple[int, int]]] = set()  # (box, image size)s found inside
     out: list[list[Evidence]] = []
     for e, item in enumerate(boxes):
-        entries: list[Evidence] = []
-        if item is None:
-            pass
-        elif isinstance(item, dict):
-            for img, bx in item.items():
-                many = bx and isinstance(bx[0], (list, tuple))
-                entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
-        elif isinstance(item, Evidence) or (
-                len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
-            entries = [Evidence.coerce(item)]
-        else:
-            entries = [Evidence.coerce(b) for b in item]
-        norm = []
+        entries = _evidence_list(item)
         for ev in entries:
             if ev.video is not None:
-                vids = video_lists[e]
-                if not 0 <= ev.video < len(vids):
-                    raise InputError(f"example {e}: box refers to video {ev.video}, but the "
-                                     f"example has {len(vids)} video(s)")
-                nf = len(vids[ev.video])
-                for (a, b), box in ev.parts():
-                    if not 0 <= a < b <= nf:
-                        raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
-                                         f"video {ev.video}, which has {nf} frame(s) (0-based, "
-                                         "end exclusive)")
-                    validate_box(box, vids[ev.video].size,
-                                 where=f"example {e}, video {ev.video}: ")
+                _check_video_evidence(e, ev, video_lists[e])
             else:
-                img = ev[0]
-                if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
-                    raise InputError(
-                        f"example {e}: box refers to image {img}, but the example has "
-                        f"{len(image_lists[e])} image(s)"
-                    )
-                validate_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
-                             where=f"example {e}, image {img}: ")
-            norm.append(ev)
-        out.append(norm)
+                _check_image_evidence(e, ev, image_lists[e], inside)
+        out.append(entries)
     return out
+
+
+def _evidence_list(item: Any) -> list[Evidence]:
+    """One example's evidence as a list of ``Evidence``."""
+    if item is None:
+        return []
+    if isinstance(item, dict):
+        entries: list[Evidence] = []
+        for img, bx in item.items():
+            many = bx and isinstance(bx[0], (list, tuple))
+            entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
+        return entries
+    if isinstance(item, Evidence) or (
+            len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
+        return [Evidence.coerce(item)]
+    return [Evidence.coerce(b) for b in item]
+
+
+def _check_image_evidence(e: int, ev: Evidence, images: list[Image.Image],
+                          inside: set[tuple[Any, tuple[int, int]]]) -> None:
+    img = ev[0]
+    if not 0 <= img < len(images):  # type: ignore[operator]
+        raise InputError(
+            f"example {e}: box refers to image {img}, but the example has "
+            f"{len(images)} image(s)"
+        )
+    key = (ev.box, images[img].size)  # type: ignore[index]
+    if key not in inside:
+        validate_box(ev.box, key[1], where=f"example {e}, image {img}: ")
+        inside.add(key)
+
+
+def _check_video_evidence(e: int, ev: Evidence, videos: list[Video]) -> None:
+    if not 0 <= ev.video < len(videos):  # type: ignore[operator]
+        raise InputError(f"example {e}: box refers to video {ev.video}, but the "
+                         f"example has {len(videos)} video(s)")
+    nf = len(videos[ev.video])  # type: ignore[index]
+    for (a, b), box in ev.parts():
+        if not 0 <= a < b <= nf:
+            raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
+                             f"video {ev.video}, which has {nf} frame(s) (0-based, "
+                             "end exclusive)")
+        validate_box(box, videos[ev.video].size,  # type: ignore[index]
+                     where=f"example {e}, video {ev.video}: ")
 
 
 def prepare(
@@ -230,9 +244,13 @@ def prepare(
                             boxes=box_lists, distractors=distractor_lists,
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
-    if device is None or all(v.device == torch.device(device) for v in inputs.values()):
+    if device is None or _all_on(inputs, torch.device(device)):
         return batch  # already there (``to`` would copy the batch for nothing)
     return batch.to(device)
+
+
+def _all_on(inputs: dict[str, torch.Tensor], device: torch.device) -> bool:
+    return all(v.device == device for v in inputs.values())
 
 
 def _texts(family: Family, processor: Any, prompts: list[str], answers: Sequence[Any] | None,
