@@ -19,7 +19,7 @@ from corelens import GroundedExample, HookedMLLM, InputError
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families import FAMILIES
-from corelens.families.qwen_vl import _alike_examples
+from corelens.families.qwen_vl import image_rope_ids
 from corelens.zoo.tiny import tiny_image_sizes
 
 
@@ -152,19 +152,26 @@ def test_memoised_geometry_equals_the_formula(args):
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n.startswith("qwen")])
-def test_mrope_ids_shared_by_alike_examples_equal_hf_on_the_whole_batch(name, tiny_model):
-    """Qwen-VL runs ``get_rope_index`` once per kind of example (token types, padding, image
-    grids); the ids equal HF's on the whole batch, with alike examples among unlike ones."""
+def test_mrope_ids_of_image_batches_equal_hf_on_the_whole_batch(name, tiny_model):
+    """Qwen-VL computes the M-RoPE ids of image-only batches itself (numpy, once per kind of
+    example); they equal HF's ``get_rope_index`` on the whole batch: alike examples among unlike
+    ones, two images in one example, several sizes, padding, one example alone."""
     model = tiny_model(name)
     exs = _examples(name)
+    merge = model.hf_model.config.vision_config.spatial_merge_size
+    def types_of(batch):
+        return (batch.input_ids == model.hf_model.config.image_token_id).long()
+
+    for batch in (model.prepare_examples(exs), model.prepare_examples(exs[-1:])):
+        ours = image_rope_ids(types_of(batch), batch.attention_mask,
+                              batch.inputs["image_grid_thw"], merge)
+        want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
+                                              if k != "position_ids"})
+        assert ours is not None and torch.equal(ours, want)
+        got = batch.inputs["position_ids"]
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # what it does not expect goes to HF: padding on the right, a grid too few
     batch = model.prepare_examples(exs)
-    types = (batch.input_ids == model.hf_model.config.image_token_id).long()
-    first, inverse, _ = _alike_examples(types, batch.attention_mask,
-                                        batch.inputs["image_grid_thw"])
-    assert len(first) < len(exs) and len(set(inverse.tolist())) == len(first)
-    want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
-                                          if k != "position_ids"})
-    assert torch.equal(batch.inputs["position_ids"], want)
-    # padding not on the left: no kinds (the whole batch goes to HF)
-    right = batch.attention_mask.flip(1)
-    assert _alike_examples(types.flip(1), right, batch.inputs["image_grid_thw"]) is None
+    types, mask, grid = types_of(batch), batch.attention_mask, batch.inputs["image_grid_thw"]
+    assert image_rope_ids(types.flip(1), mask.flip(1), grid, merge) is None
+    assert image_rope_ids(types, mask, grid[:-1], merge) is None
