@@ -6,6 +6,7 @@ and answers whose tokenisation changes in context (the same clear error)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,7 @@ from prepare_reference import assert_same_batch, reference_batch, reference_posi
 from tokenizers import AddedToken
 
 from corelens import GroundedExample, HookedMLLM, InputError
+from corelens.core.prepare import _token_ids
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families import FAMILIES
@@ -111,6 +113,21 @@ def test_an_answer_that_tokenises_unlike_in_context_is_refused_alike(name, tiny_
     assert got.startswith(_raise(lambda: reference_batch(model, batch)))
     ok = [exs[0], replace(bad, question=bad.question + " ?"), exs[2]]  # the token is not matched
     assert_same_batch(model.prepare_examples(ok), reference_batch(model, ok))
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_token_ids_equal_the_tokenizer_call(name, tiny_model):
+    """``_token_ids`` (one text at a time on the Rust backend) gives ``tokenizer(texts)``'s ids,
+    also after a padded, truncating call left those settings on the backend, and with special
+    tokens split."""
+    tok = copy.deepcopy(tiny_model(name).tokenizer)
+    image = tiny_model(name).family.image_token_string(tiny_model(name).processor)
+    texts = [f"what is {image} here ?", "a b", "", " red  blue "]
+    for split in (False, True):
+        tok.split_special_tokens = split
+        tok(["a", "a b c d e"], padding=True, truncation=True, max_length=3)
+        assert tok.backend_tokenizer.padding is not None
+        assert _token_ids(tok, texts) == [tok(t)["input_ids"] for t in texts]
 
 
 def _affine_reference(rows, cols, cell, scale, offset, size, row_range=None, col_range=None):
