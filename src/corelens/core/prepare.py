@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
+from corelens.core.resolution import settings_of
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, validate_box
@@ -216,7 +217,8 @@ def prepare(
         # nested per example: processors that treat multi-image examples differently
         # (LLaVA-OneVision does not tile them) need to know which images go together
         kw["images"] = image_lists
-        if not has_video and _plain_rgb(image_lists):
+        if (not has_video and _plain_rgb(image_lists)
+                and "do_convert_rgb" in settings_of(processor.image_processor)):
             kw["do_convert_rgb"] = False  # already RGB: HF's conversion would only copy them
     if has_video:
         flat = [v for vs in video_lists for v in vs]
