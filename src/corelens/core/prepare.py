@@ -349,9 +349,9 @@ def _answer_spans(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, texts: 
 
     The answer's tokens: the text alone, tokenised with and without the answer (image tokens
     are expanded in the middle of the prompt, never at its end, so the images need not be
-    processed twice); checked against the processor's own ids. One tokenizer call, on the
-    distinct texts (examples share prompts, often whole texts); the rest once per distinct
-    (prompt, text), but the checks against the processor's row once per example, in order."""
+    processed twice); checked against the processor's own ids. Only the distinct texts are
+    tokenised (examples share prompts, often whole texts) and split once per distinct (prompt,
+    text); the checks against the processor's row run once per example, in order."""
     seq = ids.shape[1]
     distinct = list(dict.fromkeys(prompt_texts + texts))
     text_ids = dict(zip(distinct, _token_ids(tokenizer, distinct)))
