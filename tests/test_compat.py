@@ -4,12 +4,14 @@ corelens expects, and an upgrade that drops one fails loudly, naming it."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import FAMILY_NAMES
 from transformer_lens.model_bridge.generalized_components.position_embedding_hooks_mixin import (
     PositionEmbeddingHooksMixin,
 )
@@ -191,3 +193,21 @@ def test_direct_norms_call_the_hf_norm_once_with_tls_output(tiny_model, family):
     finally:
         norm.hook_out.remove_hooks()
         norm.hook_scale.remove_hooks()
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_token_ids_take_the_backend_path_and_equal_the_tokenizer_call(name, tiny_model):
+    """``compat.token_ids`` (one text at a time on the Rust backend) gives ``tokenizer(texts)``'s
+    ids, also after a padded, truncating call left those settings on the backend, and with
+    special tokens split; on the tested transformers it takes that path for every family (a
+    release that moves the internals it checks falls back to the tokenizer's call: this test
+    says so instead of a silent slowdown)."""
+    tok = copy.deepcopy(tiny_model(name).tokenizer)
+    assert compat._encodes_on_backend(tok), type(tok).__mro__
+    image = tiny_model(name).family.image_token_string(tiny_model(name).processor)
+    texts = [f"what is {image} here ?", "a b", "", " red  blue "]
+    for split in (False, True):
+        tok.split_special_tokens = split
+        tok(["a", "a b c d e"], padding=True, truncation=True, max_length=3)
+        assert tok.backend_tokenizer.padding is not None
+        assert compat.token_ids(tok, texts) == [tok(t)["input_ids"] for t in texts]

@@ -19,7 +19,7 @@ from corelens import GroundedExample, HookedMLLM, InputError
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ViewGeometry
 from corelens.families import FAMILIES
-from corelens.families.qwen_vl import _alike_examples
+from corelens.families.qwen_vl import image_rope_ids
 from corelens.zoo.tiny import tiny_image_sizes
 
 
@@ -40,6 +40,31 @@ def test_prepare_equals_the_slow_obvious_batch(name, tiny_model):
     assert_same_batch(model.prepare_examples(exs), reference_batch(model, exs))
     one = exs[:1]  # no padding, one example
     assert_same_batch(model.prepare_examples(one), reference_batch(model, one))
+
+
+def _image_modes(w: int, h: int) -> list:
+    """The same noise as L, RGBA (half transparent), P with a transparent index, and RGB with a
+    transparency key (HF composites the last three onto white)."""
+    base = noise_image(w, h, 5)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    keyed = base.copy()
+    keyed.info["transparency"] = base.getpixel((0, 0))
+    return [base.convert("L"), rgba, pal, keyed]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_images_that_are_not_plain_rgb_give_the_slow_obvious_batch(name, tiny_model):
+    """``prepare`` skips HF's RGB conversion when every image is plain RGB; any other image
+    (grey, alpha, palette, a transparency key) keeps it, and the pixels equal the slow way's."""
+    model = tiny_model(name)
+    w, h = tiny_image_sizes(name)[0]
+    plain = grounded_examples(name, 1)[0]
+    exs = [replace(plain, images=[im], id=f"mode{i}") for i, im in enumerate(_image_modes(w, h))]
+    for batch in [[plain] + exs] + [[ex] for ex in exs]:
+        assert_same_batch(model.prepare_examples(batch), reference_batch(model, batch))
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if FAMILIES[n].supports_video])
@@ -127,16 +152,26 @@ def test_memoised_geometry_equals_the_formula(args):
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n.startswith("qwen")])
-def test_mrope_ids_shared_by_alike_examples_equal_hf_on_the_whole_batch(name, tiny_model):
-    """Qwen-VL runs ``get_rope_index`` once per kind of example (token types, padding, image
-    grids); the ids equal HF's on the whole batch, with alike examples among unlike ones."""
+def test_mrope_ids_of_image_batches_equal_hf_on_the_whole_batch(name, tiny_model):
+    """Qwen-VL computes the M-RoPE ids of image-only batches itself (numpy, once per kind of
+    example); they equal HF's ``get_rope_index`` on the whole batch: alike examples among unlike
+    ones, two images in one example, several sizes, padding, one example alone."""
     model = tiny_model(name)
     exs = _examples(name)
+    merge = model.hf_model.config.vision_config.spatial_merge_size
+    def types_of(batch):
+        return (batch.input_ids == model.hf_model.config.image_token_id).long()
+
+    for batch in (model.prepare_examples(exs), model.prepare_examples(exs[-1:])):
+        ours = image_rope_ids(types_of(batch), batch.attention_mask,
+                              batch.inputs["image_grid_thw"], merge)
+        want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
+                                              if k != "position_ids"})
+        assert ours is not None and torch.equal(ours, want)
+        got = batch.inputs["position_ids"]
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # what it does not expect goes to HF: padding on the right, a grid too few
     batch = model.prepare_examples(exs)
-    types = (batch.input_ids == model.hf_model.config.image_token_id).long()
-    first, inverse, _ = _alike_examples(types, batch.attention_mask,
-                                        batch.inputs["image_grid_thw"])
-    assert len(first) < len(exs) and len(set(inverse.tolist())) == len(first)
-    want = reference_position_ids(model, {k: v for k, v in batch.inputs.items()
-                                          if k != "position_ids"})
-    assert torch.equal(batch.inputs["position_ids"], want)
+    types, mask, grid = types_of(batch), batch.attention_mask, batch.inputs["image_grid_thw"]
+    assert image_rope_ids(types.flip(1), mask.flip(1), grid, merge) is None
+    assert image_rope_ids(types, mask, grid[:-1], merge) is None

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from corelens import compat
+from corelens.core.resolution import settings_of
 from corelens.data.batch import MultimodalBatch
 from corelens.data.examples import Evidence, Video
 from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, validate_box
@@ -41,6 +43,12 @@ def _as_image_lists(images: Any, n: int) -> list[list[Image.Image]]:
         # RGB images as given (the processor copies them anyway), others converted
         out.append([im if im.mode == "RGB" else im.convert("RGB") for im in lst])
     return out
+
+
+def _plain_rgb(image_lists: list[list[Image.Image]]) -> bool:
+    """Every image RGB with no transparency key (HF composites those onto white)."""
+    return all(im.mode == "RGB" and "transparency" not in im.info
+               for ims in image_lists for im in ims)
 
 
 def _as_video_lists(videos: Any, n: int) -> list[list[Video]]:
@@ -79,47 +87,61 @@ def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
         return [[] for _ in range(n)]
     if len(boxes) != n:
         raise InputError(f"got boxes for {len(boxes)} examples, but {n} prompts")
+    inside: set[tuple[Any, tuple[int, int]]] = set()  # (box, image size)s found inside
     out: list[list[Evidence]] = []
     for e, item in enumerate(boxes):
-        entries: list[Evidence] = []
-        if item is None:
-            pass
-        elif isinstance(item, dict):
-            for img, bx in item.items():
-                many = bx and isinstance(bx[0], (list, tuple))
-                entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
-        elif isinstance(item, Evidence) or (
-                len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
-            entries = [Evidence.coerce(item)]
-        else:
-            entries = [Evidence.coerce(b) for b in item]
-        norm = []
+        entries = _evidence_list(item)
         for ev in entries:
             if ev.video is not None:
-                vids = video_lists[e]
-                if not 0 <= ev.video < len(vids):
-                    raise InputError(f"example {e}: box refers to video {ev.video}, but the "
-                                     f"example has {len(vids)} video(s)")
-                nf = len(vids[ev.video])
-                for (a, b), box in ev.parts():
-                    if not 0 <= a < b <= nf:
-                        raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
-                                         f"video {ev.video}, which has {nf} frame(s) (0-based, "
-                                         "end exclusive)")
-                    validate_box(box, vids[ev.video].size,
-                                 where=f"example {e}, video {ev.video}: ")
+                _check_video_evidence(e, ev, video_lists[e])
             else:
-                img = ev[0]
-                if not 0 <= img < len(image_lists[e]):  # type: ignore[operator]
-                    raise InputError(
-                        f"example {e}: box refers to image {img}, but the example has "
-                        f"{len(image_lists[e])} image(s)"
-                    )
-                validate_box(ev.box, image_lists[e][img].size,  # type: ignore[index]
-                             where=f"example {e}, image {img}: ")
-            norm.append(ev)
-        out.append(norm)
+                _check_image_evidence(e, ev, image_lists[e], inside)
+        out.append(entries)
     return out
+
+
+def _evidence_list(item: Any) -> list[Evidence]:
+    """One example's evidence as a list of ``Evidence``."""
+    if item is None:
+        return []
+    if isinstance(item, dict):
+        entries: list[Evidence] = []
+        for img, bx in item.items():
+            many = bx and isinstance(bx[0], (list, tuple))
+            entries += [Evidence(int(img), b) for b in (bx if many else [bx])]
+        return entries
+    if isinstance(item, Evidence) or (
+            len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
+        return [Evidence.coerce(item)]
+    return [Evidence.coerce(b) for b in item]
+
+
+def _check_image_evidence(e: int, ev: Evidence, images: list[Image.Image],
+                          inside: set[tuple[Any, tuple[int, int]]]) -> None:
+    img = ev[0]
+    if not 0 <= img < len(images):  # type: ignore[operator]
+        raise InputError(
+            f"example {e}: box refers to image {img}, but the example has "
+            f"{len(images)} image(s)"
+        )
+    key = (ev.box, images[img].size)  # type: ignore[index]
+    if key not in inside:
+        validate_box(ev.box, key[1], where=f"example {e}, image {img}: ")
+        inside.add(key)
+
+
+def _check_video_evidence(e: int, ev: Evidence, videos: list[Video]) -> None:
+    if not 0 <= ev.video < len(videos):  # type: ignore[operator]
+        raise InputError(f"example {e}: box refers to video {ev.video}, but the "
+                         f"example has {len(videos)} video(s)")
+    nf = len(videos[ev.video])  # type: ignore[index]
+    for (a, b), box in ev.parts():
+        if not 0 <= a < b <= nf:
+            raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
+                             f"video {ev.video}, which has {nf} frame(s) (0-based, "
+                             "end exclusive)")
+        validate_box(box, videos[ev.video].size,  # type: ignore[index]
+                     where=f"example {e}, video {ev.video}: ")
 
 
 def prepare(
@@ -187,72 +209,17 @@ def prepare(
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)
     vid_tok = family.video_token_string(processor) if has_video else None
-    has_template = family.has_chat_template(processor)
-
-    texts, prompt_texts = [], []
-    chat: dict[tuple[str, int, int], str] = {}
-    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
-        raw = raw_flags[e]
-        if not raw and not has_template:
-            own = [(tok, what) for tok, what, k in ((img_tok, "image", len(ims)),
-                                                    (vid_tok, "video", len(vids))) if k and tok]
-            if own and not any(tok in p for tok, _ in own):
-                toks = " / ".join(repr(tok) for tok, _ in own)
-                what = " / ".join(w for _, w in own)
-                also = (f" ({PLACEHOLDER!r} marks images only for the chat template; "
-                        f"{family.name}'s own image token is {img_tok!r})"
-                        if img_tok != PLACEHOLDER and PLACEHOLDER in p else "")
-                raise InputError(
-                    f"{_where(e, example_ids[e])}: the processor has no chat template and the "
-                    f"prompt holds no {toks}{also}, so there is no way to place the example's "
-                    f"{what}(s). Fix: write the whole prompt with {toks} once per {what} "
-                    "(used verbatim: set GroundedExample.raw_prompt=True, or pass "
-                    "prepare(..., raw_prompts=[...]) / chat_template=False), or give the "
-                    "processor a chat template (processor.chat_template = '...', or a "
-                    "chat_template.jinja in the model folder)"
-                )
-            raw = True  # no template: the prompt carries its own image / video tokens
-        if not raw:
-            for mark, what, k in ((PLACEHOLDER, "image", len(ims)),
-                                  (VIDEO_PLACEHOLDER, "video", len(vids))):
-                n_marks = p.count(mark)
-                if n_marks not in (0, k) or (n_marks == 0 and k and (
-                        PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
-                    raise InputError(
-                        f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
-                        f"{k} {what}(s) were given"
-                    )
-            key = (p, len(ims), len(vids))
-            if key not in chat:  # one chat-template render per distinct question
-                chat[key] = family.build_prompt(processor, p, len(ims), len(vids))
-            text = chat[key]
-        else:
-            for tok, what, k in ((img_tok, "image", len(ims)), (vid_tok, "video", len(vids))):
-                n_marks = p.count(tok) if tok else 0
-                if n_marks != k:
-                    desc = (f"has no {what} placeholder" if n_marks == 0
-                            else f"has {n_marks} {tok!r}")
-                    raise InputError(
-                        f"{_where(e, example_ids[e])}: the raw prompt {desc} but {k} {what}(s) "
-                        f"were given; put {tok!r} in the prompt once per {what} (or, with a "
-                        "chat template, pass the question without raw_prompt / "
-                        "chat_template=False)"
-                    )
-            text = p
-        prompt_texts.append(text)
-        if answers is not None:
-            ans = answers[e]
-            if not ans or not str(ans).strip():
-                raise InputError(f"example {e}: the answer is empty")
-            sep = "" if text[-1:].isspace() else " "
-            text = text + sep + str(ans)
-        texts.append(text)
+    texts, prompt_texts = _texts(family, processor, prompts, answers, image_lists, video_lists,
+                                 raw_flags, example_ids, (img_tok, vid_tok))
 
     kw: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
     if any(image_lists):
         # nested per example: processors that treat multi-image examples differently
         # (LLaVA-OneVision does not tile them) need to know which images go together
         kw["images"] = image_lists
+        if (not has_video and _plain_rgb(image_lists)
+                and "do_convert_rgb" in settings_of(processor.image_processor)):
+            kw["do_convert_rgb"] = False  # already RGB: HF's conversion would only copy them
     if has_video:
         flat = [v for vs in video_lists for v in vs]
         kw["videos"] = [v.array() for v in flat]
@@ -266,60 +233,12 @@ def prepare(
     finally:
         tokenizer.padding_side = old_side
     inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    seq = ids.shape[1]
-    # The answer's tokens: the text alone, tokenised with and without the answer (image tokens
-    # are expanded in the middle of the prompt, never at its end, so the images need not be
-    # processed twice); checked against the processor's own ids below. One tokenizer call, on
-    # the distinct texts (examples share prompts, often whole texts).
-    text_ids: dict[str, list[int]] = {}
-    if answers is not None:
-        distinct = list(dict.fromkeys(prompt_texts + texts))
-        text_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
-    n_real = mask.bool().sum(1).tolist()
-    # left padding (as asked): each example's real tokens are the tail of its row
-    left = bool((mask[:, 1:] >= mask[:, :-1]).all()) if seq > 1 else True
-    checked: set[tuple[tuple[int, ...], str]] = set()  # (tokens, answer) already checked
-
-    # per example, the answer's length and the positions that predict its tokens; the tokens
-    # and positions of the whole batch go into one tensor each, split per example at the end
-    n_ans_of, queries, tails = [], [], []
-    prompt_lengths = []
     if answers is None:
-        for nr in n_real:
-            prompt_lengths.append(nr)
-            n_ans_of.append(0)
-            queries.append(seq - 1)
+        answer_tokens, query_positions, prompt_lengths = _no_answers(inputs["attention_mask"])
     else:
-        n_of = [len(text_ids[t]) - len(text_ids[p]) for t, p in zip(texts, prompt_texts)]
-        widest = max(1, min(seq, max(n_of)))
-        ends = ids[:, seq - widest:].tolist() if left else None
-        for e in range(n):
-            nr, n_ans = n_real[e], n_of[e]
-            full, prompt = text_ids[texts[e]], text_ids[prompt_texts[e]]
-            if n_ans <= 0 or full[:len(prompt)] != prompt or n_ans >= nr:
-                raise InputError(
-                    f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
-                    "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
-                )
-            tail = (ends[e][widest - n_ans:] if ends is not None
-                    else ids[e][mask[e].bool()][-n_ans:].tolist())
-            if tail != full[-n_ans:]:
-                raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
-                                  f"answer {answers[e]!r} unlike its tokenizer does alone")
-            lp = nr - n_ans
-            prompt_lengths.append(lp)
-            key = (tuple(tail), str(answers[e]))
-            if key not in checked:
-                _check_answer(tokenizer, tail, key[1], _where(e, example_ids[e]))
-                checked.add(key)
-            n_ans_of.append(n_ans)
-            tails += tail
-            queries += range(seq - nr + lp - 1, seq - 1)
-    answer_tokens = list(torch.tensor(tails, dtype=ids.dtype if answers is not None
-                                      else torch.long).split(n_ans_of))
-    query_positions = list(torch.tensor(queries, dtype=torch.long).split(
-        [k or 1 for k in n_ans_of]))
+        answer_tokens, query_positions, prompt_lengths = _answer_spans(
+            tokenizer, inputs["input_ids"], inputs["attention_mask"], texts, prompt_texts,
+            answers, example_ids)
 
     layout = build_layout(family, hf_model.config, processor, inputs, image_lists, video_lists)
     inputs["position_ids"] = family.position_ids(hf_model, inputs)
@@ -328,9 +247,151 @@ def prepare(
                             boxes=box_lists, distractors=distractor_lists,
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
-    if device is None or all(v.device == torch.device(device) for v in inputs.values()):
+    if device is None or _all_on(inputs, torch.device(device)):
         return batch  # already there (``to`` would copy the batch for nothing)
     return batch.to(device)
+
+
+def _all_on(inputs: dict[str, torch.Tensor], device: torch.device) -> bool:
+    return all(v.device == device for v in inputs.values())
+
+
+def _texts(family: Family, processor: Any, prompts: list[str], answers: Sequence[Any] | None,
+           image_lists: list[list[Image.Image]], video_lists: list[list[Video]],
+           raw_flags: list[bool], example_ids: list[Any], tokens: tuple[str, str | None]
+           ) -> tuple[list[str], list[str]]:
+    """(the texts with their answers, the prompts alone). Each distinct (question, images,
+    videos, raw) is checked once, the examples in order (the first bad one raises); the chat
+    template renders the distinct questions in one call."""
+    has_template = family.has_chat_template(processor)
+    templated: dict[tuple[str, int, int, bool], bool] = {}
+    keys = []
+    for e, (p, ims, vids) in enumerate(zip(prompts, image_lists, video_lists)):
+        key = (p, len(ims), len(vids), raw_flags[e])
+        if key not in templated:
+            templated[key] = _templated(family, p, len(ims), len(vids), raw_flags[e],
+                                        has_template, tokens, (e, example_ids[e]))
+        if answers is not None and (not answers[e] or not str(answers[e]).strip()):
+            raise InputError(f"example {e}: the answer is empty")
+        keys.append(key)
+    chat = [key for key, t in templated.items() if t]
+    text_of = {key: key[0] for key, t in templated.items() if not t}
+    text_of.update(zip(chat, family.build_prompts(processor, [key[:3] for key in chat])))
+    prompt_texts = [text_of[key] for key in keys]
+    if answers is None:
+        return prompt_texts, prompt_texts
+    return [t + ("" if t[-1:].isspace() else " ") + str(a)
+            for t, a in zip(prompt_texts, answers)], prompt_texts
+
+
+def _templated(family: Family, p: str, n_images: int, n_videos: int, raw: bool,
+               has_template: bool, tokens: tuple[str, str | None],
+               example: tuple[int, Any]) -> bool:
+    """Whether the prompt goes through the chat template (else it is used verbatim), once it
+    is checked against its images / videos."""
+    e, ex_id = example
+    img_tok, vid_tok = tokens
+    if not raw and not has_template:
+        own = [(tok, what) for tok, what, k in ((img_tok, "image", n_images),
+                                                (vid_tok, "video", n_videos)) if k and tok]
+        if own and not any(tok in p for tok, _ in own):
+            toks = " / ".join(repr(tok) for tok, _ in own)
+            what = " / ".join(w for _, w in own)
+            also = (f" ({PLACEHOLDER!r} marks images only for the chat template; "
+                    f"{family.name}'s own image token is {img_tok!r})"
+                    if img_tok != PLACEHOLDER and PLACEHOLDER in p else "")
+            raise InputError(
+                f"{_where(e, ex_id)}: the processor has no chat template and the "
+                f"prompt holds no {toks}{also}, so there is no way to place the example's "
+                f"{what}(s). Fix: write the whole prompt with {toks} once per {what} "
+                "(used verbatim: set GroundedExample.raw_prompt=True, or pass "
+                "prepare(..., raw_prompts=[...]) / chat_template=False), or give the "
+                "processor a chat template (processor.chat_template = '...', or a "
+                "chat_template.jinja in the model folder)"
+            )
+        raw = True  # no template: the prompt carries its own image / video tokens
+    if raw:
+        for tok, what, k in ((img_tok, "image", n_images), (vid_tok, "video", n_videos)):
+            n_marks = p.count(tok) if tok else 0
+            if n_marks != k:
+                desc = (f"has no {what} placeholder" if n_marks == 0
+                        else f"has {n_marks} {tok!r}")
+                raise InputError(
+                    f"{_where(e, ex_id)}: the raw prompt {desc} but {k} {what}(s) "
+                    f"were given; put {tok!r} in the prompt once per {what} (or, with a "
+                    "chat template, pass the question without raw_prompt / "
+                    "chat_template=False)"
+                )
+        return False
+    for mark, what, k in ((PLACEHOLDER, "image", n_images), (VIDEO_PLACEHOLDER, "video", n_videos)):
+        n_marks = p.count(mark)
+        if n_marks not in (0, k) or (n_marks == 0 and k and (
+                PLACEHOLDER in p or VIDEO_PLACEHOLDER in p)):
+            raise InputError(
+                f"example {e}: the prompt marks {n_marks} {what}(s) with {mark!r} but "
+                f"{k} {what}(s) were given"
+            )
+    return True
+
+
+def _no_answers(mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """No answers: no answer tokens, the last position queried, the whole text the prompt."""
+    n, seq = mask.shape
+    return (list(torch.zeros(0, dtype=torch.long).split([0] * n)),
+            list(torch.full((n,), seq - 1, dtype=torch.long).split(1)),
+            mask.bool().sum(1).tolist())
+
+
+def _answer_spans(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, texts: list[str],
+                  prompt_texts: list[str], answers: Sequence[Any], example_ids: list[Any]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Per example: the answer's tokens, the positions that predict them, the prompt's length.
+
+    The answer's tokens: the text alone, tokenised with and without the answer (image tokens
+    are expanded in the middle of the prompt, never at its end, so the images need not be
+    processed twice); checked against the processor's own ids. Only the distinct texts are
+    tokenised (examples share prompts, often whole texts) and split once per distinct (prompt,
+    text); the checks against the processor's row run once per example, in order."""
+    seq = ids.shape[1]
+    distinct = list(dict.fromkeys(prompt_texts + texts))
+    text_ids = dict(zip(distinct, compat.token_ids(tokenizer, distinct)))
+    spans: dict[tuple[str, str], list[int] | None] = {}  # the answer's tokens, None: not apart
+    for key in dict.fromkeys(zip(prompt_texts, texts)):
+        prompt, full = text_ids[key[0]], text_ids[key[1]]
+        apart = len(full) > len(prompt) and full[:len(prompt)] == prompt
+        spans[key] = full[len(prompt):] if apart else None
+    real = mask.numpy() != 0  # numpy: these few tiny ops cost several times less than in torch
+    n_real = real.sum(1).tolist()
+    widest = max(1, min(seq, max((len(t) for t in spans.values() if t), default=1)))
+    # left padding (as asked): each example's real tokens are the tail of its row
+    left = bool((real[:, 1:] >= real[:, :-1]).all())
+    ends = ids.numpy()[:, seq - widest:].tolist() if left else None
+    checked: set[Any] = set()  # (prompt, text)s and (tokens, answer)s whose answer is checked
+    n_ans_of, tails, queries, prompt_lengths = [], [], [], []
+    for e, key in enumerate(zip(prompt_texts, texts)):
+        want, nr = spans[key], n_real[e]
+        if want is None or len(want) >= nr:
+            raise InputError(
+                f"example {e}: the answer {answers[e]!r} is not tokenisable apart from the "
+                "prompt (tokenising prompt + answer changes the prompt's tokens, or adds none)"
+            )
+        n_ans = len(want)
+        tail = (ends[e][widest - n_ans:] if ends is not None
+                else ids[e][mask[e].bool()][-n_ans:].tolist())
+        if tail != want:
+            raise LayoutError(f"{_where(e, example_ids[e])}: the processor tokenises the "
+                              f"answer {answers[e]!r} unlike its tokenizer does alone")
+        if key not in checked:
+            answer = (tuple(tail), str(answers[e]))
+            if answer not in checked:
+                _check_answer(tokenizer, tail, answer[1], _where(e, example_ids[e]))
+            checked |= {key, answer}
+        prompt_lengths.append(nr - n_ans)
+        n_ans_of.append(n_ans)
+        tails += tail
+        queries += range(seq - n_ans - 1, seq - 1)
+    return (list(torch.tensor(tails, dtype=ids.dtype).split(n_ans_of)),
+            list(torch.tensor(queries, dtype=torch.long).split(n_ans_of)), prompt_lengths)
 
 
 def _where(e: int, ex_id: Any) -> str:
@@ -415,54 +476,62 @@ def build_layout(
     video_lists = video_lists or [[] for _ in image_lists]
     tid = family.image_token_id(hf_config, processor)
     vid = family.video_token_id(hf_config, processor) if any(video_lists) else None
-    images: list[list[ImageLayout]] = []
+    sizes = [im.size for ims in image_lists for im in ims]
+    keys = family.layout_keys(inputs, sizes) if sizes else []
     seen: dict[Any, FeatureRows] = {}  # images the family lays out alike share their rows
 
     def image_rows(image: int, size: tuple[int, int]) -> FeatureRows:
-        key = family.layout_key(inputs, image, size)
+        key = keys[image]
         if key is None:
             return family.feature_rows(hf_config, processor, inputs, image, size)
         if key not in seen:
             seen[key] = family.feature_rows(hf_config, processor, inputs, image, size)
         return seen[key]
 
-    # every image (video) token of the batch found at once, then split per example
-    slots_of: dict[str, tuple[torch.Tensor, ...]] = {}
-    for what, token, lists in (("image", tid, image_lists), ("video", vid, video_lists)):
-        if any(lists):
-            rows_at, cols_at = (ids == token).nonzero(as_tuple=True)
-            counts = torch.bincount(rows_at, minlength=len(lists)).tolist()
-            slots_of[what] = cols_at.split(counts)
+    image_slots = _slots(ids.numpy(), tid, image_lists)
+    video_slots = _slots(ids.numpy(), vid, video_lists)
+    images: list[list[ImageLayout]] = []
     g = gv = 0
     for e, (ims, vids) in enumerate(zip(image_lists, video_lists)):
         per_image: list[ImageLayout] = []
-        for what, token, items in (("image", tid, ims), ("video", vid, vids)):
-            if not items:
-                continue
-            slots = slots_of[what][e]
-            if what == "image":
-                rows = [image_rows(g + i, im.size) for i, im in enumerate(items)]
-            else:
-                rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
-                                                  len(v), v.timestamps)
-                        for i, v in enumerate(items)]
-            sizes = [len(r) for r in rows]
-            need = sum(sizes)
-            if need != slots.numel():
-                raise LayoutError(
-                    f"example {e}: input_ids hold {slots.numel()} {what} tokens (id {token}) but "
-                    f"its {len(items)} {what}(s) need {need} "
-                    f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
-                    f"and the {what}s do not match"
-                )
-            start = 0
-            for i, (item, r, k) in enumerate(zip(items, rows, sizes)):
-                at = slots if len(items) == 1 else slots[start:start + k]
-                per_image.append(ImageLayout(i, item.size, at, r,
-                                             modality=what, n_frames=len(item) if
-                                             what == "video" else 1))
-                start += k
+        if ims:
+            rows = [image_rows(g + i, im.size) for i, im in enumerate(ims)]
+            per_image += _placed(e, "image", tid, ims, rows, image_slots[e])
+        if vids:
+            rows = [family.video_feature_rows(hf_config, processor, inputs, gv + i, v.size,
+                                              len(v), v.timestamps)
+                    for i, v in enumerate(vids)]
+            per_image += _placed(e, "video", vid, vids, rows, video_slots[e])
         images.append(per_image)
         g += len(ims)
         gv += len(vids)
     return VisionLayout(images, int(ids.shape[1]))
+
+
+def _slots(ids: np.ndarray, token: int | None, lists: list[list[Any]]
+           ) -> tuple[torch.Tensor, ...]:
+    """Per example, the positions of ``token`` in its row: the whole batch found at once."""
+    if not any(lists):
+        return ()
+    rows_at, cols_at = np.nonzero(ids == token)
+    counts = np.bincount(rows_at, minlength=len(lists)).tolist()
+    return torch.from_numpy(cols_at.astype(np.int64, copy=False)).split(counts)
+
+
+def _placed(e: int, what: str, token: int | None, items: list[Any], rows: list[FeatureRows],
+            slots: torch.Tensor) -> list[ImageLayout]:
+    """Example ``e``'s images (videos), each with its feature rows and its run of the slots."""
+    sizes = [len(r) for r in rows]
+    if sum(sizes) != slots.shape[0]:
+        raise LayoutError(
+            f"example {e}: input_ids hold {slots.shape[0]} {what} tokens (id {token}) but "
+            f"its {len(items)} {what}(s) need {sum(sizes)} "
+            f"({', '.join(str(n) for n in sizes)}); the prompt's {what} placeholders "
+            f"and the {what}s do not match"
+        )
+    runs = (slots,) if len(items) == 1 else slots.split(sizes)
+    if what == "image":
+        return [ImageLayout(i, im.size, at, r) for i, (im, r, at) in enumerate(zip(items, rows,
+                                                                                   runs))]
+    return [ImageLayout(i, v.size, at, r, modality="video", n_frames=len(v))
+            for i, (v, r, at) in enumerate(zip(items, rows, runs))]

@@ -10,6 +10,7 @@ position embeddings and which position ids the decoder sees. Nothing outside
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, ContextManager
 
@@ -97,8 +98,13 @@ class Family(ABC):
         otherwise the images come first, then the videos. Needs a chat template
         (``has_chat_template``); raw prompts skip this method.
         """
-        import re
+        return self.build_prompts(processor, [(question, n_images, n_videos)])[0]
 
+    def build_prompts(self, processor: Any, questions: list[tuple[str, int, int]]) -> list[str]:
+        """``build_prompt`` of each ``(question, n_images, n_videos)``, in one call of the chat
+        template (HF's per-call overhead paid once)."""
+        if not questions:
+            return []
         if not self.has_chat_template(processor):
             raise InputError(
                 f"the {self.name} processor has no chat template, so the question cannot be "
@@ -106,23 +112,8 @@ class Family(ABC):
                 f"({self.image_token_string(processor)!r}) once per image and mark it raw "
                 "(GroundedExample(raw_prompt=True) / prepare(..., raw_prompts=[True])), or give "
                 "the processor a chat template (processor.chat_template = ...)")
-
-        parts = re.split(f"({re.escape(PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", question)
-        if len(parts) == 1:
-            content = ([{"type": "image"} for _ in range(n_images)]
-                       + [{"type": "video"} for _ in range(n_videos)]
-                       + [{"type": "text", "text": question}])
-        else:
-            content = []
-            for text in parts:
-                if text == PLACEHOLDER:
-                    content.append({"type": "image"})
-                elif text == VIDEO_PLACEHOLDER:
-                    content.append({"type": "video"})
-                elif text:
-                    content.append({"type": "text", "text": text})
-        messages = [{"role": "user", "content": content}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        chats = [[{"role": "user", "content": _chat_content(*q)}] for q in questions]
+        return processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
 
     def processor_kwargs(self) -> dict[str, Any]:
         return {}
@@ -163,12 +154,12 @@ class Family(ABC):
         the processor's order (None: the processor's order)."""
         return None
 
-    def layout_key(self, inputs: dict[str, Tensor], image: int,
-                   size: tuple[int, int]) -> Any:
-        """Within one ``prepare`` call, images with equal keys get the same ``feature_rows``
+    def layout_keys(self, inputs: dict[str, Tensor], sizes: list[tuple[int, int]]) -> list[Any]:
+        """A key per image of the batch (processor order; ``sizes``: their original sizes):
+        within one ``prepare`` call, images with equal keys get the same ``feature_rows``
         (computed once); None: always compute. Default: the original size, for families whose
         layout depends on the size and the processor settings alone."""
-        return size
+        return list(sizes)
 
     # --- videos ------------------------------------------------------------------------------
     supports_video: ClassVar[bool] = False
@@ -222,3 +213,22 @@ class Family(ABC):
             return apply_rotary_pos_emb(q, k, cos, sin)
 
         return apply
+
+
+def _chat_content(question: str, n_images: int, n_videos: int) -> list[dict[str, str]]:
+    """A user turn's content: the question split at its ``<image>`` / ``<video>`` marks, or
+    without marks the images, then the videos, then the question."""
+    parts = re.split(f"({re.escape(PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", question)
+    if len(parts) == 1:
+        return ([{"type": "image"} for _ in range(n_images)]
+                + [{"type": "video"} for _ in range(n_videos)]
+                + [{"type": "text", "text": question}])
+    content = []
+    for text in parts:
+        if text == PLACEHOLDER:
+            content.append({"type": "image"})
+        elif text == VIDEO_PLACEHOLDER:
+            content.append({"type": "video"})
+        elif text:
+            content.append({"type": "text", "text": text})
+    return content

@@ -39,8 +39,8 @@ class LlavaNext(LlavaOnevision):
     supports_video = False  # LlavaNextForConditionalGeneration takes no videos
 
     @staticmethod
-    def _needs_patching(inputs: dict[str, Any], image: int) -> bool:
-        return True  # LLaVA-NeXT tiles every image, alone in its example or not
+    def _tiled(inputs: dict[str, Any], n_images: int) -> list[bool]:
+        return [True] * n_images  # LLaVA-NeXT tiles every image, alone in its example or not
 
     @staticmethod
     def _max_num_patches(hf_config: Any, processor: Any, where: str) -> int | None:

@@ -111,18 +111,22 @@ class LlavaOnevision(Family):
         return size_tuple, int(tile)
 
     @staticmethod
-    def _needs_patching(inputs: dict[str, Tensor], image: int) -> bool:
+    def _tiled(inputs: dict[str, Tensor], n_images: int) -> list[bool]:
         """As HF: an image is tiled only when it is the sole image of its sample."""
         counts = inputs.get("batch_num_images")
         if counts is None:
-            return True
+            return [True] * n_images
         flags = [int(n) == 1 for n in torch.as_tensor(counts).flatten().tolist()
                  for _ in range(int(n))]
-        return flags[image] if image < len(flags) else True
+        return (flags + [True] * n_images)[:n_images]
+
+    def _needs_patching(self, inputs: dict[str, Tensor], image: int) -> bool:
+        return self._tiled(inputs, image + 1)[image]
 
     # --- the layout ----------------------------------------------------------------------------
-    def layout_key(self, inputs, image, size):
-        return size, self._needs_patching(inputs, image)  # multi-image samples are not tiled
+    def layout_keys(self, inputs, sizes):
+        # multi-image samples are not tiled
+        return list(zip(sizes, self._tiled(inputs, len(sizes))))
 
     def feature_rows(self, hf_config, processor, inputs, image, size):
         hf = importlib.import_module(self.modeling)  # HF's own grid / unpad arithmetic

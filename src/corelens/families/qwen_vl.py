@@ -28,12 +28,18 @@ run (``<|vision_start|><t><|vision_start|>...<|vision_end|>...<|vision_end|>``);
 out whatever the processor wrote (the slots are found by token id) and gets the position ids
 from HF, so parity holds either way. The
 layout reads the frame grid off ``video_grid_thw`` and the position ids come from the model's
-own ``get_rope_index``, as for images.
+own ``get_rope_index``.
 
-Positions: M-RoPE. ``position_ids`` are ``[3, batch, seq]`` (temporal, height, width) from the
-model's own ``get_rope_index`` with the batch's ``attention_mask`` -- exactly what the HF forward
-computes when it is given none (a 3-row tensor takes the same path in the text model; padding
-positions are 0). In transformers 5.23 all three families mix the three rows into one
+Positions: M-RoPE. ``position_ids`` are ``[3, batch, seq]`` (temporal, height, width): the ids of
+the model's own ``get_rope_index`` with the batch's ``attention_mask`` -- exactly what the HF
+forward computes when it is given none (a 3-row tensor takes the same path in the text model;
+padding positions are 0). A left-padded batch of images only gets the same ids from
+``image_rope_ids`` (numpy, once per kind of example: text counts on, an image takes ``start +
+(frame, row, col)`` of its LM grid, the text after it starts at ``start + max(h, w)``), without
+HF's torch loop per example; ``tests/test_prepare_equivalence.py`` checks them against
+``get_rope_index`` on every Qwen family. Batches with videos go to ``get_rope_index``.
+
+In transformers 5.23 all three families mix the three rows into one
 ``cos``/``sin`` of shape ``[batch, seq, head_dim]`` inside the text rotary embedding (Qwen2-VL and
 Qwen2.5-VL: contiguous ``mrope_section`` chunks; Qwen3-VL: interleaved T/H/W channels), and the
 attention applies the standard ``apply_rotary_pos_emb`` -- which ``rotary()`` calls, from the
@@ -67,6 +73,7 @@ import contextlib
 import importlib
 from typing import Any, Callable, ClassVar, Iterator
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -131,8 +138,9 @@ class QwenVL(Family):
                                         offset, size)
         return FeatureRows.grid(view)
 
-    def layout_key(self, inputs, image, size):
-        return size, tuple(int(v) for v in inputs["image_grid_thw"][image].tolist())
+    def layout_keys(self, inputs, sizes):
+        grids = inputs["image_grid_thw"].tolist()
+        return [(size, tuple(grids[i])) for i, size in enumerate(sizes)]
 
     flat_tower = True
 
@@ -176,10 +184,9 @@ class QwenVL(Family):
 
     # --- decoder -----------------------------------------------------------------------------
     def position_ids(self, hf_model, inputs):
-        """``[3, batch, seq]`` M-RoPE ids from the model's own ``get_rope_index``, run once per
-        distinct example: its loop computes each example from that example's token types,
-        padding and image grids alone, so examples alike in all three (one prompt shape at one
-        image size) share the result. Batches with videos go through it whole."""
+        """``[3, batch, seq]`` M-RoPE ids: those of the model's own ``get_rope_index``. A
+        left-padded batch of images only gets them from ``image_rope_ids`` (the same ids,
+        without HF's torch loop per example); other batches (videos) from HF, whole."""
         cfg = hf_model.config
         ids = inputs["input_ids"]
         types = inputs.get("mm_token_type_ids")
@@ -187,21 +194,15 @@ class QwenVL(Family):
             types = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
         mask = inputs.get("attention_mask")
         grid = inputs.get("image_grid_thw")
-        alike = (_alike_examples(types, mask, grid)
-                 if inputs.get("video_grid_thw") is None and grid is not None else None)
-        if alike is None:
-            first, inverse, grids = None, None, grid
-        else:
-            first, inverse, grid_rows = alike
-            grids = grid[grid_rows]
-        pick = (lambda t: t) if first is None else (lambda t: None if t is None else t[first])
+        if inputs.get("video_grid_thw") is None and grid is not None:
+            pos = image_rope_ids(types, mask, grid, int(cfg.vision_config.spatial_merge_size))
+            if pos is not None:
+                return pos.to(ids.dtype)
         pos, _ = hf_model.model.get_rope_index(
-            pick(ids), mm_token_type_ids=pick(types), image_grid_thw=grids,
+            ids, mm_token_type_ids=types, image_grid_thw=grid,
             video_grid_thw=inputs.get("video_grid_thw"),
-            second_per_grid_ts=inputs.get("second_per_grid_ts"),
-            attention_mask=pick(mask),
-        )
-        return pos if inverse is None else pos[:, inverse]
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=mask)
+        return pos
 
     def rotary(self) -> Callable[..., tuple[Tensor, Tensor]]:
         apply_rope = importlib.import_module(self.modeling).apply_rotary_pos_emb
@@ -282,35 +283,68 @@ class Qwen3_VL(QwenVL):
                              "frame or pass it as an image")
 
 
-def _alike_examples(types: Tensor, mask: Tensor | None, grid: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Examples of an image-only batch that ``get_rope_index`` computes alike: (the first of
-    each kind, which kind each example is, the ``image_grid_thw`` rows of those firsts in
-    order); None when every example is its own kind or the batch is not what it expects. An
-    example's kind: its token types and padding, and the grids of its images (one per run of
-    image tokens among its real tokens, consumed in order, as ``get_rope_index`` does)."""
-    n = types.shape[0]
-    if n < 2:
+def image_rope_ids(types: Tensor, mask: Tensor | None, grid: Tensor, merge: int
+                   ) -> Tensor | None:
+    """What HF's ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike, for images)
+    returns for a batch of images only, in numpy; None when the batch is not what this expects
+    (padding only on the left, token types 0 / 1, one ``image_grid_thw`` row per run of image
+    tokens, each run as long as its grid): HF computes those. Padding gets 0. Examples alike in
+    token types, padding and image grids get alike ids, computed once."""
+    kinds_t = types.cpu().numpy()
+    mask_np = None if mask is None else mask.cpu().numpy()
+    real = np.ones(kinds_t.shape, bool) if mask_np is None else mask_np != 0
+    if not len(kinds_t) or not (real[:, 1:] >= real[:, :-1]).all():
+        return None  # real tokens not one block per row: runs would join across the padding
+    if not ((kinds_t == 0) | (kinds_t == 1))[real].all():
         return None
-    rows_t = types.tolist()
-    rows_m = mask.tolist() if mask is not None else [[1] * types.shape[1]] * n
-    grids = [tuple(g) for g in grid.tolist()]
-    kinds: dict[tuple, int] = {}
-    first, inverse, grid_rows = [], [], []
-    g = 0
-    for t, m in zip(rows_t, rows_m):
-        real = [v for v, k in zip(t, m) if k]
-        if any(v not in (0, 1) for v in real):
+    image = (kinds_t == 1) & real
+    starts = image.copy()
+    starts[:, 1:] &= ~image[:, :-1]
+    runs = starts.sum(1)
+    ends = runs.cumsum()
+    grids = grid.cpu().numpy()
+    if ends[-1] != len(grids):
+        return None
+    out = np.zeros((3, *kinds_t.shape), np.int64)
+    done: dict[tuple[bytes, ...], int] = {}  # kind -> the example that has its ids
+    for e, (b, g) in enumerate(zip((ends - runs).tolist(), ends.tolist())):
+        key = (kinds_t[e].tobytes(), b"" if mask_np is None else mask_np[e].tobytes(),
+               grids[b:g].tobytes())
+        if key in done:
+            out[:, e] = out[:, done[key]]
+            continue
+        ids = _rope_ids_of_example(kinds_t[e][real[e]], grids[b:g], merge)
+        if ids is None:
             return None
-        runs = sum(1 for i, v in enumerate(real) if v == 1 and (i == 0 or real[i - 1] != 1))
-        own = range(g, g + runs)
-        key = (tuple(t), tuple(m), tuple(grids[i] for i in own if i < len(grids)))
-        if key not in kinds:
-            kinds[key] = len(first)
-            first.append(len(inverse))
-            grid_rows += own
-        inverse.append(kinds[key])
-        g += runs
-    if g != len(grids) or len(first) == n:
+        out[:, e, real[e]] = ids
+        done[key] = e
+    return torch.from_numpy(out)
+
+
+def _rope_ids_of_example(types: np.ndarray, grids: np.ndarray, merge: int) -> np.ndarray | None:
+    """``[3, n]`` ids of one example's real tokens, as ``get_rope_index`` counts them: a run of
+    text tokens counts on from the position before it, the same on all three rows; an image of
+    LM grid ``(t, h, w)`` (``image_grid_thw`` with h, w divided by ``merge``) takes
+    ``start + (frame, row, col)`` in row-major order, and the text after it starts at
+    ``start + max(h, w)``. None when a run of image tokens is not as long as its grid."""
+    n = len(types)
+    if n == 0:
         return None
-    return (torch.tensor(first), torch.tensor(inverse), torch.tensor(grid_rows, dtype=torch.long))
+    cuts = (np.flatnonzero(np.diff(types)) + 1).tolist()
+    out = np.empty((3, n), np.int64)
+    pos, image = 0, 0
+    for a, b in zip([0] + cuts, cuts + [n]):
+        if types[a] == 0:
+            out[:, a:b] = np.arange(pos, pos + b - a)
+            pos += b - a
+            continue
+        t, h, w = (int(v) for v in grids[image])
+        h, w = h // merge, w // merge
+        image += 1
+        if t * h * w != b - a:
+            return None
+        out[0, a:b] = pos + np.arange(t).repeat(h * w)
+        out[1, a:b] = pos + np.tile(np.arange(h).repeat(w), t)
+        out[2, a:b] = pos + np.tile(np.arange(w), t * h)
+        pos += max(h, w)
+    return out
