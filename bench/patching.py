@@ -11,7 +11,7 @@ computes the metric's rows only). The rows run ``interventions.core.sweep`` with
 ``patch_heads``'s jobs, so each shortcut can be turned off; the loop is one full forward per
 head (``per_forward=1``, every shortcut off).
 
-``--path``: every head's path effect on the logits (MLPs frozen), ``path_patch_to_logits``
+``--path``: every head's path effect on the logits (MLPs frozen), ``path_patch_sets``
 (the same sweep) vs the loop a user writes with the two caches made once.
 
     python bench/patching.py --json
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--heads-per-forward", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--path", action="store_true",
-                    help="also every head's path effect on the logits: path_patch_to_logits "
+                    help="also every head's path effect on the logits: path_patch_sets "
                     "vs one forward per head")
     args = ap.parse_args()
     import torch
@@ -96,12 +96,12 @@ def main() -> None:
 
 
 def path_rows(model, clean, corrupt, per_forward: list[int]) -> dict:
-    """Every head's path effect on the logits (MLPs frozen): ``path_patch_to_logits`` vs the
+    """Every head's path effect on the logits (MLPs frozen): ``path_patch_sets`` vs the
     loop a user writes with the caches made once (one forward per head, every z and MLP output
     hooked: the senders' z from the clean run, everything else the corrupted run's)."""
     import torch
 
-    from corelens.interventions.patching import answer_logprob, path_patch_to_logits
+    from corelens.interventions.patching import answer_logprob, path_patch_sets
 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     z = [f"blocks.{l}.attn.hook_z" for l in range(L)]
@@ -131,7 +131,7 @@ def path_rows(model, clean, corrupt, per_forward: list[int]) -> dict:
     rows = []
     for k in per_forward:
         t = time.perf_counter()
-        got = path_patch_to_logits(model, clean, corrupt, answer_logprob, sets, per_forward=k)
+        got = path_patch_sets(model, clean, corrupt, answer_logprob, sets, per_forward=k)
         s = time.perf_counter() - t
         rows.append({"per_forward": k, "seconds": round(s, 3),
                      "speedup_vs_loop": round(loop_s / s, 3),

@@ -18,7 +18,7 @@ from corelens.interventions.patching import (
     patch_residual,
     patch_vision_tokens,
     path_patch,
-    path_patch_to_logits,
+    path_patch_sets,
     position_groups,
     prepare_pair,
 )
@@ -254,9 +254,10 @@ def test_path_patching_to_logits_equals_head_patching_of_the_last_layer(tiny_mod
         assert via_path == pytest.approx(float(exact[L - 1, h]), abs=1e-4)
 
 
-def _path_reference(model, source, target, metric, senders, freeze_mlps):
-    """Path patching to the logits written out: every layer's z hooked (the target's, the
-    senders' from the source), every MLP output frozen to the target's when asked."""
+def _path_reference(model, source, target, metric, senders, freeze_mlps, receivers="logits"):
+    """Path patching written out: every layer's z hooked (the target's, the senders' from the
+    source), every MLP output frozen to the target's when asked; to the logits, or recording the
+    receivers' inputs and patching only those into a second target run."""
     L = model.cfg.n_layers
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     mlps = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
@@ -274,27 +275,52 @@ def _path_reference(model, source, target, metric, senders, freeze_mlps):
     hooks = [(n, z_hook) for n in names]
     if freeze_mlps:
         hooks += [(n, lambda x, hook: tgt[hook.name]) for n in mlps]
+    if receivers == "logits":
+        with torch.no_grad():
+            return float(metric(model.run_with_hooks(target, fwd_hooks=hooks), target).mean())
+    recorded = {}  # step 1: the receivers' inputs under the senders' patch
+    rec_names = {f"blocks.{l}.attn.hook_{kind}" for l, _, kind in receivers}
+
+    def record(x, hook):
+        recorded[hook.name] = x.clone()
+
     with torch.no_grad():
-        return float(metric(model.run_with_hooks(target, fwd_hooks=hooks), target).mean())
+        model.run_with_hooks(target, fwd_hooks=hooks + [(n, record) for n in rec_names])
+
+    def patch(x, hook):  # step 2: only those inputs patched into the target run
+        x = x.clone()
+        for l, h, kind in receivers:
+            if hook.name == f"blocks.{l}.attn.hook_{kind}":
+                x[:, :, h] = recorded[hook.name][:, :, h]
+        return x
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(target, fwd_hooks=[(n, patch) for n in rec_names])
+    return float(metric(logits, target).mean())
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 @pytest.mark.parametrize("freeze_mlps", [True, False])
-def test_path_patching_to_logits_sweep_equals_one_run_per_sender_set(name, freeze_mlps,
-                                                                     tiny_model):
+@pytest.mark.parametrize("to", ["logits", "receivers"])
+def test_path_patching_sweep_equals_the_steps_written_out(name, freeze_mlps, to, tiny_model):
     model = tiny_model(name)
     clean, corrupt = _pair(model, name)
     L, H = model.cfg.n_layers, model.cfg.n_heads
+    kv = model.cfg.n_key_value_heads or H
+    receivers = "logits" if to == "logits" else (
+        [(L - 1, h, "q") for h in range(0, H, 2)] + [(L - 1, 0, "k"), (1, kv - 1, "v")])
     sets = [[(l, h)] for l in range(L) for h in range(H)] + [[(0, 1), (L - 1, 0)], []]
-    swept = path_patch_to_logits(model, clean, corrupt, answer_logprob, sets,
-                                 freeze_mlps=freeze_mlps, per_forward=3)
+    swept = path_patch_sets(model, clean, corrupt, answer_logprob, sets, receivers,
+                            freeze_mlps=freeze_mlps, per_forward=3)
     reference = torch.tensor([_path_reference(model, clean, corrupt, answer_logprob, s,
-                                              freeze_mlps) for s in sets])
+                                              freeze_mlps, receivers) for s in sets])
     assert torch.allclose(swept, reference, atol=1e-4), (swept - reference).abs().max()
     assert (swept[:-1] - swept[-1]).abs().max() > 1e-4  # the senders change something
     with torch.no_grad():  # no sender: the target run
         assert float(swept[-1]) == pytest.approx(
             float(answer_logprob(model(corrupt), corrupt).mean()), abs=1e-4)
+    assert path_patch(model, clean, corrupt, answer_logprob, sets[0], receivers,
+                      freeze_mlps=freeze_mlps) == pytest.approx(float(reference[0]), abs=1e-4)
 
 
 def test_path_patching_names_a_sender_outside_the_model(tiny_model):
@@ -302,7 +328,7 @@ def test_path_patching_names_a_sender_outside_the_model(tiny_model):
     clean, corrupt = _pair(model)
     L = model.cfg.n_layers
     with pytest.raises(InputError, match=rf"\({L}, 0\)\] are outside this model"):
-        path_patch_to_logits(model, clean, corrupt, answer_logprob, [[(0, 0)], [(L, 0)]])
+        path_patch_sets(model, clean, corrupt, answer_logprob, [[(0, 0)], [(L, 0)]])
 
 
 def test_path_patching_through_receivers(tiny_model):

@@ -36,13 +36,13 @@ target corrupted, source clean; noising = the reverse.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from corelens.core.evaluate import logits_to_keep, query_metric, rows_at, score_logits
+from corelens.core.evaluate import query_metric, rows_at, score_logits
 from corelens.data.batch import MultimodalBatch
 from corelens.errors import InputError, LayoutError
 from corelens.heads import Head
@@ -289,65 +289,58 @@ def path_patch(
     (``hook_q`` for a query receiver (layer, head); ``hook_k`` / ``hook_v`` for a KV receiver
     (layer, kv_head) under GQA). Step 2: run the target with only those receiver inputs patched.
     With ``receivers="logits"`` step 1 is the measurement (the direct paths and, with
-    recomputed MLPs, the paths through MLPs): ``path_patch_to_logits`` with one sender set.
+    recomputed MLPs, the paths through MLPs). ``path_patch_sets`` with one sender set.
     """
-    if receivers == "logits":
-        return float(path_patch_to_logits(model, source, target, metric, [senders],
-                                          freeze_mlps=freeze_mlps, per_forward=1)[0])
-    edits = _path_edits(model, source, target, [senders], freeze_mlps)[0]
-    hooks: list[tuple[str, Any]] = [(name, _as_hook(edit)) for name, edit in edits]
-    rec_names = sorted({act_name(kind, l) for l, _, kind in receivers})
-    recorded: dict[str, Tensor] = {}
-
-    def record(name: str):
-        def hook(x: Tensor, hook: Any) -> None:
-            recorded[name] = x.detach().clone()
-        return hook
-
-    with torch.no_grad():
-        model.run_with_hooks(target, fwd_hooks=hooks + [(n, record(n)) for n in rec_names],
-                             return_type=None)
-
-    def patch_receivers(name: str, picks: list[int]):
-        def hook(x: Tensor, hook: Any) -> Tensor:
-            x = x.clone()
-            for h in picks:
-                x[:, :, h] = recorded[name][:, :, h]
-            return x
-        return hook
-
-    by_name: dict[str, list[int]] = {}
-    for l, h, kind in receivers:
-        by_name.setdefault(act_name(kind, l), []).append(int(h))
-    with torch.no_grad():
-        logits = model.run_with_hooks(target, fwd_hooks=[(n, patch_receivers(n, hs))
-                                                         for n, hs in by_name.items()],
-                                      logits_to_keep=logits_to_keep(metric, target))
-    return float(metric(logits, target).mean())
+    return float(path_patch_sets(model, source, target, metric, [senders], receivers,
+                                 freeze_mlps=freeze_mlps, per_forward=1)[0])
 
 
-def path_patch_to_logits(
+def path_patch_sets(
     model: Any,
     source: MultimodalBatch,
     target: MultimodalBatch,
     metric: Metric,
     sender_sets: Sequence[Sequence[Head]],
+    receivers: Sequence[Receiver] | Literal["logits"] = "logits",
     *,
     freeze_mlps: bool = True,
     per_forward: int = 8,
     progress: bool = False,
     **sweep_kw: Any,
 ) -> Float[Tensor, " set"]:
-    """``path_patch(..., receivers="logits")`` of every sender set (e.g. ``[[(l, h)] for each
-    head]``: each head's direct effect), the metric's mean over the batch per set: the two
-    caches once, the runs as one batched sweep (``per_forward`` stacked copies, each resumed at
-    its set's first layer, that layer's attention replayed; ``interventions.core.sweep``,
-    whose ``resume`` / ``replay`` / ``trim`` / ``reuse_vision`` pass through ``sweep_kw``).
-    Equal to one ``path_patch`` per set."""
+    """``path_patch`` of every sender set (e.g. ``[[(l, h)] for each head]``), the metric's mean
+    over the batch per set: the two caches once, each step as one batched sweep
+    (``per_forward`` stacked copies, each resumed at its first edited layer, that layer's
+    attention replayed where only z is edited; ``interventions.core.sweep``, whose ``resume`` /
+    ``replay`` / ``trim`` / ``reuse_vision`` pass through ``sweep_kw``). Equal to one
+    ``path_patch`` run per set."""
     jobs = _path_edits(model, source, target, sender_sets, freeze_mlps)
-    values = sweep(model, target, metric, jobs, per_forward=per_forward, progress=progress,
-                   desc="path patching", **sweep_kw)
-    return values.mean(1)
+    kw = dict(per_forward=per_forward, progress=progress, **sweep_kw)
+    if receivers == "logits":
+        return sweep(model, target, metric, jobs, desc="path patching", **kw).mean(1)
+    names = sorted({act_name(kind, l) for l, _, kind in receivers})
+    recorded: list[dict[str, Tensor]] = [{} for _ in jobs]
+
+    def record(i: int, name: str) -> Edit:
+        def edit(x: Tensor) -> None:
+            recorded[i][name] = x.clone()
+        return edit
+
+    sweep(model, target, metric, [job + [(n, record(i, n)) for n in names]
+                                  for i, job in enumerate(jobs)],
+          desc="path patching, step 1", **kw)
+    by_name: dict[str, list[int]] = {}
+    for l, h, kind in receivers:
+        by_name.setdefault(act_name(kind, l), []).append(int(h))
+
+    def patch(i: int, name: str, heads: list[int]) -> Edit:
+        def edit(x: Tensor) -> None:
+            for h in heads:
+                x[:, :, h] = recorded[i][name][:, :, h]
+        return edit
+
+    step2 = [[(n, patch(i, n, hs)) for n, hs in by_name.items()] for i in range(len(jobs))]
+    return sweep(model, target, metric, step2, desc="path patching, step 2", **kw).mean(1)
 
 
 def _path_edits(model: Any, source: MultimodalBatch, target: MultimodalBatch,
@@ -390,14 +383,6 @@ def _path_edits(model: Any, source: MultimodalBatch, target: MultimodalBatch,
     return jobs
 
 
-def _as_hook(edit: Edit) -> Callable[[Tensor, Any], Tensor]:
-    def hook(x: Tensor, hook: Any) -> Tensor:
-        x = x.clone()
-        edit(x)
-        return x
-    return hook
-
-
 __all__ = [
     "ContrastPair",
     "EdgeScores",
@@ -417,7 +402,7 @@ __all__ = [
     "patch_residual",
     "patch_vision_tokens",
     "path_patch",
-    "path_patch_to_logits",
+    "path_patch_sets",
     "position_groups",
     "prepare_pair",
     "repeat_image_features",
