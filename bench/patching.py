@@ -11,8 +11,9 @@ computes the metric's rows only). The rows run ``interventions.core.sweep`` with
 ``patch_heads``'s jobs, so each shortcut can be turned off; the loop is one full forward per
 head (``per_forward=1``, every shortcut off).
 
-``--path``: every head's path effect on the logits (MLPs frozen), ``path_patch_sets``
-(the same sweep) vs the loop a user writes with the two caches made once.
+``--path``: every head's path effect (MLPs frozen) on the logits, and every head of the
+layers before the last on the last layer's queries: ``path_patch_sets`` (the same sweep, one
+per step) vs the loop a user writes with the two caches made once.
 
     python bench/patching.py --json
     python bench/patching.py --json --path
@@ -96,9 +97,11 @@ def main() -> None:
 
 
 def path_rows(model, clean, corrupt, per_forward: list[int]) -> dict:
-    """Every head's path effect on the logits (MLPs frozen): ``path_patch_sets`` vs the
-    loop a user writes with the caches made once (one forward per head, every z and MLP output
-    hooked: the senders' z from the clean run, everything else the corrupted run's)."""
+    """Every head's path effect (MLPs frozen) on the logits, and every head of layers < L-1 on
+    the last layer's queries: ``path_patch_sets`` vs the loop a user writes with the caches
+    made once (per head one forward with every z and MLP output hooked -- the sender's z from
+    the clean run, everything else the corrupted run's --, to the logits, or recording the
+    receivers' inputs and then one more forward patching only those)."""
     import torch
 
     from corelens.interventions.patching import answer_logprob, path_patch_sets
@@ -106,13 +109,14 @@ def path_rows(model, clean, corrupt, per_forward: list[int]) -> dict:
     L, H = model.cfg.n_layers, model.cfg.n_heads
     z = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     mlps = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    q_last = f"blocks.{L - 1}.attn.hook_q"
 
-    def loop() -> torch.Tensor:
+    def loop(heads, to_queries: bool) -> torch.Tensor:
         with torch.no_grad():
             _, src = model.run_with_cache(clean, names_filter=z)
             _, tgt = model.run_with_cache(corrupt, names_filter=z + mlps)
-            out = torch.zeros(L * H)
-            for i, (sl, sh) in enumerate((l, h) for l in range(L) for h in range(H)):
+            out = torch.zeros(len(heads))
+            for i, (sl, sh) in enumerate(heads):
                 def z_hook(x, hook, sl=sl, sh=sh):
                     x = tgt[hook.name].clone()
                     if hook.name == z[sl]:
@@ -120,23 +124,34 @@ def path_rows(model, clean, corrupt, per_forward: list[int]) -> dict:
                     return x
                 hooks = [(n, z_hook) for n in z] + [(n, lambda x, hook: tgt[hook.name])
                                                     for n in mlps]
+                if to_queries:
+                    seen = {}
+                    model.run_with_hooks(corrupt, fwd_hooks=hooks + [
+                        (q_last, lambda x, hook: seen.update(q=x.clone()))], return_type=None)
+                    hooks = [(q_last, lambda x, hook: seen["q"])]
                 logits = model.run_with_hooks(corrupt, fwd_hooks=hooks)
                 out[i] = answer_logprob(logits, corrupt).mean()
         return out
 
-    sets = [[(l, h)] for l in range(L) for h in range(H)]
-    t = time.perf_counter()
-    ref = loop()
-    loop_s = time.perf_counter() - t
-    rows = []
-    for k in per_forward:
+    report = {}
+    for to, heads, receivers in (
+            ("logits", [(l, h) for l in range(L) for h in range(H)], "logits"),
+            ("last_layer_queries", [(l, h) for l in range(L - 1) for h in range(H)],
+             [(L - 1, h, "q") for h in range(H)])):
         t = time.perf_counter()
-        got = path_patch_sets(model, clean, corrupt, answer_logprob, sets, per_forward=k)
-        s = time.perf_counter() - t
-        rows.append({"per_forward": k, "seconds": round(s, 3),
-                     "speedup_vs_loop": round(loop_s / s, 3),
-                     "max_abs_diff_vs_loop": float((got - ref).abs().max())})
-    return {"loop_seconds": round(loop_s, 3), "sweep": rows}
+        ref = loop(heads, receivers != "logits")
+        loop_s = time.perf_counter() - t
+        rows = []
+        for k in per_forward:
+            t = time.perf_counter()
+            got = path_patch_sets(model, clean, corrupt, answer_logprob, [[h] for h in heads],
+                                  receivers, per_forward=k)
+            s = time.perf_counter() - t
+            rows.append({"per_forward": k, "seconds": round(s, 3),
+                         "speedup_vs_loop": round(loop_s / s, 3),
+                         "max_abs_diff_vs_loop": float((got - ref).abs().max())})
+        report[to] = {"senders": len(heads), "loop_seconds": round(loop_s, 3), "sweep": rows}
+    return report
 
 
 if __name__ == "__main__":
