@@ -166,6 +166,13 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype, tq: int, tk: int) -> 
     return mask.to(dtype)
 
 
+def causal_mask(tq: int, tk: int, dtype: torch.dtype,
+                device: torch.device) -> Float[Tensor, "1 1 tq tk"]:
+    """The additive causal mask of ``tq`` queries, the last rows of ``tk`` keys."""
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
+    return torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+
+
 class AttentionBackend:
     """Owns the decoder attention of one HookedMLLM (installed on its bridge's blocks).
 
@@ -344,8 +351,7 @@ class AttentionBackend:
         if not extra:
             return base
         if base is None:
-            causal = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
-            base = torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+            base = causal_mask(tq, tk, dtype, device)
         neg = torch.finfo(dtype).min
         for allowed in extra:
             allowed = allowed.to(device)
@@ -440,8 +446,7 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
     n_rep = q.shape[1] // k.shape[1]
     add_mask = backend._mask(layer, additive_mask(mask, q.dtype, tq, tk), q.dtype, tq, tk, q.device)
     if add_mask is None and 1 < tq < tk:  # causal, the queries the last tq rows
-        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        add_mask = torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)[None, None]
+        add_mask = causal_mask(tq, tk, q.dtype, q.device)
 
     for tap in backend._taps.get(layer, ()):
         tap(AttentionInputs(layer, q, k, v, add_mask, scaling))
@@ -452,8 +457,7 @@ def _forward(attn: Any, *args: Any, **kwargs: Any) -> Any:
         vx = v.repeat_interleave(n_rep, dim=1) if n_rep > 1 else v
         scores = torch.matmul(q, kx.transpose(-1, -2)) * scaling
         if add_mask is None:  # as an additive mask: a broadcast masked_fill costs ~7x an add
-            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-            add_mask = torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+            add_mask = causal_mask(tq, tk, q.dtype, q.device)
         scores = scores + add_mask
         scores = attn.hook_attn_scores(scores)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

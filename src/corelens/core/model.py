@@ -389,21 +389,17 @@ class HookedMLLM(torch.nn.Module):
         this model lacks or picks a gated-off one (TransformerLens raises / warns about those)."""
         if set(kw) & _TL_CACHE_OPTIONS or getattr(self.bridge, "compatibility_mode", False):
             return None
-        if names_filter is None:
-            return self._names(None, hooks)
-        if isinstance(names_filter, str) or (isinstance(names_filter, (list, tuple))
-                                             and all(isinstance(n, str) for n in names_filter)):
+        if isinstance(names_filter, (str, list, tuple)):
             wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-            if not wanted or any(n not in hooks for n in wanted):
+            if not wanted or any(not isinstance(n, str) or n not in hooks for n in wanted):
                 return None
-            picked = list(dict.fromkeys(wanted))
-        elif callable(names_filter):
-            picked = [n for n in hooks if names_filter(n)]
-        else:
+        elif names_filter is not None and not callable(names_filter):
             return None
-        if any(compat.gated_hook_reason(self.bridge, hooks[n].name or n) for n in picked):
+        picked = self._picked(names_filter, hooks)
+        gated = {n for n in picked if self._gated(n, hooks)}
+        if gated and names_filter is not None:  # None: TransformerLens skips them unwarned
             return None
-        return picked
+        return [n for n in picked if n not in gated]
 
     def _check_cache_budget(self, ids: Tensor, names: list[str],
                             index: tuple[Tensor, Tensor] | None, keep: int | None) -> None:
@@ -421,17 +417,24 @@ class HookedMLLM(torch.nn.Module):
 
     def _names(self, names_filter: Any, hooks: dict[str, Any] | None = None) -> list[str]:
         hooks = self.hook_dict if hooks is None else hooks
+        return [n for n in self._picked(names_filter, hooks)  # the filter first: the gate
+                if not self._gated(n, hooks)]                  # check costs more than it
+
+    @staticmethod
+    def _picked(names_filter: Any, hooks: dict[str, Any]) -> list[str]:
+        """The names of ``hooks`` a ``names_filter`` picks (None: all; a name; names; a
+        callable), in ``hooks``'s order."""
         if names_filter is None:
-            picked = list(hooks)
-        elif isinstance(names_filter, str):
-            picked = [names_filter] if names_filter in hooks else []
-        elif callable(names_filter):
-            picked = [n for n in hooks if names_filter(n)]
-        else:
-            wanted = set(names_filter)
-            picked = [n for n in hooks if n in wanted]
-        return [n for n in picked  # the filter first: the gate check costs more than it
-                if compat.gated_hook_reason(self.bridge, hooks[n].name or n) is None]
+            return list(hooks)
+        if isinstance(names_filter, str):
+            return [names_filter] if names_filter in hooks else []
+        if callable(names_filter):
+            return [n for n in hooks if names_filter(n)]
+        wanted = set(names_filter)
+        return [n for n in hooks if n in wanted]
+
+    def _gated(self, name: str, hooks: dict[str, Any]) -> bool:
+        return compat.gated_hook_reason(self.bridge, hooks[name].name or name) is not None
 
     def _position_index(self, inp: ModelInput, positions: Positions,
                         batch: int) -> tuple[Tensor, Tensor] | None:

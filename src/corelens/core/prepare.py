@@ -247,13 +247,9 @@ def prepare(
                             boxes=box_lists, distractors=distractor_lists,
                             ids=example_ids, videos=video_lists,
                             prompt_lengths=prompt_lengths)
-    if device is None or _all_on(inputs, torch.device(device)):
+    if device is None or all(v.device == torch.device(device) for v in inputs.values()):
         return batch  # already there (``to`` would copy the batch for nothing)
     return batch.to(device)
-
-
-def _all_on(inputs: dict[str, torch.Tensor], device: torch.device) -> bool:
-    return all(v.device == device for v in inputs.values())
 
 
 def _texts(family: Family, processor: Any, prompts: list[str], answers: Sequence[Any] | None,
