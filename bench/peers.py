@@ -33,8 +33,10 @@ Widths (``--width toy|real|both``):
 Rows (``rows[i]``: ``width``, ``comparison``, ``corelens_s``, ``nnsight_s``,
 ``ratio_nnsight_over_corelens`` (> 1: corelens is faster), the same by this process's CPU time
 (``corelens_cpu_s``, ``nnsight_cpu_s``, ``cpu_ratio_nnsight_over_corelens``: steadier on a
-shared machine, where a one-thread process also waits for a core), ``max_abs_diff``,
-``tolerance``):
+shared machine, where a one-thread process also waits for a core), the median minor page
+faults per call (``corelens_page_faults``, ``nnsight_page_faults``: their kernel time is inside
+the CPU time; ``bench/instructions.py`` counts the user-space instructions per call of the toy
+all-patterns comparison, which no load moves), ``max_abs_diff``, ``tolerance``):
 
 - ``patch_heads_sweep``: the clean -> corrupted activation patching of each head's output z (the
   input of ``o_proj``, head h = columns h*d_head:(h+1)*d_head, all positions), metric the logit
@@ -77,6 +79,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -267,13 +270,16 @@ def _compare(name: str, ours: Callable[[], Any], theirs: Callable[[], Any],
                              f"{TOL[name]})")
     times: dict[str, list[float]] = {"corelens": [], "nnsight": []}
     cpu: dict[str, list[float]] = {"corelens": [], "nnsight": []}
+    faults: dict[str, list[int]] = {"corelens": [], "nnsight": []}
     for r in range(repeats):
         order = [("corelens", ours), ("nnsight", theirs)]
         for who, fn in order if r % 2 == 0 else order[::-1]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, c = time.perf_counter(), time.process_time()
             fn()
             times[who].append(time.perf_counter() - t)
             cpu[who].append(time.process_time() - c)
+            faults[who].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     cl, nn = statistics.median(times["corelens"]), statistics.median(times["nnsight"])
     cl_cpu, nn_cpu = statistics.median(cpu["corelens"]), statistics.median(cpu["nnsight"])
     per_round = [n / max(c, 1e-9) for c, n in zip(times["corelens"], times["nnsight"])]
@@ -283,6 +289,9 @@ def _compare(name: str, ours: Callable[[], Any], theirs: Callable[[], Any],
             # waits a shared machine adds to wall time)
             "corelens_cpu_s": round(cl_cpu, 4), "nnsight_cpu_s": round(nn_cpu, 4),
             "cpu_ratio_nnsight_over_corelens": round(nn_cpu / max(cl_cpu, 1e-9), 3),
+            # minor page faults per call (kernel time inside the CPU time above)
+            "corelens_page_faults": statistics.median(faults["corelens"]),
+            "nnsight_page_faults": statistics.median(faults["nnsight"]),
             "ratio_per_round_median_min_max": [round(statistics.median(per_round), 3),
                                                round(min(per_round), 3),
                                                round(max(per_round), 3)],

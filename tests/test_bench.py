@@ -83,3 +83,13 @@ def test_forward_bench_computes_hfs_logits_and_its_ratios():
     assert all(math.isfinite(v) and v > 0 for v in [*s.values(), *c.values()]), row
     assert _ratio_matches(row["corelens_over_hf"], s["corelens"], s["hf"]), row
     assert abs(row["corelens_over_hf_cpu"] - c["corelens"] / c["hf"]) < 1e-2, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["corelens", "hf"])
+def test_instructions_bench_body_runs_each_side(side):
+    """What ``bench/instructions.py`` runs under valgrind (valgrind itself is not needed for
+    this: the body alone, one call after the warm-up)."""
+    script = BENCH.parent / "instructions.py"
+    subprocess.run([sys.executable, str(script), "--one", side, "--calls", "1"],
+                   capture_output=True, text=True, check=True, timeout=600)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from conftest import FAMILY_NAMES
+from PIL import Image
 from transformer_lens.model_bridge.generalized_components.position_embedding_hooks_mixin import (
     PositionEmbeddingHooksMixin,
 )
@@ -211,3 +212,55 @@ def test_token_ids_take_the_backend_path_and_equal_the_tokenizer_call(name, tiny
         tok(["a", "a b c d e"], padding=True, truncation=True, max_length=3)
         assert tok.backend_tokenizer.padding is not None
         assert compat.token_ids(tok, texts) == [tok(t)["input_ids"] for t in texts]
+
+
+def test_offload_checks_are_skipped_only_where_accelerate_never_hooked(tiny_model):
+    """TransformerLens enters ``align_module_device`` around every bridge component call; once
+    a model is built that name is corelens's: a shared no-op for a module without an accelerate
+    hook, accelerate's own context (which materialises offloaded weights) for one with."""
+    from accelerate import cpu_offload
+    from accelerate.utils import align_module_device
+    from transformer_lens.model_bridge.generalized_components import base
+
+    tiny_model("llava")
+    assert base.align_module_device is compat._align_module_device
+    plain = torch.nn.Linear(3, 2)
+    assert base.align_module_device(plain) is base.align_module_device(torch.nn.Linear(2, 2))
+    offloaded = cpu_offload(torch.nn.Sequential(torch.nn.Linear(3, 2)))[0]
+    assert offloaded.weight.device.type == "meta"
+    with base.align_module_device(offloaded):
+        assert offloaded.weight.device.type == "cpu"
+    assert offloaded.weight.device.type == "meta"
+    with base.align_module_device(plain, torch.device("cpu")) as entered:  # accelerate's path
+        assert entered is None
+    assert type(base.align_module_device(offloaded)) is type(align_module_device(offloaded))
+
+
+def test_block_kwarg_filter_reads_the_signature_once_and_equals_tls(tiny_model, monkeypatch):
+    """Blocks pass their kwargs on as TransformerLens's filter would, without calling
+    ``inspect.signature`` at every forward; a forward without ``**kwargs`` gets TL's filter."""
+    import inspect
+    import types as pytypes
+
+    from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+    model = tiny_model("llava")
+    block = model.bridge.blocks[0]
+    x = torch.randn(1, 3, model.cfg.d_model)
+    kw = {"attention_mask": None, "position_ids": None, "foo": 1}
+    assert block._filter_kwargs_for_forward(kw, 1) == BlockBridge._filter_kwargs_for_forward(
+        block, kw, 1) == kw
+    linear = pytypes.SimpleNamespace(original_component=torch.nn.Linear(3, 2))
+    kw = {"input": x, "foo": 1}
+    for n in (0, 1):
+        assert compat._block_kwargs(linear, kw, n) == BlockBridge._filter_kwargs_for_forward(
+            linear, kw, n) == ({"input": x} if n == 0 else {})
+    batch = model.prepare([Image.new("RGB", (32, 32))], ["what ?"])
+    with torch.no_grad():
+        reference = model(batch)
+        calls = []
+        real = inspect.signature
+        monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a) or real(*a, **k))
+        assert torch.equal(model(batch), reference)
+    assert not any(isinstance(getattr(a[0], "__self__", None), type(block.original_component))
+                   for a in calls)

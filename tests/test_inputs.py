@@ -37,9 +37,10 @@ def test_prompt_without_placeholder(tiny_model):
 def test_box_outside_image(tiny_model):
     model = tiny_model("llava")
     img = noise_image(80, 50, 0)
-    with pytest.raises(LayoutError, match=r"example 0, image 0.*outside the image of size 80x50"):
+    with pytest.raises(InputError, match=r"example 0: evidence box .* outside image 0 of size "
+                                         r"80x50 \(width x height\); boxes are \(x0, y0, x1, y1\)"):
         model.prepare([img], ["what ?"], boxes=[(70, 10, 90, 20)])
-    with pytest.raises(LayoutError, match="empty"):
+    with pytest.raises(InputError, match="empty: need x0 < x1"):
         model.prepare([img], ["what ?"], boxes=[(30, 10, 30, 20)])
 
 
@@ -90,5 +91,6 @@ def test_prepare_examples_keeps_evidence_and_distractors(tiny_model):
     assert len(ev) == 4 and len(dis) == 4 and not set(ev.tolist()) & set(dis.tolist())
     bad = GroundedExample(images=[noise_image(64, 64, 0)], question="q ?", answer="red",
                           boxes=[(0, 0, 16, 16)], distractors=[(60, 60, 70, 70)], id="ex-8")
-    with pytest.raises(InputError, match="example 'ex-8': distractor box.*outside image 0"):
+    with pytest.raises(InputError, match=r"example 0 \(id 'ex-8'\): distractor box.*outside "
+                                         r"image 0"):
         model.prepare_examples([bad])

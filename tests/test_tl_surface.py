@@ -97,6 +97,36 @@ def test_mod_dict_and_hook_points(model):
     assert {id(p) for p in points} == {id(p) for p in model.hook_dict.values()}
 
 
+def test_hook_dict_is_the_bridges_and_follows_its_table(model):
+    """``hook_dict`` equals TransformerLens's (built afresh at every access), is rebuilt when a
+    hook point is added or replaced (as attaching an SAE does), and a caller's edits to the
+    returned dict do not reach the next one."""
+    from transformer_lens.hook_points import HookPoint
+
+    from corelens import compat
+
+    def same(a, b):
+        return list(a) == list(b) and all(a[n] is b[n] for n in a)
+
+    assert same(model.hook_dict, model.bridge.hook_dict)
+    mine = model.hook_dict
+    mine.clear()
+    assert same(model.hook_dict, model.bridge.hook_dict)
+    table = compat.hook_registry(model.bridge)
+    old = table["blocks.0.hook_out"]
+    try:
+        table["blocks.0.hook_out"] = point = HookPoint()
+        assert model.hook_dict["blocks.0.hook_resid_post"] is point
+        table["extra.hook_test"] = extra = HookPoint()
+        assert model.hook_dict["extra.hook_test"] is extra
+        assert same(model.hook_dict, model.bridge.hook_dict)
+    finally:
+        table["blocks.0.hook_out"] = old
+        table.pop("extra.hook_test", None)
+    assert model.hook_dict["blocks.0.hook_resid_post"] is old
+    assert "extra.hook_test" not in model.hook_dict
+
+
 def test_all_head_labels_use_the_head_label(model):
     n, h = model.cfg.n_layers, model.cfg.n_heads
     assert model.all_head_labels == [head_name((l, i)) for l in range(n) for i in range(h)]

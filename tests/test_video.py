@@ -326,10 +326,11 @@ def test_video_evidence_errors(tiny_model):
     with pytest.raises(InputError, match="one size"):
         Video([noise_image(8, 8, 0), noise_image(8, 9, 0)])
     # prepare checks the same, and the layout's own maps do too
-    with pytest.raises(InputError, match=r"example 0: frame range \[5, 7\) lies outside"):
+    with pytest.raises(InputError, match=r"example 0: evidence frame range \[5, 7\) lies outside"):
         model.prepare(None, ["q ?"], boxes=[[Evidence.in_frames(0, (5, 7), (0, 0, 5, 5))]],
                       videos=[[vid]])
-    with pytest.raises(LayoutError, match="example 0, video 0: box .* outside the image of size"):
+    with pytest.raises(InputError, match="example 0: evidence box .* outside the frames "
+                                         "of video 0 "):
         model.prepare(None, ["q ?"], boxes=[[Evidence.in_frames(0, (0, 2), (0, 0, 90, 5))]],
                       videos=[[vid]])
     batch = model.prepare([[img]], ["<image> <video> ?"], videos=[[vid]])

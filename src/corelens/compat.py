@@ -28,8 +28,12 @@ from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion i
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import (
+    base as tl_component_base,
+)
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformer_lens.model_bridge.sources import _bridge_builder
 from transformers import vision_utils
@@ -41,7 +45,8 @@ from corelens.errors import CorelensError
 
 __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateName",
            "accelerate_execution_device", "apply_position_embedding_hooks",
-           "build_bridge_from_module", "direct_norms", "gated_hook_reason",
+           "build_bridge_from_module", "cached_block_kwargs", "direct_norms",
+           "gated_hook_reason", "skip_idle_offload_checks",
            "has_attn_implementation", "has_hooks", "hook_registry",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
            "refresh_hook_registry", "register_tl_adapter", "replace_forward", "restore_forward",
@@ -153,6 +158,60 @@ def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
     x = self.hook_in(hidden_states)
     out = self.original_component(x)
     return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
+
+
+_ALIGN_MODULE_DEVICE = tl_component_base.align_module_device  # accelerate's
+_NOT_OFFLOADED = contextlib.nullcontext()
+
+
+def _align_module_device(module: torch.nn.Module, execution_device: Any = None) -> Any:
+    """accelerate's ``align_module_device``, but a shared no-op context for a module that
+    carries no accelerate hook, where accelerate's generator context does nothing anyway."""
+    if execution_device is None and getattr(module, "_hf_hook", None) is None:
+        return _NOT_OFFLOADED
+    return _ALIGN_MODULE_DEVICE(module, execution_device)
+
+
+def skip_idle_offload_checks() -> None:
+    """TransformerLens enters accelerate's ``align_module_device`` around every bridge
+    component's call (~70 per toy forward: a generator context, an import and three attribute
+    checks each) so that offloaded weights are materialised; this makes that call free for
+    modules accelerate never hooked, and leaves offloaded ones on accelerate's path. The
+    switch is process-wide (the name lives in TransformerLens's module); the result of every
+    call is the same."""
+    tl_component_base.align_module_device = _align_module_device
+
+
+_ANY_KWARG: dict[Any, bool] = {}
+
+
+def _accepts_any_kwarg(fn: Callable[..., Any]) -> bool:
+    key = getattr(fn, "__func__", fn)
+    hit = _ANY_KWARG.get(key)
+    if hit is None:
+        hit = _ANY_KWARG[key] = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                    for p in inspect.signature(fn).parameters.values())
+    return hit
+
+
+def _block_kwargs(self: Any, kwargs: dict[str, Any], num_positional_args: int = 0) -> Any:
+    if _accepts_any_kwarg(self.original_component.forward):
+        return kwargs
+    return BlockBridge._filter_kwargs_for_forward(self, kwargs, num_positional_args)
+
+
+def cached_block_kwargs(bridge: Any) -> int:
+    """Every ``BlockBridge`` of ``bridge`` reads its HF layer's forward signature once: TL
+    filters a block call's kwargs by ``inspect.signature`` at every call (~0.25 ms per toy
+    layer), and passes them all through when that forward takes ``**kwargs`` (every HF decoder
+    layer does); other forwards keep TL's filter. Returns how many blocks were switched."""
+    n = 0
+    for module in bridge.modules():
+        if isinstance(module, BlockBridge):
+            object.__setattr__(module, "_filter_kwargs_for_forward",
+                               types.MethodType(_block_kwargs, module))
+            n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -328,6 +387,9 @@ def _private_names() -> tuple[PrivateName, ...]:
                     ("self", "hook_point_name")),
         PrivateName(mixin, "_apply_position_embedding_hooks", ("self", "position_embeddings")),
         PrivateName(GeneralizedComponent, "original_component"),
+        PrivateName(tl_component_base, "align_module_device", ("module", "execution_device")),
+        PrivateName(BlockBridge, "_filter_kwargs_for_forward",
+                    ("self", "kwargs", "num_positional_args")),
         PrivateName(NormalizationBridge, "_hf_autograd_forward_with_hooks", ("self", "x")),
         PrivateName(GeneralizedComponent, "__setattr__", ("self", "name", "value")),
         PrivateName(BaseTensorConversion, "handle_conversion"),

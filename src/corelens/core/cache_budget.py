@@ -55,7 +55,8 @@ def _width(name: str, cfg: Any) -> int:
 
 
 def estimate(model: Any, names: Sequence[str], batch: int, seq: int, rows: int | None = None,
-             logits_rows: int | None = None) -> dict[str, int]:
+             logits_rows: int | None = None,
+             hooks: dict[str, Any] | None = None) -> dict[str, int]:
     """Bytes of each picked decoder hook point (first name per hook point) for a forward of
     ``batch`` x ``seq`` tokens; ``rows``: positions kept per example (``positions=``; patterns
     keep those query rows), ``logits_rows``: positions the unembedding runs on."""
@@ -63,7 +64,7 @@ def estimate(model: Any, names: Sequence[str], batch: int, seq: int, rows: int |
     heads = int(cfg.n_heads)
     out: dict[str, int] = {}
     seen: set[int] = set()
-    hooks = model.hook_dict  # built afresh by the bridge at every access
+    hooks = model.hook_dict if hooks is None else hooks
     for name in names:
         point = hooks.get(name)
         if point is None or id(point) in seen or is_vision_hook(name):

@@ -71,7 +71,11 @@ class HookedMLLM(torch.nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.bridge = _build_bridge(hf_model, processor, self.family)
         self.hf_model = hf_model  # the same modules the bridge wraps
+        self._hook_table: tuple[tuple[str, Any], ...] | None = None  # hook_dict's key
+        self._hook_names: dict[str, Any] = {}
         compat.direct_norms(self.bridge)
+        compat.cached_block_kwargs(self.bridge)
+        compat.skip_idle_offload_checks()
         self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
         self.vision_token_ids = _vision_token_ids(self.family, hf_model.config, processor)
         self.eval()
@@ -179,7 +183,14 @@ class HookedMLLM(torch.nn.Module):
 
     @property
     def hook_dict(self) -> dict[str, Any]:
-        return self.bridge.hook_dict
+        """TransformerLens's ``hook_dict``: every hook point by name, aliases included. The
+        bridge rebuilds its alias tables at every access (~0.5 ms on a toy model); here they
+        are rebuilt only when its table of hook points changed (an SAE attached, a hook point
+        added or replaced)."""
+        table = tuple(compat.hook_registry(self.bridge).items())
+        if table != self._hook_table:
+            self._hook_table, self._hook_names = table, self.bridge.hook_dict
+        return dict(self._hook_names)
 
     @property
     def device(self) -> torch.device:
@@ -217,7 +228,7 @@ class HookedMLLM(torch.nn.Module):
 
     def prepare_examples(self, examples: Sequence[Any], **kw: Any) -> MultimodalBatch:
         """``GroundedExample``s -> ``MultimodalBatch`` (evidence and distractor boxes kept)."""
-        examples = [ex.validate() for ex in examples]
+        examples = [ex.validate(evidence=False) for ex in examples]  # prepare checks boxes
         kw.setdefault("raw_prompts", [getattr(ex, "raw_prompt", False) for ex in examples])
         return self.prepare([ex.images for ex in examples], [ex.question for ex in examples],
                             [ex.answer for ex in examples], [ex.boxes for ex in examples],
@@ -317,7 +328,7 @@ class HookedMLLM(torch.nn.Module):
                 out.append((name, with_name(fn, name)))
                 continue
             picked: dict[int, str] = {}  # hook point -> the name this filter reaches it by
-            hook_dict = self.hook_dict  # built afresh by the bridge at every access
+            hook_dict = self.hook_dict
             for n in (n for n in hook_dict if name(n)):
                 point = hook_dict[n]
                 if id(point) not in picked or picked[id(point)] == point.name:
@@ -343,11 +354,11 @@ class HookedMLLM(torch.nn.Module):
         """
         ids, kwargs = self._inputs(inp)
         index = self._position_index(inp, positions, ids.shape[0])
-        hooks = self.hook_dict  # built afresh by the bridge at every access
+        hooks = self.hook_dict
         names = self._own_cache_names(names_filter, kw, hooks)
         if check_memory:
             self._check_cache_budget(ids, self._names(names_filter, hooks) if names is None
-                                     else names, index, kw.get("logits_to_keep"))
+                                     else names, index, kw.get("logits_to_keep"), hooks)
         kw = _without_kv_cache(kw)
         if names is None and index is None:  # TransformerLens's options, errors and warnings
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
@@ -402,11 +413,12 @@ class HookedMLLM(torch.nn.Module):
         return [n for n in picked if n not in gated]
 
     def _check_cache_budget(self, ids: Tensor, names: list[str],
-                            index: tuple[Tensor, Tensor] | None, keep: int | None) -> None:
+                            index: tuple[Tensor, Tensor] | None, keep: int | None,
+                            hooks: dict[str, Any]) -> None:
         b, t = ids.shape
         parts = cache_budget.estimate(self, names, b, t,
                                       rows=None if index is None else index[0].shape[1],
-                                      logits_rows=keep or None)
+                                      logits_rows=keep or None, hooks=hooks)
         total, free = sum(parts.values()), cache_budget.free_bytes(self.device)
         if free is None or total <= cache_budget.WARN_FRACTION * free:
             return

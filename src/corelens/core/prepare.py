@@ -13,8 +13,8 @@ from PIL import Image
 from corelens import compat
 from corelens.core.resolution import settings_of
 from corelens.data.batch import MultimodalBatch
-from corelens.data.examples import Evidence, Video
-from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout, validate_box
+from corelens.data.examples import Evidence, Video, check_evidence
+from corelens.data.layout import FeatureRows, ImageLayout, VisionLayout
 from corelens.data.tower import TowerLayout
 from corelens.errors import InputError, LayoutError
 from corelens.families import FAMILIES
@@ -78,24 +78,22 @@ def _as_video_lists(videos: Any, n: int) -> list[list[Video]]:
     return out
 
 
-def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]],
-              video_lists: list[list[Video]] | None = None) -> list[list[Evidence]]:
-    """Normalise evidence to ``Evidence`` per example and validate it against the inputs."""
+def _as_boxes(boxes: Any, image_lists: list[list[Image.Image]], video_lists: list[list[Video]],
+              ids: Sequence[Any], what: str) -> list[list[Evidence]]:
+    """Normalise evidence to ``Evidence`` per example and check it against the inputs."""
     n = len(image_lists)
-    video_lists = video_lists or [[] for _ in range(n)]
     if boxes is None:
         return [[] for _ in range(n)]
     if len(boxes) != n:
-        raise InputError(f"got boxes for {len(boxes)} examples, but {n} prompts")
-    inside: set[tuple[Any, tuple[int, int]]] = set()  # (box, image size)s found inside
+        raise InputError(f"got {what} boxes for {len(boxes)} examples, but {n} prompts")
     out: list[list[Evidence]] = []
     for e, item in enumerate(boxes):
         entries = _evidence_list(item)
         for ev in entries:
-            if ev.video is not None:
-                _check_video_evidence(e, ev, video_lists[e])
-            else:
-                _check_image_evidence(e, ev, image_lists[e], inside)
+            try:
+                check_evidence(ev, image_lists[e], video_lists[e], what)
+            except InputError as err:
+                raise InputError(f"{_where(e, ids[e])}: {err}") from None
         out.append(entries)
     return out
 
@@ -114,34 +112,6 @@ def _evidence_list(item: Any) -> list[Evidence]:
             len(item) == 4 and all(isinstance(v, (int, float)) for v in item)):
         return [Evidence.coerce(item)]
     return [Evidence.coerce(b) for b in item]
-
-
-def _check_image_evidence(e: int, ev: Evidence, images: list[Image.Image],
-                          inside: set[tuple[Any, tuple[int, int]]]) -> None:
-    img = ev[0]
-    if not 0 <= img < len(images):  # type: ignore[operator]
-        raise InputError(
-            f"example {e}: box refers to image {img}, but the example has "
-            f"{len(images)} image(s)"
-        )
-    key = (ev.box, images[img].size)  # type: ignore[index]
-    if key not in inside:
-        validate_box(ev.box, key[1], where=f"example {e}, image {img}: ")
-        inside.add(key)
-
-
-def _check_video_evidence(e: int, ev: Evidence, videos: list[Video]) -> None:
-    if not 0 <= ev.video < len(videos):  # type: ignore[operator]
-        raise InputError(f"example {e}: box refers to video {ev.video}, but the "
-                         f"example has {len(videos)} video(s)")
-    nf = len(videos[ev.video])  # type: ignore[index]
-    for (a, b), box in ev.parts():
-        if not 0 <= a < b <= nf:
-            raise InputError(f"example {e}: frame range [{a}, {b}) lies outside "
-                             f"video {ev.video}, which has {nf} frame(s) (0-based, "
-                             "end exclusive)")
-        validate_box(box, videos[ev.video].size,  # type: ignore[index]
-                     where=f"example {e}, video {ev.video}: ")
 
 
 def prepare(
@@ -200,11 +170,11 @@ def prepare(
             raise InputError(f"the {family.name} family does not take videos in corelens (video "
                              f"families: {video}); pass the frames as images instead")
         family.check_videos([len(v) for vs in video_lists for v in vs])
-    box_lists = _as_boxes(boxes, image_lists, video_lists)
-    distractor_lists = _as_boxes(distractors, image_lists, video_lists)
     example_ids = list(ids) if ids is not None else [None] * n
     if len(example_ids) != n:
         raise InputError(f"got {len(example_ids)} ids for {n} prompts")
+    box_lists = _as_boxes(boxes, image_lists, video_lists, example_ids, "evidence")
+    distractor_lists = _as_boxes(distractors, image_lists, video_lists, example_ids, "distractor")
     raw_flags = _raw_flags(raw_prompts, n, chat_template)
     tokenizer = processor.tokenizer
     img_tok = family.image_token_string(processor)

@@ -341,9 +341,11 @@ def check_evidence(ev: Evidence, images: Sequence[Any], videos: Sequence[Video],
 def _check_inside(box: Box, w: int, h: int, what: str, where: str) -> None:
     x0, y0, x1, y1 = box
     if not (x0 < x1 and y0 < y1):
-        raise InputError(f"{what} box {(x0, y0, x1, y1)} is empty")
+        raise InputError(f"{what} box {(x0, y0, x1, y1)} is empty: need x0 < x1 and y0 < y1")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-        raise InputError(f"{what} box {(x0, y0, x1, y1)} lies outside {where} of size {w}x{h}")
+        raise InputError(f"{what} box {(x0, y0, x1, y1)} lies outside {where} of size {w}x{h} "
+                         "(width x height); boxes are (x0, y0, x1, y1) in original-image "
+                         "pixels, x1/y1 exclusive")
 
 
 @dataclass
@@ -397,8 +399,9 @@ class GroundedExample:
         self.boxes = [Evidence.coerce(b) for b in self.boxes]
         self.distractors = [Evidence.coerce(b) for b in self.distractors]
 
-    def validate(self) -> "GroundedExample":
-        """Raise an ``InputError`` naming the example if anything is off."""
+    def validate(self, evidence: bool = True) -> "GroundedExample":
+        """Raise an ``InputError`` naming the example if anything is off. ``evidence=False``
+        leaves the boxes' fit to the images to the caller (``prepare`` checks it)."""
         name = f"example {self.id!r}" if self.id is not None else "example"
         if not self.images and not self.videos:
             raise InputError(f"{name}: no image or video")
@@ -412,7 +415,7 @@ class GroundedExample:
         if not self.boxes:
             raise InputError(f"{name}: no evidence box")
         for kind, entries in (("evidence", self.boxes), ("distractor", self.distractors)):
-            for ev in entries:
+            for ev in entries if evidence else ():
                 try:
                     check_evidence(ev, self.images, self.videos, kind)
                 except InputError as e:
