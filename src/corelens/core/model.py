@@ -248,8 +248,9 @@ class HookedMLLM(torch.nn.Module):
 
     def _inputs(self, inp: ModelInput) -> tuple[Tensor, dict[str, Any]]:
         if isinstance(inp, MultimodalBatch):
-            return inp.input_ids.to(self.device), {
-                k: v.to(self.device) for k, v in inp.model_kwargs().items()}
+            device = self.device  # read once: it walks the HF model to its embedding
+            return inp.input_ids.to(device), {
+                k: v.to(device) for k, v in inp.model_kwargs().items()}
         if isinstance(inp, Tensor):
             self._check_no_vision_tokens(inp)
             return inp.to(self.device), {}
