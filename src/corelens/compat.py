@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import transformers
+from accelerate.utils import align_module_device as accelerate_align_module_device
 from torch import Tensor
 from transformer_lens.conversion_utils.conversion_steps.base_tensor_conversion import (
     BaseTensorConversion,
@@ -160,7 +161,7 @@ def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
     return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
 
 
-_ALIGN_MODULE_DEVICE = tl_component_base.align_module_device  # accelerate's
+_ALIGN_MODULE_DEVICE = accelerate_align_module_device  # what TransformerLens imports
 _NOT_OFFLOADED = contextlib.nullcontext()
 
 
