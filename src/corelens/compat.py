@@ -161,7 +161,6 @@ def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
     return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
 
 
-_ALIGN_MODULE_DEVICE = accelerate_align_module_device  # what TransformerLens imports
 _NOT_OFFLOADED = contextlib.nullcontext()
 
 
@@ -170,7 +169,7 @@ def _align_module_device(module: torch.nn.Module, execution_device: Any = None) 
     carries no accelerate hook, where accelerate's generator context does nothing anyway."""
     if execution_device is None and getattr(module, "_hf_hook", None) is None:
         return _NOT_OFFLOADED
-    return _ALIGN_MODULE_DEVICE(module, execution_device)
+    return accelerate_align_module_device(module, execution_device)  # what TL imports
 
 
 def skip_idle_offload_checks() -> None:

@@ -357,9 +357,11 @@ class HookedMLLM(torch.nn.Module):
         index = self._position_index(inp, positions, ids.shape[0])
         hooks = self.hook_dict
         names = self._own_cache_names(names_filter, kw, hooks)
+        picked = names  # what the filter reaches (TransformerLens's path: only where read)
+        if picked is None and (check_memory or index is not None):
+            picked = self._names(names_filter, hooks)
         if check_memory:
-            self._check_cache_budget(ids, self._names(names_filter, hooks) if names is None
-                                     else names, index, kw.get("logits_to_keep"), hooks)
+            self._check_cache_budget(ids, picked, index, kw.get("logits_to_keep"), hooks)
         kw = _without_kv_cache(kw)
         if names is None and index is None:  # TransformerLens's options, errors and warnings
             logits, tl_cache = self.bridge.run_with_cache(ids, names_filter=names_filter,
@@ -381,9 +383,8 @@ class HookedMLLM(torch.nn.Module):
             return save
 
         if names is None:  # positions with TransformerLens's run options
-            logits = self.bridge.run_with_hooks(
-                ids, fwd_hooks=[(n, saver(n)) for n in self._names(names_filter)],
-                **kwargs, **kw)
+            logits = self.bridge.run_with_hooks(ids, fwd_hooks=[(n, saver(n)) for n in picked],
+                                                **kwargs, **kw)
         else:
             with compat.temporary_hooks([(hooks[n], saver(n)) for n in names]):
                 logits = self.bridge(ids, **kwargs, **kw)

@@ -414,8 +414,10 @@ class GroundedExample:
                              f"{self.raw_prompt!r}")
         if not self.boxes:
             raise InputError(f"{name}: no evidence box")
+        if not evidence:
+            return self
         for kind, entries in (("evidence", self.boxes), ("distractor", self.distractors)):
-            for ev in entries if evidence else ():
+            for ev in entries:
                 try:
                     check_evidence(ev, self.images, self.videos, kind)
                 except InputError as e:
