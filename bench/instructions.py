@@ -15,6 +15,10 @@ not counted, so this is the work each side asks of the CPU, not its time). Sides
   floor both tools pay.
 
     python bench/instructions.py [--calls 8] [--json F]     # needs valgrind (apt install valgrind)
+    python bench/instructions.py --python-calls [--calls 8] # Python calls per call (cProfile)
+
+``--python-calls`` counts instead the Python-level function calls (cProfile's count, builtins
+included) per call of each side, each in its own process: where the interpreter work is.
 
 Under valgrind one side takes ~5 minutes of CPU (mostly the imports); the six runs go two at a
 time. The minor page faults per call (kernel time, not counted here) are in
@@ -24,8 +28,10 @@ time. The minor page faults per call (kernel time, not counted here) are in
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -35,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 SIDES = ("corelens", "nnsight", "hf")
 
 
-def one(side: str, calls: int) -> None:
-    """The body valgrind runs: build both models as peers.py does, warm up, call ``calls``x."""
+def one(side: str, calls: int, profile: bool = False) -> None:
+    """The body valgrind runs: build both models as peers.py does, warm up, call ``calls``x.
+    With ``profile``, print the Python function calls per call (cProfile) instead."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +73,15 @@ def one(side: str, calls: int) -> None:
                                       use_cache=False).attentions)
     with torch.no_grad():
         fn()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
         for _ in range(calls):
             fn()
+        if profiler is not None:
+            profiler.disable()
+            counted = sum(row[1] for row in pstats.Stats(profiler).stats.values())
+            print(json.dumps({"side": side, "python_calls_per_call": counted / calls}))
 
 
 def _count(side: str, calls: int, folder: str) -> int:
@@ -80,14 +94,28 @@ def _count(side: str, calls: int, folder: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("summary:"))
 
 
+def _python_calls(side: str, calls: int) -> float:
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", side, "--calls",
+                           str(calls), "--python-calls"],
+                          check=True, capture_output=True, text=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(row["python_calls_per_call"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--python-calls", action="store_true",
+                    help="count Python function calls per call (cProfile), not instructions")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.one:
-        one(args.one, args.calls)
+        one(args.one, args.calls, profile=args.python_calls)
+        return
+    if args.python_calls:
+        _report({s: _python_calls(s, args.calls) for s in SIDES}, "python_calls_per_call",
+                args.calls, args.json)
         return
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: apt-get install -y valgrind")
@@ -96,17 +124,24 @@ def main() -> None:
         jobs = {(s, n): pool.submit(_count, s, n, folder) for s in SIDES for n in (0, args.calls)}
         per_call = {s: (jobs[s, args.calls].result() - jobs[s, 0].result()) / args.calls
                     for s in SIDES}
-    out = {"calls": args.calls, "instructions_per_call": per_call,
+    _report(per_call, "instructions_per_call", args.calls, args.json)
+
+
+def _report(per_call: dict[str, float], what: str, calls: int, path: str | None) -> None:
+    """Print each side's count per call and the two ratios; write them to ``path`` as JSON."""
+    out = {"calls": calls, what: per_call,
            "corelens_over_nnsight": per_call["corelens"] / per_call["nnsight"],
            "corelens_over_hf": per_call["corelens"] / per_call["hf"]}
     for s in SIDES:
-        print(f"{s:<9} {per_call[s] / 1e6:8.1f} M instructions per call")
+        if what == "instructions_per_call":
+            print(f"{s:<9} {per_call[s] / 1e6:8.1f} M instructions per call")
+        else:
+            print(f"{s:<9} {per_call[s]:8.0f} Python calls per call")
     print(f"corelens / nnsight {out['corelens_over_nnsight']:.3f}   corelens / hf "
           f"{out['corelens_over_hf']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -93,3 +93,20 @@ def test_instructions_bench_body_runs_each_side(side):
     script = BENCH.parent / "instructions.py"
     subprocess.run([sys.executable, str(script), "--one", side, "--calls", "1"],
                    capture_output=True, text=True, check=True, timeout=600)
+
+
+def test_instructions_bench_counts_python_calls_per_call():
+    """``--python-calls``: each side's Python function calls per call, a positive count, and
+    plain HF below corelens (the bridge's component calls come on top of HF's own)."""
+    import json
+
+    script = BENCH.parent / "instructions.py"
+    counts = {}
+    for side in ("corelens", "hf"):
+        done = subprocess.run([sys.executable, str(script), "--one", side, "--calls", "2",
+                               "--python-calls"], capture_output=True, text=True, check=True,
+                              timeout=600)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        assert row["side"] == side
+        counts[side] = row["python_calls_per_call"]
+    assert 0 < counts["hf"] < counts["corelens"]

@@ -4,6 +4,7 @@ corelens expects, and an upgrade that drops one fails loudly, naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILY_NAMES
+from conftest import FAMILY_NAMES, noise_image
 from PIL import Image
 from transformer_lens.model_bridge.generalized_components.position_embedding_hooks_mixin import (
     PositionEmbeddingHooksMixin,
@@ -148,6 +149,128 @@ def test_replace_and_restore_forward_swap_a_bridge_components_forward(tiny_model
     assert block.forward.__func__ is type(block).forward
 
 
+def _leaf_bridges(model):
+    from transformer_lens.model_bridge.generalized_components.embedding import EmbeddingBridge
+    from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
+
+    kinds = (LinearBridge, NormalizationBridge, EmbeddingBridge)
+    return [m for m in model.bridge.modules() if isinstance(m, kinds)]
+
+
+@contextlib.contextmanager
+def _every_call_on_tls_path():
+    """A forward hook on every module (torch's global table): each bridge takes TL's own call."""
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_direct_leaf_calls_give_tls_results_bit_for_bit(tiny_model, family, monkeypatch):
+    """Every linear, norm and embedding bridge of TL's exact class gets its direct subclass
+    (``isinstance`` still holds); the logits, and every cached activation, equal the same
+    model's with every call on TransformerLens's path."""
+    from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
+
+    tl_calls = []
+    real = LinearBridge.forward
+    monkeypatch.setattr(LinearBridge, "forward",
+                        lambda self, *a, **k: tl_calls.append(1) or real(self, *a, **k))
+    model = tiny_model(family)
+    leaves = _leaf_bridges(model)
+    direct = [m for m in leaves if type(m).__name__.startswith("Direct")]
+    assert any(isinstance(m, compat.DirectLinearBridge) for m in leaves)
+    assert any(isinstance(m, compat.DirectEmbeddingBridge) for m in leaves)
+    assert len(direct) == len(leaves), [type(m).__name__ for m in leaves if m not in direct]
+    batch = model.prepare([noise_image(40, 30, 1)], ["what is here ?"])
+    with torch.no_grad():
+        logits = model(batch)
+        assert tl_calls == []
+        _, cache = model.run_with_cache(batch)
+        with _every_call_on_tls_path():
+            tl_logits = model(batch)
+            assert len(tl_calls) >= sum(isinstance(m, LinearBridge) for m in leaves)
+            _, tl_cache = model.run_with_cache(batch)
+    assert torch.equal(logits, tl_logits)
+    assert sorted(cache.keys()) == sorted(tl_cache.keys())
+    for name in cache.keys():
+        assert torch.equal(cache[name], tl_cache[name]), name
+
+
+def test_a_direct_linear_skips_tls_call_only_while_nothing_watches(tiny_model, monkeypatch):
+    """Unwatched, a linear bridge is ``F.linear`` (TL's forward never runs) and records that its
+    hook_out fired and consumes a pending hook_in suppression, as TL's does; a hook on either
+    hook point, on the wrapped linear or on the bridge itself, a wrapped module that is not a
+    plain ``nn.Linear`` or an offloaded one each send the call down TL's path, with TL's
+    result (a suppressed hook_in hook stays silent there)."""
+    from accelerate import cpu_offload
+    from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
+
+    model = tiny_model("llava")
+    q = model.bridge.blocks[0].attn.q
+    assert type(q) is compat.DirectLinearBridge
+    x = torch.randn(2, 3, model.cfg.d_model)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, q.original_component.weight,
+                                               q.original_component.bias)
+        tl_calls = []
+        real = LinearBridge.forward
+        monkeypatch.setattr(LinearBridge, "forward",
+                            lambda self, *a, **k: tl_calls.append(1) or real(self, *a, **k))
+        object.__setattr__(q, "_fired_hook_out", False)
+        assert torch.equal(q(x), reference) and tl_calls == [] and q._fired_hook_out
+
+        def doubled(t, hook):
+            return t * 2
+
+        for point in (q.hook_in, q.hook_out):
+            point.add_hook(doubled)
+            try:
+                assert torch.equal(q(x), reference * 2)
+            finally:
+                point.remove_hooks()
+        assert len(tl_calls) == 2
+        for module in (q, q.original_component):
+            handle = module.register_forward_hook(lambda mod, args, out: out * 3)
+            try:
+                assert torch.equal(q(x), reference * 3)
+            finally:
+                handle.remove()
+        assert len(tl_calls) == 4
+        object.__setattr__(q, "_suppress_next_hook_in", True)  # TL's MLPBridge fired hook_in
+        assert torch.equal(q(x), reference) and not q._suppress_next_hook_in
+        assert len(tl_calls) == 4
+        q.hook_in.add_hook(doubled)
+        try:
+            object.__setattr__(q, "_suppress_next_hook_in", True)
+            assert torch.equal(q(x), reference) and not q._suppress_next_hook_in
+            assert torch.equal(q(x), reference * 2)
+        finally:
+            q.hook_in.remove_hooks()
+        assert len(tl_calls) == 6
+
+        class Scaled(torch.nn.Linear):
+            def forward(self, input):
+                return super().forward(input) * 5
+
+        other = copy.deepcopy(q)
+        assert type(other) is compat.DirectLinearBridge
+        scaled = Scaled(*reversed(q.original_component.weight.shape),
+                        bias=q.original_component.bias is not None)
+        scaled.load_state_dict(q.original_component.state_dict())
+        other.set_original_component(scaled)
+        assert torch.equal(other(x), reference * 5) and len(tl_calls) == 7
+        plain = copy.deepcopy(q.original_component)
+        other.set_original_component(cpu_offload(torch.nn.Sequential(plain))[0])
+        assert other.original_component.weight.device.type == "meta"
+        assert torch.equal(other(x), reference) and len(tl_calls) == 8
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "idefics3"])
 def test_direct_norms_call_the_hf_norm_once_with_tls_output(tiny_model, family):
     """Every native-path norm of the bridge is switched; with no hook inside a norm it computes
@@ -169,23 +292,26 @@ def test_direct_norms_call_the_hf_norm_once_with_tls_output(tiny_model, family):
             return func(*args, **(kwargs or {}))
 
     model = tiny_model(family)
-    norms = [m for m in model.bridge.modules() if isinstance(m, NormalizationBridge)
-             and type(m).forward is NormalizationBridge.forward]
-    switched = [m for m in norms if "forward" in vars(m)]
+    norms = [m for m in model.bridge.modules() if isinstance(m, NormalizationBridge)]
+    switched = [m for m in norms if isinstance(m, compat._DirectNorm)]
     assert switched and len(switched) == sum(compat._native_norm(m) for m in norms)
     norm = model.bridge.blocks[0].ln1
     assert norm in switched
     x = torch.randn(2, 5, model.cfg.d_model)
+    with torch.no_grad():
+        with CountRsqrt() as direct_ops:
+            direct = norm(x)
+        assert direct_ops.n == 1
+        with CountRsqrt() as tl_ops:
+            reference = NormalizationBridge.forward(norm, x)
+        assert tl_ops.n == 2 and torch.equal(direct, reference)
     seen = []
     norm.hook_out.add_hook(lambda t, hook: seen.append(t.clone()))
     try:
         with torch.no_grad():
-            with CountRsqrt() as direct_ops:
-                direct = norm(x)
-            assert direct_ops.n == 1 and torch.equal(seen[-1], direct)
-            with CountRsqrt() as tl_ops:
-                reference = NormalizationBridge.forward(norm, x)
-            assert tl_ops.n == 2 and torch.equal(direct, reference)
+            with CountRsqrt() as hooked_out_ops:
+                assert torch.equal(norm(x), reference)
+            assert hooked_out_ops.n == 1 and torch.equal(seen[-1], reference)
             scales = []
             norm.hook_scale.add_hook(lambda t, hook: scales.append(t))
             with CountRsqrt() as hooked_ops:
@@ -194,6 +320,32 @@ def test_direct_norms_call_the_hf_norm_once_with_tls_output(tiny_model, family):
     finally:
         norm.hook_out.remove_hooks()
         norm.hook_scale.remove_hooks()
+
+
+def test_a_direct_embedding_reads_no_signature_and_gives_tls_output(tiny_model, monkeypatch):
+    """Unwatched, the embedding bridge calls its HF embedding without ``inspect.signature``;
+    its output is TL's forward's; a hook on hook_out sees it (TL's path)."""
+    import inspect
+
+    from transformer_lens.model_bridge.generalized_components.embedding import EmbeddingBridge
+
+    model = tiny_model("gemma3")  # a scaled embedding: HF's forward, not a table lookup
+    embed = model.bridge.embed
+    assert type(embed) is compat.DirectEmbeddingBridge
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        reference = EmbeddingBridge.forward(embed, ids)
+        assert not torch.equal(reference, embed.original_component.weight[ids])  # scaled
+        embed(ids)
+        monkeypatch.setattr(inspect, "signature", lambda *a, **k: pytest.fail("signature read"))
+        assert torch.equal(embed(ids), reference)
+        monkeypatch.undo()
+        seen = []
+        embed.hook_out.add_hook(lambda t, hook: seen.append(t))
+        try:
+            assert torch.equal(embed(ids), reference) and torch.equal(seen[0], reference)
+        finally:
+            embed.hook_out.remove_hooks()
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 import transformers
 from accelerate.utils import align_module_device as accelerate_align_module_device
 from torch import Tensor
@@ -35,7 +36,12 @@ from transformer_lens.model_bridge.generalized_components import (
 from transformer_lens.model_bridge.generalized_components import position_embedding_hooks_mixin
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+from transformer_lens.model_bridge.generalized_components.embedding import EmbeddingBridge
+from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+from transformer_lens.model_bridge.generalized_components.rms_normalization import (
+    RMSNormalizationBridge,
+)
 from transformer_lens.model_bridge.sources import _bridge_builder
 from transformers import vision_utils
 from transformers.cache_utils import Cache
@@ -46,7 +52,7 @@ from corelens.errors import CorelensError
 
 __all__ = ["BaseTensorConversion", "KV_CACHE_KWARGS", "PRIVATE_NAMES", "PrivateName",
            "accelerate_execution_device", "apply_position_embedding_hooks",
-           "build_bridge_from_module", "cached_block_kwargs", "direct_norms",
+           "build_bridge_from_module", "cached_block_kwargs", "direct_calls",
            "gated_hook_reason", "skip_idle_offload_checks",
            "has_attn_implementation", "has_hooks", "hook_registry",
            "kv_cache", "problems", "processor_images_kwargs", "qwen3_vl_deepstack",
@@ -129,19 +135,53 @@ def has_hooks(module: torch.nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def direct_norms(bridge: Any) -> int:
-    """Make every TransformerLens ``NormalizationBridge`` of ``bridge`` on its native path call
-    the HF norm once when nothing hooks ``hook_scale`` / ``hook_normalized``. TL's native path
-    computes the norm a first time to feed those two hook points and then again through the HF
-    module, whose output it returns; without a hook there the first pass is waste. The output
-    is the HF module's, bit for bit; ``hook_in`` / ``hook_out`` fire as before, and with a hook
-    on either inner point TL's own forward runs. Returns how many norms were switched."""
-    n = 0
-    for module in bridge.modules():
-        if type(module).forward is NormalizationBridge.forward and _native_norm(module):
-            replace_forward(module, _direct_norm)
-            n += 1
-    return n
+# --- leaf bridges called straight through while nothing watches them ---------------------------
+_torch_module = torch.nn.modules.module  # holds torch's every-module hook tables
+
+
+def _passes_through(bridge: GeneralizedComponent) -> bool:
+    """Whether calling ``bridge`` would only run its wrapped module: the bridge, each hook point
+    it holds (exactly TL's identity ``HookPoint``) and the wrapped module have no hook, are not
+    compiled, have no forward set on the instance (accelerate's offload hook, a tracer's
+    wrapper) and no accelerate hook; no every-module hook is registered and no jit trace is
+    recording. These are the tests torch's ``_call_impl`` makes, read directly, at every call:
+    a hook added at any time sends the call down TL's path."""
+    m = _torch_module
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks or torch._C._get_tracing_state()):
+        return False
+    for module in (bridge, *bridge._modules.values()):
+        if module is None:
+            return False
+        d = module.__dict__
+        if (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                or d["_backward_pre_hooks"] or module._compiled_call_impl is not None
+                or "forward" in d or "_hf_hook" in d
+                or (isinstance(module, HookPoint) and type(module) is not HookPoint)):
+            return False
+    return True
+
+
+class DirectLinearBridge(LinearBridge):
+    """TL's ``LinearBridge`` whose call is ``F.linear`` when nothing watches it. TL's call runs
+    ~20 Python frames around the matmul (the offload check, torch's module call twice over,
+    ``hook_in`` and ``hook_out`` as modules); a toy forward has ~34 of them. The result is the
+    same tensor, and TL's projection-hook flags end as TL's forward leaves them; with a hook on
+    the bridge, on either hook point, on the wrapped module or on every module, or a wrapped
+    module that is not a plain ``nn.Linear``, TL's call runs."""
+
+    def __call__(self, input: Tensor, *args: Any, **kwargs: Any) -> Any:
+        linear = self._modules.get("_original_component")
+        if args or kwargs or type(linear) is not torch.nn.Linear or not _passes_through(self):
+            return super().__call__(input, *args, **kwargs)
+        params = linear._parameters
+        out = F.linear(input, params["weight"], params["bias"])
+        # TL's projection-hook protocol (its MLPBridge): a pending hook_in suppression is
+        # consumed by this call, and hook_out is recorded as fired
+        if self._suppress_next_hook_in:
+            object.__setattr__(self, "_suppress_next_hook_in", False)
+        object.__setattr__(self, "_fired_hook_out", True)
+        return out
 
 
 def _native_norm(norm: Any) -> bool:
@@ -152,13 +192,87 @@ def _native_norm(norm: Any) -> bool:
             and bool(norm.use_native_layernorm_autograd or folding))
 
 
-def _direct_norm(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
-    if (kwargs or has_hooks(self.hook_scale) or has_hooks(self.hook_normalized)
-            or not _native_norm(self)):
-        return NormalizationBridge.forward(self, hidden_states, **kwargs)
-    x = self.hook_in(hidden_states)
-    out = self.original_component(x)
-    return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
+class _DirectNorm:
+    """A ``NormalizationBridge`` on its native path that calls the HF norm once. TL's forward
+    computes the norm a first time to feed ``hook_scale`` / ``hook_normalized`` and then again
+    through the HF module, whose output it returns: without a hook there the first pass is
+    waste, and with no hook anywhere on the bridge its hook points need no call either. The
+    output is the HF module's, cast to the input's dtype as TL does; with any hook on the
+    bridge TL's call runs (and with one on ``hook_scale`` / ``hook_normalized`` its forward)."""
+
+    def __call__(self, hidden_states: Tensor, **kwargs: Any) -> Any:
+        norm = self._modules.get("_original_component")
+        if kwargs or not _native_norm(self) or not _passes_through(self):
+            return super().__call__(hidden_states, **kwargs)
+        out = norm(hidden_states)
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+    def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        if (kwargs or has_hooks(self.hook_scale) or has_hooks(self.hook_normalized)
+                or not _native_norm(self)):
+            return super().forward(hidden_states, **kwargs)
+        x = self.hook_in(hidden_states)
+        out = self.original_component(x)
+        return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
+
+
+class DirectNormalizationBridge(_DirectNorm, NormalizationBridge):
+    """TL's ``NormalizationBridge`` computing its norm once (``_DirectNorm``)."""
+
+
+class DirectRMSNormalizationBridge(_DirectNorm, RMSNormalizationBridge):
+    """TL's ``RMSNormalizationBridge`` computing its norm once (``_DirectNorm``)."""
+
+
+_TAKES_POSITION_IDS: dict[Any, bool] = {}
+
+
+def _takes_position_ids(module: torch.nn.Module) -> bool:
+    forward = type(module).forward
+    hit = _TAKES_POSITION_IDS.get(forward)
+    if hit is None:
+        hit = _TAKES_POSITION_IDS[forward] = (
+            "position_ids" in inspect.signature(forward).parameters)
+    return hit
+
+
+class DirectEmbeddingBridge(EmbeddingBridge):
+    """TL's ``EmbeddingBridge`` that, when nothing watches it, calls its HF embedding as TL's
+    forward would without reading the embedding's signature (``inspect.signature`` at every
+    call) or calling its unhooked hook points; output cast to the embedding's dtype as TL
+    does."""
+
+    def __call__(self, input_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
+        emb = self._modules.get("_original_component")
+        if args or kwargs or emb is None or _takes_position_ids(emb) or not _passes_through(self):
+            return super().__call__(input_ids, *args, **kwargs)
+        weight = next(emb.parameters(), None)
+        out = emb(input_ids)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out if weight is None or out.dtype == weight.dtype else out.to(weight.dtype)
+
+
+_DIRECT: dict[type, type] = {
+    LinearBridge: DirectLinearBridge, NormalizationBridge: DirectNormalizationBridge,
+    RMSNormalizationBridge: DirectRMSNormalizationBridge, EmbeddingBridge: DirectEmbeddingBridge}
+
+
+def direct_calls(bridge: Any) -> int:
+    """Give every leaf component of ``bridge`` of exactly TL's linear, norm or embedding class
+    its direct subclass above (the instance's class is switched, as torch's parametrize does;
+    ``isinstance`` checks still hold and the model pickles). Norms not on TL's native path keep
+    their class. Returns how many were switched."""
+    n = 0
+    for module in bridge.modules():
+        direct = _DIRECT.get(type(module))
+        if direct is None or (issubclass(direct, _DirectNorm) and (
+                type(module).forward is not NormalizationBridge.forward
+                or not _native_norm(module))):
+            continue
+        object.__setattr__(module, "__class__", direct)
+        n += 1
+    return n
 
 
 _NOT_OFFLOADED = contextlib.nullcontext()
@@ -340,6 +454,9 @@ def update_kv_cache(hf_attn: Any, k: Tensor, v: Tensor,
     return cache.update(k, v, layer_idx)
 
 
+_GONE = object()
+
+
 # --- the contract --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrivateName:
@@ -359,8 +476,8 @@ class PrivateName:
         return f"{owner.__module__}.{owner.__qualname__}.{self.name}"
 
     def problem(self) -> str | None:
-        target = getattr(self.owner, self.name, None)
-        if target is None:
+        target = getattr(self.owner, self.name, _GONE)
+        if target is _GONE:
             return f"{self.where} is gone"
         if not self.params:
             return None
@@ -404,6 +521,15 @@ def _private_names() -> tuple[PrivateName, ...]:
         PrivateName(module, "_forward_hooks"),
         PrivateName(module, "_forward_pre_hooks"),
         PrivateName(module, "_backward_hooks"),
+        PrivateName(module, "_backward_pre_hooks"),
+        PrivateName(torch.nn.Module, "_compiled_call_impl"),
+        PrivateName(_torch_module, "_global_forward_hooks"),
+        PrivateName(_torch_module, "_global_forward_pre_hooks"),
+        PrivateName(_torch_module, "_global_backward_hooks"),
+        PrivateName(_torch_module, "_global_backward_pre_hooks"),
+        PrivateName(torch._C, "_get_tracing_state"),
+        PrivateName(GeneralizedComponent, "_suppress_next_hook_in"),
+        PrivateName(GeneralizedComponent, "_fired_hook_out"),
         PrivateName(HookPoint(), "fwd_hooks"),
     )
 

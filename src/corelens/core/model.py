@@ -73,7 +73,7 @@ class HookedMLLM(torch.nn.Module):
         self.hf_model = hf_model  # the same modules the bridge wraps
         self._hook_table: tuple[tuple[str, Any], ...] | None = None  # hook_dict's key
         self._hook_names: dict[str, Any] = {}
-        compat.direct_norms(self.bridge)
+        compat.direct_calls(self.bridge)
         compat.cached_block_kwargs(self.bridge)
         compat.skip_idle_offload_checks()
         self.attention = AttentionBackend(self.bridge, self.family.rotary(), hf_model.config)
