@@ -186,10 +186,10 @@ class DirectLinearBridge(LinearBridge):
 
 def _native_norm(norm: Any) -> bool:
     """Whether TL's forward of ``norm`` returns its HF module's output (its native path)."""
-    folding = bool(getattr(norm.config, "layer_norm_folding", False))
-    return (norm.original_component is not None
-            and not isinstance(norm.original_component, torch.nn.Identity)
-            and bool(norm.use_native_layernorm_autograd or folding))
+    wrapped = norm._modules.get("_original_component")  # TL's original_component property
+    return (wrapped is not None and not isinstance(wrapped, torch.nn.Identity)
+            and bool(norm.use_native_layernorm_autograd
+                     or getattr(norm.config, "layer_norm_folding", False)))
 
 
 class _DirectNorm:
@@ -246,7 +246,10 @@ class DirectEmbeddingBridge(EmbeddingBridge):
         emb = self._modules.get("_original_component")
         if args or kwargs or emb is None or _takes_position_ids(emb) or not _passes_through(self):
             return super().__call__(input_ids, *args, **kwargs)
-        weight = next(emb.parameters(), None)
+        own = emb._parameters  # parameters()'s first: the module's own, then its children's
+        weight = next((w for w in own.values() if w is not None), None) if own else None
+        if weight is None:
+            weight = next(emb.parameters(), None)
         out = emb(input_ids)
         if isinstance(out, tuple):
             out = out[0]
