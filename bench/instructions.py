@@ -1,6 +1,8 @@
 """Instructions per call of the toy all-patterns comparison (``bench/peers.py``), counted by
 valgrind: a measure a shared machine's load cannot move (wall and CPU times here swing by
-+-10% between runs of the same code; instruction counts by ~0.1%).
++-10% between runs of the same code). Per-call counts still move by up to ~5% between runs (HF's
+side: 156.6 M and 164.2 M on 2026-12-08, same code): a one-off cost landing in one of the two
+processes is divided by only ``--calls``; use more calls for a tighter figure.
 
 Each side runs in a process of its own under ``valgrind --tool=cachegrind`` twice, once with
 no timed call and once with ``--calls`` calls after the same warm-up; the difference over
