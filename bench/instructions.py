@@ -145,5 +145,6 @@ def _report(per_call: dict[str, float], what: str, calls: int, path: str | None)
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
 
+
 if __name__ == "__main__":
     main()
